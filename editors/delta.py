@@ -1,0 +1,186 @@
+"""Edit deltas: what one edit changes, as data.
+
+A MEND edit is exactly low rank: for each edited weight ΔW = -α · Σ_i δ̃_i ũ_iᵀ, so it is kept
+as its factors ũ (n × d_in), δ̃ (n × d_out) and the step α, and ΔW is only built when it is
+applied. Baselines (fine-tuning) produce a dense ΔW; a `LayerDelta` holds either form.
+
+This module also owns the two rules that make a ledger replayable bit for bit:
+- a state is `W_base + ΔW_1 + ΔW_2 + ...` added in order, in fp32, each dense ΔW computed from
+  its factors in float64 and rounded once (so the result does not depend on thread count or
+  matmul blocking);
+- the state hash is sha256 over the edited tensors in sorted-name order (name, shape, bytes).
+
+It depends on torch only; serialisation to files is the store's job (`to_tensors`/`from_tensors`
+give it flat, safetensors-ready dicts).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+FORMAT = "mendctl.delta"
+FORMAT_VERSION = 1
+_SEP = "::"
+
+
+@dataclass
+class LayerDelta:
+    """The change to one weight tensor.
+
+    `shape` is the parameter's shape as the model stores it. `transposed` is True when the
+    module keeps its weight as (in, out) (GPT-2's Conv1D) rather than (out, in) (nn.Linear);
+    the factors are always in the (out, in) sense: ΔW_(out,in) = -α · dᵀ u.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    u: torch.Tensor | None = None  # (n, d_in) pseudo-activations
+    d: torch.Tensor | None = None  # (n, d_out) pseudo-deltas
+    alpha: torch.Tensor | None = None  # 0-d step size
+    dense: torch.Tensor | None = None  # ΔW in the parameter's stored orientation
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if self.dense is None and (self.u is None or self.d is None or self.alpha is None):
+            raise ValueError(f"{self.name}: a delta needs either dense or all of u, d, alpha")
+        if self.alpha is not None and not isinstance(self.alpha, torch.Tensor):
+            self.alpha = torch.tensor(float(self.alpha), dtype=torch.float32)
+
+    @property
+    def is_lowrank(self) -> bool:
+        return self.dense is None
+
+    @property
+    def rank(self) -> int:
+        """Number of factor rows (an upper bound on the rank of ΔW); full for dense deltas."""
+        return int(self.u.shape[0]) if self.is_lowrank else min(self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        """ΔW in the parameter's stored orientation, fp32, on the CPU."""
+        if not self.is_lowrank:
+            return self.dense.detach().to("cpu", torch.float32)
+        u = self.u.detach().to("cpu", torch.float64)
+        d = self.d.detach().to("cpu", torch.float64)
+        w = (d.T @ u) * (-self.alpha.detach().to("cpu", torch.float64))
+        if self.transposed:
+            w = w.T
+        return w.to(torch.float32).contiguous()
+
+    def frobenius_norm(self) -> float:
+        return float(torch.linalg.norm(self.to_dense().double()))
+
+    def nbytes(self) -> int:
+        ts = [self.dense] if not self.is_lowrank else [self.u, self.d, self.alpha]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def is_finite(self) -> bool:
+        ts = [self.dense] if not self.is_lowrank else [self.u, self.d, self.alpha]
+        return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+@dataclass
+class Delta:
+    """All layer deltas of one edit, plus free-form string metadata (editor, base hash...)."""
+
+    layers: dict[str, LayerDelta]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return sorted(self.layers)
+
+    def norms(self) -> dict[str, float]:
+        return {n: self.layers[n].frobenius_norm() for n in self.names()}
+
+    def is_finite(self) -> bool:
+        return all(l.is_finite() for l in self.layers.values())
+
+    def nbytes(self) -> int:
+        return sum(l.nbytes() for l in self.layers.values())
+
+    def dense_nbytes(self) -> int:
+        """Bytes the same change would take as dense fp32 matrices."""
+        return sum(4 * l.shape[0] * l.shape[1] for l in self.layers.values())
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Flat tensors and string metadata, ready for `safetensors.torch.save_file`."""
+        tensors: dict[str, torch.Tensor] = {}
+        layout = {}
+        for name in self.names():
+            l = self.layers[name]
+            if l.is_lowrank:
+                tensors[name + _SEP + "u"] = l.u.detach().cpu().contiguous()
+                tensors[name + _SEP + "d"] = l.d.detach().cpu().contiguous()
+                tensors[name + _SEP + "alpha"] = l.alpha.detach().cpu().reshape(()).contiguous()
+            else:
+                tensors[name + _SEP + "dense"] = l.dense.detach().cpu().contiguous()
+            layout[name] = {"shape": list(l.shape), "transposed": l.transposed,
+                            "kind": "lowrank" if l.is_lowrank else "dense"}
+        meta = {str(k): str(v) for k, v in self.meta.items()}
+        meta.update(format=FORMAT, format_version=str(FORMAT_VERSION),
+                    layout=json.dumps(layout, sort_keys=True))
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "Delta":
+        """Inverse of `to_tensors`; raises ValueError on anything that does not fit."""
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a mendctl delta (format={meta.get('format')!r})")
+        version = int(meta.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"delta format version {version} is newer than this mendctl "
+                             f"knows ({FORMAT_VERSION}); upgrade mendctl")
+        layout = json.loads(meta["layout"])
+        layers = {}
+        for name, info in layout.items():
+            get = lambda part: tensors.get(name + _SEP + part)  # noqa: E731
+            if info["kind"] == "lowrank":
+                u, d, a = get("u"), get("d"), get("alpha")
+                if u is None or d is None or a is None:
+                    raise ValueError(f"{name}: factors missing from the delta file")
+                out_dim, in_dim = info["shape"][::-1] if info["transposed"] else info["shape"]
+                if u.dim() != 2 or d.dim() != 2 or u.shape[0] != d.shape[0] \
+                        or u.shape[1] != in_dim or d.shape[1] != out_dim:
+                    raise ValueError(f"{name}: factor shapes {tuple(u.shape)}, {tuple(d.shape)} "
+                                     f"do not fit weight shape {tuple(info['shape'])}")
+                layers[name] = LayerDelta(name, tuple(info["shape"]), u=u, d=d, alpha=a,
+                                          transposed=info["transposed"])
+            else:
+                w = get("dense")
+                if w is None or tuple(w.shape) != tuple(info["shape"]):
+                    raise ValueError(f"{name}: dense delta missing or of the wrong shape")
+                layers[name] = LayerDelta(name, tuple(info["shape"]), dense=w,
+                                          transposed=info["transposed"])
+        extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "layout")}
+        return cls(layers, extra)
+
+
+def apply_deltas(base: dict[str, torch.Tensor], deltas: list[Delta],
+                 scales: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """State = base + Σ_k s_k ΔW_k, added in the given order, in fp32. Returns new tensors."""
+    out = {n: t.detach().to("cpu", torch.float32).clone() for n, t in base.items()}
+    for k, delta in enumerate(deltas):
+        s = 1.0 if scales is None else float(scales[k])
+        for name, layer in delta.layers.items():
+            if name not in out:
+                raise KeyError(f"delta changes {name!r}, which is not among the edited weights")
+            dw = layer.to_dense()
+            if tuple(dw.shape) != tuple(out[name].shape):
+                raise ValueError(f"{name}: delta shape {tuple(dw.shape)} != weight shape "
+                                 f"{tuple(out[name].shape)}")
+            out[name] = out[name] + (dw if s == 1.0 else dw * s)
+    return out
+
+
+def state_hash(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in sorted-name order: name, shape and fp32 bytes."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

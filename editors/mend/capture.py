@@ -1,0 +1,113 @@
+"""Gradient capture: each edited layer's input u and output gradient δ, one pair per token.
+
+One forward and backward of the edit loss with only the edited weights requiring grad (so
+autograd records nothing below the first edited layer). Forward hooks keep the module inputs
+and register a hook on the output tensor for its gradient; everything lives in the
+`GradCapture` object and every hook is removed on exit — nothing is attached to tensors or
+parameters.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from ..forward import selected_logits
+from ..text import Batch
+from ..weights import WeightSpec
+
+
+@contextmanager
+def grad_only_on(model: nn.Module, names: list[str]):
+    """Temporarily make exactly `names` require grad (restores the previous flags)."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    wanted = set(names)
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in wanted)
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+
+
+class GradCapture:
+    """Context manager collecting u (module input) and δ (grad of module output) per weight."""
+
+    def __init__(self, model: nn.Module, specs: list[WeightSpec]):
+        self.model, self.specs = model, specs
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def _hook(self, name: str):
+        def fwd(module, args, output):
+            self.inputs[name] = args[0].detach()
+            if output.requires_grad:
+                def keep(g):
+                    self.grads[name] = g.detach()
+                output.register_hook(keep)
+        return fwd
+
+    def __enter__(self) -> "GradCapture":
+        for s in self.specs:
+            mod = self.model.get_submodule(s.module_name)
+            self._handles.append(mod.register_forward_hook(self._hook(s.name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def pairs(self, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per weight: (u, δ) flattened over batch and sequence, padding tokens dropped."""
+        keep = mask.reshape(-1).bool()
+        out = {}
+        for s in self.specs:
+            if s.name not in self.grads:
+                raise RuntimeError(f"no gradient reached {s.name}; is it on the loss path?")
+            u = self.inputs[s.name].reshape(-1, s.in_features)[keep]
+            d = self.grads[s.name].reshape(-1, s.out_features)[keep]
+            out[s.name] = (u.float(), d.float())
+        return out
+
+
+def label_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(select (B, T) of the positions that predict a label, the labels there, their example)."""
+    nxt = batch.labels[:, 1:]
+    select = torch.zeros_like(batch.labels, dtype=torch.bool)
+    select[:, :-1] = nxt != -100
+    owner = torch.arange(batch.labels.shape[0], device=select.device)[:, None].expand_as(select)
+    return select, nxt[nxt != -100], owner[select]
+
+
+def per_example_nll(logits: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean NLL over each example's labelled tokens, from logits at the selected positions."""
+    tok = -torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
+    total = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, owner, tok)
+    count = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, owner, torch.ones_like(tok))
+    return total / count.clamp(min=1)
+
+
+def edit_loss(model: nn.Module, batch: Batch, weights=None) -> torch.Tensor:
+    """−log p(y_e | x_e): per example the mean over target tokens, summed over examples (so a
+    token's gradient does not shrink when more edits share the batch)."""
+    select, labels, owner = label_positions(batch)
+    logits = selected_logits(model, batch, select, weights)
+    return per_example_nll(logits, labels, owner, batch.labels.shape[0]).sum()
+
+
+def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Batch, skip=None):
+    """Run forward+backward of the edit loss; return ({name: (u, δ)}, loss value).
+
+    `skip` is an optional context (PrefixCache.skipping) that replaces the lower blocks by
+    their cached output for this batch."""
+    with grad_only_on(model, [s.name for s in specs]), torch.enable_grad(), \
+            GradCapture(model, specs) as cap, (skip if skip is not None else nullcontext()):
+        loss = edit_loss(model, batch)
+        params = [model.get_parameter(s.name) for s in specs]
+        # autograd.grad instead of backward(): no .grad is left on the model's weights.
+        torch.autograd.grad(loss, params)
+    return cap.pairs(batch.attention_mask), float(loss.detach())

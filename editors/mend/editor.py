@@ -1,0 +1,178 @@
+"""The MEND editor: networks per weight shape, learned steps α_ℓ, the edit (Algorithm 2), and
+the editor checkpoint (safetensors + JSON, no pickle).
+
+`MendEditor.edit(model, tokenizer, prompts, targets)` captures (u, δ) for every edited weight,
+maps them through g_ℓ, and returns a `Delta` holding the factors ũ, δ̃ and α_ℓ; ΔW_ℓ =
+−α_ℓ Σ_i δ̃_i ũ_iᵀ is never built here. Several (prompt, target) pairs make one batched edit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..delta import Delta, LayerDelta
+from ..text import encode_pairs
+from ..weights import WeightSpec
+from .capture import capture_edit_gradients
+from .network import GradientTransform
+
+FORMAT = "mendctl.editor"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "editor.safetensors"
+CONFIG_FILE = "editor.json"
+
+
+class EditorMismatch(ValueError):
+    """The checkpoint was trained for other weights or another base model."""
+
+
+@dataclass
+class MendConfig:
+    rank: int = 256
+    norm: bool = True
+    init_alpha: float = 1e-4
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError("rank must be ≥ 1")
+        if self.init_alpha <= 0:
+            raise ValueError("init_alpha must be > 0")
+
+
+class MendEditor(nn.Module):
+    """g_ℓ for every edited weight (one network per unique shape) and one α per weight."""
+
+    name = "mend"
+
+    def __init__(self, specs: list[WeightSpec], config: MendConfig | None = None):
+        super().__init__()
+        self.config = config or MendConfig()
+        self.specs = list(specs)
+        groups: dict[str, list[WeightSpec]] = {}
+        for s in self.specs:
+            groups.setdefault(s.key, []).append(s)
+        self.nets = nn.ModuleDict({
+            key: GradientTransform(ss[0].in_features, ss[0].out_features, self.config.rank,
+                                   len(ss), norm=self.config.norm)
+            for key, ss in groups.items()})
+        self._where = {s.name: (s.key, [x.name for x in groups[s.key]].index(s.name))
+                       for s in self.specs}
+        self.alpha = nn.Parameter(torch.full((len(self.specs),), self.config.init_alpha))
+        self.info: dict = {}
+
+    # -- the edit ---------------------------------------------------------------------------
+    def factors(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """{name: (ũ, δ̃, α)} from {name: (u, δ)}; differentiable w.r.t. the editor."""
+        out = {}
+        for i, s in enumerate(self.specs):
+            u, d = pairs[s.name]
+            key, layer = self._where[s.name]
+            net = self.nets[key]
+            net.observe(u, d)
+            pu, pd = net(u, d, layer)
+            out[s.name] = (pu, pd, self.alpha[i])
+        return out
+
+    def delta_from_factors(self, factors: dict, meta: dict | None = None) -> Delta:
+        layers = {}
+        for s in self.specs:
+            pu, pd, a = factors[s.name]
+            layers[s.name] = LayerDelta(s.name, s.shape, u=pu.detach().float().contiguous(),
+                                        d=pd.detach().float().contiguous(),
+                                        alpha=a.detach().float().reshape(()).clone(),
+                                        transposed=s.transposed)
+        return Delta(layers, dict(meta or {}))
+
+    @torch.no_grad()
+    def _eval_factors(self, pairs):
+        was = self.training
+        self.eval()
+        try:
+            return self.factors(pairs)
+        finally:
+            self.train(was)
+
+    def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
+             fmt: str = "raw") -> Delta:
+        """Algorithm 2 for one (batched) edit; returns the factors as a Delta."""
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
+        pairs, loss = capture_edit_gradients(model, self.specs, batch)
+        pairs = {n: (u.to(self.alpha.device), d.to(self.alpha.device)) for n, (u, d) in pairs.items()}
+        delta = self.delta_from_factors(self._eval_factors(pairs), {"editor": self.name})
+        delta.meta["edit_loss_before"] = f"{loss:.6g}"
+        delta.meta["compute_seconds"] = f"{time.perf_counter() - t0:.4f}"
+        return delta
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def save(self, directory: str | Path, info: dict | None = None) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        tmp.replace(directory / WEIGHTS_FILE)
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "editor": self.name,
+               "config": asdict(self.config), "weights": [s.to_dict() for s in self.specs],
+               "weights_sha256": file_sha256(directory / WEIGHTS_FILE)}
+        doc.update(info or self.info)
+        (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, specs: list[WeightSpec],
+             base_model_hash: str | None = None) -> "MendEditor":
+        """Load a checkpoint for these weights; refuse (EditorMismatch) any other model."""
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise EditorMismatch(f"{directory} is not an editor checkpoint (needs {CONFIG_FILE} "
+                                 f"and {WEIGHTS_FILE}); train one with `mendctl train`")
+        doc = json.loads(cfg_path.read_text())
+        if doc.get("format") != FORMAT or int(doc.get("format_version", 0)) > FORMAT_VERSION:
+            raise EditorMismatch(f"{cfg_path}: not an editor of a format this mendctl reads")
+        want = [s.to_dict() for s in specs]
+        if doc["weights"] != want:
+            have = ", ".join(f"{w['name']} {tuple(w['shape'])}" for w in doc["weights"][:3])
+            raise EditorMismatch(
+                f"editor {directory} was trained for other weights ({have}, ...) than the "
+                f"workspace edits; train an editor for this model with `mendctl train`")
+        trained_for = doc.get("base_model", {}).get("hash")
+        if base_model_hash and trained_for and trained_for != base_model_hash:
+            raise EditorMismatch(
+                f"editor {directory} was trained on base model {trained_for[:12]}, not on this "
+                f"workspace's model {base_model_hash[:12]}; train one with `mendctl train`")
+        editor = cls(specs, MendConfig(**doc["config"]))
+        editor.load_state_dict(load_file(str(w_path)))
+        editor.info = doc
+        editor.eval()
+        return editor
+
+    def to_identity(self) -> "MendEditor":
+        """The untrained (identity-initialised) editor with this editor's normalisation
+        statistics and the initial α: the paper's 'untrained MEND' comparison row."""
+        fresh = MendEditor(self.specs, self.config)
+        state = fresh.state_dict()
+        for k, v in self.state_dict().items():
+            if ".norm_" in k:
+                state[k] = v.clone()
+        fresh.load_state_dict(state)
+        fresh.name = "identity"
+        fresh.eval()
+        return fresh
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

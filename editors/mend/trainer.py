@@ -1,0 +1,338 @@
+"""Editor training (Algorithm 1 of the paper).
+
+Each step samples n edit cases from the training split and:
+1. captures (u, δ) of the edit loss −log p_W(y_e | x_e) on the base model (no grad to the
+   editor: these are inputs, so no higher-order gradients are ever needed);
+2. maps them through the editor to factors and builds W̃ = W − α Σ δ̃ ũᵀ;
+3. runs the model functionally with W̃ (torch.func.functional_call) on the equivalent inputs
+   (x_e itself and a rephrasing x'_e, target y_e) and on a locality prompt x_loc;
+4. L = c_e · L_e + L_loc, L_e = −log p_W̃(y_e | x'_e), L_loc = KL(p_W(·|x_loc) ‖ p_W̃(·|x_loc)),
+   and one Adam step on the editor only (α with its own learning rate).
+
+Validation runs at intervals on held-out cases (edit success, paraphrase success, locality);
+the best checkpoint by validation score is kept, the learning rate follows a cosine decay, and
+training stops early when validation stops improving. Progress is shown with tqdm. A resumable
+training state (editor, optimiser moments, step, RNG) is written as safetensors + JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from ..forward import PrefixCache, selected_logits
+from ..text import Batch, encode_pairs, encode_prompts
+from ..weights import WeightSpec
+from .capture import capture_edit_gradients, label_positions, per_example_nll
+from .editor import MendEditor
+
+STATE_FILE = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    edits_per_step: int = 4
+    lr: float = 1e-4
+    alpha_lr: float = 1e-4
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    val_every: int = 250
+    val_cases: int = 64
+    patience: int = 6  # validations without improvement before stopping
+    norm_warmup: int = 20  # edit batches that only feed the normaliser before step 1
+    max_minutes: float = 0.0  # 0: no wall-clock limit
+    seed: int = 0
+    grad_clip: float = 100.0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    best_step: int
+    best_val: dict
+    history: list = field(default_factory=list)
+
+
+def _cat_batches(a: Batch, b: Batch, pad: int) -> Batch:
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def grow(t, fill):
+        out = torch.full((t.shape[0], width), fill, dtype=t.dtype)
+        out[:, : t.shape[1]] = t
+        return out
+
+    return Batch(torch.cat([grow(a.input_ids, pad), grow(b.input_ids, pad)]),
+                 torch.cat([grow(a.attention_mask, 0), grow(b.attention_mask, 0)]),
+                 torch.cat([grow(a.labels, -100), grow(b.labels, -100)]))
+
+
+def edited_weights(specs: list[WeightSpec], base: dict[str, torch.Tensor], factors: dict) -> dict:
+    """W̃ = W − α Σ δ̃ ũᵀ, in each parameter's stored orientation; differentiable."""
+    out = {}
+    for s in specs:
+        pu, pd, a = factors[s.name]
+        dw = -(a * (pd.T @ pu))  # (out, in)
+        out[s.name] = base[s.name] + (dw.T if s.transposed else dw)
+    return out
+
+
+class Trainer:
+    def __init__(self, editor: MendEditor, model: nn.Module, tokenizer, train_cases, val_cases,
+                 config: TrainConfig, fmt: str = "raw", out_dir: str | Path | None = None,
+                 progress: bool = True, generic_texts: list[str] | None = None,
+                 generic_loc: float = 0.0):
+        self.editor, self.model, self.tok = editor, model, tokenizer
+        self.train_cases, self.val_cases = list(train_cases), list(val_cases)
+        self.cfg, self.fmt = config, fmt
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.progress = progress
+        # locality inputs: the case's own locality prompts, and with probability generic_loc
+        # the opening of a generic-text passage (so edits also leave ordinary text alone)
+        self.generic = [" ".join(t.split()[:24]) for t in (generic_texts or [])]
+        self.generic_loc = generic_loc if self.generic else 0.0
+        self.t_start = time.time()
+        self.specs = editor.specs
+        self.rng = random.Random(config.seed)
+        torch.manual_seed(config.seed)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base = {s.name: model.get_parameter(s.name).detach() for s in self.specs}
+        net_params = [p for n, p in editor.named_parameters() if n != "alpha"]
+        self.opt = torch.optim.Adam([{"params": net_params, "lr": config.lr},
+                                     {"params": [editor.alpha], "lr": config.alpha_lr}])
+        self.step = 0
+        self.best_score = -math.inf
+        self.best_step = 0
+        self.best_val: dict = {}
+        self.history: list = []
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.prefix = PrefixCache(model, self.specs)
+        self.prefix.enable_memo()  # the base model is fixed for the whole run
+
+    # -- one step -----------------------------------------------------------------------------
+    def _sample(self, k: int):
+        return [self.train_cases[self.rng.randrange(len(self.train_cases))] for _ in range(k)]
+
+    def losses(self, cases) -> tuple[torch.Tensor, dict]:
+        n = len(cases)
+        prompts = [c.input for c in cases]
+        targets = [c.target for c in cases]
+        eq_prompts = prompts + [self.rng.choice(c.paraphrases) if c.paraphrases else c.input
+                                for c in cases]
+        loc_prompts = [self._loc_prompt(c) for c in cases]
+        # one padded batch for every sequence of the step: rows [0, n) edit, [n, 3n) equivalent
+        # inputs (x_e and a rephrasing), [3n, 4n) locality prompts
+        edit = encode_pairs(self.tok, prompts, targets, self.fmt)
+        equiv = encode_pairs(self.tok, eq_prompts, targets + targets, self.fmt)
+        loc = encode_prompts(self.tok, loc_prompts, self.fmt)
+        allb = _cat_batches(_cat_batches(edit, equiv, self.pad), loc, self.pad)
+        rows = lambda a, b: Batch(allb.input_ids[a:b], allb.attention_mask[a:b], allb.labels[a:b])  # noqa: E731
+        if self.prefix.enabled:
+            hidden, as_tuple = self.prefix.hidden(allb)
+            skip = lambda a, b: self.prefix.skipping(hidden[a:b], as_tuple)  # noqa: E731
+        else:
+            skip = lambda a, b: nullcontext()  # noqa: E731
+
+        pairs, _ = capture_edit_gradients(self.model, self.specs, rows(0, n), skip(0, n))
+        factors = self.editor.factors(pairs)
+        w_new = edited_weights(self.specs, self.base, factors)
+
+        rest = rows(n, 4 * n)
+        sel_eq, lab_eq, own_eq = label_positions(rest)
+        sel_eq[2 * n:] = False  # locality rows carry no labels anyway
+        sel_loc = torch.zeros_like(sel_eq)
+        sel_loc[2 * n:] = rest.attention_mask[2 * n:].bool()
+        with torch.no_grad(), skip(3 * n, 4 * n):
+            lp_base = torch.log_softmax(
+                selected_logits(self.model, rows(3 * n, 4 * n), sel_loc[2 * n:]).float(), -1)
+        with skip(n, 4 * n):
+            logits = selected_logits(self.model, rest, sel_eq | sel_loc, w_new)
+        # selected_logits returns positions in row-major order; split them back
+        order = (sel_eq | sel_loc)[(sel_eq | sel_loc)]
+        is_eq = sel_eq[sel_eq | sel_loc]
+        del order
+        nll = per_example_nll(logits[is_eq], lab_eq, own_eq, 2 * n)
+        l_edit = nll.mean()
+        lp_new = torch.log_softmax(logits[~is_eq].float(), -1)
+        l_loc = (lp_base.exp() * (lp_base - lp_new)).sum(-1).mean()
+        loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
+        with torch.no_grad():
+            hit = (logits[is_eq].argmax(-1) == lab_eq).float()
+            ok = torch.ones(2 * n).scatter_reduce(0, own_eq, hit, "amin")
+            es = ok[:n].mean()
+            agree = (lp_new.argmax(-1) == lp_base.argmax(-1)).float().mean()
+        return loss, {"loss": float(loss.detach()), "l_edit": float(l_edit.detach()),
+                      "l_loc": float(l_loc.detach()), "es": float(es), "loc": float(agree)}
+
+    def _loc_prompt(self, case) -> str:
+        if self.generic_loc and self.rng.random() < self.generic_loc:
+            return self.rng.choice(self.generic)
+        return self.rng.choice(case.locality) if case.locality else case.input
+
+    def warm_up_normaliser(self) -> None:
+        self.editor.train()
+        with torch.no_grad():
+            for _ in range(self.cfg.norm_warmup):
+                cases = self._sample(self.cfg.edits_per_step)
+                edit = encode_pairs(self.tok, [c.input for c in cases], [c.target for c in cases], self.fmt)
+                pairs, _ = capture_edit_gradients(self.model, self.specs, edit)
+                for s in self.specs:
+                    key, _ = self.editor._where[s.name]
+                    self.editor.nets[key].observe(*pairs[s.name])
+
+    def progress_fraction(self) -> float:
+        """How far along the run is: by steps, or by wall clock when a time limit is set,
+        whichever is further (so the learning rate has decayed when either limit ends it)."""
+        f = self.step / max(self.cfg.steps, 1)
+        if self.cfg.max_minutes:
+            f = max(f, (time.time() - self.t_start) / 60 / self.cfg.max_minutes)
+        return min(f, 1.0)
+
+    def lr_factor(self) -> float:
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * self.progress_fraction()))
+
+    # -- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        from ..metrics import edit_success, locality_reference, locality_scores
+        from ..weights import applied
+
+        cases = self.val_cases[: self.cfg.val_cases]
+        es, ps, loc = [], [], []
+        self.editor.eval()
+        for c in cases:
+            delta = self.editor.edit(self.model, self.tok, [c.input], [c.target], self.fmt)
+            ref = locality_reference(self.model, self.tok, c.locality[:2] or [c.input], self.fmt, n_new=2) \
+                if c.locality else None
+            with applied(self.model, delta):
+                es += edit_success(self.model, self.tok, [c.input], [c.target], self.fmt)
+                if c.paraphrases:
+                    ps += edit_success(self.model, self.tok, c.paraphrases, [c.target] * len(c.paraphrases), self.fmt)
+                if ref is not None:
+                    loc += locality_scores(self.model, ref)[0]
+        self.editor.train()
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
+        return {"edit_success": mean(es), "paraphrase_success": mean(ps), "locality": mean(loc),
+                "alpha_mean": float(self.editor.alpha.detach().mean())}
+
+    @staticmethod
+    def score(v: dict) -> float:
+        """Model selection: edits must hold and the rest must stay put; paraphrases help."""
+        return v["edit_success"] + v["locality"] + 0.5 * v.get("paraphrase_success", 0.0)
+
+    # -- loop -------------------------------------------------------------------------------------
+    def run(self, best_dir: str | Path, info: dict | None = None) -> TrainResult:
+        cfg = self.cfg
+        t0 = self.t_start = time.time()
+        if self.step == 0:
+            self.warm_up_normaliser()
+        self.editor.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        run_es = run_loc = None
+        bad = 0
+        while self.step < cfg.steps:
+            for g, base_lr in zip(self.opt.param_groups, (cfg.lr, cfg.alpha_lr)):
+                g["lr"] = base_lr * self.lr_factor()
+            loss, stats = self.losses(self._sample(cfg.edits_per_step))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.editor.parameters(), cfg.grad_clip)
+            self.opt.step()
+            with torch.no_grad():
+                self.editor.alpha.clamp_(min=1e-7)  # a negative step would un-learn the edit
+            self.step += 1
+            run_es = stats["es"] if run_es is None else 0.98 * run_es + 0.02 * stats["es"]
+            run_loc = stats["loc"] if run_loc is None else 0.98 * run_loc + 0.02 * stats["loc"]
+            bar.update(1)
+            bar.set_postfix(es=f"{run_es:.2f}", loc=f"{run_loc:.3f}", loss=f"{stats['loss']:.3f}")
+            over_time = cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps or over_time:
+                v = self.validate()
+                v["step"] = self.step
+                v["minutes"] = round((time.time() - t0) / 60, 2)
+                self.history.append(v)
+                s = self.score(v)
+                tqdm.write(f"step {self.step}: val es={v['edit_success']:.3f} "
+                           f"para={v['paraphrase_success']:.3f} loc={v['locality']:.3f} "
+                           f"alpha={v['alpha_mean']:.2e}")
+                if s > self.best_score:
+                    self.best_score, self.best_step, self.best_val, bad = s, self.step, v, 0
+                    self.editor.save(best_dir, self._info(info, t0))
+                else:
+                    bad += 1
+                if self.out_dir:
+                    self.save_state(self.out_dir)
+                if bad >= cfg.patience or over_time:
+                    break
+        bar.close()
+        # the JSON of the best checkpoint also records the whole validation history
+        doc_path = Path(best_dir) / "editor.json"
+        if doc_path.exists():
+            doc = json.loads(doc_path.read_text())
+            doc["training"]["history"] = self.history
+            doc["training"]["stopped_at_step"] = self.step
+            doc_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return TrainResult(self.step, time.time() - t0, self.best_step, self.best_val, self.history)
+
+    def _info(self, info, t0) -> dict:
+        doc = dict(info or {})
+        doc["training"] = {**doc.get("training", {}), "config": asdict(self.cfg),
+                           "best_step": self.best_step, "seconds": round(time.time() - t0, 1),
+                           "prompt_format": self.fmt}
+        doc["validation"] = self.best_val
+        return doc
+
+    # -- resumable state --------------------------------------------------------------------------
+    def save_state(self, directory: str | Path) -> None:
+        """Editor weights and Adam moments as safetensors; counters and RNG as JSON."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"editor.{k}": v.detach().cpu().contiguous() for k, v in self.editor.state_dict().items()}
+        opt = self.opt.state_dict()
+        for idx, st in opt["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+        save_file(tensors, str(directory / (STATE_FILE + ".tmp")))
+        (directory / (STATE_FILE + ".tmp")).replace(directory / STATE_FILE)
+        doc = {"step": self.step, "best_score": self.best_score, "best_step": self.best_step,
+               "best_val": self.best_val, "history": self.history,
+               "rng": repr(self.rng.getstate()), "config": asdict(self.cfg),
+               "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
+        (directory / STATE_JSON).write_text(json.dumps(doc, indent=1))
+
+    def load_state(self, directory: str | Path) -> bool:
+        directory = Path(directory)
+        if not (directory / STATE_FILE).is_file():
+            return False
+        import ast
+
+        tensors = load_file(str(directory / STATE_FILE))
+        doc = json.loads((directory / STATE_JSON).read_text())
+        self.editor.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("editor.")})
+        opt = self.opt.state_dict()
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        opt["state"] = state
+        self.opt.load_state_dict(opt)
+        self.step, self.best_score = doc["step"], doc["best_score"]
+        self.best_step, self.best_val, self.history = doc["best_step"], doc["best_val"], doc["history"]
+        self.rng.setstate(ast.literal_eval(doc["rng"]))
+        return True

@@ -1,0 +1,129 @@
+"""The field's edit metrics, computed on a model as it is.
+
+- edit success: every target token is the argmax under teacher forcing (per example);
+- paraphrase success: the same on rephrased prompts;
+- locality: top-1 agreement between the edited and the base model on the locality prompts'
+  base continuations (the prompt's last position and the base model's greedy continuation),
+  plus the mean KL(base ‖ edited) over those positions;
+- perplexity on a generic-text sample; drawdown = ppl_after / ppl_before − 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .text import Batch, encode_pairs, encode_prompts, encode_sequences, render_prompt
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    batch = batch.to(_device(model))
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+
+
+@torch.no_grad()
+def target_scores(model, tokenizer, prompts, targets, fmt="raw", chunk: int = 32):
+    """Per example: (success: bool, sum of target log-probs)."""
+    ok, lp = [], []
+    for i in range(0, len(prompts), chunk):
+        batch = encode_pairs(tokenizer, prompts[i:i + chunk], targets[i:i + chunk], fmt)
+        logits = _logits(model, batch)[:, :-1]
+        labels = batch.labels[:, 1:].to(logits.device)
+        mask = labels != -100
+        hit = (logits.argmax(-1) == labels) | ~mask
+        ok += hit.all(1).tolist()
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        lp += (logp * mask).sum(1).tolist()
+    return ok, lp
+
+
+def edit_success(model, tokenizer, prompts, targets, fmt="raw") -> list[bool]:
+    return target_scores(model, tokenizer, prompts, targets, fmt)[0]
+
+
+@dataclass
+class LocalityRef:
+    """The base model's view of some locality prompts: sequences (prompt + greedy
+    continuation), which positions count, and the base log-probs there."""
+
+    batch: Batch
+    positions: torch.Tensor  # (B, T) bool: positions whose next-token distribution counts
+    base_logp: torch.Tensor  # (N, V) log-probs at the counted positions
+    base_top1: torch.Tensor  # (N,)
+    owner: torch.Tensor  # (N,) which prompt each counted position belongs to
+
+
+@torch.no_grad()
+def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: int = 4) -> LocalityRef:
+    seqs, starts = [], []
+    for p in prompts:
+        ids = tokenizer(render_prompt(tokenizer, p, fmt)).input_ids
+        x = torch.tensor([ids], device=_device(model))
+        for _ in range(n_new):  # greedy continuation, no cache needed for a few tokens
+            nxt = model(input_ids=x).logits[0, -1].argmax()
+            x = torch.cat([x, nxt.view(1, 1)], dim=1)
+        seqs.append(x[0].tolist())
+        starts.append(len(ids))
+    batch = encode_sequences(seqs, tokenizer, starts)
+    # position t predicts token t+1: count the last prompt position and the continuation
+    pos = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for i, (s, k) in enumerate(zip(seqs, starts)):
+        pos[i, k - 1: len(s) - 1] = True
+    logits = _logits(model, batch)
+    lp = torch.log_softmax(logits[pos.to(logits.device)], -1)
+    owner = torch.arange(len(seqs))[:, None].expand_as(pos)[pos]
+    return LocalityRef(batch, pos, lp.cpu(), lp.argmax(-1).cpu(), owner)
+
+
+@torch.no_grad()
+def locality_scores(model, ref: LocalityRef) -> tuple[list[float], list[float]]:
+    """Per prompt: top-1 agreement with the base, and mean KL(base ‖ model)."""
+    logits = _logits(model, ref.batch)
+    lp = torch.log_softmax(logits[ref.positions.to(logits.device)], -1).cpu()
+    agree = (lp.argmax(-1) == ref.base_top1).float()
+    kl = (ref.base_logp.exp() * (ref.base_logp - lp)).sum(-1)
+    n = int(ref.owner.max()) + 1 if len(ref.owner) else 0
+    ag, kls = [], []
+    for i in range(n):
+        m = ref.owner == i
+        ag.append(float(agree[m].mean()))
+        kls.append(float(kl[m].mean()))
+    return ag, kls
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], chunk: int = 8, max_tokens: int = 256) -> float:
+    """Token-level perplexity over the texts (each truncated to max_tokens)."""
+    nll, count = 0.0, 0
+    for i in range(0, len(texts), chunk):
+        seqs = [tokenizer(t).input_ids[:max_tokens] for t in texts[i:i + chunk]]
+        batch = encode_sequences(seqs, tokenizer, [1] * len(seqs))
+        logits = _logits(model, batch)[:, :-1]
+        labels = batch.labels[:, 1:].to(logits.device)
+        mask = labels != -100
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        nll -= float((logp * mask).sum())
+        count += int(mask.sum())
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers, one prompt at a time (left padding is not needed that way)."""
+    out = []
+    eos = tokenizer.eos_token_id
+    for p in prompts:
+        ids = tokenizer(render_prompt(tokenizer, p, fmt), return_tensors="pt").input_ids
+        ids = ids.to(_device(model))
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=eos if eos is not None else 0)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out

@@ -1,0 +1,505 @@
+"""The ledger: an SQL database recording every change made to a workspace's model.
+
+This module owns the schema (SQLAlchemy ORM models `Entry`, `WorkspaceMeta`, `Audit`), the
+database connection and its transactions, and bringing the schema up to date (Alembic,
+in-process, from the migrations shipped inside the package as `mendctl.migrations`).
+
+History is append-only: an edit, a revert, a replay each add an entry; nothing is rewritten.
+Every entry records `active_ids`, the ordered ids of the entries whose deltas make up the
+state after it, so any state is a pure function of the base checkpoint and that list, and
+`state_hash` records what that function must give.
+
+It knows nothing of models, editors or the delta store beyond the hashes and paths it records.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (JSON, DateTime, ForeignKey, Integer, MetaData, String, Text,
+                        create_engine, event, select)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from mendctl.errors import InputError, LedgerError
+
+DEFAULT_BUSY_TIMEOUT = 30.0
+
+#: Entry kinds mendctl writes. The column is free text so a new kind needs no migration.
+KINDS = ("init", "edit", "revert", "replay", "squash", "import")
+
+# Explicit constraint names: SQLite batch migrations (table rebuilds) can only drop or alter
+# a constraint that has a name, and autogenerate compares by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def sqlite_url(path: Path | str) -> str:
+    """`sqlite:///<absolute path>` for a database file."""
+    return "sqlite:///" + Path(path).expanduser().resolve().as_posix()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored as naive UTC and read back timezone-aware (UTC).
+
+    SQLite has no time zones: without this, a local time and a UTC time look the same.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; use an aware (UTC) one")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)
+
+
+def _json() -> JSON:
+    # none_as_null: a Python None is SQL NULL (not the JSON text 'null'), so IS NULL works.
+    return JSON(none_as_null=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Entry(Base):
+    """One recorded change: an edit, a revert, a replay... and the state it leads to."""
+
+    __tablename__ = "entries"
+    # AUTOINCREMENT: ids are never reused, even if rows were ever removed (ids are cited in
+    # reports, `active_ids` lists and other entries' reverts_id/replay_of_id).
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_utcnow, index=True)
+    user: Mapped[str | None] = mapped_column(String(255))
+    host: Mapped[str | None] = mapped_column(String(255))
+    command: Mapped[str | None] = mapped_column(Text)
+    inputs: Mapped[list] = mapped_column(_json(), default=list)
+    targets: Mapped[list] = mapped_column(_json(), default=list)
+    request: Mapped[Any | None] = mapped_column(_json())
+    editor_name: Mapped[str | None] = mapped_column(String(255))
+    editor_sha256: Mapped[str | None] = mapped_column(String(64))
+    base_model_id: Mapped[str | None] = mapped_column(Text)
+    base_model_hash: Mapped[str | None] = mapped_column(String(64))
+    weight_names: Mapped[list] = mapped_column(_json(), default=list)
+    delta_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    delta_path: Mapped[str | None] = mapped_column(Text)
+    delta_size: Mapped[int | None] = mapped_column(Integer)
+    delta_norms: Mapped[dict | None] = mapped_column(_json())
+    metrics_before: Mapped[dict | None] = mapped_column(_json())
+    metrics_after: Mapped[dict | None] = mapped_column(_json())
+    state_hash: Mapped[str] = mapped_column(String(64), index=True)
+    active_ids: Mapped[list] = mapped_column(_json(), default=list)
+    reverts_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), index=True)
+    replay_of_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), index=True)
+    status: Mapped[str] = mapped_column(String(32), default="ok")
+    notes: Mapped[Any | None] = mapped_column(_json())
+
+    def to_dict(self) -> dict[str, Any]:
+        """All columns, JSON-ready (created_at as ISO 8601 with its UTC offset)."""
+        out = {}
+        for col in self.__table__.columns:
+            v = getattr(self, col.key)
+            out[col.key] = v.isoformat() if isinstance(v, datetime) else v
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Entry {self.id} {self.kind} state={str(self.state_hash)[:12]}>"
+
+
+class WorkspaceMeta(Base):
+    """Workspace-wide facts as text (base_model_hash, ...): JSON-encode structured values."""
+
+    __tablename__ = "workspace_meta"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Audit(Base):
+    """An audit run on the state after `entry_id` (None: the base model)."""
+
+    __tablename__ = "audits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_utcnow, index=True)
+    entry_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), index=True)
+    summary: Mapped[Any | None] = mapped_column(_json())
+    report_path: Mapped[str | None] = mapped_column(Text)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for col in self.__table__.columns:
+            v = getattr(self, col.key)
+            out[col.key] = v.isoformat() if isinstance(v, datetime) else v
+        return out
+
+
+_ENTRY_FIELDS = frozenset(c.key for c in Entry.__table__.columns) - {"id"}
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def _locked(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "database is locked" in text or "database is busy" in text
+
+
+class Ledger:
+    """The ledger database at `url` (`sqlite:///path`, or a plain file path).
+
+    `open()` brings the schema to head (or refuses a ledger from a newer mendctl); use
+    `transaction()` for work that must land together. Query helpers take an optional
+    `session` to join a transaction the caller holds; without one they use their own.
+    """
+
+    def __init__(self, url: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        if isinstance(url, Path) or "://" not in str(url):
+            url = sqlite_url(url)
+        self.url = str(url)
+        self.busy_timeout = float(busy_timeout)
+        self._engine: Engine | None = None
+        self._write_engine: Engine | None = None
+        self._sessions: sessionmaker | None = None
+        self._is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+
+    # -- connection -----------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.url!r})"
+
+    def __enter__(self) -> "Ledger":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _db_path(self) -> Path | None:
+        db = make_url(self.url).database
+        if not self._is_sqlite or not db or db == ":memory:" or db.startswith("file:"):
+            return None
+        return Path(db)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._create_engine()
+            # Writers open with BEGIN IMMEDIATE (see _create_engine): they take SQLite's write
+            # lock up front, so two writers queue instead of both reading the same head and
+            # failing at commit. Readers keep a plain (deferred) BEGIN and never block a writer.
+            self._write_engine = self._engine.execution_options(mendctl_begin="IMMEDIATE")
+            self._sessions = sessionmaker(expire_on_commit=False)
+        return self._engine
+
+    def _create_engine(self) -> Engine:
+        if not self._is_sqlite:
+            return create_engine(self.url)
+        path = self._db_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(self.url, connect_args={"timeout": self.busy_timeout})
+        wal = path is not None
+        busy_ms = int(self.busy_timeout * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            # Take BEGIN away from the sqlite3 module (it emits a deferred BEGIN only before
+            # DML, never before DDL or SELECT) and emit it ourselves in _on_begin, so every
+            # transaction, migrations included, really is one and may be IMMEDIATE.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+                if wal:  # readers do not block the writer, and vice versa
+                    cur.execute("PRAGMA journal_mode=WAL")
+            finally:
+                cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            mode = conn.get_execution_options().get("mendctl_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+        self._engine = self._write_engine = self._sessions = None
+
+    def _translate(self, e: SQLAlchemyError, doing: str) -> LedgerError:
+        if isinstance(e, OperationalError) and _locked(e):
+            return LedgerError(f"the ledger {self.url} stayed locked by another mendctl process "
+                               f"for more than {self.busy_timeout:g} s while {doing}; wait for "
+                               "it to finish and run the command again")
+        detail = str(getattr(e, "orig", None) or e)
+        hint = ""
+        if "no such table" in detail:
+            hint = " (the ledger has no schema: call Ledger.open(), which migrates it, first)"
+        elif "already exists" in detail:
+            hint = (" (the database has tables but no mendctl schema revision: it is not a "
+                    "mendctl ledger; point mendctl at another file)")
+        elif "not a database" in detail:
+            hint = " (the file is not an SQLite database: restore the ledger from a backup)"
+        return LedgerError(f"ledger {self.url}: error while {doing}: {e.__class__.__name__}: "
+                           f"{detail}{hint}")
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def alembic_config(self, connection: Connection | None = None):
+        """An Alembic Config built in code: migrations come from the installed package."""
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(files("mendctl.migrations")))
+        cfg.set_main_option("path_separator", "os")
+        # ConfigParser interpolates '%': escape it (URL-encoded passwords contain it).
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        if connection is not None:
+            cfg.attributes["connection"] = connection
+        return cfg
+
+    def _script(self):
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self.alembic_config())
+
+    def head_revision(self) -> str:
+        """The newest schema revision this mendctl knows."""
+        return self._script().get_current_head()
+
+    def _current_heads(self, conn: Connection) -> tuple[str, ...]:
+        from alembic.runtime.migration import MigrationContext
+
+        return tuple(MigrationContext.configure(conn).get_current_heads())
+
+    def current_revision(self) -> str | None:
+        """The schema revision the database is at (None: empty, never migrated)."""
+        try:
+            with self.engine.connect() as conn:
+                heads = self._current_heads(conn)
+        except SQLAlchemyError as e:
+            raise self._translate(e, "reading the schema revision") from e
+        return heads[0] if heads else None
+
+    def _check_known(self, heads: tuple[str, ...], script) -> None:
+        known = {s.revision for s in script.walk_revisions()}
+        unknown = [h for h in heads if h not in known]
+        if unknown:
+            raise LedgerError(f"this ledger was written by a newer mendctl (schema "
+                              f"{', '.join(unknown)}); upgrade mendctl (this one knows schemas "
+                              f"up to {script.get_current_head()})")
+
+    def _migrate(self, action: str, revision: str) -> None:
+        """Run `alembic <action> <revision>` in-process, in one IMMEDIATE transaction, so
+        two processes opening a fresh ledger at once do not both create the tables."""
+        from alembic import command
+
+        script = self._script()
+        try:
+            with self._write_conn_nofk() as conn:
+                with conn.begin():
+                    heads = self._current_heads(conn)
+                    self._check_known(heads, script)
+                    if action == "upgrade":
+                        target = set(script.get_heads()) if revision == "head" else {revision}
+                        if set(heads) == target:
+                            return
+                        command.upgrade(self.alembic_config(conn), revision)
+                    else:
+                        command.downgrade(self.alembic_config(conn), revision)
+                    if self._is_sqlite:
+                        bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if bad:
+                            raise LedgerError(f"migration to {revision} would break foreign "
+                                              f"keys ({bad[:3]}...); nothing was changed")
+        except SQLAlchemyError as e:
+            raise self._translate(e, f"migrating the schema ({action} {revision})") from e
+        except LedgerError:
+            raise
+        except Exception as e:  # alembic's CommandError for an unknown target revision...
+            if e.__class__.__module__.startswith("alembic"):
+                raise LedgerError(f"cannot {action} the ledger to {revision!r}: {e}") from e
+            raise
+
+    @contextmanager
+    def _write_conn_nofk(self) -> Iterator[Connection]:
+        """A write connection with foreign-key enforcement off, restored afterwards.
+
+        SQLite's own recipe for table rebuilds (what batch migrations do) needs foreign keys
+        off while the old table is dropped; the pragma is a no-op inside a transaction, so it
+        is set on the raw connection before BEGIN. `_migrate` runs foreign_key_check instead.
+        """
+        self.engine  # noqa: B018 (creates the engines)
+        with self._write_engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            if self._is_sqlite:
+                raw.execute("PRAGMA foreign_keys=OFF")
+            try:
+                yield conn
+            finally:
+                if self._is_sqlite:
+                    raw.execute("PRAGMA foreign_keys=ON")
+
+    def upgrade(self, revision: str = "head") -> None:
+        self._migrate("upgrade", revision)
+
+    def downgrade(self, revision: str) -> None:
+        self._migrate("downgrade", revision)
+
+    def open(self) -> "Ledger":
+        """Connect and migrate the schema to head; LedgerError if the ledger is from a newer
+        mendctl or cannot be read."""
+        self.upgrade("head")
+        return self
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on an exception.
+
+        `write=True` takes SQLite's write lock at BEGIN (waiting up to `busy_timeout`), so
+        the head read inside is still the head at commit. Objects stay usable afterwards.
+        """
+        self.engine  # noqa: B018
+        bind = self._write_engine if write else self._engine
+        try:
+            with self._sessions(bind=bind) as session:
+                with session.begin():
+                    if write:  # sessions connect lazily: take the write lock now, at BEGIN
+                        session.connection()
+                    yield session
+        except (IntegrityError, OperationalError) as e:
+            raise self._translate(e, "writing" if write else "reading") from e
+
+    @contextmanager
+    def _session(self, session: Session | None, write: bool) -> Iterator[Session]:
+        if session is not None:
+            yield session
+        else:
+            with self.transaction(write=write) as s:
+                yield s
+
+    # -- entries --------------------------------------------------------------------------
+
+    def head(self, session: Session | None = None) -> Entry | None:
+        """The latest entry (highest id), or None for an empty ledger."""
+        with self._session(session, write=False) as s:
+            return s.scalars(select(Entry).order_by(Entry.id.desc()).limit(1)).first()
+
+    def get(self, entry_id: int, session: Session | None = None) -> Entry:
+        with self._session(session, write=False) as s:
+            entry = s.get(Entry, int(entry_id))
+        if entry is None:
+            raise InputError(f"no entry {entry_id}; see `mendctl log`")
+        return entry
+
+    def entries(self, limit: int | None = None, reverse: bool = True,
+                session: Session | None = None) -> list[Entry]:
+        """Entries newest first (`reverse=True`) or oldest first, at most `limit`."""
+        q = select(Entry).order_by(Entry.id.desc() if reverse else Entry.id.asc())
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self._session(session, write=False) as s:
+            return list(s.scalars(q))
+
+    def add_entry(self, session: Session | None = None, **fields: Any) -> Entry:
+        """Insert one entry and return it with its id assigned.
+
+        Required: `kind` and `state_hash`. Unknown field names raise TypeError. Pass the
+        `session` of a `transaction()` to land the row together with other work.
+        """
+        unknown = set(fields) - _ENTRY_FIELDS
+        if unknown:
+            raise TypeError(f"unknown entry field(s) {sorted(unknown)}; "
+                            f"known: {sorted(_ENTRY_FIELDS)}")
+        kind = fields.get("kind")
+        if not isinstance(kind, str) or not _KIND_RE.match(kind):
+            raise TypeError(f"entry kind must be a lower-case word, got {kind!r}")
+        if not fields.get("state_hash"):
+            raise TypeError("an entry needs the state_hash of the state after it")
+        active = fields.get("active_ids", [])
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in active):
+            raise TypeError(f"active_ids must be entry ids (ints), got {active!r}")
+        entry = Entry(**fields)
+        with self._session(session, write=True) as s:
+            s.add(entry)
+            try:
+                s.flush()
+            except IntegrityError as e:
+                raise LedgerError(f"cannot record the entry: {e.orig} (does parent_id, "
+                                  "reverts_id or replay_of_id name an existing entry?)") from e
+        return entry
+
+    def known_delta_hashes(self, session: Session | None = None) -> set[str]:
+        """Every delta hash any entry references (what the store must keep)."""
+        q = select(Entry.delta_sha256).where(Entry.delta_sha256.is_not(None)).distinct()
+        with self._session(session, write=False) as s:
+            return set(s.scalars(q))
+
+    # -- workspace meta -------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None,
+                 session: Session | None = None) -> str | None:
+        with self._session(session, write=False) as s:
+            row = s.get(WorkspaceMeta, key)
+            return default if row is None else row.value
+
+    def set_meta(self, key: str, value: str, session: Session | None = None) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"workspace meta values are text; json.dumps {key!r} first")
+        with self._session(session, write=True) as s:
+            s.merge(WorkspaceMeta(key=key, value=value))
+
+    def all_meta(self, session: Session | None = None) -> dict[str, str]:
+        with self._session(session, write=False) as s:
+            return {m.key: m.value for m in s.scalars(select(WorkspaceMeta))}
+
+    # -- audits ---------------------------------------------------------------------------
+
+    def add_audit(self, entry_id: int | None, summary: Any, report_path: str | None = None,
+                  session: Session | None = None) -> Audit:
+        audit = Audit(entry_id=entry_id, summary=summary, report_path=report_path)
+        with self._session(session, write=True) as s:
+            s.add(audit)
+            try:
+                s.flush()
+            except IntegrityError as e:
+                raise LedgerError(f"cannot record the audit: no entry {entry_id}") from e
+        return audit
+
+    def audits(self, entry_id: int | None = None, session: Session | None = None) -> list[Audit]:
+        """Audits newest first, optionally only those of one entry's state."""
+        q = select(Audit).order_by(Audit.id.desc())
+        if entry_id is not None:
+            q = q.where(Audit.entry_id == entry_id)
+        with self._session(session, write=False) as s:
+            return list(s.scalars(q))

