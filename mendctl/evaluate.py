@@ -1,0 +1,78 @@
+"""`mendctl eval`: score an editor on edit cases, each (or each batch) a fresh edit of the
+current model, with the field's metrics (see editors/metrics.py).
+
+Per case: edit success, paraphrase success, locality (top-1 agreement with the unedited model
+on the locality prompts' continuations, and mean KL), generic-text perplexity drawdown, and the
+editor's compute time. The model is put back after every edit, so cases do not accumulate.
+"""
+from __future__ import annotations
+
+import time
+
+from .editors.data import generic_text_samples
+from .editors.metrics import (locality_reference, locality_scores, perplexity, target_scores)
+from .editors.weights import applied
+from .errors import InputError
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages: int = 6,
+             progress=None) -> dict:
+    if not cases:
+        raise InputError("no cases to evaluate")
+    if batch_size < 1:
+        raise InputError("--batch-size must be ≥ 1")
+    lm = ws.lm
+    model, tok, fmt = lm.model, lm.tokenizer, ws.fmt
+    head = ws.head()
+    ws.use_state(head)
+    ed = ws.editor(editor)
+    texts = generic_text_samples(ppl_passages) if ppl_passages else []
+    ppl_before = perplexity(model, tok, texts) if texts else None
+    batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
+    rows = []
+    it = progress(batches) if progress else batches
+    for batch in it:
+        loc = [p for c in batch for p in c.locality]
+        ref = locality_reference(model, tok, loc, fmt) if loc else None
+        t0 = time.perf_counter()
+        delta = ed.edit(model, tok, [c.input for c in batch], [c.target for c in batch], fmt,
+                        locality=loc or None)
+        seconds = time.perf_counter() - t0
+        with applied(model, delta):
+            es = target_scores(model, tok, [c.input for c in batch], [c.target for c in batch], fmt)[0]
+            ag, kl = locality_scores(model, ref) if ref else ([], [])
+            ppl_after = perplexity(model, tok, texts) if texts else None
+            k = 0
+            for j, c in enumerate(batch):
+                ps = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases), fmt)[0] \
+                    if c.paraphrases else []
+                n_loc = len(c.locality)
+                rows.append({
+                    "input": c.input, "target": c.target,
+                    "relation": c.meta.get("relation"),
+                    "edit_success": float(es[j]),
+                    "paraphrase_success": _mean([float(x) for x in ps]),
+                    "locality": _mean(ag[k:k + n_loc]), "locality_kl": _mean(kl[k:k + n_loc]),
+                    "ppl_drawdown": (ppl_after / ppl_before - 1) if texts else None,
+                    "seconds_per_edit": seconds / len(batch),
+                })
+                k += n_loc
+        if progress and hasattr(it, "set_postfix"):
+            it.set_postfix(es=f"{_mean([r['edit_success'] for r in rows]):.2f}",
+                           loc=f"{_mean([r['locality'] for r in rows]) or 0:.3f}")
+    keys = ["edit_success", "paraphrase_success", "locality", "locality_kl", "ppl_drawdown",
+            "seconds_per_edit"]
+    summary = {k: _mean([r[k] for r in rows]) for k in keys}
+    summary.update(cases=len(rows), batch_size=batch_size, editor=editor,
+                   ppl_before=ppl_before, state=head.id if head else None)
+    by_rel = {}
+    for r in rows:
+        by_rel.setdefault(r["relation"] or "-", []).append(r)
+    relations = {rel: {k: _mean([r[k] for r in rs]) for k in keys[:3]} | {"cases": len(rs)}
+                 for rel, rs in sorted(by_rel.items())}
+    return {"summary": summary, "relations": relations, "cases": rows}

@@ -1,0 +1,661 @@
+"""The workspace: one directory with mendctl.yaml and .mendctl/ (ledger, delta store, caches).
+
+`Workspace` is the library entry point the CLI calls. It opens the config, the ledger (migrated
+to head) and the delta store, loads the model lazily, and carries out edit, ask, revert, replay,
+export, verify and gc. It owns the rule that a state is `base + Σ active deltas` in ledger
+order (via `editors.delta.apply_deltas`), checks each state's hash against the ledger, and keeps
+a small cache of edited tensors keyed by state hash so loading the head is as fast as loading
+the base.
+
+Write operations hold the workspace lock; an edit is staged as a file, then its ledger row and
+the file's rename land in one transaction: a crash leaves the whole edit or nothing (at most an
+orphan file, which `verify` reports and `gc` removes).
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import config as config_mod
+from .config import CONFIG_FILE, STATE_DIR, TEMPLATE, Config
+from .editors.data import EditCase, generic_text_samples
+from .editors.delta import Delta, apply_deltas, state_hash
+from .editors.ft import FTEditor
+from .editors.mend.editor import EditorMismatch, MendEditor, file_sha256
+from .editors.metrics import (generate, locality_reference, locality_scores, perplexity,
+                              target_scores)
+from .editors.weights import applied, read_weights, select_weights, write_weights
+from .errors import EditorError, InputError, LedgerError, ModelError, StoreError, WorkspaceError
+from .ledger import Entry, Ledger, sqlite_url
+from .locking import WorkspaceLock
+from .models import ALIASES, LoadedModel, load_model
+from .store import DeltaStore
+
+ENV_WORKSPACE = "MENDCTL_WORKSPACE"
+EDITORS = ("mend", "identity", "ft", "ft_kl")
+DELTA_KINDS = ("edit", "replay", "squash")
+STATE_CACHE_KEEP = 4
+
+
+def shipped_editor_dir(model_spec: str) -> Path | None:
+    """The editor trained for an embedded model, shipped inside the package."""
+    if model_spec not in ALIASES:
+        return None
+    d = resources.files("mendctl.editors") / "checkpoints" / model_spec
+    return Path(str(d)) if (Path(str(d)) / "editor.json").is_file() else None
+
+
+def check_text(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"the {what} is empty; give some text, e.g. --input \"Who is India's PM?\" "
+                         f"--target \"Narendra Modi\"")
+    return value
+
+
+class Workspace:
+    def __init__(self, root: Path, config: Config):
+        self.root = Path(root).resolve()
+        self.config = config
+        self.state_dir = self.root / STATE_DIR
+        self._lm: LoadedModel | None = None
+        self._base: dict[str, torch.Tensor] | None = None
+        self._loaded_state: str | None = None
+        self._editors: dict[str, object] = {}
+
+    # -- finding and creating ---------------------------------------------------------------
+    @staticmethod
+    def locate(explicit: str | None = None, cwd: str | Path | None = None) -> Path:
+        """--workspace, then $MENDCTL_WORKSPACE, then the nearest mendctl.yaml upwards."""
+        for given, source in ((explicit, "--workspace"), (os.environ.get(ENV_WORKSPACE), ENV_WORKSPACE)):
+            if given:
+                p = Path(given).expanduser()
+                if p.is_file() and p.name == CONFIG_FILE:
+                    p = p.parent
+                if not (p / CONFIG_FILE).is_file():
+                    raise WorkspaceError(f"{source} points to {p}, which has no {CONFIG_FILE}; "
+                                         f"create one with `mendctl init {p}`")
+                return p.resolve()
+        here = Path(cwd or Path.cwd()).resolve()
+        for d in (here, *here.parents):
+            if (d / CONFIG_FILE).is_file():
+                return d
+        raise WorkspaceError(f"no mendctl workspace here: no {CONFIG_FILE} in {here} or above. "
+                             f"Create one with `mendctl init` (or pass --workspace DIR)")
+
+    @classmethod
+    def open(cls, explicit: str | None = None) -> "Workspace":
+        root = cls.locate(explicit)
+        return cls(root, config_mod.load(root / CONFIG_FILE))
+
+    @staticmethod
+    def init(directory: str | Path = ".", force: bool = False, model: str | None = None) -> Path:
+        d = Path(directory).expanduser().resolve()
+        cfg = d / CONFIG_FILE
+        if cfg.exists() and not force:
+            raise WorkspaceError(f"{cfg} already exists; use --force to overwrite the config "
+                                 f"(the ledger and deltas in {STATE_DIR}/ are kept)")
+        text = TEMPLATE
+        if model:
+            if not model.strip():
+                raise InputError("--model is empty")
+            text = text.replace("\nmodel: smollm2-135m\n", f"\nmodel: {json.dumps(model)}\n")
+        config_mod.parse(__import__("yaml").safe_load(text), str(cfg))  # the template is valid
+        d.mkdir(parents=True, exist_ok=True)
+        (d / STATE_DIR).mkdir(exist_ok=True)
+        tmp = cfg.with_suffix(".yaml.tmp")
+        tmp.write_text(text)
+        tmp.replace(cfg)
+        return d
+
+    # -- parts --------------------------------------------------------------------------------
+    @property
+    def ledger_url(self) -> str:
+        return self.config.ledger or sqlite_url(self.state_dir / "ledger.db")
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        self.state_dir.mkdir(exist_ok=True)
+        return Ledger(self.ledger_url, busy_timeout=self.config.lock_timeout).open()
+
+    @cached_property
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.root / self.config.store)
+
+    def lock(self) -> WorkspaceLock:
+        self.state_dir.mkdir(exist_ok=True)
+        return WorkspaceLock(self.state_dir / "lock", timeout=self.config.lock_timeout)
+
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            cfg = self.config
+            self._lm = load_model(cfg.model, cfg.model_cache, cfg.device, cfg.dtype)
+            try:
+                self.specs = select_weights(self._lm.model, cfg.edit_weights)
+            except ValueError as e:
+                raise WorkspaceError(f"{self.root / CONFIG_FILE}: `edit_weights`: {e}") from e
+            self._base = read_weights(self._lm.model, self.specs)
+            self._loaded_state = None
+            self._check_base_model()
+        return self._lm
+
+    def _check_base_model(self) -> None:
+        recorded = self.ledger.get_meta("base_model_hash")
+        if recorded and recorded != self._lm.base_hash:
+            rid = self.ledger.get_meta("base_model_id", "?")
+            raise WorkspaceError(
+                f"this workspace's ledger was made with base model {rid} ({recorded[:12]}), but "
+                f"mendctl.yaml now loads {self._lm.model_id} ({self._lm.base_hash[:12]}). Put "
+                f"`model: {rid}` back, or replay the edits onto the new model into a new "
+                f"workspace: `mendctl replay --onto-model {self._lm.spec} --out DIR`")
+
+    def _record_base_model(self, session) -> None:
+        if self.ledger.get_meta("base_model_hash", session=session) is None:
+            self.ledger.set_meta("base_model_hash", self.lm.base_hash, session=session)
+            self.ledger.set_meta("base_model_id", self.lm.model_id, session=session)
+
+    @property
+    def fmt(self) -> str:
+        return self.config.prompt_format
+
+    def editor_dir(self) -> Path:
+        if self.config.editor == "default":
+            d = shipped_editor_dir(self.config.model)
+            if d is None:
+                raise EditorError(f"no editor ships for model {self.config.model!r}; train one "
+                                  f"(`mendctl train --out DIR`) and set `editor: DIR` in mendctl.yaml")
+            return d
+        p = Path(self.config.editor).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def editor(self, name: str = "mend"):
+        if name not in EDITORS:
+            raise InputError(f"unknown editor {name!r}; choose one of {', '.join(EDITORS)}")
+        if name in self._editors:
+            return self._editors[name]
+        lm = self.lm
+        if name in ("mend", "identity"):
+            d = self.editor_dir()
+            try:
+                ed = MendEditor.load(d, self.specs, lm.base_hash)
+            except EditorMismatch as e:
+                raise EditorError(str(e)) from e
+            fmt = ed.info.get("prompt_format") or ed.info.get("training", {}).get("prompt_format")
+            if fmt and fmt != self.fmt:
+                print(f"warning: editor {d} was trained with prompt_format {fmt}, the workspace "
+                      f"uses {self.fmt}", file=sys.stderr)
+            ed.sha256 = ed.info.get("weights_sha256") or file_sha256(d / "editor.safetensors")
+            ed.checkpoint = str(d)
+            if name == "identity":
+                ed = ed.to_identity()
+                ed.sha256, ed.checkpoint = "identity:" + ed_sha(d), str(d)
+        else:
+            ed = FTEditor(self.specs, kl_weight=1.0 if name == "ft_kl" else 0.0,
+                          generic_texts=generic_text_samples())
+            ed.sha256, ed.checkpoint = None, None
+        self._editors[name] = ed
+        return ed
+
+    # -- states ---------------------------------------------------------------------------
+    def _delta(self, entry_id: int, cache: dict | None = None) -> Delta:
+        if cache is not None and entry_id in cache:
+            return cache[entry_id]
+        e = self.ledger.get(entry_id)
+        if not e.delta_sha256:
+            raise LedgerError(f"entry {entry_id} is active but has no delta; run `mendctl verify`")
+        d = self.store.load(e.delta_sha256)
+        if cache is not None:
+            cache[entry_id] = d
+        return d
+
+    def _state_cache(self, h: str) -> Path:
+        return self.state_dir / "states" / f"{h}.safetensors"
+
+    def weights_for(self, active_ids: list[int], expect_hash: str | None = None,
+                    use_cache: bool = True) -> dict[str, torch.Tensor]:
+        """Edited tensors of the state base + Σ deltas(active_ids), checked against the hash."""
+        _ = self.lm
+        if not active_ids:
+            w = {n: t.clone() for n, t in self._base.items()}
+        else:
+            w = None
+            if use_cache and expect_hash and self._state_cache(expect_hash).is_file():
+                try:
+                    w = load_file(str(self._state_cache(expect_hash)))
+                    if state_hash(w) != expect_hash:
+                        w = None
+                except Exception:  # a damaged cache file is just recomputed
+                    w = None
+            if w is None:
+                w = apply_deltas(self._base, [self._delta(i) for i in active_ids])
+        if expect_hash and state_hash(w) != expect_hash:
+            raise LedgerError(f"rebuilt state {state_hash(w)[:12]} differs from the recorded "
+                              f"{expect_hash[:12]}; run `mendctl replay --verify` and `mendctl verify`")
+        return w
+
+    def _remember_state(self, w: dict[str, torch.Tensor], h: str) -> None:
+        d = self.state_dir / "states"
+        d.mkdir(parents=True, exist_ok=True)
+        path = self._state_cache(h)
+        if not path.exists():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({n: t.contiguous() for n, t in w.items()}, str(tmp))
+            tmp.replace(path)
+        files = sorted(d.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in files[STATE_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+
+    def use_state(self, entry: Entry | None) -> dict[str, torch.Tensor]:
+        """Put the model in the state after `entry` (None: the base model)."""
+        _ = self.lm
+        h = entry.state_hash if entry else state_hash(self._base)
+        if self._loaded_state == h:
+            return self._current
+        w = self.weights_for(list(entry.active_ids) if entry else [], h)
+        write_weights(self.lm.model, w)
+        self._loaded_state, self._current = h, w
+        if entry:
+            self._remember_state(w, h)
+        return w
+
+    def _set_weights(self, w: dict[str, torch.Tensor], h: str) -> None:
+        write_weights(self.lm.model, w)
+        self._loaded_state, self._current = h, w
+
+    def head(self) -> Entry | None:
+        return self.ledger.head()
+
+    def entry_at(self, at: int | None) -> Entry | None:
+        return self.head() if at is None else self.ledger.get(at)
+
+    # -- ask ------------------------------------------------------------------------------------
+    def ask(self, prompts: list[str], at: int | None = None, max_new_tokens: int = 16) -> dict:
+        for p in prompts:
+            check_text(p, "input")
+        entry = self.entry_at(at)
+        self.use_state(entry)
+        answers = generate(self.lm.model, self.lm.tokenizer, prompts, self.fmt, max_new_tokens)
+        return {"state": entry.id if entry else None,
+                "state_hash": self._loaded_state, "model": self.lm.model_id,
+                "answers": [{"input": p, "answer": a} for p, a in zip(prompts, answers)]}
+
+    # -- edit -----------------------------------------------------------------------------------
+    def _probe(self, cases: list[EditCase]) -> dict:
+        """What the current model says and scores on the edit's inputs and paraphrases."""
+        lm = self.lm
+        prompts = [c.input for c in cases]
+        targets = [c.target for c in cases]
+        ok, lp = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)
+        para_p = [p for c in cases for p in c.paraphrases]
+        para_t = [c.target for c in cases for _ in c.paraphrases]
+        pok = target_scores(lm.model, lm.tokenizer, para_p, para_t, self.fmt)[0] if para_p else []
+        answers = generate(lm.model, lm.tokenizer, prompts + para_p, self.fmt,
+                           max_new_tokens=max(8, max(len(lm.tokenizer(t).input_ids) for t in targets) + 4))
+        return {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp,
+                "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
+                "answers": answers[: len(prompts)], "paraphrase_answers": answers[len(prompts):]}
+
+    def edit(self, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
+             command: str | None = None) -> dict:
+        if not cases:
+            raise InputError("nothing to edit: give --input and --target, or --batch FILE.jsonl")
+        for c in cases:
+            check_text(c.input, "input")
+            check_text(c.target, "target")
+        ed = self.editor(editor)
+        with self.lock():
+            return self._edit_locked(cases, ed, dry_run, command)
+
+    def _edit_locked(self, cases, ed, dry_run, command) -> dict:
+        lm = self.lm
+        head = self.head()
+        w_head = self.use_state(head)
+        before = self._probe(cases)
+        loc_prompts = [p for c in cases for p in c.locality]
+        ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
+        t0 = time.perf_counter()
+        delta = ed.edit(lm.model, lm.tokenizer, [c.input for c in cases],
+                        [c.target for c in cases], self.fmt, locality=loc_prompts or None)
+        seconds = time.perf_counter() - t0
+        if not delta.is_finite():
+            raise EditorError("the editor produced non-finite values (NaN or inf); nothing was "
+                              "recorded. Check the editor checkpoint with the same input in "
+                              "`mendctl edit --dry-run`")
+        w_new = apply_deltas(w_head, [delta])
+        new_hash = state_hash(w_new)
+        self._set_weights(w_new, new_hash)
+        try:
+            after = self._probe(cases)
+            if ref is not None:
+                ag, kl = locality_scores(lm.model, ref)
+                after["locality"] = float(sum(ag) / len(ag))
+                after["locality_kl"] = float(sum(kl) / len(kl))
+        finally:
+            if dry_run:
+                self._set_weights(w_head, head.state_hash if head else state_hash(self._base))
+        norms = delta.norms()
+        report = {
+            "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
+            "cases": [c.to_dict() for c in cases], "before": before, "after": after,
+            "delta_norms": norms, "delta_bytes": delta.nbytes(),
+            "dense_bytes": delta.dense_nbytes(), "state_hash": new_hash,
+            "parent": head.id if head else None,
+        }
+        if dry_run:
+            return report
+        delta.meta.update({"editor": ed.name, "base_model_hash": lm.base_hash})
+        staged = self.store.stage(delta)
+        try:
+            with self.ledger.transaction() as s:
+                now_head = self.ledger.head(session=s)
+                if (now_head.id if now_head else None) != (head.id if head else None):
+                    raise LedgerError("the ledger moved while editing (another writer without "
+                                      "the lock?); nothing was recorded, try again")
+                self._record_base_model(s)
+                entry = self.ledger.add_entry(
+                    session=s, kind="edit", parent_id=head.id if head else None,
+                    **self._provenance(command), inputs=[c.input for c in cases],
+                    targets=[c.target for c in cases], request=[c.to_dict() for c in cases],
+                    editor_name=ed.name, editor_sha256=ed.sha256,
+                    base_model_id=lm.model_id, base_model_hash=lm.base_hash,
+                    weight_names=delta.names(), delta_sha256=staged.sha256,
+                    delta_path=staged.rel_path, delta_size=staged.size, delta_norms=norms,
+                    metrics_before=_metrics(before), metrics_after=_metrics(after, seconds),
+                    state_hash=new_hash,
+                    active_ids=(list(head.active_ids) if head else []) + [],  # id added below
+                    notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt},
+                )
+                entry.active_ids = list(entry.active_ids) + [entry.id]
+                s.flush()
+                self.store.commit(staged)
+        except BaseException:
+            self.store.discard(staged)
+            self._loaded_state = None  # the model holds an unrecorded state
+            raise
+        self._remember_state(w_new, new_hash)
+        report["entry"] = entry.id
+        return report
+
+    def _provenance(self, command: str | None) -> dict:
+        try:
+            user = getpass.getuser()
+        except Exception:  # no passwd entry in some containers
+            user = os.environ.get("USER", "?")
+        return {"user": user, "host": socket.gethostname(),
+                "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
+
+    # -- revert ---------------------------------------------------------------------------------
+    def _active_check(self, entry_id: int) -> tuple[Entry, Entry]:
+        target = self.ledger.get(entry_id)
+        head = self.head()
+        if target.delta_sha256 is None:
+            raise InputError(f"entry {entry_id} is a {target.kind}, not an edit; only entries "
+                             f"with a delta can be reverted (see `mendctl log`)")
+        if entry_id not in head.active_ids:
+            by = [e.id for e in self.ledger.entries() if e.reverts_id == entry_id]
+            why = f" (reverted by entry {by[0]})" if by else ""
+            raise InputError(f"entry {entry_id} is not active in the current state{why}; "
+                             f"nothing to revert")
+        return target, head
+
+    def revert(self, entry_id: int, replay: bool = False, command: str | None = None) -> dict:
+        with self.lock():
+            target, head = self._active_check(entry_id)
+            active = list(head.active_ids)
+            k = active.index(entry_id)
+            keep, later = active[:k], active[k + 1:]
+            exact_active = keep + later
+            w_exact = self.weights_for(exact_active)
+            exact_hash = state_hash(w_exact)
+            # the replay alternative: every later edit recomputed on the state without entry_id
+            replayed = self._replay_entries(keep, later)
+            gap = self._gap(w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
+            with self.ledger.transaction() as s:
+                rev = self.ledger.add_entry(
+                    session=s, kind="revert", parent_id=head.id, reverts_id=entry_id,
+                    **self._provenance(command), inputs=list(target.inputs),
+                    targets=list(target.targets), base_model_id=self.lm.model_id,
+                    base_model_hash=self.lm.base_hash, weight_names=list(target.weight_names),
+                    state_hash=exact_hash if not replay else state_hash(self.weights_for(keep)),
+                    active_ids=exact_active if not replay else keep,
+                    notes={"mode": "replay" if replay else "exact", "gap": gap})
+                ids = [rev.id]
+                if replay:
+                    parent, act = rev.id, list(keep)
+                    for r in replayed:
+                        staged = self.store.stage(r["delta"])
+                        try:
+                            old = r["entry"]
+                            e = self.ledger.add_entry(
+                                session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
+                                **self._provenance(command), inputs=list(old.inputs),
+                                targets=list(old.targets), request=old.request,
+                                editor_name=old.editor_name, editor_sha256=r["editor_sha256"],
+                                base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
+                                weight_names=r["delta"].names(), delta_sha256=staged.sha256,
+                                delta_path=staged.rel_path, delta_size=staged.size,
+                                delta_norms=r["delta"].norms(), state_hash=r["hash"],
+                                active_ids=act, notes={"replay_of": old.id, "reverted": entry_id})
+                            act = act + [e.id]
+                            e.active_ids = act
+                            s.flush()
+                            self.store.commit(staged)
+                        except BaseException:
+                            self.store.discard(staged)
+                            raise
+                        parent = e.id
+                        ids.append(e.id)
+        self._loaded_state = None
+        return {"reverted": entry_id, "mode": "replay" if replay else "exact", "entries": ids,
+                "state_hash": exact_hash if not replay else (replayed[-1]["hash"] if replayed else exact_hash),
+                "restores_parent": (not later and not replay and target.parent_id is not None
+                                    and exact_hash == self.ledger.get(target.parent_id).state_hash),
+                "later_edits": later, "gap": gap}
+
+    def _replay_entries(self, start_active: list[int], ids: list[int], editor: str | None = None) -> list[dict]:
+        """Recompute the edits `ids` in order on base + start_active (not recorded)."""
+        out = []
+        w = self.weights_for(start_active)
+        for i in ids:
+            old = self.ledger.get(i)
+            name = editor or (old.editor_name if old.editor_name in EDITORS else "mend")
+            ed = self.editor(name)
+            self._set_weights(w, state_hash(w))
+            cases = [EditCase.from_dict(c) for c in (old.request or [])] or \
+                [EditCase(input=a, target=b) for a, b in zip(old.inputs, old.targets)]
+            loc = [p for c in cases for p in c.locality]
+            delta = ed.edit(self.lm.model, self.lm.tokenizer, [c.input for c in cases],
+                            [c.target for c in cases], self.fmt, locality=loc or None)
+            delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
+            w = apply_deltas(w, [delta])
+            out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
+                        "editor_sha256": ed.sha256, "cases": cases})
+        self._loaded_state = None
+        return out
+
+    def _gap(self, w_exact, w_replay, later: list[int]) -> dict:
+        """How far exact revert and revert-by-replay end apart: KL on locality prompts and the
+        later edits' success under each."""
+        if not later:
+            return {"later_edits": 0, "kl": 0.0, "es_exact": None, "es_replay": None}
+        entries = [self.ledger.get(i) for i in later]
+        prompts = [p for e in entries for p in e.inputs]
+        targets = [t for e in entries for t in e.targets]
+        loc = [p for e in entries for c in (e.request or []) for p in c.get("locality", [])]
+        loc = loc or [" ".join(t.split()[:24]) for t in generic_text_samples(4)]
+        lm = self.lm
+        self._set_weights(w_exact, state_hash(w_exact))
+        es_exact = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
+        ref = locality_reference(lm.model, lm.tokenizer, loc, self.fmt)
+        self._set_weights(w_replay, state_hash(w_replay))
+        es_replay = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
+        ag, kl = locality_scores(lm.model, ref)
+        self._loaded_state = None
+        return {"later_edits": len(later), "kl": float(sum(kl) / len(kl)),
+                "top1_agreement": float(sum(ag) / len(ag)),
+                "es_exact": float(sum(es_exact) / len(es_exact)),
+                "es_replay": float(sum(es_replay) / len(es_replay))}
+
+    # -- replay ---------------------------------------------------------------------------------
+    def replay_verify(self, progress=None) -> dict:
+        """Rebuild every state from the base and the deltas; compare with recorded hashes."""
+        _ = self.lm
+        entries = self.ledger.entries(reverse=False)
+        cache: dict[int, Delta] = {}
+        problems, checked = [], 0
+        prev_active: list[int] | None = None
+        w = None
+        for e in (progress(entries) if progress else entries):
+            active = list(e.active_ids)
+            try:
+                if prev_active is not None and active[:-1] == prev_active and active:
+                    w = apply_deltas(w, [self._delta(active[-1], cache)])  # same sum, same order
+                elif prev_active is not None and active == prev_active:
+                    pass
+                else:
+                    w = apply_deltas(self._base, [self._delta(i, cache) for i in active])
+            except (StoreError, LedgerError) as err:
+                problems.append(f"entry {e.id}: {err}")
+                prev_active = None
+                continue
+            h = state_hash(w)
+            checked += 1
+            if h != e.state_hash:
+                problems.append(f"entry {e.id}: rebuilt state {h[:12]} != recorded {e.state_hash[:12]}")
+            prev_active = active
+        return {"entries": len(entries), "checked": checked, "ok": not problems, "problems": problems}
+
+    def replay_onto(self, out: str | Path | None, model: str | None = None,
+                    editor: str | None = None, command: str | None = None, progress=None) -> dict:
+        """Re-run the active edits, in order, on another base model (into a new workspace at
+        `out`) or with another editor (as a new chain in this workspace)."""
+        head = self.head()
+        if head is None or not head.active_ids:
+            raise InputError("there are no active edits to replay")
+        requests = []
+        for i in head.active_ids:
+            e = self.ledger.get(i)
+            cases = [EditCase.from_dict(c) for c in (e.request or [])] or \
+                [EditCase(input=a, target=b) for a, b in zip(e.inputs, e.targets)]
+            requests.append((e, cases))
+        if model:
+            if not out:
+                raise InputError("--onto-model needs --out DIR: a new workspace for the new base")
+            target_dir = Workspace.init(out, model=model)
+            other = Workspace.open(str(target_dir))
+            results = []
+            for e, cases in (progress(requests) if progress else requests):
+                r = other.edit(cases, editor=editor or "mend",
+                               command=command or f"replay of entry {e.id} from {self.root}")
+                results.append({"from": e.id, "entry": r["entry"],
+                                "edit_success": r["after"]["edit_success"]})
+            return {"workspace": str(target_dir), "replayed": results}
+        with self.lock():
+            replayed = self._replay_entries([], [e.id for e, _ in requests], editor=editor)
+            ids = []
+            with self.ledger.transaction() as s:
+                parent, act = head.id, []
+                for r in replayed:
+                    staged = self.store.stage(r["delta"])
+                    try:
+                        old = r["entry"]
+                        e = self.ledger.add_entry(
+                            session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
+                            **self._provenance(command), inputs=list(old.inputs),
+                            targets=list(old.targets), request=old.request,
+                            editor_name=r["delta"].meta.get("editor"), editor_sha256=r["editor_sha256"],
+                            base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
+                            weight_names=r["delta"].names(), delta_sha256=staged.sha256,
+                            delta_path=staged.rel_path, delta_size=staged.size,
+                            delta_norms=r["delta"].norms(), state_hash=r["hash"],
+                            active_ids=act, notes={"replay_of": old.id, "editor": editor})
+                        act = act + [e.id]
+                        e.active_ids = act
+                        s.flush()
+                        self.store.commit(staged)
+                    except BaseException:
+                        self.store.discard(staged)
+                        raise
+                    parent = e.id
+                    ids.append(e.id)
+        self._loaded_state = None
+        return {"entries": ids, "state_hash": replayed[-1]["hash"]}
+
+    # -- export ---------------------------------------------------------------------------------
+    def export(self, out: str | Path, at: int | None = None, fmt: str = "hf") -> dict:
+        entry = self.entry_at(at)
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise InputError(f"{out} exists and is not empty; choose a new directory")
+        lm = self.lm
+        if fmt == "hf":
+            self.use_state(entry)
+            lm.model.save_pretrained(str(out))
+            lm.tokenizer.save_pretrained(str(out))
+        elif fmt == "peft":
+            from .export import write_peft_adapter
+
+            deltas = [self._delta(i) for i in (entry.active_ids if entry else [])]
+            if not deltas:
+                raise InputError("the state has no active edits: nothing to export as an adapter")
+            self.use_state(None)
+            write_peft_adapter(lm.model, self.specs, deltas, out, lm.source)
+        else:
+            raise InputError(f"unknown export format {fmt!r}; use hf or peft")
+        (out / "mendctl-export.json").write_text(json.dumps({
+            "entry": entry.id if entry else None, "state_hash": entry.state_hash if entry else None,
+            "active_ids": list(entry.active_ids) if entry else [], "format": fmt,
+            "base_model_id": lm.model_id, "base_model_hash": lm.base_hash}, indent=2))
+        return {"out": str(out), "format": fmt, "entry": entry.id if entry else None}
+
+    # -- integrity ------------------------------------------------------------------------------
+    def verify(self) -> dict:
+        problems = []
+        entries = self.ledger.entries(reverse=False)
+        ids = {e.id for e in entries}
+        with_delta = {e.id for e in entries if e.delta_sha256}
+        prev = None
+        for e in entries:
+            if prev is not None and e.parent_id != prev.id:
+                problems.append(f"entry {e.id}: parent is {e.parent_id}, expected {prev.id}")
+            for a in e.active_ids:
+                if a not in ids or a not in with_delta:
+                    problems.append(f"entry {e.id}: active id {a} is not an entry with a delta")
+            if e.delta_sha256:
+                for p in self.store.verify(e.delta_sha256):
+                    problems.append(f"entry {e.id}: {p}")
+            prev = e
+        orphans = self.store.orphans(self.ledger.known_delta_hashes())
+        for o in orphans:
+            problems.append(f"orphan file (no ledger entry; `mendctl gc` removes it): {o}")
+        return {"entries": len(entries), "ok": not problems, "problems": problems,
+                "orphans": [str(o) for o in orphans]}
+
+    def gc(self) -> list[str]:
+        with self.lock():
+            return [str(p) for p in self.store.gc(self.ledger.known_delta_hashes())]
+
+
+def ed_sha(d: Path) -> str:
+    doc = json.loads((Path(d) / "editor.json").read_text())
+    return doc.get("weights_sha256", "")
+
+
+def _metrics(probe: dict, seconds: float | None = None) -> dict:
+    m = {k: probe.get(k) for k in ("edit_success", "paraphrase_success", "locality", "locality_kl")
+         if probe.get(k) is not None}
+    m["target_logprob"] = probe["target_logprob"]
+    if seconds is not None:
+        m["seconds"] = round(seconds, 4)
+    return m
