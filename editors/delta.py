@@ -142,6 +142,8 @@ class Delta:
                 if u is None or d is None or a is None:
                     raise ValueError(f"{name}: factors missing from the delta file")
                 out_dim, in_dim = info["shape"][::-1] if info["transposed"] else info["shape"]
+                if a.numel() != 1:
+                    raise ValueError(f"{name}: alpha must be a scalar, got shape {tuple(a.shape)}")
                 if u.dim() != 2 or d.dim() != 2 or u.shape[0] != d.shape[0] \
                         or u.shape[1] != in_dim or d.shape[1] != out_dim:
                     raise ValueError(f"{name}: factor shapes {tuple(u.shape)}, {tuple(d.shape)} "

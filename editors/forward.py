@@ -129,7 +129,7 @@ class PrefixCache:
         if not self.memo_enabled:
             return self._compute(batch)
         lengths = batch.attention_mask.sum(1).tolist()
-        keys = [batch.input_ids[i, :n].numpy().tobytes() for i, n in enumerate(lengths)]
+        keys = [batch.input_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
         missing = sorted({i for i, k in enumerate(keys) if k not in self.memo},
                          key=lambda i: keys[i])
         if missing:
@@ -140,10 +140,12 @@ class PrefixCache:
                                                     sub.labels[:, :width]))
             for j, i in enumerate(missing):
                 self.memo[keys[i]] = h[j, : lengths[i]].to(self.memo_dtype).clone()
-        d = next(iter(self.memo.values())).shape[-1]
-        out = torch.zeros(batch.input_ids.shape + (d,), dtype=torch.float32)
+        first = next(iter(self.memo.values()))
+        param = next(self.model.parameters())
+        out = torch.zeros(batch.input_ids.shape + (first.shape[-1],), dtype=param.dtype,
+                          device=param.device)
         for i, k in enumerate(keys):
-            out[i, : lengths[i]] = self.memo[k].float()
+            out[i, : lengths[i]] = self.memo[k].to(param.device, param.dtype)
         return out, self._as_tuple
 
     @contextmanager

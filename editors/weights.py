@@ -90,7 +90,7 @@ def select_weights(model: nn.Module, patterns: list[str] | str) -> list[WeightSp
         elif pat in candidates:
             hits = [pat]
         else:
-            hits = [n for n in candidates if n.endswith("." + pat) or n.endswith(pat)]
+            hits = [n for n in candidates if n.endswith("." + pat)]  # suffix on a name boundary
         if not hits:
             raise ValueError(f"edit weight pattern {pat!r} matches no Linear/Conv1D weight of "
                              f"this model (e.g. {next(iter(sorted(candidates)), '?')!r})")

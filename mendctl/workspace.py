@@ -252,6 +252,9 @@ class Workspace:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file({n: t.contiguous() for n, t in w.items()}, str(tmp))
             tmp.replace(path)
+        for stale in d.glob("*.tmp*"):  # left by a process killed while writing
+            if not stale.name.endswith(f".tmp{os.getpid()}"):
+                stale.unlink(missing_ok=True)
         files = sorted(d.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in files[STATE_CACHE_KEEP:]:
             old.unlink(missing_ok=True)
@@ -283,6 +286,7 @@ class Workspace:
     def ask(self, prompts: list[str], at: int | None = None, max_new_tokens: int = 16) -> dict:
         for p in prompts:
             check_text(p, "input")
+        _ = self.lm  # a bad model fails here, before the ledger is created
         entry = self.entry_at(at)
         self.use_state(entry)
         answers = generate(self.lm.model, self.lm.tokenizer, prompts, self.fmt, max_new_tokens)
@@ -381,11 +385,21 @@ class Workspace:
                 self.store.commit(staged)
         except BaseException:
             self.store.discard(staged)
+            self._drop_unrecorded(staged.sha256)
             self._loaded_state = None  # the model holds an unrecorded state
             raise
         self._remember_state(w_new, new_hash)
         report["entry"] = entry.id
         return report
+
+    def _drop_unrecorded(self, sha256: str) -> None:
+        """After a failed commit: remove the object if the rename happened but no row refers
+        to it (objects are content-addressed, so another entry may legitimately share it)."""
+        try:
+            if self.store.has(sha256) and sha256 not in self.ledger.known_delta_hashes():
+                self.store.path_for(sha256).unlink(missing_ok=True)
+        except Exception:  # best effort: `verify` reports and `gc` removes what is left
+            pass
 
     def _provenance(self, command: str | None) -> dict:
         try:
@@ -594,6 +608,9 @@ class Workspace:
 
     # -- export ---------------------------------------------------------------------------------
     def export(self, out: str | Path, at: int | None = None, fmt: str = "hf") -> dict:
+        if fmt not in ("hf", "peft"):
+            raise InputError(f"unknown export format {fmt!r}; use hf or peft")
+        _ = self.lm
         entry = self.entry_at(at)
         out = Path(out)
         if out.exists() and any(out.iterdir()):

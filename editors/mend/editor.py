@@ -40,6 +40,7 @@ class MendConfig:
     init_alpha: float = 1e-4
 
     def __post_init__(self):
+        self.rank, self.init_alpha = int(self.rank), float(self.init_alpha)
         if self.rank < 1:
             raise ValueError("rank must be ≥ 1")
         if self.init_alpha <= 0:
@@ -121,10 +122,11 @@ class MendEditor(nn.Module):
         tmp = directory / (WEIGHTS_FILE + ".tmp")
         save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         tmp.replace(directory / WEIGHTS_FILE)
-        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "editor": self.name,
-               "config": asdict(self.config), "weights": [s.to_dict() for s in self.specs],
-               "weights_sha256": file_sha256(directory / WEIGHTS_FILE)}
-        doc.update(info or self.info)
+        doc = dict(info or self.info)
+        # the computed keys come last so stale values from `info` can never win
+        doc.update({"format": FORMAT, "format_version": FORMAT_VERSION, "editor": self.name,
+                    "config": asdict(self.config), "weights": [s.to_dict() for s in self.specs],
+                    "weights_sha256": file_sha256(directory / WEIGHTS_FILE)})
         (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return directory
 

@@ -119,6 +119,7 @@ class Trainer:
         self.best_val: dict = {}
         self.history: list = []
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = next(model.parameters()).device
         self.prefix = PrefixCache(model, self.specs)
         self.prefix.enable_memo()  # the base model is fixed for the whole run
 
@@ -138,7 +139,7 @@ class Trainer:
         edit = encode_pairs(self.tok, prompts, targets, self.fmt)
         equiv = encode_pairs(self.tok, eq_prompts, targets + targets, self.fmt)
         loc = encode_prompts(self.tok, loc_prompts, self.fmt)
-        allb = _cat_batches(_cat_batches(edit, equiv, self.pad), loc, self.pad)
+        allb = _cat_batches(_cat_batches(edit, equiv, self.pad), loc, self.pad).to(self.device)
         rows = lambda a, b: Batch(allb.input_ids[a:b], allb.attention_mask[a:b], allb.labels[a:b])  # noqa: E731
         if self.prefix.enabled:
             hidden, as_tuple = self.prefix.hidden(allb)
@@ -171,7 +172,7 @@ class Trainer:
         loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
         with torch.no_grad():
             hit = (logits[is_eq].argmax(-1) == lab_eq).float()
-            ok = torch.ones(2 * n).scatter_reduce(0, own_eq, hit, "amin")
+            ok = torch.ones(2 * n, device=hit.device).scatter_reduce(0, own_eq, hit, "amin")
             es = ok[:n].mean()
             agree = (lp_new.argmax(-1) == lp_base.argmax(-1)).float().mean()
         return loss, {"loss": float(loss.detach()), "l_edit": float(l_edit.detach()),
@@ -187,7 +188,8 @@ class Trainer:
         with torch.no_grad():
             for _ in range(self.cfg.norm_warmup):
                 cases = self._sample(self.cfg.edits_per_step)
-                edit = encode_pairs(self.tok, [c.input for c in cases], [c.target for c in cases], self.fmt)
+                edit = encode_pairs(self.tok, [c.input for c in cases], [c.target for c in cases],
+                                    self.fmt).to(self.device)
                 pairs, _ = capture_edit_gradients(self.model, self.specs, edit)
                 for s in self.specs:
                     key, _ = self.editor._where[s.name]

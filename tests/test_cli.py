@@ -1,0 +1,442 @@
+"""End-to-end tests of the `mendctl` command line on a tiny offline Llama model.
+
+Every command runs as a real subprocess (`python -m mendctl ...`) in a workspace wired to a
+tiny model and an untrained MEND editor built once per session (tests/e2e_helpers.py), and
+the tests check what lands on disk: the ledger, the delta files, exports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_helpers import (CHAIN, Ws, chain, clone_workspace, cli_cmd, cli_env,  # noqa: E402,F401
+                         fresh_ws, init_workspace_inprocess, one_line_error, run_cli,
+                         sha256_file, tiny_assets)
+
+
+def _commands():
+    import click
+
+    from mendctl.cli import main
+
+    def walk(group, prefix=()):
+        for name, cmd in group.commands.items():
+            yield prefix + (name,)
+            if isinstance(cmd, click.Group):
+                yield from walk(cmd, prefix + (name,))
+    return list(walk(main))
+
+
+def _wal_free(files: set[str]) -> set[str]:
+    return {f for f in files if not f.endswith(("-wal", "-shm", "-journal"))}
+
+
+# -- help -----------------------------------------------------------------------------------------
+def test_help_lists_every_command_and_each_has_an_example(tmp_path):
+    commands = _commands()
+    top = {c[0] for c in commands}
+    assert {"init", "edit", "ask", "log", "show", "revert", "replay", "export", "verify",
+            "gc"} <= top
+    r = run_cli("--help", cwd=tmp_path, cache_dir=tmp_path)
+    assert r.returncode == 0, str(r)
+    assert "Example" in r.stdout
+    listed = r.stdout.split("Commands:", 1)[1]
+    for name in top:
+        assert f"  {name} " in listed or f"  {name}\n" in listed, f"{name} missing from --help"
+    for cmd in commands:
+        r = run_cli(*cmd, "--help", cwd=tmp_path, cache_dir=tmp_path)
+        assert r.returncode == 0, str(r)
+        assert "Example" in r.stdout, f"`mendctl {' '.join(cmd)} --help` has no example"
+    assert list(tmp_path.iterdir()) == []  # help writes nothing
+
+
+# -- bad set-ups, as a new user makes them ---------------------------------------------------------
+def test_no_workspace_says_mendctl_init_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cache = tmp_path / "cache"
+    r = run_cli("log", cwd=empty, cache_dir=cache)
+    msg = one_line_error(r)
+    assert "mendctl init" in msg and "mendctl.yaml" in msg
+    assert list(empty.iterdir()) == []
+
+
+def test_workspace_option_pointing_to_a_dir_without_config(tmp_path):
+    elsewhere = tmp_path / "not-a-workspace"
+    elsewhere.mkdir()
+    here = tmp_path / "here"
+    here.mkdir()
+    r = run_cli("--workspace", elsewhere, "log", cwd=here, cache_dir=tmp_path / "cache")
+    msg = one_line_error(r)
+    assert "--workspace" in msg and str(elsewhere) in msg and "mendctl init" in msg
+    assert list(elsewhere.iterdir()) == [] and list(here.iterdir()) == []
+
+
+BAD_CONFIGS = {
+    # name: (yaml text appended/replacing, command, words the one-line message must contain)
+    "unknown-key": ("colour: blue\n", ["log"], ["unknown key", "colour", "mendctl.yaml"]),
+    "wrong-type": ("lock_timeout: soon\n", ["log"], ["lock_timeout", "mendctl.yaml", "str"]),
+    "bad-yaml": ("model: [unclosed\n", ["log"], ["not valid YAML", "line", "mendctl.yaml"]),
+    "bad-value": ("dtype: float8\n", ["log"], ["dtype", "float8", "mendctl.yaml"]),
+    "unknown-model": ("model: nosuchmodel\n", ["edit", "--input", "a b", "--target", "c"],
+                      ["nosuchmodel", "unknown model"]),
+}
+
+
+BAD_CONFIGS["unknown-model-ask"] = ("model: nosuchmodel\n", ["ask", "--input", "a b"],
+                                    ["nosuchmodel", "unknown model"])
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_is_one_clear_line_and_no_ledger(case, tiny_assets, tmp_path):
+    text, args, words = BAD_CONFIGS[case]
+    cache = tmp_path / "cache"
+    ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache)
+    cfg = ws.root / "mendctl.yaml"
+    key = text.split(":")[0]
+    kept = [l for l in cfg.read_text().splitlines(keepends=True) if not l.startswith(key + ":")]
+    cfg.write_text("".join(kept) + text)
+    before = ws.all_files()
+    r = ws.run(*args)
+    msg = one_line_error(r)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    if "mendctl.yaml" in words:
+        assert str(cfg) in msg  # names the file, with its path
+    assert not ws.ledger_path.exists()
+    assert ws.all_files() == before
+
+
+# -- the edit flow --------------------------------------------------------------------------------
+def test_edit_log_show_ask_and_dry_run(fresh_ws: Ws):
+    ws = fresh_ws
+    x, y = "The capital of France is", "Rome"
+    r = ws.ok("edit", "--input", x, "--target", y, "--json")
+    rep = r.json()
+    assert rep["entry"] == 1 and rep["dry_run"] is False
+    b, a = rep["before"], rep["after"]
+    assert a["target_logprob"][0] > b["target_logprob"][0] + 1.0, rep  # the edit did something
+
+    log = ws.ok("log", "--json").json()
+    assert len(log) == 1
+    e = log[0]
+    assert e["kind"] == "edit" and e["id"] == 1 and e["parent_id"] is None
+    assert e["inputs"] == [x] and e["targets"] == [y]
+    assert len(e["delta_sha256"]) == 64 and len(e["state_hash"]) == 64
+    assert e["state_hash"] == rep["state_hash"] and e["active_ids"] == [1] and e["active"]
+    f = ws.delta_path(e["delta_sha256"])
+    assert f.is_file() and f.parent.parent == ws.objects_dir
+    assert sha256_file(f) == e["delta_sha256"]
+    assert f.stat().st_size == e["delta_size"]
+    assert ws.delta_files() == [f]
+
+    shown = ws.ok("show", "1", "--json").json()
+    assert shown["id"] == 1 and shown["delta_sha256"] == e["delta_sha256"]
+    assert shown["state_hash"] == e["state_hash"] and shown["command"].startswith("mendctl edit")
+
+    # the state after entry 1 answers what the edit reported (same greedy length as the edit's)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ws.assets.model_dir))
+    n = max(8, len(tok(y).input_ids) + 4)  # what `edit` generates for its report
+    ans = ws.ok("ask", "--input", x, "--at", "1", "--max-new-tokens", n, "--json").json()
+    assert ans["state"] == 1 and ans["state_hash"] == e["state_hash"]
+    assert [q["input"] for q in ans["answers"]] == [x]
+    assert ans["answers"][0]["answer"] == a["answers"][0]
+
+    files = _wal_free(ws.all_files())
+    d = ws.ok("edit", "--input", "Water boils at", "--target", "fifty", "--dry-run", "--json").json()
+    assert d["dry_run"] is True and "entry" not in d
+    assert ws.ledger_count() == 1
+    assert _wal_free(ws.all_files()) == files
+    assert ws.delta_files() == [f]
+
+
+# -- bad edit input -------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["--input", "", "--target", "Rome"], ["empty"]),
+    (["--input", "   ", "--target", "Rome"], ["empty"]),
+    (["--input", "The capital of France is", "--target", " \t "], ["empty"]),
+    (["--input", "The capital of France is"], ["--target"]),
+])
+def test_empty_edit_input_is_refused(args, words, fresh_ws: Ws):
+    ws = fresh_ws
+    r = ws.run("edit", *args)
+    msg = one_line_error(r)
+    for w in words:
+        assert w in msg
+    assert ws.ledger_count() == 0 and ws.delta_files() == []
+    assert not ws.tmp_dir.exists() or list(ws.tmp_dir.iterdir()) == []
+
+
+def test_batch_with_a_malformed_line_applies_nothing(fresh_ws: Ws):
+    ws = fresh_ws
+    batch = ws.root / "facts.jsonl"
+    batch.write_text(json.dumps({"input": "The capital of France is", "target": "Rome"}) + "\n"
+                     + json.dumps({"input": "Water boils at", "target": "fifty"}) + "\n"
+                     + '{"input": "The Eiffel Tower is in", "target": \n'
+                     + json.dumps({"input": "a", "target": "b"}) + "\n")
+    r = ws.run("edit", "--batch", batch)
+    msg = one_line_error(r)
+    assert "facts.jsonl:3:" in msg  # path:line, as compilers write it
+    # a record with a blank target, on line 2
+    batch.write_text(json.dumps({"input": "The capital of France is", "target": "Rome"}) + "\n"
+                     + json.dumps({"input": "Water boils at", "target": "  "}) + "\n")
+    msg = one_line_error(ws.run("edit", "--batch", batch))
+    assert "facts.jsonl:2:" in msg
+    assert ws.ledger_count() == 0 and ws.delta_files() == []
+    assert not ws.tmp_dir.exists() or list(ws.tmp_dir.iterdir()) == []
+
+
+def test_ledger_from_a_newer_schema_is_refused(fresh_ws: Ws):
+    from mendctl.ledger import Ledger
+
+    ws = fresh_ws
+    Ledger(ws.ledger_path).open().close()
+    con = sqlite3.connect(ws.ledger_path)
+    with con:
+        con.execute("update alembic_version set version_num = '9999_future'")
+    con.close()
+    msg = one_line_error(ws.run("log"))
+    assert "newer" in msg and "9999_future" in msg and "upgrade mendctl" in msg
+    con = sqlite3.connect(ws.ledger_path)
+    assert con.execute("select version_num from alembic_version").fetchall() == [("9999_future",)]
+    assert con.execute("select count(*) from entries").fetchone()[0] == 0
+    con.close()
+    assert ws.delta_files() == []
+
+
+# -- revert and replay ----------------------------------------------------------------------------
+def test_revert_exact_then_by_replay_and_replay_verify(chain, tmp_path):
+    ws = clone_workspace(chain.ws, tmp_path / "ws")
+    e2, e3 = chain.entry(2), chain.entry(3)
+    assert e3["parent_id"] == 2
+
+    msg = one_line_error(ws.run("show", "99"))
+    assert "no entry 99" in msg
+    msg = one_line_error(ws.run("revert", "99"))
+    assert "no entry 99" in msg
+    assert ws.ledger_count() == 3
+
+    r = ws.ok("revert", "3", "--json").json()
+    assert r["mode"] == "exact" and r["entries"] == [4]
+    assert r["state_hash"] == e2["state_hash"]  # bit for bit the parent's state
+    assert r["restores_parent"] is True
+
+    msg = one_line_error(ws.run("revert", "3"))
+    assert "not active" in msg and "reverted by entry 4" in msg
+    assert ws.ledger_count() == 4
+
+    files_before = set(ws.delta_files())
+    r = ws.ok("revert", "1", "--replay", "--json").json()
+    assert r["mode"] == "replay" and r["entries"] == [5, 6] and r["later_edits"] == [2]
+    assert r["gap"]["later_edits"] == 1
+
+    log = sorted(ws.ok("log", "--json").json(), key=lambda e: e["id"])
+    by_id = {e["id"]: e for e in log}
+    assert [e["kind"] for e in log] == ["edit", "edit", "edit", "revert", "revert", "replay"]
+    assert by_id[4]["reverts_id"] == 3 and by_id[4]["state_hash"] == e2["state_hash"]
+    assert by_id[4]["active_ids"] == [1, 2]
+    assert by_id[5]["reverts_id"] == 1 and by_id[5]["active_ids"] == []
+    assert by_id[6]["replay_of_id"] == 2 and by_id[6]["active_ids"] == [6]
+    assert by_id[6]["parent_id"] == 5 and by_id[6]["state_hash"] == r["state_hash"]
+    assert by_id[6]["inputs"] == [CHAIN[1][0]] and by_id[6]["targets"] == [CHAIN[1][1]]
+    new = set(ws.delta_files()) - files_before
+    assert [p.name for p in new] == [by_id[6]["delta_sha256"] + ".safetensors"]
+    assert sha256_file(next(iter(new))) == by_id[6]["delta_sha256"]
+
+    r = ws.run("replay", "--verify")
+    assert r.returncode == 0, str(r)
+    assert "6/6 states rebuilt" in r.stdout and "match" in r.stdout
+
+
+# -- corruption -----------------------------------------------------------------------------------
+def test_verify_finds_corruption_and_gc_removes_only_orphans(chain, tmp_path):
+    ws = clone_workspace(chain.ws, tmp_path / "ws")
+    shas = {i: chain.entry(i)["delta_sha256"] for i in (1, 2, 3)}
+    p1, p2, p3 = (ws.delta_path(shas[i]) for i in (1, 2, 3))
+    good2, good3 = p2.read_bytes(), p3.read_bytes()
+
+    data = bytearray(good2)
+    data[len(data) // 2] ^= 0xFF  # flip a byte in the tensor data
+    p2.write_bytes(bytes(data))
+    p3.write_bytes(good3[: len(good3) // 3])  # truncated
+    fake = "ab" * 32  # a valid-looking name no entry refers to
+    orphan = ws.objects_dir / fake[:2] / f"{fake}.safetensors"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(p1, orphan)
+    ws.tmp_dir.mkdir(parents=True, exist_ok=True)
+    leftover = ws.tmp_dir / "0123456789ab.xyz.safetensors.tmp"
+    leftover.write_bytes(b"half an edit")
+
+    r = ws.run("verify")
+    assert r.returncode == 1, str(r)
+    lines = r.stdout.splitlines()
+    assert any(l.strip().startswith("entry 2:") and "corrupted" in l for l in lines), r.stdout
+    assert any(l.strip().startswith("entry 3:") and "corrupted" in l for l in lines), r.stdout
+    assert any(l.strip().startswith("entry 3:") and "cannot be read" in l for l in lines), r.stdout
+    assert not any(l.strip().startswith("entry 1:") for l in lines), r.stdout
+    assert any("orphan" in l and str(orphan) in l for l in lines), r.stdout
+    assert any("orphan" in l and str(leftover) in l for l in lines), r.stdout
+
+    r = ws.ok("gc")
+    assert "removed 2 orphan file(s)" in r.stdout
+    assert not orphan.exists() and not leftover.exists()
+    assert p1.is_file() and p2.is_file() and p3.is_file()  # damaged but referenced: kept
+
+    p2.write_bytes(good2)
+    p3.write_bytes(good3)
+    r = ws.ok("verify")
+    assert "3 entries: ok" in r.stdout
+
+
+# -- another base model ---------------------------------------------------------------------------
+def test_workspace_opened_with_another_base_model(chain, tmp_path):
+    ws = clone_workspace(chain.ws, tmp_path / "ws")
+    ws.write_config(model=str(ws.assets.model2_dir))
+    r = ws.run("ask", "--input", "The capital of France is")
+    msg = one_line_error(r)
+    assert "base model" in msg and "replay --onto-model" in msg
+    assert str(ws.assets.model_dir.resolve()) in msg  # says which model to put back
+    assert ws.ledger_count() == 3
+
+
+# -- the lock -------------------------------------------------------------------------------------
+def test_edit_waits_for_the_lock_and_names_the_holder(fresh_ws: Ws):
+    from mendctl.locking import WorkspaceLock
+
+    ws = fresh_ws
+    ws.write_config(lock_timeout=1)
+    with WorkspaceLock(ws.state_dir / "lock", timeout=0, command="pytest holding the lock"):
+        r = ws.run("edit", "--input", "The capital of France is", "--target", "Rome")
+    msg = one_line_error(r)
+    assert "locked" in msg and f"process {os.getpid()} " in msg
+    assert "pytest holding the lock" in msg
+    assert ws.ledger_count() == 0 and ws.delta_files() == []
+
+
+# -- export ---------------------------------------------------------------------------------------
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_export_hf_and_peft_match_the_edited_state(chain, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mendctl.workspace import Workspace
+
+    ws = clone_workspace(chain.ws, tmp_path / "ws")
+    hf_dir, peft_dir = tmp_path / "hf", tmp_path / "peft"
+    ws.ok("export", "--out", hf_dir, "--format", "hf")
+    ws.ok("export", "--out", peft_dir, "--format", "peft")
+    meta = json.loads((hf_dir / "mendctl-export.json").read_text())
+    assert meta["entry"] == 3 and meta["state_hash"] == chain.entry(3)["state_hash"]
+
+    tok = AutoTokenizer.from_pretrained(str(ws.assets.model_dir))
+    ids = tok(["The capital of France is Rome. Water boils at"], return_tensors="pt").input_ids
+
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    hf_logits = _logits(hf, ids)
+
+    w = Workspace.open(str(ws.root))
+    try:
+        w.use_state(w.head())
+        ref_logits = _logits(w.lm.model, ids)
+        w.use_state(None)
+        base_logits = _logits(w.lm.model, ids)
+    finally:
+        w.ledger.close()
+    assert torch.allclose(hf_logits, ref_logits, atol=1e-5, rtol=0)
+    assert (hf_logits - base_logits).abs().max() > 1e-2  # the export holds the edits
+
+    base = AutoModelForCausalLM.from_pretrained(str(ws.assets.model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base.eval(), str(peft_dir)).eval()
+    peft_logits = _logits(peft_model, ids)
+    assert torch.allclose(peft_logits, hf_logits, atol=1e-4, rtol=0), \
+        (peft_logits - hf_logits).abs().max()
+
+    msg = one_line_error(ws.run("export", "--out", hf_dir))
+    assert "not empty" in msg
+
+
+# -- crash safety ---------------------------------------------------------------------------------
+def test_sigkill_during_edit_leaves_every_edit_whole_or_absent(chain, tmp_path):
+    ws = clone_workspace(chain.ws, tmp_path / "ws")
+    env = cli_env(ws.cache_dir)
+
+    def start(i):
+        return subprocess.Popen(cli_cmd("edit", "--input", f"Crash test number {i} is",
+                                        "--target", f"answer {i}"),
+                                cwd=str(ws.root), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    t0 = time.perf_counter()
+    p = start(0)
+    _, err = p.communicate(timeout=120)
+    duration = time.perf_counter() - t0
+    assert p.returncode == 0, err
+
+    rng = random.Random(20240611)
+    runs = 10
+    delays = [rng.uniform(0.05, 1.05) * duration for _ in range(runs)]
+    outcomes = []
+    for i, delay in enumerate(delays, start=1):
+        p = start(i)
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+        _, err = p.communicate(timeout=60)
+        outcomes.append(p.returncode)
+        assert p.returncode in (0, -signal.SIGKILL), err
+    assert outcomes.count(-signal.SIGKILL) >= runs // 2, (outcomes, delays, duration)
+
+    con = sqlite3.connect(ws.ledger_path)  # the ledger itself, read without mendctl
+    con.row_factory = sqlite3.Row
+    log = [dict(r) for r in con.execute("select * from entries order by id")]
+    con.close()
+    for e in log:
+        e["inputs"], e["active_ids"] = json.loads(e["inputs"]), json.loads(e["active_ids"])
+    crash = [e for e in log if e["id"] > 3]
+    completed = {i for i, rc in enumerate(outcomes, start=1) if rc == 0} | {0}
+    recorded = {int(e["inputs"][0].split()[3]) for e in crash}
+    assert completed <= recorded  # every finished edit is recorded...
+    assert len(recorded) == len(crash)  # ...once
+    for e in log:  # ...and whole
+        assert e["kind"] == "edit"
+        f = ws.delta_path(e["delta_sha256"])
+        assert f.is_file() and sha256_file(f) == e["delta_sha256"], e["id"]
+        i = e["id"]
+        assert e["active_ids"] == list(range(1, i + 1))
+        assert e["parent_id"] == (i - 1 if i > 1 else None)
+
+    r = ws.run("verify")
+    problems = [l.strip() for l in r.stdout.splitlines()[1:] if l.strip()]
+    assert all(p.startswith("orphan file") for p in problems), r.stdout
+    assert r.returncode == (1 if problems else 0), str(r)
+    ws.ok("gc")
+    r = ws.ok("verify")
+    assert f"{len(log)} entries: ok" in r.stdout
+    r = ws.run("replay", "--verify")
+    assert r.returncode == 0, str(r)
+    assert f"{len(log)}/{len(log)} states rebuilt" in r.stdout
+    leftovers = [p for p in ws.state_dir.rglob("*") if p.is_file() and ".tmp" in p.name]
+    if leftovers:  # stale temp files of the state cache (not part of the store): report only
+        warnings.warn(f"temp files left by killed runs (gc does not remove them): {leftovers}")

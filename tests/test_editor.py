@@ -1,0 +1,354 @@
+"""The MEND editor on tiny random models: the paper's invariants (identity start, raw gradient
+without normalisation, rank ≤ tokens, one network per shape), the normaliser, the checkpoint,
+a short training run, and the fine-tuning baselines."""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import LOCALITY_PROMPTS, fact_paraphrase, fact_prompt
+from mendctl.editors.data import EditCase
+from mendctl.editors.delta import Delta
+from mendctl.editors.ft import FTEditor
+from mendctl.editors.mend import network
+from mendctl.editors.mend.capture import edit_loss
+from mendctl.editors.mend.editor import CONFIG_FILE, EditorMismatch, MendConfig, MendEditor
+from mendctl.editors.mend.network import GradientTransform, RunningNorm
+from mendctl.editors.mend.trainer import TrainConfig, Trainer
+from mendctl.editors.metrics import (edit_success, locality_reference, locality_scores,
+                                     target_scores)
+from mendctl.editors.text import encode_pairs
+from mendctl.editors.weights import applied, select_weights
+
+PROMPTS = ["the capital of s3 is", "water is"]
+TARGETS = ["c7", "blue and cold"]
+ALL_LINEAR = r"re:.*\.(mlp|attn|self_attn)\..*weight"
+
+
+def _stored_grads(model, specs, batch):
+    """dL/dW by plain autograd, in each parameter's stored orientation."""
+    params = [model.get_parameter(s.name) for s in specs]
+    for p in params:
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        loss = edit_loss(model, batch)
+        grads = torch.autograd.grad(loss, params)
+    return {s.name: g for s, g in zip(specs, grads)}
+
+
+def _feed_norm(editor, model, tok, specs):
+    """Give the editor non-trivial normalisation statistics from real (u, δ) pairs."""
+    from mendctl.editors.mend.capture import capture_edit_gradients
+
+    editor.train()
+    for p, t in [(PROMPTS, TARGETS), (["the capital of s5 is", "grass is"], ["c1", "green"])]:
+        pairs, _ = capture_edit_gradients(model, specs, encode_pairs(tok, p, t))
+        with torch.no_grad():
+            editor.factors(pairs)  # observes in training mode
+    editor.eval()
+
+
+def _perturb(editor, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in editor.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        editor.alpha.abs_()
+
+
+# -- the untrained editor -----------------------------------------------------------------------------
+
+def test_untrained_editor_without_norm_reproduces_raw_gradient(tiny_model, tiny_tokenizer):
+    specs = select_weights(tiny_model, ALL_LINEAR)
+    alpha = 0.5
+    editor = MendEditor(specs, MendConfig(norm=False, rank=4, init_alpha=alpha))
+    delta = editor.edit(tiny_model, tiny_tokenizer, PROMPTS, TARGETS)
+    grads = _stored_grads(tiny_model, specs, encode_pairs(tiny_tokenizer, PROMPTS, TARGETS))
+    assert set(delta.layers) == set(grads) == {s.name for s in specs}
+    transposed = {s.transposed for s in specs}
+    assert len(transposed) == 1  # one orientation per model; the fixture gives both
+    for s in specs:
+        layer = delta.layers[s.name]
+        dw = layer.to_dense()
+        g = grads[s.name]
+        assert dw.shape == g.shape == s.shape and layer.transposed == s.transposed
+        assert g.abs().max() > 0, s.name
+        torch.testing.assert_close(dw, -alpha * g, rtol=1e-4, atol=1e-6 * float(g.abs().max()),
+                                   msg=s.name)
+    assert float(delta.meta["edit_loss_before"]) > 0
+
+
+def test_delta_rank_at_most_tokens(tiny_model, tiny_tokenizer):
+    specs = select_weights(tiny_model, "auto")
+    editor = MendEditor(specs, MendConfig(rank=4))
+    _feed_norm(editor, tiny_model, tiny_tokenizer, specs)
+    _perturb(editor)
+    batch = encode_pairs(tiny_tokenizer, PROMPTS, TARGETS)
+    n = batch.n_tokens  # non-padding tokens of the batched edit
+    assert n < batch.input_ids.numel()  # the batch has padding, which must not count
+    delta = editor.edit(tiny_model, tiny_tokenizer, PROMPTS, TARGETS)
+    for s in specs:
+        layer = delta.layers[s.name]
+        assert layer.is_lowrank
+        assert layer.u.shape == (n, s.in_features) and layer.d.shape == (n, s.out_features)
+        assert layer.rank == n < min(s.shape)
+        dense = layer.to_dense()
+        assert dense.dtype == torch.float32
+        assert torch.linalg.matrix_rank(dense) <= n  # float32 tolerance: to_dense rounds once
+    # the factors take fewer bytes than the dense matrices
+    assert delta.nbytes() < delta.dense_nbytes()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_one_network_per_weight_shape(make_model, kind):
+    model = make_model(kind)
+    specs = select_weights(model, ALL_LINEAR)
+    shapes = Counter()
+    for s in specs:  # in/out read off the module itself, independently of WeightSpec
+        mod = model.get_submodule(s.module_name)
+        io = (mod.in_features, mod.out_features) if kind == "llama" else (mod.weight.shape[0], mod.nf)
+        shapes[io] += 1
+    assert len(shapes) >= 3  # the test needs several shapes, some shared by several layers
+    editor = MendEditor(specs, MendConfig(rank=3))
+    assert len(editor.nets) == len(shapes)
+    nets = {(net.d_in, net.d_out): net for net in editor.nets.values()}
+    assert set(nets) == set(shapes)
+    for io, count in shapes.items():
+        net = nets[io]
+        assert net.n_layers == count
+        for p in (net.s1, net.o1, net.s2, net.o2):
+            assert p.shape == (count, io[0] + io[1])
+        assert net.U1.shape == (io[0] + io[1], 3)
+    # every layer of a shape gets its own row; alpha is per weight
+    rows = Counter(editor._where.values())
+    assert all(c == 1 for c in rows.values()) and len(rows) == len(specs)
+    assert editor.alpha.shape == (len(specs),)
+    # a delta is produced for every weight, through the shared networks
+    tok_free = {s.name: (torch.randn(3, s.in_features), torch.randn(3, s.out_features)) for s in specs}
+    f = editor._eval_factors(tok_free)
+    for s in specs:
+        assert f[s.name][0].shape == (3, s.in_features) and f[s.name][1].shape == (3, s.out_features)
+
+
+# -- the gradient transform ---------------------------------------------------------------------------
+
+def test_gradient_transform_is_identity_at_init():
+    torch.manual_seed(0)
+    net = GradientTransform(5, 7, rank=3, n_layers=2, norm=True)
+    net.train()
+    for k in range(3):
+        net.observe(torch.randn(10 + k, 5) * 3 + 1, torch.randn(10 + k, 7) * 0.01 - 2)
+    net.eval()
+    u, d = torch.randn(4, 5), torch.randn(4, 7)
+    for layer in (0, 1):
+        pu, pd = net(u, d, layer)
+        assert torch.equal(pu, net.norm_u(u)) and torch.equal(pd, net.norm_d(d))
+    # and the normalised input really is (x - mean) / std of the data seen
+    torch.testing.assert_close(pu.double(), (u.double() - net.norm_u.mean) / net.norm_u.std(),
+                               rtol=1e-5, atol=1e-5)
+    raw = GradientTransform(5, 7, rank=3, n_layers=1, norm=False)
+    pu, pd = raw(u, d, 0)
+    assert torch.equal(pu, u) and torch.equal(pd, d)
+
+
+@pytest.mark.parametrize("relu, flows", [(network._relu, True), (torch.relu, False)])
+def test_clamp_relu_lets_gradient_leave_identity_start(monkeypatch, relu, flows):
+    """The network's clamp-ReLU passes gradient at the all-zero start; nn.ReLU would not
+    (the second case shows the test can tell them apart)."""
+    monkeypatch.setattr(network, "_relu", relu)
+    torch.manual_seed(0)
+    net = GradientTransform(6, 4, rank=2, n_layers=1, norm=False)
+    u, d = torch.randn(5, 6), torch.randn(5, 4)
+    pu, pd = net(u, d, 0)
+    loss = (pu * torch.randn_like(pu)).sum() + (pd * torch.randn_like(pd)).sum()
+    loss.backward()
+    assert (net.U1.grad.abs().sum() > 0) == flows
+    assert (net.U2.grad.abs().sum() > 0) == flows
+
+
+def test_running_norm_matches_torch_statistics():
+    torch.manual_seed(0)
+    rn = RunningNorm(6)
+    x = torch.randn(5, 6)
+    assert torch.equal(rn(x), x)  # nothing seen yet: pass through
+    chunks = [torch.randn(n, 6) * torch.arange(1, 7) + 3 for n in (7, 1, 20, 2)]
+    chunks.append(torch.randn(2, 3, 6))  # (batch, seq, dim) is flattened
+    for c in chunks:
+        rn.update(c)
+    data = torch.cat([c.reshape(-1, 6) for c in chunks]).double()
+    assert int(rn.count) == data.shape[0]
+    torch.testing.assert_close(rn.mean, data.mean(0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rn.m2 / (rn.count - 1), data.var(0, unbiased=True), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rn.std(), data.std(0) + rn.eps, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rn(x), ((x.double() - data.mean(0)) / data.std(0)).float(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_normaliser_frozen_in_eval_mode(tiny_llama, tiny_tokenizer):
+    net = GradientTransform(4, 3, rank=2, n_layers=1)
+    net.train()
+    net.observe(torch.randn(8, 4), torch.randn(8, 3))
+    state = {k: v.clone() for k, v in net.state_dict().items() if "norm" in k}
+    net.eval()
+    net.observe(torch.randn(8, 4) + 5, torch.randn(8, 3) + 5)
+    net(torch.randn(3, 4), torch.randn(3, 3), 0)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+    net.train()
+    net.observe(torch.randn(8, 4) + 5, torch.randn(8, 3) + 5)
+    assert not torch.equal(state["norm_u.mean"], net.norm_u.mean)
+
+    # an edit is a pure function of (editor, model, example): it never moves the statistics,
+    # even when the editor is left in training mode
+    specs = select_weights(tiny_llama, "auto")
+    editor = MendEditor(specs, MendConfig(rank=2))
+    _feed_norm(editor, tiny_llama, tiny_tokenizer, specs)
+    editor.train()
+    before = {k: v.clone() for k, v in editor.state_dict().items()}
+    d1 = editor.edit(tiny_llama, tiny_tokenizer, ["the capital of s9 is"], ["c3"])
+    d2 = editor.edit(tiny_llama, tiny_tokenizer, ["the capital of s9 is"], ["c3"])
+    assert editor.training
+    assert all(torch.equal(v, editor.state_dict()[k]) for k, v in before.items())
+    for n in d1.layers:
+        assert torch.equal(d1.layers[n].u, d2.layers[n].u) and torch.equal(d1.layers[n].d, d2.layers[n].d)
+
+
+# -- checkpoint -------------------------------------------------------------------------------------
+
+def test_editor_checkpoint_round_trip(tiny_model, tiny_tokenizer, tmp_path):
+    specs = select_weights(tiny_model, "auto")
+    editor = MendEditor(specs, MendConfig(rank=5, init_alpha=0.01))
+    _feed_norm(editor, tiny_model, tiny_tokenizer, specs)
+    _perturb(editor)
+    base_hash = "a" * 64
+    editor.save(tmp_path / "ed", info={"base_model": {"hash": base_hash}})
+    doc = json.loads((tmp_path / "ed" / CONFIG_FILE).read_text())
+    assert doc["base_model"]["hash"] == base_hash and doc["config"]["rank"] == 5
+
+    loaded = MendEditor.load(tmp_path / "ed", specs, base_model_hash=base_hash)
+    assert loaded.config == editor.config and not loaded.training
+    a, b = editor.state_dict(), loaded.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    d1 = editor.edit(tiny_model, tiny_tokenizer, PROMPTS, TARGETS)
+    d2 = loaded.edit(tiny_model, tiny_tokenizer, PROMPTS, TARGETS)
+    for n in d1.layers:
+        l1, l2 = d1.layers[n], d2.layers[n]
+        assert torch.equal(l1.u, l2.u) and torch.equal(l1.d, l2.d) and torch.equal(l1.alpha, l2.alpha)
+    # the perturbation made the editor non-trivial (not the identity's output)
+    d0 = editor.to_identity().edit(tiny_model, tiny_tokenizer, PROMPTS, TARGETS)
+    assert not torch.allclose(d0.layers[specs[0].name].u, d1.layers[specs[0].name].u)
+
+    # no hash given, or the same hash: fine
+    MendEditor.load(tmp_path / "ed", specs)
+    # other weights: refused
+    with pytest.raises(EditorMismatch, match="other weights"):
+        MendEditor.load(tmp_path / "ed", specs[:-1])
+    with pytest.raises(EditorMismatch):
+        MendEditor.load(tmp_path / "ed", select_weights(tiny_model, ALL_LINEAR))
+    # another base model: refused
+    with pytest.raises(EditorMismatch, match="base model"):
+        MendEditor.load(tmp_path / "ed", specs, base_model_hash="b" * 64)
+    # not a checkpoint at all
+    with pytest.raises(EditorMismatch):
+        MendEditor.load(tmp_path / "nothing", specs)
+
+
+def test_resaved_loaded_editor_records_its_own_file_hash(tiny_llama, tmp_path):
+    from mendctl.editors.mend.editor import WEIGHTS_FILE, file_sha256
+
+    specs = select_weights(tiny_llama, "auto")
+    MendEditor(specs, MendConfig(rank=2)).save(tmp_path / "a", info={"base_model": {"hash": "a" * 64}})
+    loaded = MendEditor.load(tmp_path / "a", specs)
+    with torch.no_grad():
+        loaded.alpha.mul_(2)  # e.g. further training
+    loaded.save(tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    assert doc["weights_sha256"] == file_sha256(tmp_path / "b" / WEIGHTS_FILE)
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+def _fact_cases(indices, seed):
+    r = random.Random(seed)
+    return [EditCase(fact_prompt(f"s{i}"), f"c{r.randrange(12)}",
+                     paraphrases=[fact_paraphrase(f"s{i}")],
+                     locality=[r.choice(LOCALITY_PROMPTS)]) for i in indices]
+
+
+def _success_rate(editor, model, tok, cases):
+    ok = []
+    for c in cases:
+        delta = editor.edit(model, tok, [c.input], [c.target])
+        with applied(model, delta):
+            ok += edit_success(model, tok, [c.input], [c.target])
+    return sum(ok) / len(ok)
+
+
+def test_training_raises_edit_success(tiny_llama, tiny_tokenizer, tmp_path):
+    model, tok = tiny_llama, tiny_tokenizer
+    specs = select_weights(model, "auto")
+    torch.manual_seed(0)
+    editor = MendEditor(specs, MendConfig(rank=8, init_alpha=1e-3))
+    train, held_out = _fact_cases(range(16), 1), _fact_cases(range(16, 24), 2)
+    # the targets are not what the model says already
+    assert not any(edit_success(model, tok, [c.input], [c.target])[0] for c in held_out)
+    cfg = TrainConfig(steps=120, edits_per_step=4, lr=3e-3, alpha_lr=1e-2, val_every=1000,
+                      val_cases=8, norm_warmup=5, seed=0)
+    trainer = Trainer(editor, model, tok, train, held_out, cfg, progress=False)
+    untrained = MendEditor(specs, editor.config)
+    before = _success_rate(untrained, model, tok, held_out)
+    result = trainer.run(tmp_path / "best")
+    assert result.steps == 120 and result.history
+    after = _success_rate(editor, model, tok, held_out)
+    identity = _success_rate(editor.to_identity(), model, tok, held_out)  # same normaliser
+    assert before <= 0.125 and identity <= 0.125
+    assert after >= 0.5, (before, identity, after)
+    # the best checkpoint was written and loads for these weights
+    best = MendEditor.load(tmp_path / "best", specs)
+    assert best.info["training"]["best_step"] == result.best_step
+
+
+# -- fine-tuning baselines ----------------------------------------------------------------------------
+
+def test_ft_baseline_dense_deltas_raise_target(tiny_model, tiny_tokenizer):
+    model, tok = tiny_model, tiny_tokenizer
+    specs = select_weights(model, "auto")
+    p, t = ["the capital of s3 is"], ["c7 and c2"]
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    ok0, lp0 = target_scores(model, tok, p, t)
+    delta = FTEditor(specs, steps=25, lr=5e-3).edit(model, tok, p, t)
+    assert isinstance(delta, Delta) and delta.meta["editor"] == "ft"
+    assert set(delta.layers) == {s.name for s in specs}
+    for s in specs:
+        layer = delta.layers[s.name]
+        assert not layer.is_lowrank and layer.transposed == s.transposed
+        assert tuple(layer.dense.shape) == s.shape and layer.to_dense().shape == s.shape
+    assert delta.is_finite()
+    for n, q in model.named_parameters():  # the edit itself leaves the model alone
+        assert torch.equal(q.detach(), before[n])
+    with applied(model, delta):
+        ok1, lp1 = target_scores(model, tok, p, t)
+    assert not ok0[0] and ok1[0]
+    assert lp1[0] > lp0[0] + 1.0
+
+
+def test_ft_kl_keeps_locality_closer(tiny_model, tiny_tokenizer):
+    model, tok = tiny_model, tiny_tokenizer
+    specs = select_weights(model, "auto")
+    p, t = ["the capital of s3 is"], ["c7 and c2"]
+    loc = LOCALITY_PROMPTS[:3]
+    ref = locality_reference(model, tok, loc, n_new=3)
+    kls = {}
+    for k in (0.0, 10.0):
+        ed = FTEditor(specs, steps=25, lr=5e-3, kl_weight=k)
+        delta = ed.edit(model, tok, p, t, locality=loc)
+        assert delta.is_finite() and delta.meta["editor"] == ("ft_kl" if k else "ft")
+        with applied(model, delta):
+            assert target_scores(model, tok, p, t)[0][0]
+            kls[k] = sum(locality_scores(model, ref)[1]) / len(loc)
+    assert kls[10.0] < 0.5 * kls[0.0], kls

@@ -1,0 +1,212 @@
+"""The exact shortcuts of editors/forward.py, and the trainer's fast path, against naive full
+forward passes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from conftest import LOCALITY_PROMPTS, fact_paraphrase, fact_prompt
+from mendctl.editors.data import EditCase
+from mendctl.editors.forward import PrefixCache, selected_logits, supported
+from mendctl.editors.mend.capture import capture_edit_gradients
+from mendctl.editors.mend.editor import MendConfig, MendEditor
+from mendctl.editors.mend.trainer import TrainConfig, Trainer
+from mendctl.editors.text import Batch, encode_pairs, encode_prompts, token_nll
+from mendctl.editors.weights import select_weights
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+PROMPTS = ["the capital of s3 is", "water is cold and snow is", "what", "tell me about the city of"]
+TARGETS = ["c7", "blue", "is the big tree", "london"]
+
+
+def _batch(tok) -> Batch:
+    return encode_pairs(tok, PROMPTS, TARGETS)
+
+
+def _full_logits(model, batch, weights=None):
+    kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if weights:
+        return functional_call(model, weights, args=(), kwargs=kw).logits
+    return model(**kw).logits
+
+
+def _perturbed(model, specs, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {s.name: model.get_parameter(s.name).detach()
+            + scale * torch.randn(s.shape, generator=g) for s in specs}
+
+
+# -- selected_logits -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_selected_logits_equals_full_logits(tiny_model, tiny_tokenizer):
+    assert supported(tiny_model)
+    batch = _batch(tiny_tokenizer)
+    g = torch.Generator().manual_seed(1)
+    select = (torch.rand(batch.input_ids.shape, generator=g) < 0.4) & batch.attention_mask.bool()
+    select[0, 0] = select[-1, 3] = True
+    full = _full_logits(tiny_model, batch)
+    got = selected_logits(tiny_model, batch, select)
+    assert got.shape == (int(select.sum()), full.shape[-1])
+    torch.testing.assert_close(got, full[select], **TOL)
+
+    # with some weights replaced functionally (the model itself is untouched)
+    specs = select_weights(tiny_model, "auto")
+    w = _perturbed(tiny_model, specs)
+    before = {n: p.clone() for n, p in tiny_model.named_parameters()}
+    got_w = selected_logits(tiny_model, batch, select, w)
+    edited = copy.deepcopy(tiny_model)
+    for n, t in w.items():
+        edited.get_parameter(n).copy_(t)
+    want_w = _full_logits(edited, batch)[select]
+    torch.testing.assert_close(got_w, want_w, **TOL)
+    torch.testing.assert_close(got_w, _full_logits(tiny_model, batch, w)[select], **TOL)
+    assert not torch.allclose(got_w, got, atol=1e-3)  # the replacement did change something
+    for n, p in tiny_model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+# -- PrefixCache -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_prefix_cache_skipping_equals_full_forward(tiny_model, tiny_tokenizer):
+    specs = select_weights(tiny_model, "auto")  # blocks 1..3: block 0 is skipped
+    pc = PrefixCache(tiny_model, specs)
+    assert pc.enabled and pc.start == 1
+    batch = _batch(tiny_tokenizer)
+    mask = batch.attention_mask.bool()
+    hidden, as_tuple = pc.hidden(batch)
+    full = _full_logits(tiny_model, batch)
+    blocks_before = list(pc.blocks)
+    with pc.skipping(hidden, as_tuple):
+        assert pc.blocks[0] is not blocks_before[0]
+        skipped = _full_logits(tiny_model, batch)
+        sel = selected_logits(tiny_model, batch, mask)
+    assert list(pc.blocks) == blocks_before  # the real blocks are back
+    torch.testing.assert_close(skipped[mask], full[mask], **TOL)
+    torch.testing.assert_close(sel, full[mask], **TOL)
+
+    # the stub really replaces the lower block: a wrong hidden state gives other logits
+    with pc.skipping(torch.zeros_like(hidden), as_tuple):
+        wrong = _full_logits(tiny_model, batch)
+    assert not torch.allclose(wrong[mask], full[mask], atol=1e-3)
+
+    # with edited weights above the cache, still equal to the full edited forward
+    w = _perturbed(tiny_model, specs)
+    with pc.skipping(hidden, as_tuple):
+        sel_w = selected_logits(tiny_model, batch, mask, w)
+    torch.testing.assert_close(sel_w, _full_logits(tiny_model, batch, w)[mask], **TOL)
+
+
+def test_prefix_cache_disabled_when_first_block_is_edited(tiny_llama):
+    specs = select_weights(tiny_llama, "re:model\\.layers\\.[0-3]\\.mlp\\.down_proj\\.weight")
+    assert not PrefixCache(tiny_llama, specs).enabled
+
+
+@torch.no_grad()
+def test_prefix_cache_memo_matches_fresh_computation(tiny_model, tiny_tokenizer):
+    specs = select_weights(tiny_model, "re:.*\\.[23]\\.mlp\\..*weight")
+    fresh = PrefixCache(tiny_model, specs)
+    memo = PrefixCache(tiny_model, specs)
+    memo.enable_memo()
+    assert memo.start == 2
+    a = encode_prompts(tiny_tokenizer, PROMPTS[:3])
+    h_a, _ = memo.hidden(a)
+    assert len(memo.memo) == 3
+    # the same sequences in another order, padded to another width, plus a new one
+    b = encode_prompts(tiny_tokenizer, ["the color of the sky is blue near the river", PROMPTS[2],
+                                        PROMPTS[0], PROMPTS[2]])
+    assert b.input_ids.shape[1] != a.input_ids.shape[1]
+    h_b, as_tuple = memo.hidden(b)
+    assert len(memo.memo) == 4
+    want, want_tuple = fresh.hidden(b)
+    assert as_tuple == want_tuple
+    mask = b.attention_mask.bool()
+    torch.testing.assert_close(h_b[mask], want[mask], **TOL)
+    assert torch.all(h_b[~mask] == 0)
+    # rows read back from the memo equal the first (differently padded) computation
+    torch.testing.assert_close(h_b[2, : int(mask[2].sum())], h_a[0, : int(mask[2].sum())],
+                               rtol=0, atol=0)
+    # and logits through the memoised hidden state equal the full forward
+    full = _full_logits(tiny_model, b)
+    with memo.skipping(h_b, as_tuple):
+        got = selected_logits(tiny_model, b, mask)
+    torch.testing.assert_close(got, full[mask], **TOL)
+
+
+# -- the trainer's fast path vs a naive reference ----------------------------------------------------
+
+def _cases(n=3):
+    # one paraphrase and one locality prompt each, so the trainer's random choices are forced
+    return [EditCase(fact_prompt(f"s{i}"), f"c{i % 5}", paraphrases=[fact_paraphrase(f"s{i}")],
+                     locality=[LOCALITY_PROMPTS[i % len(LOCALITY_PROMPTS)]]) for i in range(n)]
+
+
+def _nontrivial_editor(specs, seed=0):
+    torch.manual_seed(seed)
+    ed = MendEditor(specs, MendConfig(rank=4, init_alpha=0.05))
+    with torch.no_grad():
+        for net in ed.nets.values():
+            net.U1.normal_(0, 0.3)
+            net.U2.normal_(0, 0.3)
+            net.b1.normal_(0, 0.1)
+            net.o2.normal_(0, 0.1)
+        ed.alpha.copy_(torch.linspace(0.02, 0.1, len(specs)))
+    return ed
+
+
+def _naive_losses(editor, model, tok, cases, cfg):
+    """L = c_e · L_e + c_loc · L_loc with full forward passes and no shortcuts."""
+    prompts, targets = [c.input for c in cases], [c.target for c in cases]
+    edit = encode_pairs(tok, prompts, targets)
+    pairs, _ = capture_edit_gradients(model, editor.specs, edit)  # no prefix cache
+    factors = editor.factors(pairs)
+    w_new = {}
+    for s in editor.specs:
+        pu, pd, a = factors[s.name]
+        dw = -a * torch.einsum("ni,no->oi", pu, pd)  # (out, in)
+        w_new[s.name] = model.get_parameter(s.name).detach() + (dw.T if s.transposed else dw)
+    eq = encode_pairs(tok, prompts + [c.paraphrases[0] for c in cases], targets + targets)
+    l_edit = token_nll(_full_logits(model, eq, w_new), eq.labels).mean()
+    loc = encode_prompts(tok, [c.locality[0] for c in cases])
+    m = loc.attention_mask.bool()
+    with torch.no_grad():
+        lp_base = torch.log_softmax(_full_logits(model, loc)[m].float(), -1)
+    lp_new = torch.log_softmax(_full_logits(model, loc, w_new)[m].float(), -1)
+    l_loc = torch.nn.functional.kl_div(lp_new, lp_base, log_target=True, reduction="none").sum(-1).mean()
+    return cfg.c_edit * l_edit + cfg.c_loc * l_loc, l_edit, l_loc
+
+
+def _grads(editor, loss):
+    editor.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
+
+
+def test_trainer_fast_path_equals_naive_reference(tiny_model, tiny_tokenizer):
+    specs = select_weights(tiny_model, "auto")
+    editor = _nontrivial_editor(specs)
+    cfg = TrainConfig(steps=1, edits_per_step=3, c_edit=0.1, c_loc=1.0, norm_warmup=2)
+    trainer = Trainer(editor, tiny_model, tiny_tokenizer, _cases(6), [], cfg, progress=False)
+    assert trainer.prefix.enabled  # the fast path is what is under test
+    trainer.warm_up_normaliser()  # non-trivial normalisation statistics
+    editor.eval()  # freeze them, so both computations see the same normaliser
+    cases = _cases(3)
+
+    loss, stats = trainer.losses(cases)
+    g_fast = _grads(editor, loss)
+    ref, l_edit, l_loc = _naive_losses(editor, tiny_model, tiny_tokenizer, cases, cfg)
+    g_ref = _grads(editor, ref)
+
+    assert l_edit.item() > 0.1 and l_loc.item() > 1e-4  # both terms matter
+    assert stats["l_edit"] == pytest.approx(l_edit.item(), rel=1e-4)
+    assert stats["l_loc"] == pytest.approx(l_loc.item(), rel=1e-3, abs=1e-7)
+    assert stats["loss"] == pytest.approx(ref.item(), rel=1e-4)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-7)
+    assert set(g_fast) == set(g_ref) and "alpha" in g_fast
+    for n in g_ref:
+        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=2e-3, atol=1e-6, msg=n)

