@@ -1,10 +1,10 @@
 """Gradient capture: each edited layer's input u and output gradient δ, one pair per token.
 
 One forward and backward of the edit loss with only the edited weights requiring grad (so
-autograd records nothing below the first edited layer). Forward hooks keep the module inputs
-and register a hook on the output tensor for its gradient; everything lives in the
-`GradCapture` object and every hook is removed on exit — nothing is attached to tensors or
-parameters.
+autograd records nothing below the first edited layer). Forward hooks keep each edited
+module's input and output; one `torch.autograd.grad` call then returns the outputs' gradients
+δ. Everything lives in the `GradCapture` object and every hook is removed on exit — nothing is
+attached to tensors or parameters.
 """
 from __future__ import annotations
 
@@ -33,21 +33,23 @@ def grad_only_on(model: nn.Module, names: list[str]):
 
 
 class GradCapture:
-    """Context manager collecting u (module input) and δ (grad of module output) per weight."""
+    """Context manager collecting u (module input) and the module output per edited weight;
+    `grads()` then takes δ = ∂loss/∂output for all of them in one backward pass.
+
+    Asking autograd for the outputs' gradients (not the weights') means no dense weight
+    gradient is ever computed: the backward does only what δ needs."""
 
     def __init__(self, model: nn.Module, specs: list[WeightSpec]):
         self.model, self.specs = model, specs
         self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self._handles = []
 
     def _hook(self, name: str):
         def fwd(module, args, output):
             self.inputs[name] = args[0].detach()
-            if output.requires_grad:
-                def keep(g):
-                    self.grads[name] = g.detach()
-                output.register_hook(keep)
+            self.outputs[name] = output
         return fwd
 
     def __enter__(self) -> "GradCapture":
@@ -60,6 +62,18 @@ class GradCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        names = [s.name for s in self.specs]
+        missing = [n for n in names if n not in self.outputs or not self.outputs[n].requires_grad]
+        if missing:
+            raise RuntimeError(f"no gradient can reach {missing[0]}; is it on the loss path?")
+        grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is None:
+                raise RuntimeError(f"no gradient reached {n}; is it on the loss path?")
+            self.grads[n] = g.detach()
+        self.outputs.clear()  # drop the graph
 
     def pairs(self, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per weight: (u, δ) flattened over batch and sequence, padding tokens dropped."""
@@ -107,7 +121,7 @@ def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Bat
     with grad_only_on(model, [s.name for s in specs]), torch.enable_grad(), \
             GradCapture(model, specs) as cap, (skip if skip is not None else nullcontext()):
         loss = edit_loss(model, batch)
-        params = [model.get_parameter(s.name) for s in specs]
-        # autograd.grad instead of backward(): no .grad is left on the model's weights.
-        torch.autograd.grad(loss, params)
+        # gradients of the module outputs only: nothing is left in the weights' .grad and no
+        # dense weight gradient is computed
+        cap.backward(loss)
     return cap.pairs(batch.attention_mask), float(loss.detach())
