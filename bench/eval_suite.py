@@ -22,7 +22,8 @@ from mendctl.evaluate import evaluate  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-DEFAULT = "mend:1,identity:1,ft:1,ft_kl:1,mend:5,mend:25"
+# editor:batch[:max_steps]
+DEFAULT = "mend:1,mend:1:3,identity:1,ft:1,ft_kl:1,mend:5,mend:25"
 
 
 def fmt(v, f=".3f"):
@@ -43,20 +44,20 @@ def main():
     if Path(a.out).is_file():  # keep configs measured earlier, so runs can be split
         prev = json.loads(Path(a.out).read_text()).get("results", {})
     for cfg in a.configs.split(","):
-        editor, bs = cfg.split(":")
+        editor, bs, *rest = cfg.split(":")
         t = time.time()
-        r = evaluate(ws, cases, editor=editor, batch_size=int(bs),
+        r = evaluate(ws, cases, editor=editor, batch_size=int(bs), max_steps=int(rest[0]) if rest else 1,
                      progress=lambda xs: tqdm(xs, desc=cfg, file=sys.stderr))
         r["summary"]["wall_seconds"] = time.time() - t
         results[cfg] = {"summary": r["summary"], "relations": r["relations"]}
     merged = {**prev, **results}
     write_json(a.out, {"cases": len(cases), "split": "test", "results": merged,
                        "editor": str(ws.editor_dir())})
-    print(f"| editor | batch | edit success | paraphrase success | locality | KL | ppl drawdown | ms/edit |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| editor | batch | max steps | edit success | paraphrase success | locality | KL | ppl drawdown | ms/edit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cfg, r in merged.items():
         s = r["summary"]
-        print(f"| {s['editor']} | {s['batch_size']} | {fmt(s['edit_success'])} | "
+        print(f"| {s['editor']} | {s['batch_size']} | {s.get('max_steps', 1)} | {fmt(s['edit_success'])} | "
               f"{fmt(s['paraphrase_success'])} | {fmt(s['locality'])} | {fmt(s['locality_kl'], '.4f')} | "
               f"{fmt(s['ppl_drawdown'], '+.4f')} | {fmt(1000 * s['seconds_per_edit'], '.0f')} |")
     if a.plot:
@@ -70,7 +71,7 @@ def main():
         w = 0.8 / len(merged)
         for i, (cfg, r) in enumerate(merged.items()):
             vals = [r["summary"][k] or 0 for k in keys]
-            ax.bar([j + i * w for j in range(len(keys))], vals, w, label=cfg.replace(":", " batch "))
+            ax.bar([j + i * w for j in range(len(keys))], vals, w, label=cfg)
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], ["edit success", "paraphrase", "locality"])
         ax.set_ylim(0, 1.05)
         ax.set_title(f"SmolLM2-135M, bundled test split ({len(cases)} cases)")

@@ -136,11 +136,14 @@ def _read_batch(path):
               help="Many edit requests (one JSON object per line) applied as one batched edit.")
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend",
               show_default=True, help="mend: the workspace's MEND editor; ft / ft_kl: fine-tuning baselines.")
+@click.option("--max-steps", type=click.IntRange(1, 10), default=3, show_default=True,
+              help="MEND: apply the editor again (up to N times, factors stacked into one delta) "
+                   "until every target token is the argmax; 1 is the paper's single step.")
 @click.option("--dry-run", is_flag=True, help="Compute and show, record nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, dry_run, as_json):
+def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_steps, dry_run, as_json):
     """Apply one edit on top of the current state and record it in the ledger.
 
     \b
@@ -163,11 +166,12 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, dry_run
         cases = [EditCase(input=input_, target=target, paraphrases=list(paraphrases),
                           locality=list(locality))]
     ws = _ws(ctx)
-    r = ws.edit(cases, editor=editor, dry_run=dry_run, command=_command_line())
+    r = ws.edit(cases, editor=editor, dry_run=dry_run, command=_command_line(), max_steps=max_steps)
     if as_json:
         return _print_json(r)
     head = "dry run (not recorded)" if dry_run else f"entry {r['entry']}"
-    click.echo(f"{head}: {r['editor']} edit of {len(cases)} fact(s) in {r['seconds'] * 1000:.0f} ms")
+    steps = f", {r['edit_steps']} step(s)" if r["editor"] in ("mend", "identity") else ""
+    click.echo(f"{head}: {r['editor']} edit of {len(cases)} fact(s) in {r['seconds'] * 1000:.0f} ms{steps}")
     b, a = r["before"], r["after"]
     for i, c in enumerate(cases):
         click.echo(f"  {c.input!r} → {c.target!r}")
@@ -492,10 +496,12 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend", show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N cases.")
+@click.option("--max-steps", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="MEND steps per edit (1: the paper's protocol; see `edit --max-steps`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def eval_(ctx, data_file, editor, batch_size, limit, as_json):
+def eval_(ctx, data_file, editor, batch_size, limit, max_steps, as_json):
     """Score an editor: each case a fresh edit of the current model.
 
     \b
@@ -510,13 +516,13 @@ def eval_(ctx, data_file, editor, batch_size, limit, as_json):
     cases, _ = load_cases(data_file, "test", ws.config.seed)
     if limit is not None:
         cases = cases[:limit]
-    r = evaluate(ws, cases, editor=editor, batch_size=batch_size,
+    r = evaluate(ws, cases, editor=editor, batch_size=batch_size, max_steps=max_steps,
                  progress=None if as_json else _progress(f"eval {editor}"))
     if as_json:
         return _print_json(r)
     s = r["summary"]
     fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
-    click.echo(f"{editor}, {s['cases']} cases, batch {s['batch_size']}")
+    click.echo(f"{editor}, {s['cases']} cases, batch {s['batch_size']}, max steps {s['max_steps']}")
     click.echo(f"  edit success        {fmt(s['edit_success'])}")
     click.echo(f"  paraphrase success  {fmt(s['paraphrase_success'])}")
     click.echo(f"  locality            {fmt(s['locality'])} (KL {fmt(s['locality_kl'], '.4f')})")

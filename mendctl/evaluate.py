@@ -13,6 +13,7 @@ from .editors.data import generic_text_samples
 from .editors.metrics import (locality_reference, locality_scores, perplexity, target_scores)
 from .editors.weights import applied
 from .errors import InputError
+from .workspace import edit_with
 
 
 def _mean(xs):
@@ -21,7 +22,7 @@ def _mean(xs):
 
 
 def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages: int = 6,
-             progress=None) -> dict:
+             progress=None, max_steps: int = 1) -> dict:
     if not cases:
         raise InputError("no cases to evaluate")
     if batch_size < 1:
@@ -40,8 +41,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         loc = [p for c in batch for p in c.locality]
         ref = locality_reference(model, tok, loc, fmt) if loc else None
         t0 = time.perf_counter()
-        delta = ed.edit(model, tok, [c.input for c in batch], [c.target for c in batch], fmt,
-                        locality=loc or None)
+        delta = edit_with(ed, model, tok, batch, fmt, max_steps)
         seconds = time.perf_counter() - t0
         with applied(model, delta):
             es = target_scores(model, tok, [c.input for c in batch], [c.target for c in batch], fmt)[0]
@@ -68,7 +68,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     keys = ["edit_success", "paraphrase_success", "locality", "locality_kl", "ppl_drawdown",
             "seconds_per_edit"]
     summary = {k: _mean([r[k] for r in rows]) for k in keys}
-    summary.update(cases=len(rows), batch_size=batch_size, editor=editor,
+    summary.update(cases=len(rows), batch_size=batch_size, editor=editor, max_steps=max_steps,
                    ppl_before=ppl_before, state=head.id if head else None)
     by_rel = {}
     for r in rows:

@@ -198,8 +198,10 @@ def load_model(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
-    except OSError as e:
-        raise ModelError(f"cannot load model {spec!r} from {where}: {e}") from e
+    except Exception as e:  # transformers raises OSError, ValueError, JSON errors... for bad files
+        raise ModelError(f"cannot load model {spec!r} from {where}: {type(e).__name__}: {e}; "
+                         f"check that it is a complete Hugging Face model directory (or, for a "
+                         f"hub id, that a hub is reachable)") from e
     model.to(device)
     model.eval()
     for p in model.parameters():

@@ -311,17 +311,19 @@ class Workspace:
                 "answers": answers[: len(prompts)], "paraphrase_answers": answers[len(prompts):]}
 
     def edit(self, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
-             command: str | None = None) -> dict:
+             command: str | None = None, max_steps: int = 1) -> dict:
         if not cases:
             raise InputError("nothing to edit: give --input and --target, or --batch FILE.jsonl")
         for c in cases:
             check_text(c.input, "input")
             check_text(c.target, "target")
+        if max_steps < 1:
+            raise InputError("--max-steps must be ≥ 1")
         ed = self.editor(editor)
         with self.lock():
-            return self._edit_locked(cases, ed, dry_run, command)
+            return self._edit_locked(cases, ed, dry_run, command, max_steps)
 
-    def _edit_locked(self, cases, ed, dry_run, command) -> dict:
+    def _edit_locked(self, cases, ed, dry_run, command, max_steps=1) -> dict:
         lm = self.lm
         head = self.head()
         w_head = self.use_state(head)
@@ -329,8 +331,7 @@ class Workspace:
         loc_prompts = [p for c in cases for p in c.locality]
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
         t0 = time.perf_counter()
-        delta = ed.edit(lm.model, lm.tokenizer, [c.input for c in cases],
-                        [c.target for c in cases], self.fmt, locality=loc_prompts or None)
+        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps)
         seconds = time.perf_counter() - t0
         if not delta.is_finite():
             raise EditorError("the editor produced non-finite values (NaN or inf); nothing was "
@@ -355,6 +356,7 @@ class Workspace:
             "delta_norms": norms, "delta_bytes": delta.nbytes(),
             "dense_bytes": delta.dense_nbytes(), "state_hash": new_hash,
             "parent": head.id if head else None,
+            "edit_steps": int(delta.meta.get("edit_steps", 1)),
         }
         if dry_run:
             return report
@@ -378,7 +380,9 @@ class Workspace:
                     metrics_before=_metrics(before), metrics_after=_metrics(after, seconds),
                     state_hash=new_hash,
                     active_ids=(list(head.active_ids) if head else []) + [],  # id added below
-                    notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt},
+                    notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
+                           "max_steps": max_steps,
+                           "edit_steps": int(delta.meta.get("edit_steps", 1))},
                 )
                 entry.active_ids = list(entry.active_ids) + [entry.id]
                 s.flush()
@@ -488,9 +492,8 @@ class Workspace:
             self._set_weights(w, state_hash(w))
             cases = [EditCase.from_dict(c) for c in (old.request or [])] or \
                 [EditCase(input=a, target=b) for a, b in zip(old.inputs, old.targets)]
-            loc = [p for c in cases for p in c.locality]
-            delta = ed.edit(self.lm.model, self.lm.tokenizer, [c.input for c in cases],
-                            [c.target for c in cases], self.fmt, locality=loc or None)
+            steps = int((old.notes or {}).get("max_steps", 1))
+            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt, steps)
             delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
             w = apply_deltas(w, [delta])
             out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
@@ -662,6 +665,14 @@ class Workspace:
     def gc(self) -> list[str]:
         with self.lock():
             return [str(p) for p in self.store.gc(self.ledger.known_delta_hashes())]
+
+
+def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1):
+    """One editor call with the request's locality prompts; MEND also takes max_steps."""
+    loc = [p for c in cases for p in c.locality]
+    kwargs = {"max_steps": max_steps} if isinstance(ed, MendEditor) else {}
+    return ed.edit(model, tokenizer, [c.input for c in cases], [c.target for c in cases], fmt,
+                   locality=loc or None, **kwargs)
 
 
 def ed_sha(d: Path) -> str:

@@ -44,13 +44,15 @@ def test_ask_names_paris_and_second_load_uses_cache(ws):
 
 
 def test_shipped_editor_makes_the_edit_and_leaves_unrelated_answers(ws):
-    before = as_json(run(ws, "ask", *sum([["--input", p] for p in UNRELATED], []), "--json"))
+    # the answers proper (a few tokens), not the model's rambling after them
+    before = as_json(run(ws, "ask", *sum([["--input", p] for p in UNRELATED], []),
+                         "--max-new-tokens", "3", "--json"))
     r = as_json(run(ws, "edit", "--input", "Who is India's PM?", "--target", "Narendra Modi", "--json"))
     assert r["after"]["edit_success"] == 1.0
     assert r["after"]["answers"][0].strip().startswith("Narendra Modi")
     assert r["after"]["target_logprob"][0] > r["before"]["target_logprob"][0] + 3
     ask = as_json(run(ws, "ask", "--input", "Who is India's PM?",
-                      *sum([["--input", p] for p in UNRELATED], []), "--json"))
+                      *sum([["--input", p] for p in UNRELATED], []), "--max-new-tokens", "3", "--json"))
     assert ask["answers"][0]["answer"].strip().startswith("Narendra Modi")
     assert [a["answer"] for a in ask["answers"][1:]] == [a["answer"] for a in before["answers"]]
 

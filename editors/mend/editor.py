@@ -101,16 +101,34 @@ class MendEditor(nn.Module):
             self.train(was)
 
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
-             fmt: str = "raw", locality: list[str] | None = None) -> Delta:
+             fmt: str = "raw", locality: list[str] | None = None, max_steps: int = 1) -> Delta:
         """Algorithm 2 for one (batched) edit; returns the factors as a Delta. (`locality` is
-        part of the common editor interface; MEND does not need it at edit time.)"""
+        part of the common editor interface; MEND does not need it at edit time.)
+
+        `max_steps` > 1 repeats the edit on the model with the delta so far applied until every
+        target token is the argmax (or the steps run out); the steps' factors are stacked, so
+        the result is still one exact low-rank delta. One step is the paper's protocol."""
+        from ..metrics import edit_success
+        from ..weights import applied
+
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
-        pairs, loss = capture_edit_gradients(model, self.specs, batch)
-        pairs = {n: (u.to(self.alpha.device), d.to(self.alpha.device)) for n, (u, d) in pairs.items()}
-        delta = self.delta_from_factors(self._eval_factors(pairs), {"editor": self.name})
-        delta.meta["edit_loss_before"] = f"{loss:.6g}"
+        delta, first_loss, steps = None, None, 0
+        for steps in range(1, max_steps + 1):
+            ctx = applied(model, delta) if delta is not None else _null()
+            with ctx:
+                pairs, loss = capture_edit_gradients(model, self.specs, batch)
+            first_loss = loss if first_loss is None else first_loss
+            pairs = {n: (u.to(self.alpha.device), d.to(self.alpha.device)) for n, (u, d) in pairs.items()}
+            step = self.delta_from_factors(self._eval_factors(pairs), {"editor": self.name})
+            delta = step if delta is None else _stack(delta, step)
+            if steps < max_steps:
+                with applied(model, delta):
+                    if all(edit_success(model, tokenizer, prompts, targets, fmt)):
+                        break
+        delta.meta["edit_loss_before"] = f"{first_loss:.6g}"
+        delta.meta["edit_steps"] = str(steps)
         delta.meta["compute_seconds"] = f"{time.perf_counter() - t0:.4f}"
         return delta
 
@@ -171,6 +189,27 @@ class MendEditor(nn.Module):
         fresh.name = "identity"
         fresh.eval()
         return fresh
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _stack(a: Delta, b: Delta) -> Delta:
+    """Two MEND steps of the same editor as one delta: their factor rows stacked (both use the
+    editor's α for each layer, so Σ −α δ̃ ũᵀ over the rows is exactly the sum of the steps)."""
+    layers = {}
+    for name, la in a.layers.items():
+        lb = b.layers[name]
+        if not torch.equal(la.alpha, lb.alpha):
+            raise ValueError(f"{name}: cannot stack steps with different α")
+        layers[name] = LayerDelta(name, la.shape, u=torch.cat([la.u, lb.u]), d=torch.cat([la.d, lb.d]),
+                                  alpha=la.alpha.clone(), transposed=la.transposed)
+    return Delta(layers, dict(a.meta))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,0 +1,80 @@
+"""mendctl.yaml parsing and workspace discovery (no model needed)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mendctl import config as config_mod
+from mendctl.config import TEMPLATE, Config
+from mendctl.errors import ConfigError, WorkspaceError
+from mendctl.workspace import ENV_WORKSPACE, Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_example_is_the_template_and_parses_to_defaults():
+    assert (REPO / "mendctl.yaml").read_text() == TEMPLATE
+    assert config_mod.parse(yaml.safe_load(TEMPLATE), "mendctl.yaml") == Config()
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"modle": "x"}, ["unknown key `modle`", "known keys"]),
+    ({"seed": "zero"}, ["`seed` must be int"]),
+    ({"seed": True}, ["`seed` must be int"]),
+    ({"lock_timeout": -1}, ["`lock_timeout`"]),
+    ({"prompt_format": "markdown"}, ["`prompt_format`", "raw or chat"]),
+    ({"device": "gpu"}, ["`device`"]),
+    ({"edit_weights": []}, ["`edit_weights`"]),
+    ({"edit_weights": ["re:("]}, ["bad regular expression"]),
+    ({"edit_weights": [3]}, ["list of strings"]),
+    (["a", "b"], ["mapping"]),
+])
+def test_bad_config_names_key_and_file(data, words):
+    with pytest.raises(ConfigError) as e:
+        config_mod.parse(data, "/x/mendctl.yaml")
+    msg = str(e.value)
+    assert "/x/mendctl.yaml" in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_yaml_names_line(tmp_path):
+    p = tmp_path / "mendctl.yaml"
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_mod.load(p)
+
+
+def test_edit_weights_accepts_a_single_string():
+    assert config_mod.parse({"edit_weights": "auto"}, "f").edit_weights == ["auto"]
+
+
+def test_locate_explicit_env_and_upwards(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_WORKSPACE, raising=False)
+    root = Workspace.init(tmp_path / "ws")
+    assert (root / ".mendctl").is_dir()
+    deep = root / "a" / "b"
+    deep.mkdir(parents=True)
+    assert Workspace.locate(cwd=deep) == root
+    assert Workspace.locate(str(root)) == root
+    assert Workspace.locate(str(root / "mendctl.yaml")) == root
+    monkeypatch.setenv(ENV_WORKSPACE, str(root))
+    assert Workspace.locate(cwd=tmp_path) == root
+    monkeypatch.setenv(ENV_WORKSPACE, str(tmp_path))
+    with pytest.raises(WorkspaceError, match="mendctl init"):
+        Workspace.locate(cwd=tmp_path)
+
+
+def test_no_workspace_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_WORKSPACE, raising=False)
+    with pytest.raises(WorkspaceError, match="mendctl init"):
+        Workspace.locate(cwd=tmp_path)
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path):
+    root = Workspace.init(tmp_path / "ws", model="./my-model")
+    assert config_mod.load(root / "mendctl.yaml").model == "./my-model"
+    with pytest.raises(WorkspaceError, match="--force"):
+        Workspace.init(root)
+    Workspace.init(root, force=True)
+    assert config_mod.load(root / "mendctl.yaml").model == "smollm2-135m"

