@@ -32,7 +32,8 @@ def fmt(v, f=".3f"):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--limit", type=int, default=60)
+    ap.add_argument("--ppl-passages", type=int, default=3)
     ap.add_argument("--configs", default=DEFAULT)
     ap.add_argument("--out", default="bench/results/eval.json")
     ap.add_argument("--plot", default="docs/eval.png")
@@ -47,12 +48,13 @@ def main():
         editor, bs, *rest = cfg.split(":")
         t = time.time()
         r = evaluate(ws, cases, editor=editor, batch_size=int(bs), max_steps=int(rest[0]) if rest else 1,
+                     ppl_passages=a.ppl_passages,
                      progress=lambda xs: tqdm(xs, desc=cfg, file=sys.stderr))
         r["summary"]["wall_seconds"] = time.time() - t
         results[cfg] = {"summary": r["summary"], "relations": r["relations"]}
-    merged = {**prev, **results}
-    write_json(a.out, {"cases": len(cases), "split": "test", "results": merged,
-                       "editor": str(ws.editor_dir())})
+        merged = {**prev, **results}
+        write_json(a.out, {"cases": len(cases), "split": "test", "results": merged,
+                           "editor": str(ws.editor_dir())})  # after each config: runs can be split
     print("| editor | batch | max steps | edit success | paraphrase success | locality | KL | ppl drawdown | ms/edit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cfg, r in merged.items():

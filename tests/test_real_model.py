@@ -51,10 +51,11 @@ def test_shipped_editor_makes_the_edit_and_leaves_unrelated_answers(ws):
     assert r["after"]["edit_success"] == 1.0
     assert r["after"]["answers"][0].strip().startswith("Narendra Modi")
     assert r["after"]["target_logprob"][0] > r["before"]["target_logprob"][0] + 3
-    ask = as_json(run(ws, "ask", "--input", "Who is India's PM?",
-                      *sum([["--input", p] for p in UNRELATED], []), "--max-new-tokens", "3", "--json"))
-    assert ask["answers"][0]["answer"].strip().startswith("Narendra Modi")
-    assert [a["answer"] for a in ask["answers"][1:]] == [a["answer"] for a in before["answers"]]
+    edited = as_json(run(ws, "ask", "--input", "Who is India's PM?", "--json"))
+    assert edited["answers"][0]["answer"].strip().startswith("Narendra Modi")
+    after = as_json(run(ws, "ask", *sum([["--input", p] for p in UNRELATED], []),
+                        "--max-new-tokens", "3", "--json"))
+    assert [a["answer"] for a in after["answers"]] == [a["answer"] for a in before["answers"]]
 
 
 def test_chain_revert_and_replay_on_the_real_model(ws):
