@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .text import Batch, encode_pairs, encode_prompts, encode_sequences, render_prompt
+from .text import Batch, encode_pairs, encode_sequences, render_prompt
 
 
 def _device(model):

@@ -11,7 +11,6 @@ import functools
 import json
 import shlex
 import sys
-from pathlib import Path
 
 import click
 

@@ -33,10 +33,9 @@ from .editors.data import EditCase, generic_text_samples
 from .editors.delta import Delta, apply_deltas, state_hash
 from .editors.ft import FTEditor
 from .editors.mend.editor import EditorMismatch, MendEditor, file_sha256
-from .editors.metrics import (generate, locality_reference, locality_scores, perplexity,
-                              target_scores)
-from .editors.weights import applied, read_weights, select_weights, write_weights
-from .errors import EditorError, InputError, LedgerError, ModelError, StoreError, WorkspaceError
+from .editors.metrics import (generate, locality_reference, locality_scores, target_scores)
+from .editors.weights import read_weights, select_weights, write_weights
+from .errors import EditorError, InputError, LedgerError, StoreError, WorkspaceError
 from .ledger import Entry, Ledger, sqlite_url
 from .locking import WorkspaceLock
 from .models import ALIASES, LoadedModel, load_model
@@ -379,7 +378,7 @@ class Workspace:
                     delta_path=staged.rel_path, delta_size=staged.size, delta_norms=norms,
                     metrics_before=_metrics(before), metrics_after=_metrics(after, seconds),
                     state_hash=new_hash,
-                    active_ids=(list(head.active_ids) if head else []) + [],  # id added below
+                    active_ids=list(head.active_ids) if head else [],  # own id appended below
                     notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
                            "max_steps": max_steps,
                            "edit_steps": int(delta.meta.get("edit_steps", 1))},
@@ -450,30 +449,8 @@ class Workspace:
                     notes={"mode": "replay" if replay else "exact", "gap": gap})
                 ids = [rev.id]
                 if replay:
-                    parent, act = rev.id, list(keep)
-                    for r in replayed:
-                        staged = self.store.stage(r["delta"])
-                        try:
-                            old = r["entry"]
-                            e = self.ledger.add_entry(
-                                session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
-                                **self._provenance(command), inputs=list(old.inputs),
-                                targets=list(old.targets), request=old.request,
-                                editor_name=old.editor_name, editor_sha256=r["editor_sha256"],
-                                base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
-                                weight_names=r["delta"].names(), delta_sha256=staged.sha256,
-                                delta_path=staged.rel_path, delta_size=staged.size,
-                                delta_norms=r["delta"].norms(), state_hash=r["hash"],
-                                active_ids=act, notes={"replay_of": old.id, "reverted": entry_id})
-                            act = act + [e.id]
-                            e.active_ids = act
-                            s.flush()
-                            self.store.commit(staged)
-                        except BaseException:
-                            self.store.discard(staged)
-                            raise
-                        parent = e.id
-                        ids.append(e.id)
+                    ids += self._record_replays(s, rev.id, list(keep), replayed, command,
+                                                {"reverted": entry_id})
         self._loaded_state = None
         return {"reverted": entry_id, "mode": "replay" if replay else "exact", "entries": ids,
                 "state_hash": exact_hash if not replay else (replayed[-1]["hash"] if replayed else exact_hash),
@@ -497,9 +474,39 @@ class Workspace:
             delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
             w = apply_deltas(w, [delta])
             out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
-                        "editor_sha256": ed.sha256, "cases": cases})
+                        "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps})
         self._loaded_state = None
         return out
+
+    def _record_replays(self, s, parent: int, active: list[int], replayed: list[dict],
+                        command: str | None, notes: dict) -> list[int]:
+        """Record recomputed edits as `replay` entries inside the caller's transaction, each
+        delta file committed with its row (see `_edit_locked`)."""
+        ids = []
+        for r in replayed:
+            staged = self.store.stage(r["delta"])
+            try:
+                old = r["entry"]
+                e = self.ledger.add_entry(
+                    session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
+                    **self._provenance(command), inputs=list(old.inputs),
+                    targets=list(old.targets), request=old.request,
+                    editor_name=r["delta"].meta.get("editor"), editor_sha256=r["editor_sha256"],
+                    base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
+                    weight_names=r["delta"].names(), delta_sha256=staged.sha256,
+                    delta_path=staged.rel_path, delta_size=staged.size,
+                    delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
+                    notes={"replay_of": old.id, "max_steps": r["max_steps"], **notes})
+                active = active + [e.id]
+                e.active_ids = active
+                s.flush()
+                self.store.commit(staged)
+            except BaseException:
+                self.store.discard(staged)
+                raise
+            parent = e.id
+            ids.append(e.id)
+        return ids
 
     def _gap(self, w_exact, w_replay, later: list[int]) -> dict:
         """How far exact revert and revert-by-replay end apart: KL on locality prompts and the
@@ -580,32 +587,8 @@ class Workspace:
             return {"workspace": str(target_dir), "replayed": results}
         with self.lock():
             replayed = self._replay_entries([], [e.id for e, _ in requests], editor=editor)
-            ids = []
             with self.ledger.transaction() as s:
-                parent, act = head.id, []
-                for r in replayed:
-                    staged = self.store.stage(r["delta"])
-                    try:
-                        old = r["entry"]
-                        e = self.ledger.add_entry(
-                            session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
-                            **self._provenance(command), inputs=list(old.inputs),
-                            targets=list(old.targets), request=old.request,
-                            editor_name=r["delta"].meta.get("editor"), editor_sha256=r["editor_sha256"],
-                            base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
-                            weight_names=r["delta"].names(), delta_sha256=staged.sha256,
-                            delta_path=staged.rel_path, delta_size=staged.size,
-                            delta_norms=r["delta"].norms(), state_hash=r["hash"],
-                            active_ids=act, notes={"replay_of": old.id, "editor": editor})
-                        act = act + [e.id]
-                        e.active_ids = act
-                        s.flush()
-                        self.store.commit(staged)
-                    except BaseException:
-                        self.store.discard(staged)
-                        raise
-                    parent = e.id
-                    ids.append(e.id)
+                ids = self._record_replays(s, head.id, [], replayed, command, {"editor": editor})
         self._loaded_state = None
         return {"entries": ids, "state_hash": replayed[-1]["hash"]}
 
