@@ -352,3 +352,29 @@ def test_ft_kl_keeps_locality_closer(tiny_model, tiny_tokenizer):
             assert target_scores(model, tok, p, t)[0][0]
             kls[k] = sum(locality_scores(model, ref)[1]) / len(loc)
     assert kls[10.0] < 0.5 * kls[0.0], kls
+
+
+def test_multi_step_edit_is_the_exact_sum_of_its_steps(tiny_llama, tiny_tokenizer):
+    """max_steps > 1 re-edits the model with the delta so far applied; the stacked factors
+    equal the sum of the separate steps, and it stops once the target is the argmax."""
+    specs = select_weights(tiny_llama, ["auto"])
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e-3))
+    p, t = ["the capital of s3 is"], ["c7"]
+    one = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_steps=1)
+    with applied(tiny_llama, one):
+        assert not all(edit_success(tiny_llama, tiny_tokenizer, p, t))  # one step is not enough
+        second = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_steps=1)
+    two = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_steps=2)
+    assert two.meta["edit_steps"] == "2"
+    for name, layer in two.layers.items():
+        assert layer.u.shape[0] == one.layers[name].u.shape[0] * 2
+        assert torch.allclose(layer.to_dense(), one.layers[name].to_dense() + second.layers[name].to_dense(),
+                              atol=1e-6)
+    big = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e3))
+    d = big.edit(tiny_llama, tiny_tokenizer, p, t, max_steps=5)
+    with applied(tiny_llama, d):
+        ok = all(edit_success(tiny_llama, tiny_tokenizer, p, t))
+    steps = int(d.meta["edit_steps"])
+    assert 1 <= steps <= 5
+    if steps < 5:  # it stopped early only because the edit already held
+        assert ok
