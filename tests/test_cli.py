@@ -440,3 +440,27 @@ def test_sigkill_during_edit_leaves_every_edit_whole_or_absent(chain, tmp_path):
     leftovers = [p for p in ws.state_dir.rglob("*") if p.is_file() and ".tmp" in p.name]
     if leftovers:  # stale temp files of the state cache (not part of the store): report only
         warnings.warn(f"temp files left by killed runs (gc does not remove them): {leftovers}")
+
+
+def test_non_finite_delta_is_refused_before_anything_is_recorded(fresh_ws, monkeypatch):
+    """An editor that returns NaN (a broken checkpoint) must leave no row and no file."""
+    from mendctl.editors.data import EditCase
+    from mendctl.editors.mend.editor import MendEditor
+    from mendctl.errors import EditorError
+    from mendctl.workspace import Workspace
+
+    real_edit = MendEditor.edit
+
+    def nan_edit(self, *a, **kw):
+        d = real_edit(self, *a, **kw)
+        next(iter(d.layers.values())).u[0, 0] = float("nan")
+        return d
+
+    monkeypatch.setattr(MendEditor, "edit", nan_edit)
+    monkeypatch.setenv("MENDCTL_CACHE", str(fresh_ws.cache_dir))
+    ws = Workspace.open(str(fresh_ws.root))
+    with pytest.raises(EditorError, match="non-finite"):
+        ws.edit([EditCase(input="a b", target="c")])
+    assert fresh_ws.ledger_count() == 0
+    assert fresh_ws.delta_files() == []
+    assert not fresh_ws.tmp_dir.exists() or not any(fresh_ws.tmp_dir.iterdir())
