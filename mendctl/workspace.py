@@ -69,6 +69,7 @@ class Workspace:
         self.state_dir = self.root / STATE_DIR
         self._lm: LoadedModel | None = None
         self._base: dict[str, torch.Tensor] | None = None
+        self._base_hash: str | None = None
         self._loaded_state: str | None = None
         self._editors: dict[str, object] = {}
 
@@ -145,6 +146,7 @@ class Workspace:
             except ValueError as e:
                 raise WorkspaceError(f"{self.root / CONFIG_FILE}: `edit_weights`: {e}") from e
             self._base = read_weights(self._lm.model, self.specs)
+            self._base_hash = state_hash(self._base)  # the base state's hash, computed once
             self._loaded_state = None
             self._check_base_model()
         return self._lm
@@ -228,19 +230,19 @@ class Workspace:
         if not active_ids:
             w = {n: t.clone() for n, t in self._base.items()}
         else:
-            w = None
             if use_cache and expect_hash and self._state_cache(expect_hash).is_file():
                 try:
                     w = load_file(str(self._state_cache(expect_hash)))
-                    if state_hash(w) != expect_hash:
-                        w = None
+                    if state_hash(w) == expect_hash:
+                        return w  # checked: a cache hit costs one read and one hash
                 except Exception:  # a damaged cache file is just recomputed
-                    w = None
-            if w is None:
-                w = apply_deltas(self._base, [self._delta(i) for i in active_ids])
-        if expect_hash and state_hash(w) != expect_hash:
-            raise LedgerError(f"rebuilt state {state_hash(w)[:12]} differs from the recorded "
-                              f"{expect_hash[:12]}; run `mendctl replay --verify` and `mendctl verify`")
+                    pass
+            w = apply_deltas(self._base, [self._delta(i) for i in active_ids])
+        if expect_hash:
+            got = self._base_hash if not active_ids else state_hash(w)
+            if got != expect_hash:
+                raise LedgerError(f"rebuilt state {got[:12]} differs from the recorded "
+                                  f"{expect_hash[:12]}; run `mendctl replay --verify` and `mendctl verify`")
         return w
 
     def _remember_state(self, w: dict[str, torch.Tensor], h: str) -> None:
@@ -261,7 +263,7 @@ class Workspace:
     def use_state(self, entry: Entry | None) -> dict[str, torch.Tensor]:
         """Put the model in the state after `entry` (None: the base model)."""
         _ = self.lm
-        h = entry.state_hash if entry else state_hash(self._base)
+        h = entry.state_hash if entry else self._base_hash
         if self._loaded_state == h:
             return self._current
         w = self.weights_for(list(entry.active_ids) if entry else [], h)
@@ -347,7 +349,7 @@ class Workspace:
                 after["locality_kl"] = float(sum(kl) / len(kl))
         finally:
             if dry_run:
-                self._set_weights(w_head, head.state_hash if head else state_hash(self._base))
+                self._set_weights(w_head, head.state_hash if head else self._base_hash)
         norms = delta.norms()
         report = {
             "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from ..delta import Delta, LayerDelta
 from ..text import encode_pairs
-from ..weights import WeightSpec
+from ..metrics import edit_success
+from ..weights import WeightSpec, applied
 from .capture import capture_edit_gradients
 from .network import GradientTransform
 
@@ -108,15 +110,12 @@ class MendEditor(nn.Module):
         `max_steps` > 1 repeats the edit on the model with the delta so far applied until every
         target token is the argmax (or the steps run out); the steps' factors are stacked, so
         the result is still one exact low-rank delta. One step is the paper's protocol."""
-        from ..metrics import edit_success
-        from ..weights import applied
-
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
         delta, first_loss, steps = None, None, 0
         for steps in range(1, max_steps + 1):
-            ctx = applied(model, delta) if delta is not None else _null()
+            ctx = applied(model, delta) if delta is not None else nullcontext()
             with ctx:
                 pairs, loss = capture_edit_gradients(model, self.specs, batch)
             first_loss = loss if first_loss is None else first_loss
@@ -189,14 +188,6 @@ class MendEditor(nn.Module):
         fresh.name = "identity"
         fresh.eval()
         return fresh
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _stack(a: Delta, b: Delta) -> Delta:

@@ -30,8 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..forward import PrefixCache, selected_logits
+from ..metrics import edit_success, locality_reference, locality_scores
 from ..text import Batch, encode_pairs, encode_prompts
-from ..weights import WeightSpec
+from ..weights import WeightSpec, applied
 from .capture import capture_edit_gradients, label_positions, per_example_nll
 from .editor import MendEditor
 
@@ -162,9 +163,7 @@ class Trainer:
         with skip(n, 4 * n):
             logits = selected_logits(self.model, rest, sel_eq | sel_loc, w_new)
         # selected_logits returns positions in row-major order; split them back
-        order = (sel_eq | sel_loc)[(sel_eq | sel_loc)]
         is_eq = sel_eq[sel_eq | sel_loc]
-        del order
         nll = per_example_nll(logits[is_eq], lab_eq, own_eq, 2 * n)
         l_edit = nll.mean()
         lp_new = torch.log_softmax(logits[~is_eq].float(), -1)
@@ -209,9 +208,6 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
-        from ..metrics import edit_success, locality_reference, locality_scores
-        from ..weights import applied
-
         cases = self.val_cases[: self.cfg.val_cases]
         es, ps, loc = [], [], []
         self.editor.eval()
