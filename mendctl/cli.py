@@ -465,11 +465,15 @@ def data_build(out, seed):
 @click.option("--val-cases", type=int, default=48, show_default=True)
 @click.option("--patience", type=int, default=8, show_default=True)
 @click.option("--init-alpha", type=float, default=3e-4, show_default=True)
+@click.option("--init-from", type=click.Path(file_okay=False, exists=True),
+              help="Start from this editor (same model and weights) instead of the identity.")
+@click.option("--loc-per-edit", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="Locality prompts per edit and step.")
 @click.option("--no-resume", is_flag=True, help="Start over even if a training state exists.")
 @click.pass_context
 @handle_errors
 def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_step, lr,
-          val_every, val_cases, patience, init_alpha, no_resume):
+          val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, no_resume):
     """Train a MEND editor for the workspace's model (Algorithm 1).
 
     \b
@@ -485,7 +489,9 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
                  data_seed=cfg.seed, resume=not no_resume, model_cache=cfg.model_cache,
                  device=cfg.device, steps=steps, max_minutes=max_minutes,
                  edits_per_step=edits_per_step, lr=lr, val_every=val_every, val_cases=val_cases,
-                 patience=patience, seed=cfg.seed)
+                 patience=patience, seed=cfg.seed, init_from=init_from,
+                 loc_per_edit=loc_per_edit,
+                 command=" ".join(["mendctl", *map(shlex.quote, sys.argv[1:])]))
     click.echo(f"editor written to {out}; use it with `editor: {out}` in mendctl.yaml")
 
 

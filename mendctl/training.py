@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .editors.data import DataError, generic_text_samples, load_split, read_cases
-from .editors.mend.editor import MendConfig, MendEditor
+from .editors.mend.editor import EditorMismatch, MendConfig, MendEditor
 from .editors.mend.trainer import TrainConfig, Trainer
 from .editors.weights import select_weights
 from .errors import InputError
@@ -45,8 +45,12 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
                  prompt_format: str = "raw", rank: int = 256, init_alpha: float = 3e-4,
                  train_data: str | None = None, val_data: str | None = None, data_seed: int = 0,
                  generic_loc: float = 0.25, resume: bool = True, model_cache: str | None = None,
-                 device: str = "cpu", progress: bool = True, **train_kwargs) -> dict:
-    """Train and write `out_dir/editor.{safetensors,json}`; returns the editor's JSON."""
+                 device: str = "cpu", progress: bool = True, init_from: str | None = None,
+                 command: str | None = None, **train_kwargs) -> dict:
+    """Train and write `out_dir/editor.{safetensors,json}`; returns the editor's JSON.
+
+    `init_from` starts from an existing editor for the same model and weights (its network,
+    normalisation statistics and α) instead of the identity initialisation."""
     cfg = TrainConfig(**train_kwargs)
     torch.manual_seed(cfg.seed)
     lm = load_model(model, cache_dir=model_cache, device=device)
@@ -55,10 +59,18 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
     val, val_src = load_cases(val_data, "val", data_seed)
     if not train or not val:
         raise InputError("training needs non-empty training and validation data")
-    editor = MendEditor(specs, MendConfig(rank=rank, init_alpha=init_alpha))
+    if init_from:
+        try:
+            editor = MendEditor.load(init_from, specs, lm.base_hash)
+        except EditorMismatch as e:
+            raise InputError(str(e)) from e
+        editor.train()
+    else:
+        editor = MendEditor(specs, MendConfig(rank=rank, init_alpha=init_alpha))
     out_dir = Path(out_dir)
     state_dir = out_dir / "train_state"
-    generic = generic_text_samples() if generic_loc > 0 else []
+    # generic text also stands in for the locality prompts of cases that have none
+    generic = generic_text_samples()
     trainer = Trainer(editor, lm.model, lm.tokenizer, train, val, cfg, fmt=prompt_format,
                       out_dir=state_dir, progress=progress, generic_texts=generic,
                       generic_loc=generic_loc)
@@ -74,6 +86,13 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "params": sum(p.numel() for p in editor.parameters()),
     }
+    if command:  # the command line that made it, so the checkpoint says how to reproduce it
+        info["reproduce"] = command
+    if init_from:
+        prev = editor.info or {}
+        info["initialised_from"] = {"path": str(init_from), "created": prev.get("created"),
+                                    "reproduce": prev.get("reproduce"),
+                                    "validation": prev.get("validation")}
     result = trainer.run(out_dir, info)
     print(f"best step {result.best_step}: {json.dumps(result.best_val)}")
     return json.loads((out_dir / "editor.json").read_text())
