@@ -11,6 +11,7 @@ import functools
 import json
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -491,7 +492,7 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
                  edits_per_step=edits_per_step, lr=lr, val_every=val_every, val_cases=val_cases,
                  patience=patience, seed=cfg.seed, init_from=init_from,
                  loc_per_edit=loc_per_edit,
-                 command=" ".join(["mendctl", *map(shlex.quote, sys.argv[1:])]))
+                 command=_command_line())
     click.echo(f"editor written to {out}; use it with `editor: {out}` in mendctl.yaml")
 
 
@@ -536,6 +537,96 @@ def eval_(ctx, data_file, editor, batch_size, limit, max_steps, as_json):
     for rel, v in r["relations"].items():
         click.echo(f"    {rel:<14} n={v['cases']:<4} ES {fmt(v['edit_success'], '.2f')}  "
                    f"para {fmt(v['paraphrase_success'], '.2f')}  loc {fmt(v['locality'], '.3f')}")
+
+
+@main.command()
+@click.option("--range", "range_", metavar="A..B",
+              help="Audit the chain of entries A..B and the state after B (default: all, the head).")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False),
+              help="Audit set: these cases' locality prompts (default: held-out neighbourhood "
+                   "prompts of the bundled test split) plus the generic-text sample.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write report.html, report.md, audit.json and figures into this directory.")
+@click.option("--fail-under", multiple=True, metavar="KEY=VALUE",
+              help="Exit with status 2 when a summary value is under VALUE (repeatable): "
+                   "edit_retention, holding_fraction, paraphrase_retention, edit_locality, audit_locality.")
+@click.option("--fail-over", multiple=True, metavar="KEY=VALUE",
+              help="Exit with status 2 when a summary value is over VALUE (repeatable): "
+                   "edit_locality_kl, audit_kl, ppl_drawdown, relative_drift, max_relative_drift.")
+@click.option("--locality-threshold", type=click.FloatRange(0, 1), default=0.90, show_default=True,
+              help="Flag locality under this.")
+@click.option("--drift-threshold", type=click.FloatRange(0), default=0.05, show_default=True,
+              help="Flag a weight whose ‖W − W_base‖ / ‖W_base‖ is over this.")
+@click.option("--no-matrix", is_flag=True, help="Skip the retention matrix over the chain.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def audit(ctx, range_, data_file, report_dir, fail_under, fail_over, locality_threshold,
+          drift_threshold, no_matrix, as_json):
+    """Audit the chain: retention, locality against the base, drift, flags, and a report.
+
+    The audit is recorded in the ledger (`mendctl log` marks audited states with A). With
+    --fail-under / --fail-over the exit status is 2 when a check fails, for CI.
+
+    \b
+    Example:
+      mendctl audit --report audit-report --fail-under edit_retention=0.9 --fail-under audit_locality=0.95
+      mendctl audit --range 3..10 --json
+    """
+    from .audit import (HIGHER_IS_BETTER, LOWER_IS_BETTER, check_result, parse_checks,
+                        parse_range, record_audit, run_audit, standard_audit_set)
+    from .report import write_report
+    from .training import load_cases
+
+    first, last = parse_range(range_)
+    under = parse_checks(fail_under, HIGHER_IS_BETTER, "--fail-under")
+    over = parse_checks(fail_over, LOWER_IS_BETTER, "--fail-over")
+    aset = None
+    if data_file:
+        cases, src = load_cases(data_file, "test", 0)
+        if not any(c.locality for c in cases):
+            raise InputError(f"{data_file} has no `locality` prompts to audit with; add some, "
+                             f"or leave out --data to use the bundled audit set")
+        aset = standard_audit_set(cases, n_prompts=10**6, source=src)
+    ws = _ws(ctx)
+    result = run_audit(ws, first, last, aset,
+                       {"locality": locality_threshold, "relative_drift": drift_threshold},
+                       matrix=not no_matrix, progress=None if as_json else _progress("audit chain"))
+    report = write_report(result, report_dir) if report_dir else None
+    result["audit_id"] = record_audit(ws, result, report["dir"] if report else None)
+    result["report"] = report
+    failed = check_result(result, under, over)
+    result["checks_failed"] = failed
+    if as_json:
+        _print_json({k: v for k, v in result.items() if k != "chain"} |
+                    ({"chain": {k: v for k, v in result["chain"].items() if k != "cache"}}
+                     if "chain" in result else {}))
+    else:
+        s = result["summary"]
+        fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
+        click.echo(f"audit {result['audit_id']} of state {s['state']} ({s['active_edits']} active edits)")
+        click.echo(f"  edit retention       {fmt(s['edit_retention'])} "
+                   f"(holding fully: {fmt(s['holding_fraction'])})")
+        click.echo(f"  paraphrase retention {fmt(s['paraphrase_retention'])}")
+        click.echo(f"  locality, own prompts {fmt(s['edit_locality'])} (KL {fmt(s['edit_locality_kl'], '.4f')})")
+        click.echo(f"  locality, audit set  {fmt(s['audit_locality'])} (KL {fmt(s['audit_kl'], '.4f')})")
+        click.echo(f"  ppl drawdown         {fmt(s['ppl_drawdown'], '+.4f')}")
+        click.echo(f"  drift ‖W−W0‖/‖W0‖     {fmt(s['relative_drift'], '.5f')} "
+                   f"(max per weight {fmt(s['max_relative_drift'], '.5f')})")
+        if "chain" in result:
+            c = result["chain"]["cost"]
+            click.echo(f"  retention matrix     {len(result['chain']['rows'])} edits × {c['states']} states: "
+                       f"{c['cells_computed']} cells computed, {c['cells_from_ledger']} from the ledger, "
+                       f"{c['cells_from_earlier_audits']} from earlier audits; "
+                       f"{c['states_rebuilt']} states rebuilt in {c['seconds']:.1f} s")
+        for f in result["flags"]:
+            click.echo(f"  FLAG {f['message']}")
+        if report:
+            click.echo(f"report: {Path(report['dir']) / 'report.html'}")
+    if failed:
+        for msg in failed:
+            click.echo(f"check failed: {msg}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,413 @@
+"""Audits of a workspace's chain of edits: what still holds, what else moved, how far the
+weights drifted, and how that developed along the chain.
+
+This module owns what an audit measures and the rules it flags by:
+
+- retention: every active edit's success (all target tokens argmax under teacher forcing)
+  and its paraphrases' success, re-scored on the audited state; reverted or squashed-away
+  edits are not active and are not counted;
+- locality against the base checkpoint (never against the previous state, so small steps
+  cannot hide a large total): top-1 agreement and KL(base ‖ state) on every active edit's own
+  locality prompts and on a standard audit set (held-out neighbourhood prompts of the bundled
+  test split plus the openings of the generic-text sample), and the generic-text perplexity
+  drawdown;
+- drift: each edit's recorded ‖ΔW‖_F per weight, the state's ‖W − W_base‖_F per weight and
+  relative to ‖W_base‖_F, and how far the u/δ statistics the editor sees on the audit set have
+  moved from the statistics its input normalisation was trained with;
+- the retention matrix over the chain: success of edit j measured in the state after entry k
+  (j ≤ k), rebuilt from the ledger's deltas. It is incremental: a cell the ledger already holds
+  (an edit's own success right after it, `metrics_after`) or an earlier audit computed for the
+  same state hash is read back, and only states with missing cells are rebuilt;
+- flags (edits that no longer hold, locality under a threshold, drift over a threshold) and
+  `--fail-under` / `--fail-over` checks for CI.
+
+Audits are recorded in the ledger's `audits` table (the state, the summary, the matrix cells
+as a cache, where the report went). Rendering reports is `report.py`'s job.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .editors.data import EditCase, generic_text_samples, load_split
+from .editors.delta import apply_deltas, state_hash
+from .editors.mend.capture import capture_edit_gradients
+from .editors.mend.editor import MendEditor
+from .editors.metrics import locality_reference, locality_scores, perplexity, target_scores
+from .errors import EditorError, InputError, LedgerError
+
+AUDIT_FORMAT = "mendctl.audit"
+AUDIT_FORMAT_VERSION = 1
+#: Flags are raised past these unless the caller gives others.
+DEFAULT_THRESHOLDS = {"locality": 0.90, "relative_drift": 0.05}
+#: Summary keys that `--fail-under` accepts (higher is better) ...
+HIGHER_IS_BETTER = ("edit_retention", "paraphrase_retention", "edit_locality", "audit_locality",
+                    "holding_fraction")
+#: ... and those `--fail-over` accepts (lower is better).
+LOWER_IS_BETTER = ("edit_locality_kl", "audit_kl", "ppl_drawdown", "relative_drift",
+                   "max_relative_drift")
+AUDIT_PROMPTS = 32  # neighbourhood prompts of the bundled test split in the standard set
+AUDIT_GENERIC = 4  # generic-text passages: their openings as prompts, in full for perplexity
+
+
+@dataclass
+class AuditSet:
+    """Prompts whose answers should not move, and passages for perplexity."""
+
+    prompts: list[str]
+    passages: list[str]
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        doc = json.dumps({"prompts": self.prompts, "passages": self.passages}, sort_keys=True)
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def standard_audit_set(cases: list[EditCase] | None = None, n_prompts: int = AUDIT_PROMPTS,
+                       n_generic: int = AUDIT_GENERIC, source: str | None = None) -> AuditSet:
+    """The locality prompts of `cases` (default: the bundled test split, whose subjects no
+    editor was trained on), the first of each case so that many relations are represented,
+    plus the openings of the generic-text sample."""
+    if cases is None:
+        cases, source = load_split("test"), "bundled:test"
+    prompts, seen = [], set()
+    for pool in ([c.locality[:1] for c in cases], [c.locality[1:] for c in cases]):
+        for ps in pool:
+            for p in ps:
+                if p not in seen and len(prompts) < n_prompts:
+                    seen.add(p)
+                    prompts.append(p)
+    passages = generic_text_samples(n_generic)
+    prompts += [" ".join(t.split()[:24]) for t in passages]
+    return AuditSet(prompts, passages, source or "cases")
+
+
+def parse_range(text: str | None) -> tuple[int | None, int | None]:
+    """'A..B', 'A..', '..B' or 'N' (a single entry) → (A, B)."""
+    if not text:
+        return None, None
+    try:
+        if ".." in text:
+            a, b = text.split("..", 1)
+            first, last = (int(a) if a.strip() else None), (int(b) if b.strip() else None)
+        else:
+            first = last = int(text)
+    except ValueError:
+        raise InputError(f"bad range {text!r}; write A..B with entry ids, e.g. 3..10 "
+                         f"(A.. or ..B leave a side open)") from None
+    if first is not None and last is not None and first > last:
+        raise InputError(f"bad range {text!r}: {first} comes after {last}")
+    return first, last
+
+
+def parse_checks(items: tuple[str, ...] | list[str], allowed: tuple[str, ...], option: str) -> dict:
+    """['locality=0.95', ...] → {'locality': 0.95}; unknown keys name the allowed ones."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise InputError(f"{option} {item!r}: write KEY=VALUE with KEY one of "
+                             f"{', '.join(allowed)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise InputError(f"{option} {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _cases_of(entry) -> list[EditCase]:
+    cases = [EditCase.from_dict(c) for c in (entry.request or [])]
+    return cases or [EditCase(input=a, target=b) for a, b in zip(entry.inputs, entry.targets)]
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+@dataclass
+class _Scorer:
+    """Scores states of one workspace against references computed once on the base."""
+
+    ws: object
+    audit_set: AuditSet
+    units: list = field(default_factory=list)  # active entries of the audited state
+
+    def __post_init__(self):
+        lm = self.ws.lm
+        self.model, self.tok, self.fmt = lm.model, lm.tokenizer, self.ws.fmt
+        self.ws.use_state(None)
+        self.ref_audit = locality_reference(self.model, self.tok, self.audit_set.prompts, self.fmt)
+        self.ppl_base = perplexity(self.model, self.tok, self.audit_set.passages) \
+            if self.audit_set.passages else None
+
+    def retention(self, entries) -> dict[int, float]:
+        """Fraction of each entry's cases whose target is the argmax, in the loaded state."""
+        prompts, targets, owner = [], [], []
+        for e in entries:
+            for c in _cases_of(e):
+                prompts.append(c.input)
+                targets.append(c.target)
+                owner.append(e.id)
+        if not prompts:
+            return {}
+        ok = target_scores(self.model, self.tok, prompts, targets, self.fmt)[0]
+        out: dict[int, list[bool]] = {}
+        for o, k in zip(owner, ok):
+            out.setdefault(o, []).append(bool(k))
+        return {o: sum(v) / len(v) for o, v in out.items()}
+
+    def audit_locality(self) -> tuple[float, float]:
+        ag, kl = locality_scores(self.model, self.ref_audit)
+        return _mean(ag), _mean(kl)
+
+
+def _editor_stats(ws) -> MendEditor | None:
+    try:
+        ed = ws.editor("mend")
+    except (EditorError, InputError):
+        return None
+    return ed if isinstance(ed, MendEditor) and ed.config.norm else None
+
+
+def _ud_shift(ws, editor: MendEditor, batch) -> dict:
+    """Per edited weight: how far the u/δ statistics of `batch` in the loaded state are from
+    the editor's normalisation statistics, in units of the latter's standard deviation
+    (mean over features of |μ − μ_norm| / σ_norm), and the median ratio σ / σ_norm."""
+    pairs, _ = capture_edit_gradients(ws.lm.model, ws.specs, batch)
+    out = {}
+    for s in ws.specs:
+        key, _ = editor._where[s.name]
+        net = editor.nets[key]
+        row = {}
+        for part, x, norm in (("u", pairs[s.name][0], net.norm_u), ("delta", pairs[s.name][1], net.norm_d)):
+            x = x.detach().double().cpu()
+            mu, sd = norm.mean.cpu(), norm.std().cpu()
+            row[f"{part}_mean_shift"] = float(((x.mean(0) - mu).abs() / sd).mean())
+            row[f"{part}_std_ratio"] = float((x.std(0) / sd).median()) if x.shape[0] > 1 else None
+        out[s.name] = row
+    return out
+
+
+def run_audit(ws, first: int | None = None, last: int | None = None,
+              audit_set: AuditSet | None = None, thresholds: dict | None = None,
+              matrix: bool = True, progress=None) -> dict:
+    """Audit the state after the last entry in [first, last] (default: the head) and the
+    chain of entries in that range. Returns a JSON-ready dict; records nothing (see
+    `record_audit`)."""
+    t_start = time.perf_counter()
+    thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    entries = ws.ledger.entries(reverse=False)
+    if not entries:
+        raise InputError("the ledger is empty: nothing to audit. Make an edit first "
+                         "(`mendctl edit --input ... --target ...`)")
+    known = {e.id for e in entries}
+    for bound in (first, last):
+        if bound is not None and bound not in known:
+            raise InputError(f"no entry {bound} in the ledger; see `mendctl log` for ids")
+    chain = [e for e in entries if (first is None or e.id >= first) and (last is None or e.id <= last)]
+    target = chain[-1]
+    by_id = {e.id: e for e in entries}
+    in_range = lambda i: (first is None or i >= first) and (last is None or i <= last)  # noqa: E731
+    active = [by_id[i] for i in target.active_ids if in_range(i)]
+    audit_set = audit_set or standard_audit_set()
+    lm = ws.lm
+    scorer = _Scorer(ws, audit_set, active)
+    model, tok, fmt = scorer.model, scorer.tok, scorer.fmt
+
+    # -- base references (model in the base state) -----------------------------------------
+    own_loc = [(e.id, p) for e in active for c in _cases_of(e) for p in c.locality]
+    ref_own = locality_reference(model, tok, [p for _, p in own_loc], fmt) if own_loc else None
+    editor = _editor_stats(ws)
+    stats_base = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
+
+    # -- the audited state -------------------------------------------------------------------
+    w = ws.use_state(target)
+    retention = scorer.retention(active)
+    para: dict[int, float | None] = {}
+    for e in active:
+        ps = [(p, c.target) for c in _cases_of(e) for p in c.paraphrases]
+        para[e.id] = _mean([float(x) for x in target_scores(model, tok, [p for p, _ in ps],
+                                                            [t for _, t in ps], fmt)[0]]) if ps else None
+    own_ag, own_kl = locality_scores(model, ref_own) if ref_own else ([], [])
+    aud_ag, aud_kl = scorer.audit_locality()
+    ppl = perplexity(model, tok, audit_set.passages) if audit_set.passages else None
+    stats_head = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
+
+    base = ws._base
+    drift = {}
+    for name in sorted(base):
+        diff = float(torch.linalg.norm((w[name].double() - base[name].double())))
+        ref = float(torch.linalg.norm(base[name].double()))
+        drift[name] = {"frobenius": diff, "relative": diff / ref if ref else None}
+    total_rel = math.sqrt(sum(d["frobenius"] ** 2 for d in drift.values())) / \
+        math.sqrt(sum(float(torch.linalg.norm(t.double())) ** 2 for t in base.values()))
+
+    edits = []
+    for e in active:
+        norms = e.delta_norms or {}
+        own = [(a, k) for (i, _), a, k in zip(own_loc, own_ag, own_kl) if i == e.id]
+        edits.append({
+            "entry": e.id, "kind": e.kind, "inputs": list(e.inputs), "targets": list(e.targets),
+            "edit_success": retention.get(e.id), "paraphrase_success": para.get(e.id),
+            "locality": _mean([a for a, _ in own]), "locality_kl": _mean([k for _, k in own]),
+            "delta_norm": math.sqrt(sum(v * v for v in norms.values())) if norms else None,
+            "delta_norms": norms,
+            "edit_success_when_made": (e.metrics_after or {}).get("edit_success"),
+        })
+
+    ppl_drawdown = (ppl / scorer.ppl_base - 1) if ppl is not None and scorer.ppl_base else None
+    summary = {
+        "state": target.id, "state_hash": target.state_hash, "active_edits": len(active),
+        "edit_retention": _mean([x["edit_success"] for x in edits]),
+        "holding_fraction": _mean([float(x["edit_success"] == 1.0) for x in edits]),
+        "paraphrase_retention": _mean([x["paraphrase_success"] for x in edits]),
+        "edit_locality": _mean(own_ag), "edit_locality_kl": _mean(own_kl),
+        "audit_locality": aud_ag, "audit_kl": aud_kl,
+        "ppl_before": scorer.ppl_base, "ppl_after": ppl, "ppl_drawdown": ppl_drawdown,
+        "relative_drift": total_rel,
+        "max_relative_drift": max((d["relative"] or 0.0) for d in drift.values()),
+    }
+
+    flags = []
+    for x in edits:
+        if x["edit_success"] is not None and x["edit_success"] < 1.0:
+            flags.append({"kind": "edit_lost", "entry": x["entry"],
+                          "message": f"edit {x['entry']} no longer holds "
+                                     f"({x['edit_success']:.0%} of its targets are the answer)"})
+    for key in ("edit_locality", "audit_locality"):
+        v = summary[key]
+        if v is not None and v < thresholds["locality"]:
+            flags.append({"kind": "locality", "key": key,
+                          "message": f"{key} {v:.3f} is below {thresholds['locality']}"})
+    for name, d in drift.items():
+        if d["relative"] is not None and d["relative"] > thresholds["relative_drift"]:
+            flags.append({"kind": "drift", "weight": name,
+                          "message": f"{name} moved {d['relative']:.3%} of its norm from the "
+                                     f"base (threshold {thresholds['relative_drift']:.1%})"})
+
+    result = {
+        "format": AUDIT_FORMAT, "format_version": AUDIT_FORMAT_VERSION,
+        "model": lm.model_id, "base_model_hash": lm.base_hash,
+        "range": [first, last], "audit_set": {"source": audit_set.source,
+                                              "prompts": len(audit_set.prompts),
+                                              "passages": len(audit_set.passages),
+                                              "sha256": audit_set.sha256},
+        "thresholds": thresholds, "summary": summary, "edits": edits, "drift": drift,
+        "ud_statistics": ({"base": stats_base, "state": stats_head} if editor else None),
+        "flags": flags,
+    }
+    if matrix:
+        result["chain"] = _chain(ws, scorer, chain, by_id, audit_set, progress)
+    result["seconds"] = round(time.perf_counter() - t_start, 2)
+    ws._loaded_state = None  # the audit moved the model through other states
+    return result
+
+
+def _cached_cells(ws, audit_sha: str) -> tuple[dict, dict]:
+    """Retention cells {state_hash: {entry: value}} and audit-set locality {state_hash:
+    [agreement, kl]} that earlier audits recorded."""
+    ret: dict = {}
+    loc: dict = {}
+    for a in ws.ledger.audits():
+        cache = (a.summary or {}).get("cache") or {}
+        for h, cells in (cache.get("retention") or {}).items():
+            ret.setdefault(h, {}).update({int(k): v for k, v in cells.items()})
+        for h, v in ((cache.get("locality") or {}).get(audit_sha) or {}).items():
+            loc.setdefault(h, v)
+    return ret, loc
+
+
+def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None) -> dict:
+    """The retention matrix and per-state series along the chain (see the module docstring)."""
+    rows = [e.id for e in chain if e.delta_sha256]
+    cached_ret, cached_loc = _cached_cells(ws, audit_set.sha256)
+    base = ws._base
+    base_sq = sum(float(torch.linalg.norm(t.double())) ** 2 for t in base.values())
+    cells: dict[int, dict[int, float]] = {}
+    series = []
+    cost = {"states": len(chain), "states_rebuilt": 0, "cells": 0, "cells_from_ledger": 0,
+            "cells_from_earlier_audits": 0, "cells_computed": 0}
+    new_ret: dict = {}
+    new_loc: dict = {}
+    prev_active: list[int] | None = None
+    prev_w = None
+    t0 = time.perf_counter()
+    for e in (progress(chain) if progress else chain):
+        want = [i for i in e.active_ids if i in rows and i <= e.id]
+        known = dict(cached_ret.get(e.state_hash, {}))
+        cost["cells_from_earlier_audits"] += sum(1 for i in want if i in known)
+        if e.id in want and e.kind == "edit" and e.id not in known \
+                and (e.metrics_after or {}).get("edit_success") is not None:
+            known[e.id] = float(e.metrics_after["edit_success"])
+            cost["cells_from_ledger"] += 1
+        missing = [i for i in want if i not in known]
+        loc = cached_loc.get(e.state_hash)  # [agreement, kl, relative drift]
+        if missing or loc is None:
+            # states along a chain usually extend the previous one by one delta: add just that
+            if prev_active is not None and list(e.active_ids) == prev_active:
+                w = prev_w
+            elif prev_active is not None and list(e.active_ids[:-1]) == prev_active and e.active_ids:
+                w = apply_deltas(prev_w, [ws._delta(e.active_ids[-1])])
+                cost["states_rebuilt"] += 1
+            else:
+                w = apply_deltas(base, [ws._delta(i) for i in e.active_ids])
+                cost["states_rebuilt"] += 1
+            got = state_hash(w) if e.active_ids else ws._base_hash
+            if got != e.state_hash:
+                raise LedgerError(f"entry {e.id}: rebuilt state {got[:12]} differs from the "
+                                  f"recorded {e.state_hash[:12]}; run `mendctl replay --verify`")
+            ws._set_weights(w, e.state_hash)
+            if missing:
+                known.update(scorer.retention([by_id[i] for i in missing]))
+                cost["cells_computed"] += len(missing)
+            if loc is None:
+                drift_sq = sum(float(torch.linalg.norm(w[n].double() - base[n].double())) ** 2
+                               for n in base)
+                loc = [*scorer.audit_locality(), math.sqrt(drift_sq / base_sq)]
+            prev_active, prev_w = list(e.active_ids), w
+        cost["cells"] += len(want)
+        cells[e.id] = {i: known[i] for i in want}
+        new_ret[e.state_hash] = {str(i): known[i] for i in want}
+        new_loc[e.state_hash] = loc
+        series.append({"entry": e.id, "kind": e.kind, "active_edits": len(e.active_ids),
+                       "retention": _mean(list(cells[e.id].values())),
+                       "audit_locality": loc[0], "audit_kl": loc[1], "relative_drift": loc[2]})
+    cost["seconds"] = round(time.perf_counter() - t0, 2)
+    matrix = [[cells[k].get(j) for k in [e.id for e in chain]] for j in rows]
+    return {"rows": rows, "columns": [e.id for e in chain], "matrix": matrix, "series": series,
+            "cost": cost, "cache": {"retention": new_ret, "locality": {audit_set.sha256: new_loc}}}
+
+
+def check_result(result: dict, fail_under: dict, fail_over: dict) -> list[str]:
+    """The `--fail-under` / `--fail-over` checks that fail, as messages."""
+    s = result["summary"]
+    failed = []
+    for key, limit in fail_under.items():
+        v = s.get(key)
+        if v is None or v < limit:
+            failed.append(f"{key} = {'n/a' if v is None else f'{v:.4g}'} is under {limit:g}")
+    for key, limit in fail_over.items():
+        v = s.get(key)
+        if v is None or v > limit:
+            failed.append(f"{key} = {'n/a' if v is None else f'{v:.4g}'} is over {limit:g}")
+    return failed
+
+
+def record_audit(ws, result: dict, report_path: str | None = None) -> int:
+    """Store the audit in the ledger (summary, flags and the matrix cache); returns its id."""
+    doc = {k: v for k, v in result.items() if k != "chain"}
+    if "chain" in result:
+        doc["chain"] = {k: v for k, v in result["chain"].items() if k != "cache"}
+        doc["cache"] = result["chain"]["cache"]
+    with ws.ledger.transaction() as s:
+        a = ws.ledger.add_audit(result["summary"]["state"], doc, report_path, session=s)
+        s.flush()
+        return a.id
