@@ -221,6 +221,8 @@ def log(ctx, limit, as_json):
             extra = f" reverts {e.reverts_id}"
         elif e.kind == "replay":
             extra = f" replays {e.replay_of_id}"
+        elif e.kind == "squash":
+            extra = " of " + ",".join(map(str, (e.notes or {}).get("squashed", [])))
         es = (e.metrics_after or {}).get("edit_success")
         size = f"{e.delta_size / 1024:.0f} KiB" if e.delta_size else "-"
         flags = ("*" if active else " ") + ("A" if e.id in audited else " ")
@@ -627,6 +629,45 @@ def audit(ctx, range_, data_file, report_dir, fail_under, fail_over, locality_th
         for msg in failed:
             click.echo(f"check failed: {msg}", err=True)
         sys.exit(2)
+
+
+@main.command()
+@click.argument("segment", metavar="A..B")
+@click.option("--rank", type=int, default=None,
+              help="Keep only the top R singular directions per weight (SVD); reports the error.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def squash(ctx, segment, rank, as_json):
+    """Replace the active edits A..B with one delta (a new entry; history stays).
+
+    Without --rank the factors are stacked and the state is kept up to float rounding; with
+    --rank R each weight's summed ΔW is truncated to rank R, and the reconstruction error and
+    the segment's edit success before/after are reported.
+
+    \b
+    Example:
+      mendctl squash 1..10
+      mendctl squash 1..10 --rank 16 --json
+    """
+    from .audit import parse_range
+    from .squash import squash as squash_segment
+
+    first, last = parse_range(segment)
+    if first is None or last is None:
+        raise InputError(f"squash needs both ends of the segment, e.g. `mendctl squash 1..10` "
+                         f"(got {segment!r})")
+    ws = _ws(ctx)
+    r = squash_segment(ws, first, last, rank=rank, command=_command_line())
+    if as_json:
+        return _print_json(r)
+    ret = r["retention"] or {}
+    fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
+    click.echo(f"entry {r['entry']}: squashed {', '.join(map(str, r['squashed']))} into one delta "
+               f"({r['delta_bytes'] / 1024:.0f} KiB; the segment took {r['segment_delta_bytes'] / 1024:.0f} KiB)")
+    click.echo(f"  rank {r['rank'] or 'exact'}; max relative reconstruction error "
+               f"{r['max_reconstruction_error']:.2e}; max |state change| {r['max_abs_state_diff']:.2e}")
+    click.echo(f"  segment edit success {fmt(ret.get('before'))} → {fmt(ret.get('after'))}")
 
 
 if __name__ == "__main__":

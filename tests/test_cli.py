@@ -48,7 +48,7 @@ def test_help_lists_every_command_and_each_has_an_example(tmp_path):
     commands = _commands()
     top = {c[0] for c in commands}
     assert {"init", "edit", "ask", "log", "show", "revert", "replay", "export", "verify",
-            "gc"} <= top
+            "gc", "audit", "squash", "train", "eval"} <= top
     r = run_cli("--help", cwd=tmp_path, cache_dir=tmp_path)
     assert r.returncode == 0, str(r)
     assert "Example" in r.stdout

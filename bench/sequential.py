@@ -1,0 +1,138 @@
+"""Sequential editing: chains of T distinct test-split edits on the default model, recorded in a
+real workspace (ledger + delta store) exactly as `mendctl edit` records them, then audited.
+
+Both protocols of the field, labelled:
+- immediate: each edit scored right after it was applied (its ledger row's `metrics_after`:
+  edit success, paraphrase success, and locality of that edit against the state before it);
+- final: all edits scored on the final model (`mendctl audit`: retention of every edit and
+  its paraphrases, and locality of every edit's own prompts against the base model).
+The retention matrix of the longest chain is drawn as the audit report draws it.
+
+Usage: python bench/sequential.py [--lengths 1,10,100] [--editors mend,ft_kl]
+       [--out bench/results/sequential.json] [--plot docs/sequential.png] [--report DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, write_json  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from mendctl.audit import record_audit, run_audit  # noqa: E402
+from mendctl.editors.data import load_split  # noqa: E402
+from mendctl.report import write_report  # noqa: E402
+from mendctl.workspace import Workspace  # noqa: E402
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, config_editor: str | None):
+    root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
+    if config_editor:
+        cfg = (root / "mendctl.yaml").read_text().replace("\neditor: default\n", f"\neditor: {config_editor}\n")
+        (root / "mendctl.yaml").write_text(cfg)
+    ws = Workspace.open(str(root))
+    t0 = time.time()
+    for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
+        ws.edit([c], editor=editor, max_steps=max_steps, command=f"bench/sequential.py {editor}")
+    edit_seconds = time.time() - t0
+    entries = ws.ledger.entries(reverse=False)
+    imm = [e.metrics_after or {} for e in entries]
+    t1 = time.time()
+    audit = run_audit(ws, matrix=report_dir is not None,
+                      progress=lambda xs: tqdm(xs, desc="audit", file=sys.stderr))
+    audit_seconds = time.time() - t1
+    record_audit(ws, audit)
+    if report_dir is not None:
+        write_report(audit, report_dir)
+    s = audit["summary"]
+    row = {
+        "editor": editor, "T": len(cases), "max_steps": max_steps,
+        "immediate_edit_success": _mean([m.get("edit_success") for m in imm]),
+        "immediate_paraphrase_success": _mean([m.get("paraphrase_success") for m in imm]),
+        "immediate_locality_vs_previous": _mean([m.get("locality") for m in imm]),
+        "final_edit_success": s["edit_retention"],
+        "final_paraphrase_success": s["paraphrase_retention"],
+        "final_locality_vs_base": s["edit_locality"],
+        "final_audit_locality": s["audit_locality"],
+        "final_ppl_drawdown": s["ppl_drawdown"],
+        "final_relative_drift": s["relative_drift"],
+        "seconds_per_edit": edit_seconds / len(cases),
+        "audit_seconds": audit_seconds,
+        "workspace": str(root),
+    }
+    if report_dir is not None:
+        row["series"] = audit["chain"]["series"]
+    ws.ledger.close()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1,10,100")
+    ap.add_argument("--editors", default="mend,ft_kl")
+    ap.add_argument("--max-steps", type=int, default=1, help="MEND steps per edit (1: the paper)")
+    ap.add_argument("--offset", type=int, default=0, help="first test case of every chain")
+    ap.add_argument("--editor-dir", default=None, help="a MEND editor other than the shipped one")
+    ap.add_argument("--out", default="bench/results/sequential.json")
+    ap.add_argument("--plot", default="docs/sequential.png")
+    ap.add_argument("--report", default=None, help="write the longest MEND chain's audit report here")
+    a = ap.parse_args()
+    lengths = [int(x) for x in a.lengths.split(",")]
+    test = load_split("test")
+    rows = []
+    for editor in a.editors.split(","):
+        for T in lengths:
+            longest = T == max(lengths)
+            rep = Path(a.report) / editor if (a.report and longest) else None
+            if longest and rep is None:
+                rep = Path(tempfile.mkdtemp()) / "report"  # the series is still wanted for the plot
+            rows.append(run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir))
+            write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})
+    cols = ["editor", "T", "immediate_edit_success", "immediate_paraphrase_success",
+            "immediate_locality_vs_previous", "final_edit_success", "final_paraphrase_success",
+            "final_locality_vs_base", "final_audit_locality", "final_ppl_drawdown",
+            "seconds_per_edit"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print(table([{c: fmt(r[c]) for c in cols} for r in rows], cols))
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for r in rows:
+            if "series" not in r:
+                continue
+            s = [x for x in r["series"] if x["retention"] is not None]
+            x = [p["active_edits"] for p in s]
+            axes[0].plot(x, [p["retention"] for p in s], label=f"{r['editor']}: mean retention")
+            axes[0].plot(x, [p["audit_locality"] for p in s], "--", label=f"{r['editor']}: audit-set locality")
+            axes[1].plot(x, [p["relative_drift"] for p in s], label=r["editor"])
+        axes[0].set_xlabel("edits applied")
+        axes[0].set_ylim(-0.02, 1.02)
+        axes[0].legend(fontsize=7)
+        axes[0].set_title("all active edits scored after each edit")
+        axes[1].set_xlabel("edits applied")
+        axes[1].set_ylabel("‖W − W_base‖ / ‖W_base‖")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(a.plot, dpi=120)
+        print(f"wrote {a.plot}", file=sys.stderr)
+    print(json.dumps({"rows": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()
