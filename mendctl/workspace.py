@@ -461,10 +461,13 @@ class Workspace:
                 "later_edits": later, "gap": gap}
 
     def _replay_entries(self, start_active: list[int], ids: list[int], editor: str | None = None) -> list[dict]:
-        """Recompute the edits `ids` in order on base + start_active (not recorded)."""
+        """Recompute the edits `ids` in order on base + start_active (not recorded).
+
+        A squash entry is recomputed as the edits it combined, each with its own editor and
+        steps: re-running its facts as one batched MEND edit would be a different edit."""
         out = []
         w = self.weights_for(start_active)
-        for i in ids:
+        for i in self._expand_squashes(ids):
             old = self.ledger.get(i)
             name = editor or (old.editor_name if old.editor_name in EDITORS else "mend")
             ed = self.editor(name)
@@ -478,6 +481,14 @@ class Workspace:
             out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
                         "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps})
         self._loaded_state = None
+        return out
+
+    def _expand_squashes(self, ids: list[int]) -> list[int]:
+        out = []
+        for i in ids:
+            e = self.ledger.get(i)
+            squashed = (e.notes or {}).get("squashed") if e.kind == "squash" else None
+            out += self._expand_squashes(list(squashed)) if squashed else [i]
         return out
 
     def _record_replays(self, s, parent: int, active: list[int], replayed: list[dict],
@@ -570,7 +581,7 @@ class Workspace:
         if head is None or not head.active_ids:
             raise InputError("there are no active edits to replay")
         requests = []
-        for i in head.active_ids:
+        for i in self._expand_squashes(list(head.active_ids)):
             e = self.ledger.get(i)
             cases = [EditCase.from_dict(c) for c in (e.request or [])] or \
                 [EditCase(input=a, target=b) for a, b in zip(e.inputs, e.targets)]

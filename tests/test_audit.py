@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_helpers import (CHAIN, chain, clone_workspace, one_line_error,  # noqa: E402,F401
-                         tiny_assets)
+from e2e_helpers import (CHAIN, chain, clone_workspace, init_workspace_inprocess,  # noqa: E402,F401
+                         one_line_error, tiny_assets)
 
 
 @pytest.fixture
@@ -48,11 +48,31 @@ def test_reverted_edit_is_not_counted_and_unchanged_model_is_local(ws_chain):
     assert r["flags"] == []
 
 
-def test_retention_matrix_equals_scoring_each_state_and_is_reused(ws_chain):
+@pytest.fixture
+def ft_chain(tiny_assets, tmp_path):
+    """Three fine-tuning edits of the tiny model: they hold when made (FT runs until the
+    target is the argmax), so retention values are not all zero."""
+    from mendctl.editors.data import EditCase
+    from mendctl.workspace import Workspace
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache)
+    w = Workspace.open(str(ws.root))
+    ft = w.editor("ft")
+    ft.lr, ft.steps = 0.05, 60  # the tiny random model needs larger steps than a real one
+    for x, y in CHAIN:
+        w.edit([EditCase(input=x, target=y)], editor="ft")
+    yield w
+    w.ledger.close()
+
+
+def test_retention_matrix_equals_scoring_each_state_and_is_reused(ft_chain):
     from mendctl.audit import record_audit, run_audit
     from mendctl.editors.metrics import target_scores
 
-    _, w = ws_chain
+    w = ft_chain
+    assert all(e.metrics_after["edit_success"] == 1.0 for e in w.ledger.entries())
     w.revert(1)  # a column where edit 1 is no longer active
     r = run_audit(w)
     c = r["chain"]
@@ -68,6 +88,7 @@ def test_retention_matrix_equals_scoring_each_state_and_is_reused(ws_chain):
             e = by_id[j]
             ok = target_scores(w.lm.model, w.lm.tokenizer, list(e.inputs), list(e.targets), w.fmt)[0]
             assert cell == sum(ok) / len(ok), (j, k)
+    assert c["matrix"][0][0] == 1.0 and c["matrix"][2][2] == 1.0
     assert c["cost"]["cells_from_ledger"] == 3  # each edit's own success right after it
     assert c["cost"]["cells_computed"] == c["cost"]["cells"] - 3
 

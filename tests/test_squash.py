@@ -272,3 +272,22 @@ def test_cli_squash_exact_and_truncated(chain, tmp_path):
     text = ws.ok("log").stdout
     assert "squash" in text
     assert ws.run("replay", "--verify").returncode == 0
+
+
+def test_revert_by_replay_recomputes_a_squash_as_its_edits(chain, tmp_path):
+    """Replaying past a squash re-runs the edits it combined, one by one, not one batch."""
+    from mendctl.workspace import Workspace
+
+    ws = clone_workspace(chain.ws, tmp_path / "ws")
+    w = Workspace.open(str(ws.root))
+    try:
+        squash(w, 2, 3)  # entry 4; active [1, 4]
+        r = w.revert(1, replay=True)
+        by_id = {e.id: e for e in w.ledger.entries()}
+        replays = [by_id[i] for i in r["entries"][1:]]
+        assert [e.replay_of_id for e in replays] == [2, 3]
+        assert [list(e.inputs) for e in replays] == [[CHAIN[1][0]], [CHAIN[2][0]]]
+        assert w.head().active_ids == [e.id for e in replays]
+        assert w.replay_verify()["ok"]
+    finally:
+        w.ledger.close()
