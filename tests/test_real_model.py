@@ -74,3 +74,33 @@ def test_chain_revert_and_replay_on_the_real_model(ws):
     run(ws, "verify")
     again = run(ws, "revert", str(first), check=False)
     assert again.returncode != 0 and "not active" in again.stderr
+
+
+def test_audit_and_squash_on_the_real_model(ws):
+    # continues the chain above: reverted edits are not counted, only active ones
+    log = as_json(run(ws, "log", "--json"))
+    head = log[0]
+    out = as_json(run(ws, "audit", "--report", "audit-report", "--json"))
+    ids = [e["entry"] for e in out["edits"]]
+    assert ids == head["active_ids"] and ids
+    reverted = {e["reverts_id"] for e in log if e["kind"] == "revert"}
+    assert not reverted & set(ids)
+    s = out["summary"]
+    assert s["audit_locality"] > 0.8 and s["relative_drift"] > 0
+    assert (ws / "audit-report" / "report.html").is_file()
+    assert as_json(run(ws, "log", "--json"))[0]["audited"]
+
+    for i in ids:  # nothing active: the base model, which is local to itself exactly
+        run(ws, "revert", str(i))
+    out = as_json(run(ws, "audit", "--no-matrix", "--json"))
+    assert out["edits"] == []
+    assert out["summary"]["audit_locality"] == 1.0 and out["summary"]["audit_kl"] == 0.0
+
+    for inp, tgt in [("The capital of Japan is", "Osaka"), ("The currency of Sweden is the", "euro")]:
+        run(ws, "edit", "--input", inp, "--target", tgt)
+    a, b = as_json(run(ws, "log", "--json"))[0]["active_ids"]
+    sq = as_json(run(ws, "squash", f"{a}..{b}", "--json"))
+    assert sq["squashed"] == [a, b] and sq["max_reconstruction_error"] < 1e-9
+    assert sq["retention"]["after"] == sq["retention"]["before"]
+    assert sq["max_abs_state_diff"] < 1e-5
+    run(ws, "replay", "--verify")
