@@ -19,6 +19,24 @@ from .errors import ConfigError
 CONFIG_FILE = "mendctl.yaml"
 STATE_DIR = ".mendctl"
 
+#: The chain a workspace writes when mendctl.yaml names none (and every entry of a ledger made
+#: before chains existed). Chain names are short, shell- and URL-safe words; the ledger's
+#: `chain` columns hold at most CHAIN_MAX_LEN characters.
+DEFAULT_CHAIN = "main"
+CHAIN_RE = re.compile(r"[A-Za-z0-9_.-]+")
+CHAIN_MAX_LEN = 128
+
+
+def chain_problem(name: object) -> str | None:
+    """Why `name` is not a valid chain name (None: it is)."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty name (letters, digits, _ . -), e.g. main"
+    if not CHAIN_RE.fullmatch(name):
+        return f"is {name!r}; use only letters, digits, _ . and - (e.g. team-a)"
+    if len(name) > CHAIN_MAX_LEN:
+        return f"is {len(name)} characters long; use at most {CHAIN_MAX_LEN}"
+    return None
+
 TEMPLATE = """\
 # mendctl workspace configuration. Every key is optional; the values shown are the defaults.
 
@@ -47,8 +65,14 @@ prompt_format: raw
 device: cpu
 dtype: float32
 
-# The ledger: any SQLAlchemy URL; null means an SQLite file .mendctl/ledger.db here.
+# The ledger: an SQLAlchemy URL, SQLite (sqlite:////abs/path.db) or PostgreSQL
+# (postgresql+psycopg://user:password@host/dbname; needs `pip install 'mendctl[postgres]'`);
+# null means an SQLite file .mendctl/ledger.db here.
 ledger: null
+
+# This workspace's chain of edits in the ledger. Several workspaces can share one ledger
+# database (e.g. one PostgreSQL server), each with its own chain: letters, digits, _ . -
+chain: main
 
 # The delta store directory (relative to this file); content-addressed safetensors files.
 store: .mendctl/deltas
@@ -71,6 +95,7 @@ class Config:
     device: str = "cpu"
     dtype: str = "float32"
     ledger: str | None = None
+    chain: str = DEFAULT_CHAIN
     store: str = ".mendctl/deltas"
     lock_timeout: float = 60.0
     seed: int = 0
@@ -97,12 +122,15 @@ class Config:
                     bad("edit_weights", f"has a bad regular expression {p!r}: {e}")
         if self.lock_timeout < 0:
             bad("lock_timeout", "must be ≥ 0")
+        problem = chain_problem(self.chain)
+        if problem:
+            bad("chain", problem)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_cache": (str, type(None)), "editor": (str,),
     "edit_weights": (list, str), "prompt_format": (str,), "device": (str,), "dtype": (str,),
-    "ledger": (str, type(None)), "store": (str,), "lock_timeout": (int, float), "seed": (int,),
+    "ledger": (str, type(None)), "chain": (str,), "store": (str,), "lock_timeout": (int, float), "seed": (int,),
 }
 
 

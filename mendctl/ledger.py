@@ -9,10 +9,28 @@ Every entry records `active_ids`, the ordered ids of the entries whose deltas ma
 state after it, so any state is a pure function of the base checkpoint and that list, and
 `state_hash` records what that function must give.
 
+One database can hold several chains (a `chain` column on entries and workspace meta):
+workspaces that share a ledger, typically on PostgreSQL, each read and write only their own
+chain, so "the head", the history and the workspace facts are per chain. Entry ids stay unique
+across the whole database (they are cited in other entries and reports).
+
+Two back ends are supported and run the same Alembic migrations:
+
+* SQLite (the default, a file in the workspace): a write transaction opens with BEGIN
+  IMMEDIATE, which takes the database's single write lock up front.
+* PostgreSQL (`postgresql+psycopg://...`, for a ledger shared between machines): a write
+  transaction first takes `pg_advisory_xact_lock(<64-bit key derived from the chain name>)`.
+  Writers of one chain queue there, so the head they read inside the transaction is still the
+  head at commit; writers of other chains do not wait for each other. The lock is released
+  by COMMIT/ROLLBACK or when the connection dies, so it cannot go stale.
+
+Either way a writer that waits longer than `busy_timeout` gets a LedgerError saying so.
+
 It knows nothing of models, editors or the delta store beyond the hashes and paths it records.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,16 +39,20 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, DateTime, ForeignKey, Integer, MetaData, String, Text,
-                        create_engine, event, select)
+from sqlalchemy import (JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text,
+                        create_engine, event, or_, select, text)
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from mendctl.config import CHAIN_MAX_LEN, DEFAULT_CHAIN, chain_problem
 from mendctl.errors import InputError, LedgerError
 
 DEFAULT_BUSY_TIMEOUT = 30.0
+
+#: Back ends mendctl knows how to lock (see the module docstring); others are refused.
+BACKENDS = ("sqlite", "postgresql")
 
 #: Entry kinds mendctl writes. The column is free text so a new kind needs no migration.
 KINDS = ("init", "edit", "revert", "replay", "squash", "import")
@@ -92,9 +114,14 @@ class Entry(Base):
     __tablename__ = "entries"
     # AUTOINCREMENT: ids are never reused, even if rows were ever removed (ids are cited in
     # reports, `active_ids` lists and other entries' reverts_id/replay_of_id).
-    __table_args__ = {"sqlite_autoincrement": True}
+    # ix_entries_chain is on (chain, id): it serves "this chain's entries in id order" and
+    # "this chain's head" (the highest id) directly, on SQLite and PostgreSQL alike.
+    __table_args__ = (Index("ix_entries_chain", "chain", "id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Which workspace's history the entry belongs to (migration 0002; older rows got 'main').
+    # Set by the Ledger from its own chain, never by callers.
+    chain: Mapped[str] = mapped_column(String(CHAIN_MAX_LEN), server_default=DEFAULT_CHAIN)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_utcnow, index=True)
@@ -135,10 +162,15 @@ class Entry(Base):
 
 
 class WorkspaceMeta(Base):
-    """Workspace-wide facts as text (base_model_hash, ...): JSON-encode structured values."""
+    """Workspace-wide facts as text (base_model_hash, ...): JSON-encode structured values.
+
+    Keyed by (chain, key): each chain, i.e. each workspace sharing the database, has its own
+    facts (two workspaces on one PostgreSQL ledger may use different base models)."""
 
     __tablename__ = "workspace_meta"
 
+    chain: Mapped[str] = mapped_column(String(CHAIN_MAX_LEN), primary_key=True,
+                                       server_default=DEFAULT_CHAIN)
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
 
@@ -162,37 +194,81 @@ class Audit(Base):
         return out
 
 
-_ENTRY_FIELDS = frozenset(c.key for c in Entry.__table__.columns) - {"id"}
+_ENTRY_FIELDS = frozenset(c.key for c in Entry.__table__.columns) - {"id", "chain"}
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 def _locked(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "database is locked" in text or "database is busy" in text
+    msg = str(e).lower()
+    # SQLite's busy timeout; PostgreSQL's lock_timeout (set from busy_timeout, see _pg_lock).
+    return ("database is locked" in msg or "database is busy" in msg
+            or "lock timeout" in msg or "lock_not_available" in msg)
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for `pg_advisory_xact_lock`, derived from `name`.
+
+    sha256 rather than Python's hash(): every process, on every machine, must derive the same
+    key. A collision between two names would only make their writers queue behind each other.
+    """
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def chain_lock_key(chain: str) -> int:
+    """The advisory-lock key of a chain's write transactions (PostgreSQL)."""
+    return advisory_key(f"mendctl.ledger.chain:{chain}")
+
+
+#: The advisory-lock key of schema migrations (PostgreSQL): two processes opening a fresh
+#: database at once must not both create the tables.
+MIGRATION_LOCK_KEY = advisory_key("mendctl.ledger.migrate")
 
 
 class Ledger:
-    """The ledger database at `url` (`sqlite:///path`, or a plain file path).
+    """The ledger database at `url` (`sqlite:///path`, a plain file path, or
+    `postgresql+psycopg://...`), read and written as the chain `chain`.
 
     `open()` brings the schema to head (or refuses a ledger from a newer mendctl); use
     `transaction()` for work that must land together. Query helpers take an optional
     `session` to join a transaction the caller holds; without one they use their own.
     """
 
-    def __init__(self, url: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+    def __init__(self, url: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 chain: str = DEFAULT_CHAIN) -> None:
         if isinstance(url, Path) or "://" not in str(url):
             url = sqlite_url(url)
+        try:
+            parsed = make_url(str(url))
+        except Exception as e:  # sqlalchemy's ArgumentError
+            raise LedgerError(f"`ledger: {url}` is not a database URL ({e}); use e.g. "
+                              "sqlite:////abs/path/ledger.db or "
+                              "postgresql+psycopg://user@host/dbname") from e
+        backend = parsed.get_backend_name()
+        if backend not in BACKENDS:
+            raise LedgerError(f"ledger {parsed.render_as_string(hide_password=True)}: mendctl "
+                              f"keeps its ledger in SQLite or PostgreSQL, not {backend}")
+        if backend == "postgresql" and parsed.drivername == "postgresql":
+            # A bare postgresql:// means psycopg2 to SQLAlchemy; mendctl depends on psycopg 3.
+            parsed = parsed.set(drivername="postgresql+psycopg")
+            url = parsed.render_as_string(hide_password=False)
+        problem = chain_problem(chain)
+        if problem:
+            raise LedgerError(f"the ledger chain {problem}")
         self.url = str(url)
+        self.chain = chain
         self.busy_timeout = float(busy_timeout)
         self._engine: Engine | None = None
         self._write_engine: Engine | None = None
         self._sessions: sessionmaker | None = None
-        self._is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        self._is_sqlite = backend == "sqlite"
+        self._is_postgresql = backend == "postgresql"
+        #: The URL as messages show it: never with its password.
+        self.shown_url = parsed.render_as_string(hide_password=True)
 
     # -- connection -----------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        return f"Ledger({self.url!r})"
+        return f"Ledger({self.shown_url!r}, chain={self.chain!r})"
 
     def __enter__(self) -> "Ledger":
         return self.open()
@@ -219,7 +295,13 @@ class Ledger:
 
     def _create_engine(self) -> Engine:
         if not self._is_sqlite:
-            return create_engine(self.url)
+            try:
+                # pre_ping: a pooled connection the server dropped is replaced, not an error.
+                return create_engine(self.url, pool_pre_ping=True)
+            except ImportError as e:  # the driver is an optional extra
+                raise LedgerError(f"ledger {self.shown_url} needs the PostgreSQL driver "
+                                  f"psycopg ({e}); install it with "
+                                  "`pip install 'mendctl[postgres]'`") from e
         path = self._db_path()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,22 +336,48 @@ class Ledger:
             self._engine.dispose()
         self._engine = self._write_engine = self._sessions = None
 
+    def _busy_error(self, doing: str) -> LedgerError:
+        chain = "" if self._is_sqlite else f" (chain {self.chain!r})"
+        return LedgerError(f"the ledger {self.shown_url}{chain} stayed locked by another "
+                           f"mendctl process for more than {self.busy_timeout:g} s while "
+                           f"{doing}; wait for it to finish and run the command again")
+
     def _translate(self, e: SQLAlchemyError, doing: str) -> LedgerError:
         if isinstance(e, OperationalError) and _locked(e):
-            return LedgerError(f"the ledger {self.url} stayed locked by another mendctl process "
-                               f"for more than {self.busy_timeout:g} s while {doing}; wait for "
-                               "it to finish and run the command again")
+            return self._busy_error(doing)
         detail = str(getattr(e, "orig", None) or e)
         hint = ""
-        if "no such table" in detail:
+        if "no such table" in detail or ("relation" in detail and "does not exist" in detail):
             hint = " (the ledger has no schema: call Ledger.open(), which migrates it, first)"
         elif "already exists" in detail:
             hint = (" (the database has tables but no mendctl schema revision: it is not a "
                     "mendctl ledger; point mendctl at another file)")
         elif "not a database" in detail:
             hint = " (the file is not an SQLite database: restore the ledger from a backup)"
-        return LedgerError(f"ledger {self.url}: error while {doing}: {e.__class__.__name__}: "
-                           f"{detail}{hint}")
+        elif self._is_postgresql and isinstance(e, OperationalError) and (
+                "connect" in detail or ("database" in detail and "does not exist" in detail)):
+            hint = (" (is the PostgreSQL server running, does the database exist, and are "
+                    "the user and password in `ledger:` of mendctl.yaml right?)")
+        return LedgerError(f"ledger {self.shown_url}: error while {doing}: "
+                           f"{e.__class__.__name__}: {detail}{hint}")
+
+    def _pg_lock(self, conn: Connection, key: int, doing: str) -> None:
+        """Take the transaction-level advisory lock `key` (PostgreSQL), waiting at most
+        `busy_timeout` seconds; held until COMMIT or ROLLBACK.
+
+        The wait is bounded with a transaction-local lock_timeout (0 would mean "forever"
+        there, so a zero timeout tries once instead).
+        """
+        if self.busy_timeout <= 0:
+            got = conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar()
+            if not got:
+                raise self._busy_error(doing)
+            return
+        ms = max(1, int(self.busy_timeout * 1000))
+        conn.execute(text("SELECT set_config('lock_timeout', :ms, true)"), {"ms": f"{ms}ms"})
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        # lock_timeout stays set for the rest of the transaction (SET LOCAL): like SQLite's
+        # busy timeout, it bounds every lock wait of the transaction, not only this one.
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -326,6 +434,8 @@ class Ledger:
         try:
             with self._write_conn_nofk() as conn:
                 with conn.begin():
+                    if self._is_postgresql:  # what BEGIN IMMEDIATE does for SQLite
+                        self._pg_lock(conn, MIGRATION_LOCK_KEY, "migrating the schema")
                     heads = self._current_heads(conn)
                     self._check_known(heads, script)
                     if action == "upgrade":
@@ -386,8 +496,9 @@ class Ledger:
     def transaction(self, write: bool = True) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on an exception.
 
-        `write=True` takes SQLite's write lock at BEGIN (waiting up to `busy_timeout`), so
-        the head read inside is still the head at commit. Objects stay usable afterwards.
+        `write=True` takes the chain's write lock first (SQLite: the database's write lock, at
+        BEGIN IMMEDIATE; PostgreSQL: the chain's advisory lock), waiting up to `busy_timeout`,
+        so the head read inside is still the head at commit. Objects stay usable afterwards.
         """
         self.engine  # noqa: B018
         bind = self._write_engine if write else self._engine
@@ -395,9 +506,11 @@ class Ledger:
             with self._sessions(bind=bind) as session:
                 with session.begin():
                     if write:  # sessions connect lazily: take the write lock now, at BEGIN
-                        session.connection()
+                        conn = session.connection()
+                        if self._is_postgresql:
+                            self._pg_lock(conn, chain_lock_key(self.chain), "writing")
                     yield session
-        except (IntegrityError, OperationalError) as e:
+        except DBAPIError as e:  # PostgreSQL reports a missing table as a ProgrammingError
             raise self._translate(e, "writing" if write else "reading") from e
 
     @contextmanager
@@ -411,21 +524,29 @@ class Ledger:
     # -- entries --------------------------------------------------------------------------
 
     def head(self, session: Session | None = None) -> Entry | None:
-        """The latest entry (highest id), or None for an empty ledger."""
+        """The latest entry of this chain (highest id), or None for an empty chain."""
+        q = select(Entry).where(Entry.chain == self.chain).order_by(Entry.id.desc()).limit(1)
         with self._session(session, write=False) as s:
-            return s.scalars(select(Entry).order_by(Entry.id.desc()).limit(1)).first()
+            return s.scalars(q).first()
 
     def get(self, entry_id: int, session: Session | None = None) -> Entry:
+        """Entry `entry_id`, which must belong to this chain (InputError otherwise)."""
         with self._session(session, write=False) as s:
             entry = s.get(Entry, int(entry_id))
         if entry is None:
             raise InputError(f"no entry {entry_id}; see `mendctl log`")
+        if entry.chain != self.chain:
+            raise InputError(f"entry {entry_id} belongs to chain {entry.chain!r} of the shared "
+                             f"ledger, not to this workspace's chain {self.chain!r}; see "
+                             "`mendctl log`")
         return entry
 
     def entries(self, limit: int | None = None, reverse: bool = True,
                 session: Session | None = None) -> list[Entry]:
-        """Entries newest first (`reverse=True`) or oldest first, at most `limit`."""
-        q = select(Entry).order_by(Entry.id.desc() if reverse else Entry.id.asc())
+        """This chain's entries newest first (`reverse=True`) or oldest first, at most
+        `limit`."""
+        q = (select(Entry).where(Entry.chain == self.chain)
+             .order_by(Entry.id.desc() if reverse else Entry.id.asc()))
         if limit is not None:
             q = q.limit(int(limit))
         with self._session(session, write=False) as s:
@@ -437,6 +558,9 @@ class Ledger:
         Required: `kind` and `state_hash`. Unknown field names raise TypeError. Pass the
         `session` of a `transaction()` to land the row together with other work.
         """
+        if "chain" in fields:
+            raise TypeError(f"an entry's chain is its ledger's (Ledger(chain=...), here "
+                            f"{self.chain!r}), not a field")
         unknown = set(fields) - _ENTRY_FIELDS
         if unknown:
             raise TypeError(f"unknown entry field(s) {sorted(unknown)}; "
@@ -449,8 +573,9 @@ class Ledger:
         active = fields.get("active_ids", [])
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in active):
             raise TypeError(f"active_ids must be entry ids (ints), got {active!r}")
-        entry = Entry(**fields)
+        entry = Entry(**fields, chain=self.chain)
         with self._session(session, write=True) as s:
+            self._check_same_chain(s, fields)
             s.add(entry)
             try:
                 s.flush()
@@ -459,29 +584,50 @@ class Ledger:
                                   "reverts_id or replay_of_id name an existing entry?)") from e
         return entry
 
+    def _check_same_chain(self, s: Session, fields: dict[str, Any]) -> None:
+        """An entry may only point at entries of its own chain (ids that do not exist are
+        left to the foreign keys, which say so)."""
+        refs = {fields.get(k) for k in ("parent_id", "reverts_id", "replay_of_id")} - {None}
+        if not refs:
+            return
+        rows = s.execute(select(Entry.id, Entry.chain).where(Entry.id.in_(refs))).all()
+        other = sorted((i, c) for i, c in rows if c != self.chain)
+        if other:
+            raise LedgerError(f"cannot record the entry: it refers to entry {other[0][0]} of "
+                              f"chain {other[0][1]!r}, not of this ledger's chain {self.chain!r}")
+
     def known_delta_hashes(self, session: Session | None = None) -> set[str]:
-        """Every delta hash any entry references (what the store must keep)."""
+        """Every delta hash any entry references (what the store must keep).
+
+        Deliberately over ALL chains, not just this one: workspaces sharing a ledger may also
+        share a delta store (`store:` pointing at one directory), and `gc` must never delete a
+        file another chain still references. The cost is that a file only another chain
+        references is never reported as an orphan of this workspace's store.
+        """
         q = select(Entry.delta_sha256).where(Entry.delta_sha256.is_not(None)).distinct()
         with self._session(session, write=False) as s:
             return set(s.scalars(q))
 
     # -- workspace meta -------------------------------------------------------------------
 
+    # Per chain: each workspace sharing the database keeps its own facts.
+
     def get_meta(self, key: str, default: str | None = None,
                  session: Session | None = None) -> str | None:
         with self._session(session, write=False) as s:
-            row = s.get(WorkspaceMeta, key)
+            row = s.get(WorkspaceMeta, {"chain": self.chain, "key": key})
             return default if row is None else row.value
 
     def set_meta(self, key: str, value: str, session: Session | None = None) -> None:
         if not isinstance(value, str):
             raise TypeError(f"workspace meta values are text; json.dumps {key!r} first")
         with self._session(session, write=True) as s:
-            s.merge(WorkspaceMeta(key=key, value=value))
+            s.merge(WorkspaceMeta(chain=self.chain, key=key, value=value))
 
     def all_meta(self, session: Session | None = None) -> dict[str, str]:
+        q = select(WorkspaceMeta).where(WorkspaceMeta.chain == self.chain)
         with self._session(session, write=False) as s:
-            return {m.key: m.value for m in s.scalars(select(WorkspaceMeta))}
+            return {m.key: m.value for m in s.scalars(q)}
 
     # -- audits ---------------------------------------------------------------------------
 
@@ -497,8 +643,14 @@ class Ledger:
         return audit
 
     def audits(self, entry_id: int | None = None, session: Session | None = None) -> list[Audit]:
-        """Audits newest first, optionally only those of one entry's state."""
-        q = select(Audit).order_by(Audit.id.desc())
+        """Audits newest first, optionally only those of one entry's state.
+
+        Those of this chain's entries, and those of the base model (entry_id NULL), which
+        belong to no chain: the audits table has no chain column of its own, an audit's chain
+        is its entry's."""
+        q = (select(Audit).outerjoin(Entry, Audit.entry_id == Entry.id)
+             .where(or_(Audit.entry_id.is_(None), Entry.chain == self.chain))
+             .order_by(Audit.id.desc()))
         if entry_id is not None:
             q = q.where(Audit.entry_id == entry_id)
         with self._session(session, write=False) as s:

@@ -5,6 +5,13 @@ This module owns the lock file and its side file. The lock itself is an OS file 
 side file `<lock>.holder.json` records who holds it (pid, host, command, since) purely so
 that a process that cannot get the lock can say who has it; it is advisory text, never
 what decides who holds the lock.
+
+The lock is per workspace directory (it lives in .mendctl/), and it covers the whole of a
+command: loading the head, computing an edit, recording it. The ledger has a lock of its own
+for the recording step (mendctl.ledger: SQLite's write lock, or on PostgreSQL an advisory lock
+per chain), which is what keeps a chain linear when writers do not share this file, e.g. two
+directories, or two hosts, configured with the same PostgreSQL ledger and chain: there the
+second writer's edit is refused ("the ledger moved while editing") instead of forking the chain.
 """
 from __future__ import annotations
 

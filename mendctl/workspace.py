@@ -126,7 +126,8 @@ class Workspace:
     @cached_property
     def ledger(self) -> Ledger:
         self.state_dir.mkdir(exist_ok=True)
-        return Ledger(self.ledger_url, busy_timeout=self.config.lock_timeout).open()
+        return Ledger(self.ledger_url, busy_timeout=self.config.lock_timeout,
+                      chain=self.config.chain).open()
 
     @cached_property
     def store(self) -> DeltaStore:

@@ -14,6 +14,8 @@ config = context.config
 target_metadata = Base.metadata
 
 # render_as_batch: SQLite cannot ALTER most things in place; batch mode rebuilds the table.
+# Kept on for every back end: the same migration scripts run on SQLite and on PostgreSQL, where
+# batch operations are plain ALTER TABLEs, so autogenerate always writes the portable form.
 _OPTIONS = dict(target_metadata=target_metadata, render_as_batch=True, compare_type=True)
 
 

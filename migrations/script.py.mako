@@ -4,9 +4,10 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
-Runs in-process from `mendctl.ledger.Ledger` (SQLite: batch mode, inside one IMMEDIATE
-transaction with foreign keys off). Keep the ORM models in mendctl/ledger.py in step:
-tests/test_migrations.py compares the two.
+Runs in-process from `mendctl.ledger.Ledger`, on SQLite (batch mode, inside one IMMEDIATE
+transaction with foreign keys off) and on PostgreSQL (one transaction holding an advisory
+lock): write it with batch operations so it works on both. Keep the ORM models in
+mendctl/ledger.py in step: tests/test_migrations.py and tests/test_postgres.py compare the two.
 """
 from typing import Sequence, Union
 

@@ -143,3 +143,40 @@ def test_concurrent_first_open(tmp_path):
         t.join()
     assert errors == []
     assert Ledger(url).current_revision() == Ledger(url).head_revision()
+
+
+def _schema(path) -> dict:
+    """What SQLite says about each table: columns, primary key, indexes, foreign keys."""
+    engine = create_engine(sqlite_url(path))
+    try:
+        insp = inspect(engine)
+        out = {}
+        for t in sorted(set(insp.get_table_names()) - {"sqlite_sequence", "alembic_version"}):
+            out[t] = {
+                "columns": [(c["name"], str(c["type"]), c["nullable"], c["default"])
+                            for c in insp.get_columns(t)],
+                "pk": insp.get_pk_constraint(t)["constrained_columns"],
+                "indexes": sorted((i["name"], tuple(i["column_names"]))
+                                  for i in insp.get_indexes(t)),
+                "fks": sorted((f["name"], tuple(f["constrained_columns"]), f["referred_table"])
+                              for f in insp.get_foreign_keys(t)),
+            }
+        with sqlite3.connect(path) as con:
+            sql = con.execute("SELECT sql FROM sqlite_master WHERE name='entries'").fetchone()[0]
+        out["entries_autoincrement"] = "AUTOINCREMENT" in sql
+        return out
+    finally:
+        engine.dispose()
+
+
+def test_0002_down_to_0001_gives_back_the_0001_schema(tmp_path):
+    # 0002 rebuilds tables on SQLite (batch mode): going down must restore 0001 exactly,
+    # AUTOINCREMENT and constraint names included, or a later upgrade would drift.
+    fresh, round_trip = tmp_path / "fresh.db", tmp_path / "round.db"
+    Ledger(sqlite_url(fresh)).upgrade("0001")
+    led = Ledger(sqlite_url(round_trip)).open()
+    assert led.current_revision() == "0002"
+    led.downgrade("0001")
+    led.close()
+    assert _schema(round_trip) == _schema(fresh)
+    assert _schema(fresh)["entries_autoincrement"]
