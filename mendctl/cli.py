@@ -473,15 +473,26 @@ def data_build(out, seed):
 @click.option("--loc-per-edit", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Locality prompts per edit and step.")
 @click.option("--no-resume", is_flag=True, help="Start over even if a training state exists.")
+@click.option("--num-processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Data-parallel processes: each step's edits are split between them "
+                   "(same result as one process, up to float rounding).")
 @click.pass_context
 @handle_errors
 def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_step, lr,
-          val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, no_resume):
+          val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, no_resume,
+          num_processes):
     """Train a MEND editor for the workspace's model (Algorithm 1).
+
+    With --num-processes N, N local processes train one editor (gloo on CPU); each step's
+    --edits-per-step edits are split between them. `accelerate launch` or `torchrun` can
+    start the processes instead (on a CPU-only machine: `accelerate launch --multi_gpu
+    --num_processes N -m mendctl train ...`, since accelerate starts several processes only in
+    that mode); then leave out --num-processes.
 
     \b
     Example:
       mendctl train --out editors/my-editor --max-minutes 75
+      mendctl train --out editors/my-editor --edits-per-step 8 --num-processes 2
     """
     from .training import train_editor
 
@@ -493,9 +504,12 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
                  device=cfg.device, steps=steps, max_minutes=max_minutes,
                  edits_per_step=edits_per_step, lr=lr, val_every=val_every, val_cases=val_cases,
                  patience=patience, seed=cfg.seed, init_from=init_from,
-                 loc_per_edit=loc_per_edit,
+                 loc_per_edit=loc_per_edit, num_processes=num_processes,
                  command=_command_line())
-    click.echo(f"editor written to {out}; use it with `editor: {out}` in mendctl.yaml")
+    from .editors.mend.distributed import join
+
+    if join(cfg.device).main:  # under accelerate launch / torchrun every process gets here
+        click.echo(f"editor written to {out}; use it with `editor: {out}` in mendctl.yaml")
 
 
 @main.command("eval")

@@ -3,6 +3,11 @@
 Glue only: resolve the model, weights, data and output directory, then hand them to
 `editors.mend.trainer.Trainer`, and record in the editor's JSON everything needed to know what
 it is for (base-model hash, weights, dataset hash, prompt format, validation scores).
+
+Data parallel: `num_processes` > 1 starts that many local processes (editors.mend.distributed),
+each of which runs `train_editor` again as one member of the group; a process started by
+`accelerate launch` or `torchrun` joins the group its environment describes. Either way each
+process loads the model and data itself and the main one writes the editor.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .editors.data import DataError, generic_text_samples, load_split, read_cases
+from .editors.mend import distributed
 from .editors.mend.editor import EditorMismatch, MendConfig, MendEditor
 from .editors.mend.trainer import TrainConfig, Trainer
 from .editors.weights import select_weights
@@ -46,14 +52,56 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
                  train_data: str | None = None, val_data: str | None = None, data_seed: int = 0,
                  generic_loc: float = 0.25, resume: bool = True, model_cache: str | None = None,
                  device: str = "cpu", progress: bool = True, init_from: str | None = None,
-                 command: str | None = None, **train_kwargs) -> dict:
+                 command: str | None = None, num_processes: int = 1, **train_kwargs) -> dict:
     """Train and write `out_dir/editor.{safetensors,json}`; returns the editor's JSON.
 
     `init_from` starts from an existing editor for the same model and weights (its network,
-    normalisation statistics and α) instead of the identity initialisation."""
+    normalisation statistics and α) instead of the identity initialisation.
+
+    `num_processes` > 1 trains one editor with that many data-parallel processes: each step's
+    `edits_per_step` edits are split between them, and the result is that of one process
+    with the same seed, up to float rounding."""
+    if num_processes < 1:
+        raise InputError("--num-processes must be at least 1")
+    args = dict(model=model, edit_weights=edit_weights, prompt_format=prompt_format, rank=rank,
+                init_alpha=init_alpha, train_data=train_data, val_data=val_data,
+                data_seed=data_seed, generic_loc=generic_loc, resume=resume,
+                model_cache=model_cache, device=device, progress=progress, init_from=init_from,
+                command=command, **train_kwargs)
+    if num_processes > 1:
+        if distributed.join(device).parallel:
+            raise InputError("already one of several processes (accelerate launch / torchrun): "
+                             "leave out --num-processes")
+        cfg = TrainConfig(**train_kwargs)
+        # settings that cannot work fail here, once, as an input error, not in every process
+        if cfg.edits_per_step < num_processes:
+            raise InputError(f"--edits-per-step ({cfg.edits_per_step}) must be at least "
+                             f"--num-processes ({num_processes}): each process takes a share "
+                             f"of every step's edits")
+        return distributed.launch(_train_worker, (str(out_dir), args), num_processes, device=device)
+    return _train(out_dir, **args)
+
+
+def _train_worker(out_dir: str, args: dict) -> dict:
+    """One launched process (a module-level function, so spawned processes can import it)."""
+    return _train(out_dir, **args)
+
+
+def _train(out_dir, model, edit_weights, prompt_format, rank, init_alpha, train_data, val_data,
+           data_seed, generic_loc, resume, model_cache, device, progress, init_from, command,
+           **train_kwargs) -> dict:
     cfg = TrainConfig(**train_kwargs)
+    replicas = distributed.join(device)  # one process unless a launcher made a group
+    if replicas.parallel and str(device).startswith("cuda"):
+        device = f"cuda:{replicas.local_rank}"  # one GPU per process
     torch.manual_seed(cfg.seed)
+    # the main process loads first: the first load may convert the model into the cache,
+    # which the others must find complete rather than write at the same time
+    if not replicas.main:
+        replicas.barrier()
     lm = load_model(model, cache_dir=model_cache, device=device)
+    if replicas.main:
+        replicas.barrier()
     specs = select_weights(lm.model, list(edit_weights))
     train, train_src = load_cases(train_data, "train", data_seed)
     val, val_src = load_cases(val_data, "val", data_seed)
@@ -67,14 +115,18 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
         editor.train()
     else:
         editor = MendEditor(specs, MendConfig(rank=rank, init_alpha=init_alpha))
+    # the editor runs where the model runs (u, δ are captured there); checkpoints are
+    # written from CPU copies by `MendEditor.save`
+    editor.to(next(lm.model.parameters()).device)
     out_dir = Path(out_dir)
     state_dir = out_dir / "train_state"
     # generic text also stands in for the locality prompts of cases that have none
     generic = generic_text_samples()
     trainer = Trainer(editor, lm.model, lm.tokenizer, train, val, cfg, fmt=prompt_format,
                       out_dir=state_dir, progress=progress, generic_texts=generic,
-                      generic_loc=generic_loc)
-    if resume and trainer.load_state(state_dir):
+                      generic_loc=generic_loc, replicas=replicas)
+    # every process resumes from the same state (only the main one ever writes it)
+    if resume and trainer.load_state(state_dir) and replicas.main:
         print(f"resuming from step {trainer.step} ({state_dir})")
     info = {
         "editor": "mend",
@@ -94,5 +146,6 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
                                     "reproduce": prev.get("reproduce"),
                                     "validation": prev.get("validation")}
     result = trainer.run(out_dir, info)
-    print(f"best step {result.best_step}: {json.dumps(result.best_val)}")
+    if replicas.main:
+        print(f"best step {result.best_step}: {json.dumps(result.best_val)}")
     return json.loads((out_dir / "editor.json").read_text())

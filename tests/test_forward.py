@@ -172,12 +172,24 @@ def _naive_losses(editor, model, tok, cases, cfg):
         w_new[s.name] = model.get_parameter(s.name).detach() + (dw.T if s.transposed else dw)
     eq = encode_pairs(tok, prompts + [c.paraphrases[0] for c in cases], targets + targets)
     l_edit = token_nll(_full_logits(model, eq, w_new), eq.labels).mean()
-    loc = encode_prompts(tok, [c.locality[0] for c in cases])
-    m = loc.attention_mask.bool()
-    with torch.no_grad():
-        lp_base = torch.log_softmax(_full_logits(model, loc)[m].float(), -1)
-    lp_new = torch.log_softmax(_full_logits(model, loc, w_new)[m].float(), -1)
-    l_loc = torch.nn.functional.kl_div(lp_new, lp_base, log_target=True, reduction="none").sum(-1).mean()
+    # locality where it is measured: each prompt extended by the base model's greedy
+    # continuation (one unpadded sequence at a time), KL at the prompt's last position and
+    # the continuation, averaged per sequence, then over sequences
+    per_seq = []
+    for c in cases:
+        ids = tok(c.locality[0]).input_ids
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            for _ in range(cfg.loc_new_tokens):
+                x = torch.cat([x, model(input_ids=x).logits[0, -1].argmax().view(1, 1)], dim=1)
+        one = Batch(x, torch.ones_like(x), torch.full_like(x, -100))
+        pos = slice(len(ids) - 1, x.shape[1] - 1)
+        with torch.no_grad():
+            lp_base = torch.log_softmax(_full_logits(model, one)[0, pos].float(), -1)
+        lp_new = torch.log_softmax(_full_logits(model, one, w_new)[0, pos].float(), -1)
+        kl = torch.nn.functional.kl_div(lp_new, lp_base, log_target=True, reduction="none").sum(-1)
+        per_seq.append(kl.mean())
+    l_loc = torch.stack(per_seq).mean()
     return cfg.c_edit * l_edit + cfg.c_loc * l_loc, l_edit, l_loc
 
 
@@ -190,7 +202,8 @@ def _grads(editor, loss):
 def test_trainer_fast_path_equals_naive_reference(tiny_model, tiny_tokenizer):
     specs = select_weights(tiny_model, "auto")
     editor = _nontrivial_editor(specs)
-    cfg = TrainConfig(steps=1, edits_per_step=3, c_edit=0.1, c_loc=1.0, norm_warmup=2)
+    cfg = TrainConfig(steps=1, edits_per_step=3, c_edit=0.1, c_loc=1.0, norm_warmup=2,
+                      loc_per_edit=1)
     trainer = Trainer(editor, tiny_model, tiny_tokenizer, _cases(6), [], cfg, progress=False)
     assert trainer.prefix.enabled  # the fast path is what is under test
     trainer.warm_up_normaliser()  # non-trivial normalisation statistics

@@ -20,6 +20,14 @@ Validation runs at intervals on held-out cases (edit success, paraphrase success
 the best checkpoint by validation score is kept, the learning rate follows a cosine decay, and
 training stops early when validation stops improving. Progress is shown with tqdm. A resumable
 training state (editor, optimiser moments, step, RNG) is written as safetensors + JSON.
+
+Data parallel (`replicas`, see editors/mend/distributed.py): N processes train one editor. Each
+draws the whole step with the same RNG (so the step's edits, paraphrases and locality prompts
+are the single-process ones) and computes the loss terms of its share of the edits; the
+training edit stays one batched edit of all of them. The gradients are summed over the
+processes before clipping and the Adam step, which every process takes identically. Only the
+main process validates and writes checkpoints and the training state; the others wait and
+adopt its decision. With one process nothing of this runs.
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ from ..metrics import edit_success, locality_reference, locality_scores
 from ..text import Batch, encode_pairs, encode_sequences, render_prompt
 from ..weights import WeightSpec, applied
 from .capture import capture_edit_gradients, label_positions, per_example_nll
+from .distributed import Replicas, digest
 from .editor import MendEditor
 
 STATE_FILE = "train_state.safetensors"
@@ -73,6 +82,7 @@ class TrainResult:
     best_step: int
     best_val: dict
     history: list = field(default_factory=list)
+    step_seconds: float = 0.0  # time in the training steps (no validation, no set-up)
 
 
 def _cat_batches(a: Batch, b: Batch, pad: int) -> Batch:
@@ -86,6 +96,12 @@ def _cat_batches(a: Batch, b: Batch, pad: int) -> Batch:
     return Batch(torch.cat([grow(a.input_ids, pad), grow(b.input_ids, pad)]),
                  torch.cat([grow(a.attention_mask, 0), grow(b.attention_mask, 0)]),
                  torch.cat([grow(a.labels, -100), grow(b.labels, -100)]))
+
+
+def _share(x: torch.Tensor, total: int) -> torch.Tensor:
+    """This process's share of a mean over `total` items of which it holds `x`: the shares of
+    all processes add up to the step's mean. With every item here it is just the mean."""
+    return x.mean() if x.numel() == total else x.sum() / total
 
 
 def edited_weights(specs: list[WeightSpec], base: dict[str, torch.Tensor], factors: dict) -> dict:
@@ -102,8 +118,9 @@ class Trainer:
     def __init__(self, editor: MendEditor, model: nn.Module, tokenizer, train_cases, val_cases,
                  config: TrainConfig, fmt: str = "raw", out_dir: str | Path | None = None,
                  progress: bool = True, generic_texts: list[str] | None = None,
-                 generic_loc: float = 0.0):
+                 generic_loc: float = 0.0, replicas: Replicas | None = None):
         self.editor, self.model, self.tok = editor, model, tokenizer
+        self.replicas = replicas or Replicas()
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
         self.cfg, self.fmt = config, fmt
         self.out_dir = Path(out_dir) if out_dir else None
@@ -112,6 +129,15 @@ class Trainer:
         # the opening of a generic-text passage (so edits also leave ordinary text alone)
         self.generic = [" ".join(t.split()[:24]) for t in (generic_texts or [])]
         self.generic_loc = generic_loc if self.generic else 0.0
+        if self.replicas.parallel:
+            if config.edits_per_step < self.replicas.world:
+                raise ValueError(f"{self.replicas.world} processes need at least as many edits "
+                                 f"per step (have {config.edits_per_step})")
+            # every process needs locality sequences for its share of every step
+            no_loc = not self.generic and not all(c.locality for c in self.train_cases)
+            if config.loc_per_edit < 1 or no_loc:
+                raise ValueError("data-parallel training needs locality inputs for every edit: "
+                                 "`locality` prompts in every case, or generic text passages")
         self.t_start = time.time()
         self.specs = editor.specs
         self.rng = random.Random(config.seed)
@@ -139,13 +165,44 @@ class Trainer:
     def _sample(self, k: int):
         return [self.train_cases[self.rng.randrange(len(self.train_cases))] for _ in range(k)]
 
-    def losses(self, cases) -> tuple[torch.Tensor, dict]:
+    def _part(self, n: int) -> tuple[int, int]:
+        return self.replicas.part(n)
+
+    def _all_pairs(self, pairs: dict) -> dict:
+        """The (u, δ) pairs of every process's edits, in edit order (each process captured its
+        share). One gather for all weights: every weight's pairs have the same token rows."""
+        if not self.replicas.parallel:
+            return pairs
+        packed = torch.cat([t for s in self.specs for t in pairs[s.name]], dim=1)
+        full = self.replicas.gather_rows(packed)
+        out, at = {}, 0
+        for s in self.specs:
+            u = full[:, at: at + s.in_features].contiguous()
+            at += s.in_features
+            d = full[:, at: at + s.out_features].contiguous()
+            at += s.out_features
+            out[s.name] = (u, d)
+        return out
+
+    def losses(self, cases, part: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+        """The loss of one step whose edits are `cases` (one batched edit of all of them).
+
+        `part` = (lo, hi), data parallel: this process computes the terms of edits lo..hi-1 only
+        (their capture, equivalent and locality sequences), each divided by the step's total
+        count, so the processes' losses (and the "loss", "l_edit", "l_loc" stats) add up to the
+        single-process ones; "es" and "loc" are then means over this share, of "n" edits and
+        "loc_n" positions. Paraphrases and locality prompts are still drawn for every case, in
+        the single-process order, so the RNG stays in step across processes."""
+        eq_all = [self.rng.choice(c.paraphrases) if c.paraphrases else c.input for c in cases]
+        loc_all = [self._loc_prompts(c) for c in cases]
+        n_all, m_all = len(cases), sum(len(x) for x in loc_all)
+        lo, hi = part if part is not None else (0, n_all)
+        cases = cases[lo:hi]
         n = len(cases)
         prompts = [c.input for c in cases]
         targets = [c.target for c in cases]
-        eq_prompts = prompts + [self.rng.choice(c.paraphrases) if c.paraphrases else c.input
-                                for c in cases]
-        loc_inputs = [p for c in cases for p in self._loc_prompts(c)]
+        eq_prompts = prompts + eq_all[lo:hi]
+        loc_inputs = [p for x in loc_all[lo:hi] for p in x]
         if not loc_inputs:
             raise ValueError("training needs locality inputs: cases with `locality` prompts, "
                              "or generic text passages")
@@ -164,7 +221,8 @@ class Trainer:
             skip = lambda a, b: nullcontext()  # noqa: E731
 
         pairs, _ = capture_edit_gradients(self.model, self.specs, rows(0, n), skip(0, n))
-        factors = self.editor.factors(pairs)
+        # the edit is made of all the step's edits, whichever process computes their losses
+        factors = self.editor.factors(self._all_pairs(pairs))
         w_new = edited_weights(self.specs, self.base, factors)
 
         end = 3 * n + m
@@ -186,22 +244,24 @@ class Trainer:
         # selected_logits returns positions in row-major order; split them back
         is_eq = sel_eq[sel_eq | sel_loc]
         nll = per_example_nll(logits[is_eq], lab_eq, own_eq, 2 * n)
-        l_edit = nll.mean()
+        l_edit = _share(nll, 2 * n_all)
         lp_new = torch.log_softmax(logits[~is_eq].float(), -1)
         kl = (lp_base.exp() * (lp_base - lp_new)).sum(-1)
         # mean over each sequence's counted positions, then over sequences, so a long generic
         # passage weighs as much as one neighbouring fact
         per_seq = torch.zeros(m, device=kl.device).index_add(0, loc_owner, kl)
         per_seq = per_seq / torch.bincount(loc_owner, minlength=m).clamp(min=1)
-        l_loc = per_seq.mean()
+        l_loc = _share(per_seq, m_all)
         loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
         with torch.no_grad():
             hit = (logits[is_eq].argmax(-1) == lab_eq).float()
             ok = torch.ones(2 * n, device=hit.device).scatter_reduce(0, own_eq, hit, "amin")
             es = ok[:n].mean()
-            agree = (lp_new.argmax(-1) == lp_base.argmax(-1)).float().mean()
+            same = (lp_new.argmax(-1) == lp_base.argmax(-1)).float()
+            agree = same.mean()
         return loss, {"loss": float(loss.detach()), "l_edit": float(l_edit.detach()),
-                      "l_loc": float(l_loc.detach()), "es": float(es), "loc": float(agree)}
+                      "l_loc": float(l_loc.detach()), "es": float(es), "loc": float(agree),
+                      "n": n, "loc_n": same.numel()}
 
     def _loc_prompts(self, case) -> list[tuple[bool, str]]:
         """(is a generic passage, text) for each locality input of this edit."""
@@ -261,29 +321,41 @@ class Trainer:
     @torch.no_grad()
     def prepare_locality(self) -> None:
         """Compute the base continuation of every training locality prompt up front, in large
-        batches: one at a time, inside the steps, they took half of each step's time."""
+        batches: one at a time, inside the steps, they took half of each step's time.
+
+        Data parallel, the processes take turns over the same blocks of prompts and then
+        exchange their results: each block is computed exactly as one process computes it
+        (generation batches are formed within a block), so the continuations are the same."""
         prompts = sorted({p for c in self.train_cases for p in c.locality} - set(self._continuations))
         if not prompts:
             return
         chunk = 64
-        bar = tqdm(total=len(prompts), disable=not self.progress, desc="locality continuations",
-                   dynamic_ncols=True)
-        for b in range(0, len(prompts), chunk * 8):
-            part = prompts[b: b + chunk * 8]
+        rep = self.replicas
+        blocks = [prompts[b: b + chunk * 8] for b in range(0, len(prompts), chunk * 8)]
+        mine = blocks[rep.rank::rep.world]
+        bar = tqdm(total=sum(len(b) for b in mine), disable=not self.progress or not rep.main,
+                   desc="locality continuations", dynamic_ncols=True)
+        done = {}
+        for part in mine:
             ids = [self.tok(render_prompt(self.tok, p, self.fmt)).input_ids for p in part]
             for p, seq in zip(part, self._greedy(ids, self.cfg.loc_new_tokens, chunk)):
-                self._continuations[p] = seq
+                done[p] = seq
             bar.update(len(part))
         bar.close()
+        for d in rep.gather_objects(done):
+            self._continuations.update(d)
 
     def warm_up_normaliser(self) -> None:
         self.editor.train()
         with torch.no_grad():
             for _ in range(self.cfg.norm_warmup):
                 cases = self._sample(self.cfg.edits_per_step)
+                lo, hi = self._part(len(cases))  # data parallel: capture this process's share
+                cases = cases[lo:hi]
                 edit = encode_pairs(self.tok, [c.input for c in cases], [c.target for c in cases],
                                     self.fmt).to(self.device)
                 pairs, _ = capture_edit_gradients(self.model, self.specs, edit)
+                pairs = self._all_pairs(pairs)  # ... and observe every process's tokens
                 for s in self.specs:
                     key, _ = self.editor._where[s.name]
                     self.editor.nets[key].observe(*pairs[s.name])
@@ -327,65 +399,137 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def run(self, best_dir: str | Path, info: dict | None = None) -> TrainResult:
-        cfg = self.cfg
+        cfg, rep = self.cfg, self.replicas
         t0 = self.t_start = time.time()
+        start_step = self.step
+        # replicas start from the main process's editor, however each one built or loaded it
+        rep.broadcast_(list(self.editor.state_dict().values()))
         self.prepare_locality()
         if self.step == 0:
             self.warm_up_normaliser()
         self.editor.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or not rep.main,
+                   desc="train", dynamic_ncols=True)
         run_es = run_loc = None
         bad = 0
+        step_seconds = 0.0
         while self.step < cfg.steps:
+            t_step = time.perf_counter()
+            lr_factor = self.lr_factor()
             for g, base_lr in zip(self.opt.param_groups, (cfg.lr, cfg.alpha_lr)):
-                g["lr"] = base_lr * self.lr_factor()
-            loss, stats = self.losses(self._sample(cfg.edits_per_step))
+                g["lr"] = base_lr * lr_factor
+            cases = self._sample(cfg.edits_per_step)
+            loss, stats = self.losses(cases, self._part(len(cases)) if rep.parallel else None)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if rep.parallel:
+                stats, over_time = self._sum_step(stats, lr_factor, t0)
             torch.nn.utils.clip_grad_norm_(self.editor.parameters(), cfg.grad_clip)
             self.opt.step()
             with torch.no_grad():
                 self.editor.alpha.clamp_(min=1e-7)  # a negative step would un-learn the edit
             self.step += 1
+            step_seconds += time.perf_counter() - t_step
             run_es = stats["es"] if run_es is None else 0.98 * run_es + 0.02 * stats["es"]
             run_loc = stats["loc"] if run_loc is None else 0.98 * run_loc + 0.02 * stats["loc"]
             bar.update(1)
             bar.set_postfix(es=f"{run_es:.2f}", loc=f"{run_loc:.3f}", loss=f"{stats['loss']:.3f}")
-            over_time = cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes
+            if not rep.parallel:
+                over_time = cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes
             if self.step % cfg.val_every == 0 or self.step == cfg.steps or over_time:
-                v = self.validate()
-                v["step"] = self.step
-                v["minutes"] = round((time.time() - t0) / 60, 2)
-                self.history.append(v)
-                s = self.score(v)
-                tqdm.write(f"step {self.step}: val es={v['edit_success']:.3f} "
-                           f"para={v['paraphrase_success']:.3f} loc={v['locality']:.3f} "
-                           f"alpha={v['alpha_mean']:.2e}")
-                if s > self.best_score:
-                    self.best_score, self.best_step, self.best_val, bad = s, self.step, v, 0
-                    self.editor.save(best_dir, self._info(info, t0))
-                else:
-                    bad += 1
-                if self.out_dir:
-                    self.save_state(self.out_dir)
-                if bad >= cfg.patience or over_time:
+                stop, bad = self._validate_and_keep(best_dir, info, t0, bad, over_time)
+                if stop:
                     break
         bar.close()
-        # the JSON of the best checkpoint also records the whole validation history
-        doc_path = Path(best_dir) / "editor.json"
-        if doc_path.exists():
-            doc = json.loads(doc_path.read_text())
-            doc["training"]["history"] = self.history
-            doc["training"]["stopped_at_step"] = self.step
-            doc_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        return TrainResult(self.step, time.time() - t0, self.best_step, self.best_val, self.history)
+        if rep.main:
+            # the JSON of the best checkpoint also records the whole validation history
+            doc_path = Path(best_dir) / "editor.json"
+            if doc_path.exists():
+                doc = json.loads(doc_path.read_text())
+                doc["training"]["history"] = self.history
+                doc["training"]["stopped_at_step"] = self.step
+                steps = self.step - start_step
+                doc["training"]["throughput"] = {
+                    "processes": rep.world, "steps": steps, "step_seconds": round(step_seconds, 2),
+                    "edits_per_second": round(steps * cfg.edits_per_step / step_seconds, 3)
+                    if step_seconds else None}
+                doc_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        rep.barrier()  # the others return once the checkpoint is final (callers read it)
+        return TrainResult(self.step, time.time() - t0, self.best_step, self.best_val, self.history,
+                           step_seconds)
+
+    def _sum_step(self, stats: dict, lr_factor: float, t0: float) -> tuple[dict, bool]:
+        """Data parallel: sum the editor's gradients over the processes, together with the
+        step's statistics and the main process's clock, in one collective.
+
+        Each process's loss is its share of the step's loss (see `losses`), so the sum is the
+        single-process gradient; clipping and the Adam step then run on identical gradients in
+        every process, which keeps the replicas identical. The clock decides the learning
+        rate (with a time limit) and whether the time is up; only the main process's counts,
+        so that every process sets the same rate and stops at the same step."""
+        cfg = self.cfg
+        # the same parameters have a gradient in every process: each runs the whole editor on
+        # the whole step's (u, δ)
+        grads = [p.grad for p in self.editor.parameters() if p.grad is not None]
+        over = bool(cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes)
+        main = float(self.replicas.main)
+        extra = torch.tensor([stats["loss"], stats["l_edit"], stats["l_loc"],
+                              stats["es"] * stats["n"], stats["n"],
+                              stats["loc"] * stats["loc_n"], stats["loc_n"],
+                              main * lr_factor, main * over], dtype=grads[0].dtype,
+                             device=grads[0].device)
+        self.replicas.sum_(grads + [extra])
+        loss, l_edit, l_loc, es, n, agree, loc_n, lr_main, over = extra.tolist()
+        if cfg.max_minutes:  # without a time limit the rate depends on the step alone
+            for g, base_lr in zip(self.opt.param_groups, (cfg.lr, cfg.alpha_lr)):
+                g["lr"] = base_lr * lr_main
+        stats = {"loss": loss, "l_edit": l_edit, "l_loc": l_loc, "es": es / max(n, 1),
+                 "loc": agree / max(loc_n, 1), "n": int(n), "loc_n": int(loc_n)}
+        return stats, bool(over)
+
+    def _validate_and_keep(self, best_dir, info, t0, bad: int, over_time: bool) -> tuple[bool, int]:
+        """Validate, keep the best checkpoint and write the training state: in the main process
+        only. The others wait here for its record and its decision to stop, so all processes
+        leave the loop at the same step and return the same result. Returns (stop, bad)."""
+        rep = self.replicas
+        record = None
+        if rep.main:
+            v = self.validate()
+            v["step"] = self.step
+            v["minutes"] = round((time.time() - t0) / 60, 2)
+            self.history.append(v)
+            s = self.score(v)
+            tqdm.write(f"step {self.step}: val es={v['edit_success']:.3f} "
+                       f"para={v['paraphrase_success']:.3f} loc={v['locality']:.3f} "
+                       f"alpha={v['alpha_mean']:.2e}")
+            if s > self.best_score:
+                self.best_score, self.best_step, self.best_val, bad = s, self.step, v, 0
+                self.editor.save(best_dir, self._info(info, t0))
+            else:
+                bad += 1
+            if self.out_dir:
+                self.save_state(self.out_dir)
+            record = {"stop": bool(bad >= self.cfg.patience or over_time), "bad": bad,
+                      "best_score": self.best_score, "best_step": self.best_step,
+                      "best_val": self.best_val, "history": self.history}
+            if rep.parallel:
+                record["digest"] = digest(self.editor.state_dict().values())
+        if rep.parallel:
+            record = rep.broadcast(record)
+            if not rep.main:
+                # the replicas must still be bit-identical: same gradients, same steps
+                if record["digest"] != digest(self.editor.state_dict().values()):
+                    raise RuntimeError(f"process {rep.rank}'s editor differs from the main "
+                                       f"process's at step {self.step}: the replicas diverged")
+                self.best_score, self.best_step = record["best_score"], record["best_step"]
+                self.best_val, self.history = record["best_val"], record["history"]
+        return record["stop"], record["bad"]
 
     def _info(self, info, t0) -> dict:
         doc = dict(info or {})
         doc["training"] = {**doc.get("training", {}), "config": asdict(self.cfg),
                            "best_step": self.best_step, "seconds": round(time.time() - t0, 1),
-                           "prompt_format": self.fmt}
+                           "prompt_format": self.fmt, "processes": self.replicas.world}
         doc["validation"] = self.best_val
         return doc
 
