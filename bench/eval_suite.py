@@ -37,8 +37,14 @@ def main():
     ap.add_argument("--configs", default=DEFAULT)
     ap.add_argument("--out", default="bench/results/eval.json")
     ap.add_argument("--plot", default="docs/eval.png")
+    ap.add_argument("--editor-dir", default=None, help="a MEND editor other than the shipped one")
     a = ap.parse_args()
-    ws = Workspace.open(str(Workspace.init(Path(tempfile.mkdtemp()) / "ws")))
+    root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
+    if a.editor_dir:
+        cfg = root / "mendctl.yaml"
+        cfg.write_text(cfg.read_text().replace("\neditor: default\n",
+                                               f"\neditor: {Path(a.editor_dir).resolve()}\n"))
+    ws = Workspace.open(str(root))
     cases = load_split("test")[: a.limit]
     results = {}
     prev = {}

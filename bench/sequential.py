@@ -91,13 +91,16 @@ def main():
     lengths = [int(x) for x in a.lengths.split(",")]
     test = load_split("test")
     rows = []
+    if Path(a.out).is_file():  # keep rows measured earlier (other editors), so runs can be split
+        rows = json.loads(Path(a.out).read_text()).get("rows", [])
     for editor in a.editors.split(","):
         for T in lengths:
             longest = T == max(lengths)
             rep = Path(a.report) / editor if (a.report and longest) else None
             if longest and rep is None:
                 rep = Path(tempfile.mkdtemp()) / "report"  # the series is still wanted for the plot
-            rows.append(run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir))
+            row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir)
+            rows = [r for r in rows if (r["editor"], r["T"]) != (editor, T)] + [row]
             write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})
     cols = ["editor", "T", "immediate_edit_success", "immediate_paraphrase_success",
             "immediate_locality_vs_previous", "final_edit_success", "final_paraphrase_success",
