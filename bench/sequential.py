@@ -77,6 +77,35 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
     return row
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Retention, audit-set locality and drift along the longest chain of each editor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for r in rows:
+        if "series" not in r:
+            continue
+        s = [x for x in r["series"] if x["retention"] is not None]
+        x = [p["active_edits"] for p in s]
+        axes[0].plot(x, [p["retention"] for p in s], label=f"{r['editor']}: mean retention")
+        axes[0].plot(x, [p["audit_locality"] for p in s], "--", label=f"{r['editor']}: audit-set locality")
+        axes[1].plot(x, [p["relative_drift"] for p in s], label=r["editor"])
+    axes[0].set_xlabel("edits applied")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("all active edits scored after each edit")
+    axes[1].set_xlabel("edits applied")
+    axes[1].set_ylabel("‖W − W_base‖ / ‖W_base‖")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1,10,100")
@@ -87,7 +116,13 @@ def main():
     ap.add_argument("--out", default="bench/results/sequential.json")
     ap.add_argument("--plot", default="docs/sequential.png")
     ap.add_argument("--report", default=None, help="write the longest MEND chain's audit report here")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the table and plot from --out")
     a = ap.parse_args()
+    if a.plot_only:
+        rows = json.loads(Path(a.out).read_text())["rows"]
+        print_table(rows)
+        plot(rows, a.plot)
+        return
     lengths = [int(x) for x in a.lengths.split(",")]
     test = load_split("test")
     rows = []
@@ -102,39 +137,19 @@ def main():
             row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir)
             rows = [r for r in rows if (r["editor"], r["T"]) != (editor, T)] + [row]
             write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})
+    print_table(rows)
+    if a.plot:
+        plot(rows, a.plot)
+    print(json.dumps({"rows": len(rows)}))
+
+
+def print_table(rows: list[dict]) -> None:
     cols = ["editor", "T", "immediate_edit_success", "immediate_paraphrase_success",
             "immediate_locality_vs_previous", "final_edit_success", "final_paraphrase_success",
             "final_locality_vs_base", "final_audit_locality", "final_ppl_drawdown",
             "seconds_per_edit"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     print(table([{c: fmt(r[c]) for c in cols} for r in rows], cols))
-    if a.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        for r in rows:
-            if "series" not in r:
-                continue
-            s = [x for x in r["series"] if x["retention"] is not None]
-            x = [p["active_edits"] for p in s]
-            axes[0].plot(x, [p["retention"] for p in s], label=f"{r['editor']}: mean retention")
-            axes[0].plot(x, [p["audit_locality"] for p in s], "--", label=f"{r['editor']}: audit-set locality")
-            axes[1].plot(x, [p["relative_drift"] for p in s], label=r["editor"])
-        axes[0].set_xlabel("edits applied")
-        axes[0].set_ylim(-0.02, 1.02)
-        axes[0].legend(fontsize=7)
-        axes[0].set_title("all active edits scored after each edit")
-        axes[1].set_xlabel("edits applied")
-        axes[1].set_ylabel("‖W − W_base‖ / ‖W_base‖")
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.plot, dpi=120)
-        print(f"wrote {a.plot}", file=sys.stderr)
-    print(json.dumps({"rows": len(rows)}))
 
 
 if __name__ == "__main__":
