@@ -23,7 +23,8 @@ from mendctl.workspace import Workspace  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 # editor:batch[:max_steps]
-DEFAULT = "mend:1,mend:1:3,identity:1,ft:1,ft_kl:1,mend:5,mend:25"
+DEFAULT = ("mend:1,mend:1:3,identity:1,ft:1,ft_kl:1,mend:5,identity:5,ft:5,ft_kl:5,"
+           "mend:25,identity:25,ft:25,ft_kl:25")
 
 
 def fmt(v, f=".3f"):
