@@ -27,8 +27,9 @@ sum of the processes' gradients is the single-process gradient.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 import os
-import pickle
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -179,12 +180,13 @@ def _entry(rank: int, world: int, port: int, threads: int, device: str, fn, args
         join(device)
         result = fn(*args)
         if rank == 0:
-            Path(out, "result.pkl").write_bytes(pickle.dumps(result))
+            # JSON, not pickle: nothing executable crosses between processes (the result is
+            # the editor's JSON document)
+            Path(out, "result.json").write_text(json.dumps(result))
     except BaseException as e:
-        try:  # the exception itself, so the caller can raise what the user should see
-            Path(out, f"error-{rank}.pkl").write_bytes(pickle.dumps(e))
-        except Exception:  # noqa: BLE001 - an unpicklable exception: torch reports the traceback
-            pass
+        # the exception's class and message, so the caller can raise what the user should see
+        Path(out, f"error-{rank}.json").write_text(json.dumps(
+            {"module": type(e).__module__, "type": type(e).__qualname__, "message": str(e)}))
         raise
     finally:
         leave()
@@ -215,16 +217,25 @@ def launch(fn, args: tuple = (), num_processes: int = 2, threads: int | None = N
             # chained to torch's report, which carries that process's traceback
             first = getattr(e, "error_index", 0)
             for rank in [first] + [r for r in range(num_processes) if r != first]:
-                p = Path(out, f"error-{rank}.pkl")
+                p = Path(out, f"error-{rank}.json")
                 if not p.is_file():
                     continue
-                try:
-                    err = pickle.loads(p.read_bytes())
-                except Exception:  # noqa: BLE001 - fall back on torch's report
-                    break
-                if isinstance(err, Exception):
+                err = _rebuild_error(json.loads(p.read_text()))
+                if err is not None:
                     raise err from e
                 break
             raise
-        result = Path(out, "result.pkl")
-        return pickle.loads(result.read_bytes()) if result.is_file() else None
+        result = Path(out, "result.json")
+        return json.loads(result.read_text()) if result.is_file() else None
+
+
+def _rebuild_error(doc: dict) -> Exception | None:
+    """The worker's exception as its own class with its message (None: not rebuildable, and
+    torch's report, which carries the worker's traceback, is raised instead)."""
+    try:
+        cls = getattr(importlib.import_module(doc["module"]), doc["type"])
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            return cls(doc["message"])
+    except Exception:  # noqa: BLE001 - a class that cannot be found or built from a message
+        pass
+    return None
