@@ -344,13 +344,13 @@ _APPENDER = textwrap.dedent("""
 """)
 
 
-def test_concurrent_ledger_writers_never_interleave(url):
+def test_concurrent_ledger_writers_never_interleave(url, tmp_path):
     """Four processes appending to one chain with no workspace lock at all: the ledger's write
     transaction alone keeps the chain linear (BEGIN IMMEDIATE / the chain's advisory lock)."""
     Ledger(url).open().close()
     n = 15
     procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, url, f"p{k}", str(n)],
-                              stderr=subprocess.PIPE, text=True) for k in range(4)]
+                              cwd=tmp_path, stderr=subprocess.PIPE, text=True) for k in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
@@ -440,7 +440,7 @@ def test_concurrent_edits_on_one_workspace(url, ws_factory):
     writers, n = 4, 10
     env = cli_env(ws.cache_dir)
     procs = [subprocess.Popen([sys.executable, "-c", _EDITOR_LOOP, str(ws.root), f"w{k}", str(n)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              cwd=ws.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for k in range(writers)]
     for p in procs:
         _, err = p.communicate(timeout=600)
