@@ -36,11 +36,14 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, config_editor: str | None):
+def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, config_editor: str | None,
+              guard_norm: float | None = None, matrix: bool = True):
     root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
+    cfg = (root / "mendctl.yaml").read_text()
     if config_editor:
-        cfg = (root / "mendctl.yaml").read_text().replace("\neditor: default\n", f"\neditor: {config_editor}\n")
-        (root / "mendctl.yaml").write_text(cfg)
+        cfg = cfg.replace("\neditor: default\n", f"\neditor: {config_editor}\n")
+    cfg = cfg.replace("\nguard_norm: 3.0\n", f"\nguard_norm: {'null' if guard_norm is None else guard_norm}\n")
+    (root / "mendctl.yaml").write_text(cfg)
     ws = Workspace.open(str(root))
     t0 = time.time()
     for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
@@ -49,7 +52,7 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
     entries = ws.ledger.entries(reverse=False)
     imm = [e.metrics_after or {} for e in entries]
     t1 = time.time()
-    audit = run_audit(ws, matrix=report_dir is not None,
+    audit = run_audit(ws, matrix=matrix and report_dir is not None,
                       progress=lambda xs: tqdm(xs, desc="audit", file=sys.stderr))
     audit_seconds = time.time() - t1
     record_audit(ws, audit)
@@ -58,6 +61,9 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
     s = audit["summary"]
     row = {
         "editor": editor, "T": len(cases), "max_steps": max_steps,
+        "guard_norm": guard_norm if editor == "mend" else None,
+        "editor_checkpoint": ws.editor(editor).info.get("created") if editor == "mend" else None,
+        "guard_clipped_edits": sum(1 for e in entries if (e.notes or {}).get("norm_scale") is not None),
         "immediate_edit_success": _mean([m.get("edit_success") for m in imm]),
         "immediate_paraphrase_success": _mean([m.get("paraphrase_success") for m in imm]),
         "immediate_locality_vs_previous": _mean([m.get("locality") for m in imm]),
@@ -71,10 +77,21 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
         "audit_seconds": audit_seconds,
         "workspace": str(root),
     }
-    if report_dir is not None:
+    if report_dir is not None and audit.get("chain"):
         row["series"] = audit["chain"]["series"]
     ws.ledger.close()
     return row
+
+
+def _label(r: dict) -> str:
+    if r["editor"] != "mend":
+        return r["editor"]
+    g = r.get("guard_norm")
+    return f"mend ({r.get('editor_checkpoint') or 'editor'}, {'no guard' if g is None else f'guard {g:g}'})"
+
+
+def _key(r: dict) -> tuple:
+    return r["editor"], r["T"], r.get("guard_norm"), r.get("editor_checkpoint")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -90,9 +107,10 @@ def plot(rows: list[dict], path: str) -> None:
             continue
         s = [x for x in r["series"] if x["retention"] is not None]
         x = [p["active_edits"] for p in s]
-        axes[0].plot(x, [p["retention"] for p in s], label=f"{r['editor']}: mean retention")
-        axes[0].plot(x, [p["audit_locality"] for p in s], "--", label=f"{r['editor']}: audit-set locality")
-        axes[1].plot(x, [p["relative_drift"] for p in s], label=r["editor"])
+        name = _label(r)
+        axes[0].plot(x, [p["retention"] for p in s], label=f"{name}: mean retention")
+        axes[0].plot(x, [p["audit_locality"] for p in s], "--", label=f"{name}: audit-set locality")
+        axes[1].plot(x, [p["relative_drift"] for p in s], label=name)
     axes[0].set_xlabel("edits applied")
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7)
@@ -117,6 +135,9 @@ def main():
     ap.add_argument("--plot", default="docs/sequential.png")
     ap.add_argument("--report", default=None, help="write the longest MEND chain's audit report here")
     ap.add_argument("--plot-only", action="store_true", help="redraw the table and plot from --out")
+    ap.add_argument("--guard-norm", default="3", help="MEND drift guard (mendctl.yaml guard_norm), or off")
+    ap.add_argument("--no-matrix", action="store_true",
+                    help="skip the retention matrix of the longest chain (and its series in the plot)")
     a = ap.parse_args()
     if a.plot_only:
         rows = json.loads(Path(a.out).read_text())["rows"]
@@ -134,8 +155,10 @@ def main():
             rep = Path(a.report) / editor if (a.report and longest) else None
             if longest and rep is None:
                 rep = Path(tempfile.mkdtemp()) / "report"  # the series is still wanted for the plot
-            row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir)
-            rows = [r for r in rows if (r["editor"], r["T"]) != (editor, T)] + [row]
+            guard = None if a.guard_norm == "off" else float(a.guard_norm)
+            row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir,
+                            guard, matrix=not a.no_matrix)
+            rows = [r for r in rows if _key(r) != _key(row)] + [row]
             write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})
     print_table(rows)
     if a.plot:
@@ -144,7 +167,9 @@ def main():
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["editor", "T", "immediate_edit_success", "immediate_paraphrase_success",
+    for r in rows:
+        r.setdefault("label", _label(r))
+    cols = ["label", "T", "immediate_edit_success", "immediate_paraphrase_success",
             "immediate_locality_vs_previous", "final_edit_success", "final_paraphrase_success",
             "final_locality_vs_base", "final_audit_locality", "final_ppl_drawdown",
             "seconds_per_edit"]

@@ -17,7 +17,7 @@ from .delta import Delta, LayerDelta
 from .forward import selected_logits
 from .mend.capture import label_positions, per_example_nll
 from .text import encode_pairs, encode_prompts
-from .weights import WeightSpec
+from .weights import WeightSpec, input_device
 
 
 class FTEditor:
@@ -33,7 +33,7 @@ class FTEditor:
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
              fmt: str = "raw", locality: list[str] | None = None) -> Delta:
         t0 = time.perf_counter()
-        device = next(model.parameters()).device
+        device = input_device(model)
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
         select, labels, owner = label_positions(batch)
         base = {s.name: model.get_parameter(s.name).detach().float() for s in self.specs}

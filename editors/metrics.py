@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from .text import Batch, encode_pairs, encode_sequences, render_prompt
+from .weights import input_device
 
 
 def _device(model):
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 @torch.no_grad()

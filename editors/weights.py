@@ -103,6 +103,21 @@ def select_weights(model: nn.Module, patterns: list[str] | str) -> list[WeightSp
     return [candidates[n] for n in sorted(chosen, key=order)]
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device or, when accelerate has
+    offloaded the embedding (its weight then sits on the meta device), the device the
+    embedding executes on. A model spread by a device map moves activations between its
+    devices itself (accelerate's hooks)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        return next(model.parameters()).device
+    hook = getattr(emb, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev)
+    return emb.weight.device
+
+
 def get_parameter(model: nn.Module, name: str) -> torch.nn.Parameter:
     return model.get_parameter(name)
 

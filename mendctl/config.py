@@ -16,6 +16,8 @@ import yaml
 
 from .errors import ConfigError
 
+MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
 CONFIG_FILE = "mendctl.yaml"
 STATE_DIR = ".mendctl"
 
@@ -65,6 +67,17 @@ prompt_format: raw
 device: cpu
 dtype: float32
 
+# Big models (accelerate): spread the model over devices instead of moving it to `device`.
+# device_map: auto, balanced, sequential, or a mapping {module name: device} (device: cpu,
+# disk, or a GPU index); max_memory caps each device ({0: 20GiB, cpu: 60GiB}); what does not
+# fit goes to offload_folder (default: in the model cache). The modules holding the edited
+# weights always stay on the main device (the first GPU of the map, else the CPU).
+device_map: null
+max_memory: null
+offload_folder: null
+# Where the MEND editor network runs; null: beside the edited weights.
+editor_device: null
+
 # The ledger: an SQLAlchemy URL, SQLite (sqlite:////abs/path.db) or PostgreSQL
 # (postgresql+psycopg://user:password@host/dbname; needs `pip install 'mendctl[postgres]'`);
 # null means an SQLite file .mendctl/ledger.db here.
@@ -82,6 +95,12 @@ lock_timeout: 60
 
 # Seed for everything random (training, data sampling).
 seed: 0
+
+# Drift guard for MEND edits: an edit whose ‖ΔW‖_F exceeds this many times the editor's
+# median single edit on the base model (its `delta_norm_reference`) is scaled down to that
+# size. Deep into a chain of edits MEND's updates otherwise grow without bound and wreck the
+# model (see the README's sequential-editing results). null turns the guard off.
+guard_norm: 3.0
 """
 
 
@@ -94,11 +113,16 @@ class Config:
     prompt_format: str = "raw"
     device: str = "cpu"
     dtype: str = "float32"
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+    editor_device: str | None = None
     ledger: str | None = None
     chain: str = DEFAULT_CHAIN
     store: str = ".mendctl/deltas"
     lock_timeout: float = 60.0
     seed: int = 0
+    guard_norm: float | None = 3.0
 
     def validate(self, where: str = CONFIG_FILE) -> None:
         def bad(key, msg):
@@ -112,6 +136,18 @@ class Config:
             bad("dtype", f"is {self.dtype!r}; use float32, bfloat16 or float16")
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             bad("device", f"is {self.device!r}; use cpu, cuda, cuda:N or mps")
+        if isinstance(self.device_map, str) and self.device_map not in MAP_STRATEGIES:
+            bad("device_map", f"is {self.device_map!r}; use {', '.join(MAP_STRATEGIES)}, a "
+                              f"mapping of module names to devices, or null")
+        if isinstance(self.device_map, dict):
+            for k, v in self.device_map.items():
+                if not isinstance(k, str) or not isinstance(v, (str, int)) or isinstance(v, bool):
+                    bad("device_map", f"maps {k!r} to {v!r}; map module names to cpu, disk, "
+                                      f"cuda:N or a GPU index")
+        if self.max_memory is not None and self.device_map is None:
+            bad("max_memory", "only applies with a device_map; set device_map: auto")
+        if self.editor_device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.editor_device):
+            bad("editor_device", f"is {self.editor_device!r}; use cpu, cuda, cuda:N, mps or null")
         if not self.edit_weights:
             bad("edit_weights", "is empty; use auto or list weight names")
         for p in self.edit_weights:
@@ -122,6 +158,8 @@ class Config:
                     bad("edit_weights", f"has a bad regular expression {p!r}: {e}")
         if self.lock_timeout < 0:
             bad("lock_timeout", "must be ≥ 0")
+        if self.guard_norm is not None and not self.guard_norm > 0:
+            bad("guard_norm", f"is {self.guard_norm!r}; use a number > 0 (e.g. 3), or null for no guard")
         problem = chain_problem(self.chain)
         if problem:
             bad("chain", problem)
@@ -131,6 +169,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_cache": (str, type(None)), "editor": (str,),
     "edit_weights": (list, str), "prompt_format": (str,), "device": (str,), "dtype": (str,),
     "ledger": (str, type(None)), "chain": (str,), "store": (str,), "lock_timeout": (int, float), "seed": (int,),
+    "guard_norm": (int, float, type(None)),
+    "device_map": (str, dict, type(None)), "max_memory": (dict, type(None)),
+    "offload_folder": (str, type(None)), "editor_device": (str, type(None)),
 }
 
 
@@ -153,8 +194,9 @@ def parse(data: Any, where: str) -> Config:
         values["edit_weights"] = [values["edit_weights"]]
     if "edit_weights" in values and not all(isinstance(x, str) for x in values["edit_weights"]):
         raise ConfigError(f"{where}: `edit_weights` must be a list of strings")
-    if "lock_timeout" in values:
-        values["lock_timeout"] = float(values["lock_timeout"])
+    for key in ("lock_timeout", "guard_norm"):
+        if values.get(key) is not None:
+            values[key] = float(values[key])
     cfg = Config(**values)
     cfg.validate(where)
     return cfg

@@ -97,6 +97,32 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def files_hash(directory: Path) -> str:
+    """`weights_hash` computed from a model directory's safetensors files, one tensor at a time,
+    without building the model: the same digest for an ordinary checkpoint whose tensors
+    are named as the model's parameters. Used when the loaded model cannot be read whole in
+    fp32 (a bf16/fp16 load, or weights offloaded by a device map)."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{directory} has no .safetensors files to hash; a model loaded with a "
+                         f"device_map or a dtype other than float32 must be stored as safetensors")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {k: f for f in handles for k in f.keys()}
+    h = hashlib.sha256()
+    for name in sorted(where):
+        t = where[name].get_tensor(name).to(torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _readable_fp32(model) -> bool:
+    return all(p.dtype == torch.float32 and p.device.type != "meta" for p in model.parameters())
+
+
 def _file_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -153,7 +179,9 @@ def _dir_hash(model, directory: Path, cache_dir: Path) -> str:
     cache = cache_dir / "hashes" / f"{key}.txt"
     if cache.is_file():
         return cache.read_text().strip()
-    h = weights_hash(model)
+    # a model loaded in another dtype or partly offloaded hashes from its files, so the base
+    # hash (and every state hash, kept in fp32) does not depend on how it was placed
+    h = weights_hash(model) if _readable_fp32(model) else files_hash(directory)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(h)
     return h
@@ -183,7 +211,12 @@ def resolve(spec: str, cache_dir: Path) -> tuple[Path | str, str]:
 
 
 def load_model(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
-               device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+               device: str = "cpu", dtype: str = "float32", device_map=None,
+               max_memory: dict | None = None, offload_folder: str | Path | None = None,
+               edit_weights=("auto",)) -> LoadedModel:
+    """Load a base model for editing. With `device_map` (see mendctl/placement.py) the model is
+    spread over devices and offloaded by accelerate instead of moved to `device`; the modules
+    holding `edit_weights` stay on the main device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -195,20 +228,36 @@ def load_model(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
                        "float16": torch.float16}[dtype]
     except KeyError:
         raise ModelError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
+    placed = {}
+    if device_map is not None:
+        from .placement import plan_device_map
+
+        dmap = plan_device_map(where, torch_dtype, device_map, max_memory, list(edit_weights))
+        offload = Path(offload_folder) if offload_folder else \
+            cache_dir / "offload" / hashlib.sha256(str(where).encode()).hexdigest()[:16]
+        placed = {"device_map": dmap, "offload_folder": str(offload)}
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, **placed)
+    except ModelError:
+        raise
     except Exception as e:  # transformers raises OSError, ValueError, JSON errors... for bad files
         raise ModelError(f"cannot load model {spec!r} from {where}: {type(e).__name__}: {e}; "
                          f"check that it is a complete Hugging Face model directory (or, for a "
                          f"hub id, that a hub is reachable)") from e
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     load_s = time.perf_counter() - t0
-    base_hash = _dir_hash(model, Path(where), cache_dir) if Path(str(where)).is_dir() \
-        else weights_hash(model)
+    if Path(str(where)).is_dir():
+        base_hash = _dir_hash(model, Path(where), cache_dir)
+    elif _readable_fp32(model) or all(p.device.type != "meta" for p in model.parameters()):
+        base_hash = weights_hash(model)
+    else:
+        raise ModelError(f"model {spec!r}: offloaded weights of a hub model cannot be hashed; "
+                         f"download it into a local directory and set `model:` to that path")
     return LoadedModel(model, tok, spec, model_id, base_hash, load_s, str(where))

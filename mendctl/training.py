@@ -148,4 +148,21 @@ def _train(out_dir, model, edit_weights, prompt_format, rank, init_alpha, train_
     result = trainer.run(out_dir, info)
     if replicas.main:
         print(f"best step {result.best_step}: {json.dumps(result.best_val)}")
+        if (out_dir / "editor.json").is_file():
+            calibrate_checkpoint(out_dir, lm, specs, val[: cfg.val_cases], prompt_format)
     return json.loads((out_dir / "editor.json").read_text())
+
+
+def calibrate_checkpoint(directory: str | Path, lm, specs, cases, prompt_format: str = "raw") -> dict:
+    """Measure the size of the checkpoint's single edits on the base model (the drift guard's
+    yardstick, `MendEditor.calibrate`) and write it into its JSON; the weights are unchanged."""
+    editor = MendEditor.load(directory, specs, lm.base_hash)
+    editor.to(next(lm.model.parameters()).device)
+    ref = editor.calibrate(lm.model, lm.tokenizer, [c.input for c in cases],
+                           [c.target for c in cases], prompt_format)
+    ref["split"] = "val"
+    path = Path(directory) / "editor.json"
+    doc = json.loads(path.read_text())
+    doc["delta_norm_reference"] = ref
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return ref

@@ -141,7 +141,10 @@ class Workspace:
     def lm(self) -> LoadedModel:
         if self._lm is None:
             cfg = self.config
-            self._lm = load_model(cfg.model, cfg.model_cache, cfg.device, cfg.dtype)
+            offload = cfg.offload_folder and str(self.root / cfg.offload_folder)
+            self._lm = load_model(cfg.model, cfg.model_cache, cfg.device, cfg.dtype,
+                                  device_map=cfg.device_map, max_memory=cfg.max_memory,
+                                  offload_folder=offload, edit_weights=cfg.edit_weights)
             try:
                 self.specs = select_weights(self._lm.model, cfg.edit_weights)
             except ValueError as e:
@@ -197,6 +200,9 @@ class Workspace:
             if fmt and fmt != self.fmt:
                 print(f"warning: editor {d} was trained with prompt_format {fmt}, the workspace "
                       f"uses {self.fmt}", file=sys.stderr)
+            # the editor runs where configured, else beside the edited weights (u and δ are
+            # captured there); its deltas come back to the CPU in fp32 either way
+            ed.to(self.config.editor_device or lm.model.get_parameter(self.specs[0].name).device)
             ed.sha256 = ed.info.get("weights_sha256") or file_sha256(d / "editor.safetensors")
             ed.checkpoint = str(d)
             if name == "identity":
@@ -208,6 +214,15 @@ class Workspace:
             ed.sha256, ed.checkpoint = None, None
         self._editors[name] = ed
         return ed
+
+    def guard_limit(self, ed) -> float | None:
+        """The drift guard's limit on one MEND edit's total ‖ΔW‖_F: `guard_norm` times the
+        editor's median single edit on the base model. None (no guard) when it is off, for
+        other editors, and for checkpoints without a `delta_norm_reference`."""
+        if self.config.guard_norm is None or not isinstance(ed, MendEditor):
+            return None
+        ref = (ed.info or {}).get("delta_norm_reference")
+        return self.config.guard_norm * float(ref["median"]) if ref else None
 
     # -- states ---------------------------------------------------------------------------
     def _delta(self, entry_id: int, cache: dict | None = None) -> Delta:
@@ -333,7 +348,8 @@ class Workspace:
         loc_prompts = [p for c in cases for p in c.locality]
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
         t0 = time.perf_counter()
-        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps)
+        max_norm = self.guard_limit(ed)
+        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm)
         seconds = time.perf_counter() - t0
         if not delta.is_finite():
             raise EditorError("the editor produced non-finite values (NaN or inf); nothing was "
@@ -359,6 +375,8 @@ class Workspace:
             "dense_bytes": delta.dense_nbytes(), "state_hash": new_hash,
             "parent": head.id if head else None,
             "edit_steps": int(delta.meta.get("edit_steps", 1)),
+            "guard": {"max_norm": max_norm, "norm_scale": float(delta.meta["norm_scale"])
+                      if "norm_scale" in delta.meta else None},
         }
         if dry_run:
             return report
@@ -383,7 +401,8 @@ class Workspace:
                     state_hash=new_hash,
                     active_ids=list(head.active_ids) if head else [],  # own id appended below
                     notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
-                           "max_steps": max_steps,
+                           "max_steps": max_steps, "max_norm": max_norm,
+                           "norm_scale": report["guard"]["norm_scale"],
                            "edit_steps": int(delta.meta.get("edit_steps", 1))},
                 )
                 entry.active_ids = list(entry.active_ids) + [entry.id]
@@ -476,11 +495,15 @@ class Workspace:
             cases = [EditCase.from_dict(c) for c in (old.request or [])] or \
                 [EditCase(input=a, target=b) for a, b in zip(old.inputs, old.targets)]
             steps = int((old.notes or {}).get("max_steps", 1))
-            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt, steps)
+            # the guard's limit as recorded: a replay must make the same delta even if the
+            # configuration has changed since
+            max_norm = (old.notes or {}).get("max_norm")
+            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt, steps, max_norm)
             delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
             w = apply_deltas(w, [delta])
             out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
-                        "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps})
+                        "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps,
+                        "max_norm": max_norm})
         self._loaded_state = None
         return out
 
@@ -510,7 +533,8 @@ class Workspace:
                     weight_names=r["delta"].names(), delta_sha256=staged.sha256,
                     delta_path=staged.rel_path, delta_size=staged.size,
                     delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
-                    notes={"replay_of": old.id, "max_steps": r["max_steps"], **notes})
+                    notes={"replay_of": old.id, "max_steps": r["max_steps"],
+                           "max_norm": r["max_norm"], **notes})
                 active = active + [e.id]
                 e.active_ids = active
                 s.flush()
@@ -664,10 +688,12 @@ class Workspace:
             return [str(p) for p in self.store.gc(self.ledger.known_delta_hashes())]
 
 
-def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1):
-    """One editor call with the request's locality prompts; MEND also takes max_steps."""
+def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
+              max_norm: float | None = None):
+    """One editor call with the request's locality prompts; MEND also takes max_steps and the
+    drift guard's max_norm."""
     loc = [p for c in cases for p in c.locality]
-    kwargs = {"max_steps": max_steps} if isinstance(ed, MendEditor) else {}
+    kwargs = {"max_steps": max_steps, "max_norm": max_norm} if isinstance(ed, MendEditor) else {}
     return ed.edit(model, tokenizer, [c.input for c in cases], [c.target for c in cases], fmt,
                    locality=loc or None, **kwargs)
 

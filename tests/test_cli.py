@@ -464,3 +464,40 @@ def test_non_finite_delta_is_refused_before_anything_is_recorded(fresh_ws, monke
     assert fresh_ws.ledger_count() == 0
     assert fresh_ws.delta_files() == []
     assert not fresh_ws.tmp_dir.exists() or not any(fresh_ws.tmp_dir.iterdir())
+
+
+# -- drift guard ------------------------------------------------------------------------------------
+def test_drift_guard_scales_big_edits_and_replay_reproduces_them(tiny_assets, tmp_path):
+    """With `guard_norm`, an edit larger than guard_norm × the editor's reference size is
+    recorded scaled down to that size, the limit is recorded with it, and replay rebuilds
+    the same states even after the configuration changed."""
+    ed_dir = tmp_path / "editor"
+    shutil.copytree(tiny_assets.editor_dir, ed_dir)
+    doc = json.loads((ed_dir / "editor.json").read_text())
+    doc["delta_norm_reference"] = {"median": 1e-4, "p90": 1e-4, "max": 1e-4, "cases": 1}
+    (ed_dir / "editor.json").write_text(json.dumps(doc))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache)
+    ws.write_config(editor=str(ed_dir), guard_norm=2.0)
+    r = ws.ok("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], "--json").json()
+    assert r["guard"]["max_norm"] == pytest.approx(2e-4)
+    assert 0 < r["guard"]["norm_scale"] < 1
+    assert sum(v * v for v in r["delta_norms"].values()) ** 0.5 == pytest.approx(2e-4, rel=1e-4)
+    human = ws.ok("edit", "--input", CHAIN[1][0], "--target", CHAIN[1][1])
+    assert "drift guard: ΔW scaled by" in human.stdout
+    ws.write_config(guard_norm=None)  # later edits unguarded; replay keeps the recorded limits
+    r3 = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1], "--json").json()
+    assert r3["guard"] == {"max_norm": None, "norm_scale": None}
+    shown = ws.ok("show", "1", "--json").json()
+    assert shown["notes"]["max_norm"] == pytest.approx(2e-4)
+    assert 0 < shown["notes"]["norm_scale"] < 1
+    r = ws.run("replay", "--verify")
+    assert r.returncode == 0, str(r)
+    assert "3/3 states rebuilt" in r.stdout
+
+
+def test_guard_norm_must_be_positive(fresh_ws):
+    fresh_ws.write_config(guard_norm=0)
+    r = fresh_ws.run("log")
+    assert r.returncode != 0 and "guard_norm" in r.stderr and "null" in r.stderr

@@ -398,3 +398,39 @@ def test_bf16_model_gives_the_fp32_delta_within_tolerance(make_model, tiny_token
         layer = d16.layers[name]
         assert layer.u.dtype == layer.d.dtype == torch.float32
         assert layer.u.device.type == "cpu"
+
+
+def test_norm_guard_scales_the_delta_down_to_the_limit(tiny_llama, tiny_tokenizer):
+    """max_norm: an edit larger than the limit becomes the same ΔW scaled down to exactly the
+    limit (direction kept, every weight by one factor); a smaller one is left alone."""
+    specs = select_weights(tiny_llama, ["auto"])
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e-2))
+    p, t = ["the capital of s3 is"], ["c7"]
+    free = editor.edit(tiny_llama, tiny_tokenizer, p, t)
+    total = sum(v * v for v in free.norms().values()) ** 0.5
+    assert total > 0
+    guarded = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_norm=0.25 * total)
+    assert float(guarded.meta["norm_scale"]) == pytest.approx(0.25, rel=1e-5)
+    assert sum(v * v for v in guarded.norms().values()) ** 0.5 == pytest.approx(0.25 * total, rel=1e-5)
+    for name, layer in guarded.layers.items():
+        assert torch.allclose(layer.to_dense(), 0.25 * free.layers[name].to_dense(), atol=1e-7)
+    loose = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_norm=2 * total)
+    assert "norm_scale" not in loose.meta
+    for name, layer in loose.layers.items():
+        assert torch.equal(layer.to_dense(), free.layers[name].to_dense())
+    # a guarded multi-step edit stops at the step that reached the limit
+    stepped = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_steps=5, max_norm=0.25 * total)
+    assert stepped.meta["edit_steps"] == "1" and "norm_scale" in stepped.meta
+
+
+def test_calibrate_records_the_size_of_single_edits(tiny_llama, tiny_tokenizer):
+    specs = select_weights(tiny_llama, ["auto"])
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e-2))
+    prompts = [fact_prompt(f"s{i}") for i in range(5)]
+    targets = [f"c{i}" for i in range(5)]
+    ref = editor.calibrate(tiny_llama, tiny_tokenizer, prompts, targets)
+    norms = sorted(sum(v * v for v in editor.edit(tiny_llama, tiny_tokenizer, [a], [b]).norms().values()) ** 0.5
+                   for a, b in zip(prompts, targets))
+    assert ref["cases"] == 5 and ref["median"] == pytest.approx(norms[2])
+    assert ref["max"] == pytest.approx(norms[-1]) and norms[0] <= ref["p90"] <= norms[-1]
+    assert editor.info["delta_norm_reference"] == ref

@@ -21,7 +21,7 @@ from torch import nn
 from ..delta import Delta, LayerDelta
 from ..text import encode_pairs
 from ..metrics import edit_success
-from ..weights import WeightSpec, applied
+from ..weights import WeightSpec, applied, input_device
 from .capture import capture_edit_gradients
 from .network import GradientTransform
 
@@ -103,15 +103,23 @@ class MendEditor(nn.Module):
             self.train(was)
 
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
-             fmt: str = "raw", locality: list[str] | None = None, max_steps: int = 1) -> Delta:
+             fmt: str = "raw", locality: list[str] | None = None, max_steps: int = 1,
+             max_norm: float | None = None) -> Delta:
         """Algorithm 2 for one (batched) edit; returns the factors as a Delta. (`locality` is
         part of the common editor interface; MEND does not need it at edit time.)
 
         `max_steps` > 1 repeats the edit on the model with the delta so far applied until every
         target token is the argmax (or the steps run out); the steps' factors are stacked, so
-        the result is still one exact low-rank delta. One step is the paper's protocol."""
+        the result is still one exact low-rank delta. One step is the paper's protocol.
+
+        `max_norm` guards drift: when the edit's total ‖ΔW‖_F (all weights together) would
+        exceed it, every layer's ΔW is scaled by the same factor down to it and no further
+        step is taken (meta `norm_scale`). Far into a chain of edits the model's gradients
+        leave the range the editor was trained on and its ΔW grows by orders of magnitude,
+        each such edit damaging the model further (docs/sequential.png); scaling keeps the
+        edit's direction and breaks that loop."""
         t0 = time.perf_counter()
-        device = next(model.parameters()).device
+        device = input_device(model)
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
         delta, first_loss, steps = None, None, 0
         for steps in range(1, max_steps + 1):
@@ -122,6 +130,14 @@ class MendEditor(nn.Module):
             pairs = {n: (u.to(self.alpha.device), d.to(self.alpha.device)) for n, (u, d) in pairs.items()}
             step = self.delta_from_factors(self._eval_factors(pairs), {"editor": self.name})
             delta = step if delta is None else _stack(delta, step)
+            if max_norm is not None:
+                total = _total_norm(delta)
+                if total > max_norm:
+                    scale = max_norm / total
+                    for layer in delta.layers.values():
+                        layer.d.mul_(scale)  # ΔW = −α Σ δ̃ ũᵀ is linear in δ̃
+                    delta.meta["norm_scale"] = f"{scale:.6g}"
+                    break
             if steps < max_steps:
                 with applied(model, delta):
                     if all(edit_success(model, tokenizer, prompts, targets, fmt)):
@@ -130,6 +146,22 @@ class MendEditor(nn.Module):
         delta.meta["edit_steps"] = str(steps)
         delta.meta["compute_seconds"] = f"{time.perf_counter() - t0:.4f}"
         return delta
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
+                  fmt: str = "raw") -> dict:
+        """The size of this editor's single edits on `model` (the base model): total ‖ΔW‖_F of a
+        one-step edit of each (prompt, target), summarised as median, 90th percentile and
+        maximum. Stored in the checkpoint's JSON as `delta_norm_reference`; the drift guard
+        measures an edit in chain against it (see `edit`'s `max_norm`)."""
+        norms = sorted(_total_norm(self.edit(model, tokenizer, [p], [t], fmt))
+                       for p, t in zip(prompts, targets))
+        if not norms:
+            raise ValueError("calibration needs at least one edit case")
+        pick = lambda q: norms[min(len(norms) - 1, int(q * len(norms)))]  # noqa: E731
+        ref = {"median": pick(0.5), "p90": pick(0.9), "max": norms[-1], "cases": len(norms)}
+        self.info["delta_norm_reference"] = ref
+        return ref
 
     # -- checkpoint --------------------------------------------------------------------------
     def save(self, directory: str | Path, info: dict | None = None) -> Path:
@@ -201,6 +233,11 @@ def _stack(a: Delta, b: Delta) -> Delta:
         layers[name] = LayerDelta(name, la.shape, u=torch.cat([la.u, lb.u]), d=torch.cat([la.d, lb.d]),
                                   alpha=la.alpha.clone(), transposed=la.transposed)
     return Delta(layers, dict(a.meta))
+
+
+def _total_norm(delta: Delta) -> float:
+    """‖ΔW‖_F of all the delta's weights together."""
+    return sum(v * v for v in delta.norms().values()) ** 0.5
 
 
 def file_sha256(path: str | Path) -> str:

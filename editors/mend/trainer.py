@@ -47,7 +47,7 @@ from tqdm import tqdm
 from ..forward import PrefixCache, selected_logits
 from ..metrics import edit_success, locality_reference, locality_scores
 from ..text import Batch, encode_pairs, encode_sequences, render_prompt
-from ..weights import WeightSpec, applied
+from ..weights import WeightSpec, applied, input_device
 from .capture import capture_edit_gradients, label_positions, per_example_nll
 from .distributed import Replicas, digest
 from .editor import MendEditor
@@ -155,7 +155,7 @@ class Trainer:
         self.best_val: dict = {}
         self.history: list = []
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.prefix = PrefixCache(model, self.specs)
         self.prefix.enable_memo()  # the base model is fixed for the whole run
         # locality prompt → (prompt + base greedy continuation, prompt length)
