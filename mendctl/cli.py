@@ -189,8 +189,9 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
                f"{r['delta_bytes'] / 1024:.0f} KiB stored ({100 * r['delta_bytes'] / r['dense_bytes']:.1f} % of dense)")
     g = r.get("guard") or {}
     if g.get("norm_scale") is not None:
-        click.echo(f"  drift guard: ΔW scaled by {g['norm_scale']:.3f} to ‖ΔW‖_F = {g['max_norm']:.1f} "
-                   f"(`guard_norm` × the editor's median edit); check the chain with `mendctl audit`")
+        click.echo(f"  drift guard: a step's ΔW scaled by {g['norm_scale']:.3f} to the limit ‖ΔW‖_F = "
+                   f"{g['max_norm']:.3g} (`guard_norm` × the editor's median edit); check the chain "
+                   f"with `mendctl audit`")
     click.echo(f"  state {r['state_hash'][:12]}")
 
 

@@ -216,7 +216,7 @@ class Workspace:
         return ed
 
     def guard_limit(self, ed) -> float | None:
-        """The drift guard's limit on one MEND edit's total ‖ΔW‖_F: `guard_norm` times the
+        """The drift guard's limit on one MEND edit step's total ‖ΔW‖_F: `guard_norm` times the
         editor's median single edit on the base model. None (no guard) when it is off, for
         other editors, and for checkpoints without a `delta_norm_reference`."""
         if self.config.guard_norm is None or not isinstance(ed, MendEditor):

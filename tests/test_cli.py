@@ -480,7 +480,7 @@ def test_drift_guard_scales_big_edits_and_replay_reproduces_them(tiny_assets, tm
     cache.mkdir()
     ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache)
     ws.write_config(editor=str(ed_dir), guard_norm=2.0)
-    r = ws.ok("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], "--json").json()
+    r = ws.ok("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], "--max-steps", "1", "--json").json()
     assert r["guard"]["max_norm"] == pytest.approx(2e-4)
     assert 0 < r["guard"]["norm_scale"] < 1
     assert sum(v * v for v in r["delta_norms"].values()) ** 0.5 == pytest.approx(2e-4, rel=1e-4)

@@ -112,16 +112,17 @@ class MendEditor(nn.Module):
         target token is the argmax (or the steps run out); the steps' factors are stacked, so
         the result is still one exact low-rank delta. One step is the paper's protocol.
 
-        `max_norm` guards drift: when the edit's total ‖ΔW‖_F (all weights together) would
-        exceed it, every layer's ΔW is scaled by the same factor down to it and no further
-        step is taken (meta `norm_scale`). Far into a chain of edits the model's gradients
-        leave the range the editor was trained on and its ΔW grows by orders of magnitude,
-        each such edit damaging the model further (docs/sequential.png); scaling keeps the
-        edit's direction and breaks that loop."""
+        `max_norm` guards drift: a step whose total ‖ΔW‖_F (all weights together) exceeds it
+        is scaled, every layer by the same factor, down to it (meta `norm_scale`: the smallest
+        factor applied); further steps may still follow. Far into a chain of edits the
+        model's gradients leave the range the editor was trained on and its ΔW grows by
+        orders of magnitude, each such edit damaging the model further
+        (docs/sequential.png); scaling keeps the step's direction and breaks that loop."""
         t0 = time.perf_counter()
         device = input_device(model)
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
         delta, first_loss, steps = None, None, 0
+        scales: list[float] = []  # the guard's factors, one per scaled step
         for steps in range(1, max_steps + 1):
             ctx = applied(model, delta) if delta is not None else nullcontext()
             with ctx:
@@ -129,21 +130,22 @@ class MendEditor(nn.Module):
             first_loss = loss if first_loss is None else first_loss
             pairs = {n: (u.to(self.alpha.device), d.to(self.alpha.device)) for n, (u, d) in pairs.items()}
             step = self.delta_from_factors(self._eval_factors(pairs), {"editor": self.name})
-            delta = step if delta is None else _stack(delta, step)
             if max_norm is not None:
-                total = _total_norm(delta)
-                if total > max_norm:
-                    scale = max_norm / total
-                    for layer in delta.layers.values():
+                size = _total_norm(step)
+                if size > max_norm:
+                    scale = max_norm / size
+                    for layer in step.layers.values():
                         layer.d.mul_(scale)  # ΔW = −α Σ δ̃ ũᵀ is linear in δ̃
-                    delta.meta["norm_scale"] = f"{scale:.6g}"
-                    break
+                    scales.append(scale)
+            delta = step if delta is None else _stack(delta, step)
             if steps < max_steps:
                 with applied(model, delta):
                     if all(edit_success(model, tokenizer, prompts, targets, fmt)):
                         break
         delta.meta["edit_loss_before"] = f"{first_loss:.6g}"
         delta.meta["edit_steps"] = str(steps)
+        if scales:
+            delta.meta["norm_scale"] = f"{min(scales):.6g}"
         delta.meta["compute_seconds"] = f"{time.perf_counter() - t0:.4f}"
         return delta
 
