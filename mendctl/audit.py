@@ -122,11 +122,6 @@ def parse_checks(items: tuple[str, ...] | list[str], allowed: tuple[str, ...], o
     return out
 
 
-def _cases_of(entry) -> list[EditCase]:
-    cases = [EditCase.from_dict(c) for c in (entry.request or [])]
-    return cases or [EditCase(input=a, target=b) for a, b in zip(entry.inputs, entry.targets)]
-
-
 def _mean(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(sum(xs) / len(xs)) if xs else None
@@ -152,7 +147,7 @@ class _Scorer:
         """Fraction of each entry's cases whose target is the argmax, in the loaded state."""
         prompts, targets, owner = [], [], []
         for e in entries:
-            for c in _cases_of(e):
+            for c in e.cases():
                 prompts.append(c.input)
                 targets.append(c.target)
                 owner.append(e.id)
@@ -223,7 +218,7 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     model, tok, fmt = scorer.model, scorer.tok, scorer.fmt
 
     # -- base references (model in the base state) -----------------------------------------
-    own_loc = [(e.id, p) for e in active for c in _cases_of(e) for p in c.locality]
+    own_loc = [(e.id, p) for e in active for c in e.cases() for p in c.locality]
     ref_own = locality_reference(model, tok, [p for _, p in own_loc], fmt) if own_loc else None
     editor = _editor_stats(ws)
     stats_base = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
@@ -233,7 +228,7 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     retention = scorer.retention(active)
     para: dict[int, float | None] = {}
     for e in active:
-        ps = [(p, c.target) for c in _cases_of(e) for p in c.paraphrases]
+        ps = [(p, c.target) for c in e.cases() for p in c.paraphrases]
         para[e.id] = _mean([float(x) for x in target_scores(model, tok, [p for p, _ in ps],
                                                             [t for _, t in ps], fmt)[0]]) if ps else None
     own_ag, own_kl = locality_scores(model, ref_own) if ref_own else ([], [])

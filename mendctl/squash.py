@@ -27,7 +27,6 @@ from functools import reduce
 import torch
 from sqlalchemy import select
 
-from .editors.data import EditCase
 from .editors.delta import Delta, LayerDelta, apply_deltas, state_hash
 from .editors.metrics import target_scores
 from .errors import InputError, LedgerError
@@ -182,8 +181,7 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
 def _request_of(e: Entry) -> list[dict]:
     # A replay of the squash entry re-runs its request, so it must cover every fact, even of
     # entries recorded without one.
-    return list(e.request or []) or [EditCase(input=a, target=b).to_dict()
-                                     for a, b in zip(e.inputs, e.targets)]
+    return list(e.request or []) or [c.to_dict() for c in e.cases()]
 
 
 def _success(ws: Workspace, prompts: list[str], targets: list[str]) -> float | None:

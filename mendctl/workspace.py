@@ -492,8 +492,7 @@ class Workspace:
             name = editor or (old.editor_name if old.editor_name in EDITORS else "mend")
             ed = self.editor(name)
             self._set_weights(w, state_hash(w))
-            cases = [EditCase.from_dict(c) for c in (old.request or [])] or \
-                [EditCase(input=a, target=b) for a, b in zip(old.inputs, old.targets)]
+            cases = old.cases()
             steps = int((old.notes or {}).get("max_steps", 1))
             # the guard's limit as recorded: a replay must make the same delta even if the
             # configuration has changed since
@@ -608,9 +607,7 @@ class Workspace:
         requests = []
         for i in self._expand_squashes(list(head.active_ids)):
             e = self.ledger.get(i)
-            cases = [EditCase.from_dict(c) for c in (e.request or [])] or \
-                [EditCase(input=a, target=b) for a, b in zip(e.inputs, e.targets)]
-            requests.append((e, cases))
+            requests.append((e, e.cases()))
         if model:
             if not out:
                 raise InputError("--onto-model needs --out DIR: a new workspace for the new base")

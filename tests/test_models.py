@@ -44,3 +44,31 @@ def test_missing_package_says_what_to_install(monkeypatch):
 def test_hub_ids_are_passed_through_untouched(tmp_path):
     where, mid = models.resolve("HuggingFaceTB/SmolLM2-135M", tmp_path)
     assert where == mid == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_chunked_alias_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    """Gemma-3-270M's package ships its GGUF in chunk packages and writes it with assemble():
+    mendctl assembles it once into its cache and reuses it; a failed assembly says what to do."""
+    pkg = tmp_path / "src" / "fake_chunked_gguf"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "CALLS = []\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        "    CALLS.append(output_path)\n"
+        "    if 'broken' in str(output_path):\n"
+        "        raise ValueError('Assembled file sha256 did not match expected value')\n"
+        "    open(output_path, 'wb').write(b'GGUF')\n"
+        "    return output_path\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setitem(models.ALIASES, "fake-270m",
+                        models.Alias("fake_chunked_gguf", "fake-chunked-gguf", "fake.gguf", "a fake",
+                                     assembled=True))
+    import fake_chunked_gguf
+
+    first = models.alias_gguf("fake-270m", tmp_path / "cache")
+    assert first == tmp_path / "cache" / "gguf" / "fake.gguf" and first.read_bytes() == b"GGUF"
+    assert models.alias_gguf("fake-270m", tmp_path / "cache") == first
+    assert len(fake_chunked_gguf.CALLS) == 1  # reused, not assembled again
+    with pytest.raises(ModelError, match="pip install --force-reinstall fake-chunked-gguf"):
+        models.alias_gguf("fake-270m", tmp_path / "broken")
+    assert not (tmp_path / "broken" / "gguf" / "fake.gguf").exists()
