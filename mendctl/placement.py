@@ -58,8 +58,10 @@ def plan_device_map(where: str | Path, dtype: torch.dtype, device_map, max_memor
             raise ModelError(f"device_map {device_map!r} is not one of {', '.join(MAP_STRATEGIES)} "
                              f"or a mapping of module names to devices")
         no_split = list(getattr(empty, "_no_split_modules", None) or [])
+        # clean_result=False keeps one entry per placed module (a block at most), so pinning
+        # an edited block never drags a merged parent entry (e.g. the whole model) with it
         dmap = dict(infer_auto_device_map(empty, max_memory=max_memory, dtype=dtype,
-                                          no_split_module_classes=no_split))
+                                          no_split_module_classes=no_split, clean_result=False))
     else:
         dmap = dict(device_map)
     try:
