@@ -485,7 +485,7 @@ def test_drift_guard_scales_big_edits_and_replay_reproduces_them(tiny_assets, tm
     assert 0 < r["guard"]["norm_scale"] < 1
     assert sum(v * v for v in r["delta_norms"].values()) ** 0.5 == pytest.approx(2e-4, rel=1e-4)
     human = ws.ok("edit", "--input", CHAIN[1][0], "--target", CHAIN[1][1])
-    assert "drift guard: ΔW scaled by" in human.stdout
+    assert "drift guard: a step's ΔW scaled by" in human.stdout
     ws.write_config(guard_norm=None)  # later edits unguarded; replay keeps the recorded limits
     r3 = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1], "--json").json()
     assert r3["guard"] == {"max_norm": None, "norm_scale": None}
