@@ -97,8 +97,8 @@ lock_timeout: 60
 seed: 0
 
 # Drift guard for MEND edits: an edit step whose ‖ΔW‖_F exceeds this many times the editor's
-# median single edit on the base model (its `delta_norm_reference`) is scaled down to that
-# size. Deep into a chain of edits MEND's updates otherwise grow without bound and wreck the
+# median single edit on the base model (its `delta_norm_reference`; times √n for a batch of n
+# facts) is scaled down to that size. Deep into a chain of edits MEND's updates otherwise grow without bound and wreck the
 # model (see the README's sequential-editing results). null turns the guard off.
 guard_norm: 3.0
 """

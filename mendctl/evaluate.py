@@ -41,7 +41,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         loc = [p for c in batch for p in c.locality]
         ref = locality_reference(model, tok, loc, fmt) if loc else None
         t0 = time.perf_counter()
-        delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed))
+        delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)))
         seconds = time.perf_counter() - t0
         with applied(model, delta):
             es = target_scores(model, tok, [c.input for c in batch], [c.target for c in batch], fmt)[0]
@@ -69,7 +69,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
             "seconds_per_edit"]
     summary = {k: _mean([r[k] for r in rows]) for k in keys}
     summary.update(cases=len(rows), batch_size=batch_size, editor=editor, max_steps=max_steps,
-                   guard_max_norm=ws.guard_limit(ed),
+                   guard_max_norm=ws.guard_limit(ed, batch_size),
                    ppl_before=ppl_before, state=head.id if head else None)
     by_rel = {}
     for r in rows:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import shlex
 import socket
@@ -215,14 +216,15 @@ class Workspace:
         self._editors[name] = ed
         return ed
 
-    def guard_limit(self, ed) -> float | None:
+    def guard_limit(self, ed, n_cases: int = 1) -> float | None:
         """The drift guard's limit on one MEND edit step's total ‖ΔW‖_F: `guard_norm` times the
-        editor's median single edit on the base model. None (no guard) when it is off, for
-        other editors, and for checkpoints without a `delta_norm_reference`."""
+        editor's median single edit on the base model, times √n for a batched edit of n facts
+        (the size of a sum of n independent single edits). None (no guard) when it is off,
+        for other editors, and for checkpoints without a `delta_norm_reference`."""
         if self.config.guard_norm is None or not isinstance(ed, MendEditor):
             return None
         ref = (ed.info or {}).get("delta_norm_reference")
-        return self.config.guard_norm * float(ref["median"]) if ref else None
+        return self.config.guard_norm * float(ref["median"]) * math.sqrt(max(n_cases, 1)) if ref else None
 
     # -- states ---------------------------------------------------------------------------
     def _delta(self, entry_id: int, cache: dict | None = None) -> Delta:
@@ -348,7 +350,7 @@ class Workspace:
         loc_prompts = [p for c in cases for p in c.locality]
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
         t0 = time.perf_counter()
-        max_norm = self.guard_limit(ed)
+        max_norm = self.guard_limit(ed, len(cases))
         delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm)
         seconds = time.perf_counter() - t0
         if not delta.is_finite():

@@ -486,6 +486,11 @@ def test_drift_guard_scales_big_edits_and_replay_reproduces_them(tiny_assets, tm
     assert sum(v * v for v in r["delta_norms"].values()) ** 0.5 == pytest.approx(2e-4, rel=1e-4)
     human = ws.ok("edit", "--input", CHAIN[1][0], "--target", CHAIN[1][1])
     assert "drift guard: a step's ΔW scaled by" in human.stdout
+    facts = ws.root / "four.jsonl"  # a batched edit of n facts may be √n times larger
+    facts.write_text("".join(json.dumps({"input": f"Fact number {i} is", "target": f"value {i}"}) + "\n"
+                             for i in range(4)))
+    rb = ws.ok("edit", "--batch", facts, "--max-steps", "1", "--json").json()
+    assert rb["guard"]["max_norm"] == pytest.approx(4e-4)
     ws.write_config(guard_norm=None)  # later edits unguarded; replay keeps the recorded limits
     r3 = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1], "--json").json()
     assert r3["guard"] == {"max_norm": None, "norm_scale": None}
@@ -494,7 +499,7 @@ def test_drift_guard_scales_big_edits_and_replay_reproduces_them(tiny_assets, tm
     assert 0 < shown["notes"]["norm_scale"] < 1
     r = ws.run("replay", "--verify")
     assert r.returncode == 0, str(r)
-    assert "3/3 states rebuilt" in r.stdout
+    assert "4/4 states rebuilt" in r.stdout
 
 
 def test_guard_norm_must_be_positive(fresh_ws):
