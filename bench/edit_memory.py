@@ -60,7 +60,8 @@ t = time.perf_counter()
 editor.edit(lm.model, lm.tokenizer, [sys.argv[2]], [sys.argv[3]])  # timed: a warm second edit
 seconds = time.perf_counter() - t
 where = placement_summary(lm.model)
-torch.save({n: l.to_dense() for n, l in delta.layers.items()}, sys.argv[4])
+from safetensors.torch import save_file
+save_file({n: l.to_dense() for n, l in delta.layers.items()}, sys.argv[4])
 print(json.dumps({"rss_loaded_mib": loaded, "peak_edit_mib": peak, "edit_seconds": seconds,
                   "offloaded_params": where.get("meta", {}).get("parameters", 0),
                   "resident_params": sum(v["parameters"] for k, v in where.items() if k != "meta")}))
@@ -71,18 +72,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/edit_memory.json")
     a = ap.parse_args()
-    import torch
+    from safetensors.torch import load_file
 
     rows, ref = [], None
     tmp = Path(tempfile.mkdtemp())
     for name, cfg in CONFIGS.items():
-        dump = tmp / f"{len(rows)}.pt"
+        dump = tmp / f"{len(rows)}.safetensors"
         p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg), PROMPT, TARGET, str(dump)],
                            capture_output=True, text=True, timeout=1800)
         if p.returncode != 0:
             sys.exit(f"{name} failed:\n{p.stderr[-3000:]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        dense = torch.load(dump)
+        dense = load_file(str(dump))
         if ref is None:
             ref = dense
         scale = max(float(t.abs().max()) for t in ref.values())
