@@ -107,15 +107,21 @@ def alias_gguf(alias: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over every parameter (sorted names, shapes, fp32 bytes)."""
+def _digest(named_tensors) -> str:
+    """sha256 over (name, shape, fp32 bytes) of tensors given in sorted-name order; read one
+    at a time, so a checkpoint never has to be in memory whole."""
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        t = p.detach().to("cpu", torch.float32).contiguous()
+    for name, t in named_tensors:
+        t = t.detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
         h.update(json.dumps(list(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter (sorted names, shapes, fp32 bytes)."""
+    return _digest(sorted(model.named_parameters(), key=lambda kv: kv[0]))
 
 
 def files_hash(directory: Path) -> str:
@@ -131,13 +137,7 @@ def files_hash(directory: Path) -> str:
                          f"device_map or a dtype other than float32 must be stored as safetensors")
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {k: f for f in handles for k in f.keys()}
-    h = hashlib.sha256()
-    for name in sorted(where):
-        t = where[name].get_tensor(name).to(torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(json.dumps(list(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return _digest((name, where[name].get_tensor(name)) for name in sorted(where))
 
 
 def _readable_fp32(model) -> bool:
@@ -261,8 +261,6 @@ def load_model(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, **placed)
-    except ModelError:
-        raise
     except Exception as e:  # transformers raises OSError, ValueError, JSON errors... for bad files
         raise ModelError(f"cannot load model {spec!r} from {where}: {type(e).__name__}: {e}; "
                          f"check that it is a complete Hugging Face model directory (or, for a "
@@ -277,7 +275,7 @@ def load_model(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
     load_s = time.perf_counter() - t0
     if Path(str(where)).is_dir():
         base_hash = _dir_hash(model, Path(where), cache_dir)
-    elif _readable_fp32(model) or all(p.device.type != "meta" for p in model.parameters()):
+    elif all(p.device.type != "meta" for p in model.parameters()):
         base_hash = weights_hash(model)
     else:
         raise ModelError(f"model {spec!r}: offloaded weights of a hub model cannot be hashed; "
