@@ -477,6 +477,9 @@ def data_build(out, seed):
               help="Start from this editor (same model and weights) instead of the identity.")
 @click.option("--loc-per-edit", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Locality prompts per edit and step.")
+@click.option("--edit-batch", type=click.IntRange(0), default=1, show_default=True,
+              help="Facts per training edit: 1 trains single edits; N groups each step's edits "
+                   "into batched edits of N facts; 0 makes each step one batched edit.")
 @click.option("--no-resume", is_flag=True, help="Start over even if a training state exists.")
 @click.option("--num-processes", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Data-parallel processes: each step's edits are split between them "
@@ -484,8 +487,8 @@ def data_build(out, seed):
 @click.pass_context
 @handle_errors
 def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_step, lr,
-          val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, no_resume,
-          num_processes):
+          val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, edit_batch,
+          no_resume, num_processes):
     """Train a MEND editor for the workspace's model (Algorithm 1).
 
     With --num-processes N, N local processes train one editor (gloo on CPU); each step's
@@ -509,8 +512,8 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
                  device=cfg.device, steps=steps, max_minutes=max_minutes,
                  edits_per_step=edits_per_step, lr=lr, val_every=val_every, val_cases=val_cases,
                  patience=patience, seed=cfg.seed, init_from=init_from,
-                 loc_per_edit=loc_per_edit, num_processes=num_processes,
-                 command=_command_line())
+                 loc_per_edit=loc_per_edit, edit_batch=edit_batch,
+                 num_processes=num_processes, command=_command_line())
     from .editors.mend.distributed import join
 
     if join(cfg.device).main:  # under accelerate launch / torchrun every process gets here

@@ -63,6 +63,10 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
     with the same seed, up to float rounding."""
     if num_processes < 1:
         raise InputError("--num-processes must be at least 1")
+    cfg = TrainConfig(**train_kwargs)
+    if cfg.edit_batch and cfg.edits_per_step % cfg.edit_batch:
+        raise InputError(f"--edits-per-step ({cfg.edits_per_step}) must be a multiple of "
+                         f"--edit-batch ({cfg.edit_batch}), the facts per training edit")
     args = dict(model=model, edit_weights=edit_weights, prompt_format=prompt_format, rank=rank,
                 init_alpha=init_alpha, train_data=train_data, val_data=val_data,
                 data_seed=data_seed, generic_loc=generic_loc, resume=resume,
@@ -72,7 +76,6 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
         if distributed.join(device).parallel:
             raise InputError("already one of several processes (accelerate launch / torchrun): "
                              "leave out --num-processes")
-        cfg = TrainConfig(**train_kwargs)
         # settings that cannot work fail here, once, as an input error, not in every process
         if cfg.edits_per_step < num_processes:
             raise InputError(f"--edits-per-step ({cfg.edits_per_step}) must be at least "

@@ -160,7 +160,21 @@ def _nontrivial_editor(specs, seed=0):
 
 
 def _naive_losses(editor, model, tok, cases, cfg):
-    """L = c_e · L_e + c_loc · L_loc with full forward passes and no shortcuts."""
+    """L = c_e · L_e + c_loc · L_loc with full forward passes and no shortcuts: each group of
+    cfg.edit_batch cases (all of them with 0) is captured and edited on its own."""
+    group = cfg.edit_batch or len(cases)
+    nll, per_seq = [], []
+    for g in range(0, len(cases), group):
+        part = cases[g: g + group]
+        a, b = _naive_group(editor, model, tok, part, cfg)
+        nll.append(a)
+        per_seq += b
+    l_edit = torch.cat(nll).mean()
+    l_loc = torch.stack(per_seq).mean()
+    return cfg.c_edit * l_edit + cfg.c_loc * l_loc, l_edit, l_loc
+
+
+def _naive_group(editor, model, tok, cases, cfg):
     prompts, targets = [c.input for c in cases], [c.target for c in cases]
     edit = encode_pairs(tok, prompts, targets)
     pairs, _ = capture_edit_gradients(model, editor.specs, edit)  # no prefix cache
@@ -171,7 +185,7 @@ def _naive_losses(editor, model, tok, cases, cfg):
         dw = -a * torch.einsum("ni,no->oi", pu, pd)  # (out, in)
         w_new[s.name] = model.get_parameter(s.name).detach() + (dw.T if s.transposed else dw)
     eq = encode_pairs(tok, prompts + [c.paraphrases[0] for c in cases], targets + targets)
-    l_edit = token_nll(_full_logits(model, eq, w_new), eq.labels).mean()
+    nll = token_nll(_full_logits(model, eq, w_new), eq.labels)
     # locality where it is measured: each prompt extended by the base model's greedy
     # continuation (one unpadded sequence at a time), KL at the prompt's last position and
     # the continuation, averaged per sequence, then over sequences
@@ -189,8 +203,7 @@ def _naive_losses(editor, model, tok, cases, cfg):
         lp_new = torch.log_softmax(_full_logits(model, one, w_new)[0, pos].float(), -1)
         kl = torch.nn.functional.kl_div(lp_new, lp_base, log_target=True, reduction="none").sum(-1)
         per_seq.append(kl.mean())
-    l_loc = torch.stack(per_seq).mean()
-    return cfg.c_edit * l_edit + cfg.c_loc * l_loc, l_edit, l_loc
+    return nll, per_seq
 
 
 def _grads(editor, loss):
@@ -199,16 +212,19 @@ def _grads(editor, loss):
     return {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
 
 
-def test_trainer_fast_path_equals_naive_reference(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("edit_batch", [1, 2, 0])
+def test_trainer_fast_path_equals_naive_reference(tiny_model, tiny_tokenizer, edit_batch):
+    # single edits (the default), groups of two, and the whole step as one batched edit
     specs = select_weights(tiny_model, "auto")
     editor = _nontrivial_editor(specs)
-    cfg = TrainConfig(steps=1, edits_per_step=3, c_edit=0.1, c_loc=1.0, norm_warmup=2,
-                      loc_per_edit=1)
+    n = 3 if edit_batch != 2 else 4
+    cfg = TrainConfig(steps=1, edits_per_step=n, c_edit=0.1, c_loc=1.0, norm_warmup=2,
+                      loc_per_edit=1, edit_batch=edit_batch)
     trainer = Trainer(editor, tiny_model, tiny_tokenizer, _cases(6), [], cfg, progress=False)
     assert trainer.prefix.enabled  # the fast path is what is under test
     trainer.warm_up_normaliser()  # non-trivial normalisation statistics
     editor.eval()  # freeze them, so both computations see the same normaliser
-    cases = _cases(3)
+    cases = _cases(n)
 
     loss, stats = trainer.losses(cases)
     g_fast = _grads(editor, loss)

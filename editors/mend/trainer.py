@@ -3,9 +3,10 @@
 Each step samples n edit cases from the training split and:
 1. captures (u, δ) of the edit loss −log p_W(y_e | x_e) on the base model (no grad to the
    editor: these are inputs, so no higher-order gradients are ever needed);
-2. maps them through the editor to factors and builds W̃ = W − α Σ δ̃ ũᵀ;
-3. runs the model functionally with W̃ (torch.func.functional_call) on the equivalent inputs
-   (x_e itself and a rephrasing x'_e, target y_e) and on locality prompts x_loc;
+2. maps them through the editor to factors and builds, per edit, W̃ = W − α Σ δ̃ ũᵀ over that
+   edit's tokens (`edit_batch` facts per edit; 1 by default: the n edits are n single edits);
+3. runs the model functionally with each W̃ (torch.func.functional_call) on its equivalent
+   inputs (x_e itself and a rephrasing x'_e, target y_e) and its locality prompts x_loc;
 4. L = c_e · L_e + L_loc, L_e = −log p_W̃(y_e | x'_e), L_loc = KL(p_W(·|x_loc) ‖ p_W̃(·|x_loc)),
    and one Adam step on the editor only (α with its own learning rate).
 
@@ -16,6 +17,10 @@ over every prompt position instead (the first shipped editor) let the easy posit
 the signal: its training agreement read .94 while validation locality stayed at .87.
 Generic-text passages count at every position (there every token is "the answer").
 
+Single edits per step, not one batched edit of all the step's facts (editors up to v3): a
+user edits one fact at a time and the evaluation measures that, while a batched training edit
+teaches the editor the size of a 4-fact update and scores locality against it.
+
 Validation runs at intervals on held-out cases (edit success, paraphrase success, locality);
 the best checkpoint by validation score is kept, the learning rate follows a cosine decay, and
 training stops early when validation stops improving. Progress is shown with tqdm. A resumable
@@ -23,8 +28,9 @@ training state (editor, optimiser moments, step, RNG) is written as safetensors 
 
 Data parallel (`replicas`, see editors/mend/distributed.py): N processes train one editor. Each
 draws the whole step with the same RNG (so the step's edits, paraphrases and locality prompts
-are the single-process ones) and computes the loss terms of its share of the edits; the
-training edit stays one batched edit of all of them. The gradients are summed over the
+are the single-process ones) and computes the loss terms of its share of the edits; every
+process sees every edit's (u, δ) (the normaliser observes them all, and a batched edit needs
+its other facts' terms). The gradients are summed over the
 processes before clipping and the Adam step, which every process takes identically. Only the
 main process validates and writes checkpoints and the training state; the others wait and
 adopt its decision. With one process nothing of this runs.
@@ -73,6 +79,10 @@ class TrainConfig:
     grad_clip: float = 100.0
     loc_per_edit: int = 2  # locality prompts per edit and step
     loc_new_tokens: int = 4  # base continuation tokens scored (as `mendctl eval` does)
+    # facts per training edit: 1 trains single edits, as they are made and evaluated (each
+    # step averages edits_per_step of them); N groups the step's edits into batched edits of N
+    # facts; 0 makes the whole step one batched edit (how the editors up to v3 were trained)
+    edit_batch: int = 1
 
 
 @dataclass
@@ -104,11 +114,15 @@ def _share(x: torch.Tensor, total: int) -> torch.Tensor:
     return x.mean() if x.numel() == total else x.sum() / total
 
 
-def edited_weights(specs: list[WeightSpec], base: dict[str, torch.Tensor], factors: dict) -> dict:
-    """W̃ = W − α Σ δ̃ ũᵀ, in each parameter's stored orientation; differentiable."""
+def edited_weights(specs: list[WeightSpec], base: dict[str, torch.Tensor], factors: dict,
+                   rows: torch.Tensor | None = None) -> dict:
+    """W̃ = W − α Σ δ̃ ũᵀ, in each parameter's stored orientation; differentiable. `rows` (a
+    boolean mask over the token rows) keeps only those tokens' terms: one edit of a batch."""
     out = {}
     for s in specs:
         pu, pd, a = factors[s.name]
+        if rows is not None:
+            pu, pd = pu[rows], pd[rows]
         dw = -(a * (pd.T @ pu))  # (out, in)
         out[s.name] = base[s.name] + (dw.T if s.transposed else dw)
     return out
@@ -160,6 +174,7 @@ class Trainer:
         self.prefix.enable_memo()  # the base model is fixed for the whole run
         # locality prompt → (prompt + base greedy continuation, prompt length)
         self._continuations: dict[str, tuple[list[int], int]] = {}
+        self._val_refs: dict = {}
 
     # -- one step -----------------------------------------------------------------------------
     def _sample(self, k: int):
@@ -168,13 +183,16 @@ class Trainer:
     def _part(self, n: int) -> tuple[int, int]:
         return self.replicas.part(n)
 
-    def _all_pairs(self, pairs: dict) -> dict:
+    def _all_pairs(self, pairs: dict, owner: torch.Tensor | None = None):
         """The (u, δ) pairs of every process's edits, in edit order (each process captured its
-        share). One gather for all weights: every weight's pairs have the same token rows."""
+        share). One gather for all weights: every weight's pairs have the same token rows.
+        With `owner` (the edit each token row belongs to) returns (pairs, owners) of them all."""
         if not self.replicas.parallel:
-            return pairs
-        packed = torch.cat([t for s in self.specs for t in pairs[s.name]], dim=1)
-        full = self.replicas.gather_rows(packed)
+            return pairs if owner is None else (pairs, owner)
+        parts = [t for s in self.specs for t in pairs[s.name]]
+        if owner is not None:  # small integers, exact in float32
+            parts.append(owner.to(parts[0].dtype)[:, None])
+        full = self.replicas.gather_rows(torch.cat(parts, dim=1))
         out, at = {}, 0
         for s in self.specs:
             u = full[:, at: at + s.in_features].contiguous()
@@ -182,10 +200,11 @@ class Trainer:
             d = full[:, at: at + s.out_features].contiguous()
             at += s.out_features
             out[s.name] = (u, d)
-        return out
+        return out if owner is None else (out, full[:, at].round().long())
 
     def losses(self, cases, part: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
-        """The loss of one step whose edits are `cases` (one batched edit of all of them).
+        """The loss of one step whose edits are `cases`: groups of `edit_batch` of them (all of
+        them with 0) are each one edit, made from their own facts' (u, δ) only.
 
         `part` = (lo, hi), data parallel: this process computes the terms of edits lo..hi-1 only
         (their capture, equivalent and locality sequences), each divided by the step's total
@@ -199,6 +218,9 @@ class Trainer:
         lo, hi = part if part is not None else (0, n_all)
         cases = cases[lo:hi]
         n = len(cases)
+        group = self.cfg.edit_batch or n_all
+        if n_all % group:
+            raise ValueError(f"edits per step ({n_all}) must be a multiple of edit_batch ({group})")
         prompts = [c.input for c in cases]
         targets = [c.target for c in cases]
         eq_prompts = prompts + eq_all[lo:hi]
@@ -206,6 +228,7 @@ class Trainer:
         if not loc_inputs:
             raise ValueError("training needs locality inputs: cases with `locality` prompts, "
                              "or generic text passages")
+        loc_edit = torch.tensor([i for i, x in enumerate(loc_all[lo:hi]) for _ in x])
         loc = self._locality_batch(loc_inputs)
         m = loc.input_ids.shape[0]
         # one padded batch for every sequence of the step: rows [0, n) edit, [n, 3n) equivalent
@@ -213,55 +236,74 @@ class Trainer:
         edit = encode_pairs(self.tok, prompts, targets, self.fmt)
         equiv = encode_pairs(self.tok, eq_prompts, targets + targets, self.fmt)
         allb = _cat_batches(_cat_batches(edit, equiv, self.pad), loc, self.pad).to(self.device)
-        rows = lambda a, b: Batch(allb.input_ids[a:b], allb.attention_mask[a:b], allb.labels[a:b])  # noqa: E731
+        rows = lambda idx: Batch(allb.input_ids[idx], allb.attention_mask[idx], allb.labels[idx])  # noqa: E731
         if self.prefix.enabled:
             hidden, as_tuple = self.prefix.hidden(allb)
-            skip = lambda a, b: self.prefix.skipping(hidden[a:b], as_tuple)  # noqa: E731
+            skip = lambda idx: self.prefix.skipping(hidden[idx], as_tuple)  # noqa: E731
         else:
-            skip = lambda a, b: nullcontext()  # noqa: E731
+            skip = lambda idx: nullcontext()  # noqa: E731
 
-        pairs, _ = capture_edit_gradients(self.model, self.specs, rows(0, n), skip(0, n))
-        # the edit is made of all the step's edits, whichever process computes their losses
-        factors = self.editor.factors(self._all_pairs(pairs))
-        w_new = edited_weights(self.specs, self.base, factors)
+        pairs, _ = capture_edit_gradients(self.model, self.specs, rows(slice(0, n)), skip(slice(0, n)))
+        # the step's token rows of every process, and the edit (global index) each belongs to
+        owner = lo + torch.nonzero(edit.attention_mask)[:, 0]
+        pairs, owner = self._all_pairs(pairs, owner.to(self.device))
+        factors = self.editor.factors(pairs)
 
-        end = 3 * n + m
-        rest = rows(n, end)
-        sel_edit, lab_eq, own_eq = label_positions(rows(n, 3 * n))
-        sel_eq = torch.zeros_like(rest.attention_mask, dtype=torch.bool)
-        sel_eq[: 2 * n] = sel_edit
         # locality rows are labelled where they count (see `_locality_batch`); position t
         # predicts token t+1, so the distribution at t-1 is the one compared for label t
-        sel_loc = torch.zeros_like(sel_eq)
-        sel_loc[2 * n:, :-1] = allb.labels[3 * n:end, 1:] != -100
-        loc_owner = torch.arange(m, device=sel_loc.device)[:, None].expand_as(sel_loc[2 * n:])
-        loc_owner = loc_owner[sel_loc[2 * n:]]
-        with torch.no_grad(), skip(3 * n, end):
+        end = 3 * n + m
+        sel_loc = torch.zeros_like(allb.attention_mask, dtype=torch.bool)
+        sel_loc[3 * n:end, :-1] = allb.labels[3 * n:end, 1:] != -100
+        with torch.no_grad(), skip(slice(3 * n, end)):
             lp_base = torch.log_softmax(
-                selected_logits(self.model, rows(3 * n, end), sel_loc[2 * n:]).float(), -1)
-        with skip(n, end):
-            logits = selected_logits(self.model, rest, sel_eq | sel_loc, w_new)
-        # selected_logits returns positions in row-major order; split them back
-        is_eq = sel_eq[sel_eq | sel_loc]
-        nll = per_example_nll(logits[is_eq], lab_eq, own_eq, 2 * n)
-        l_edit = _share(nll, 2 * n_all)
-        lp_new = torch.log_softmax(logits[~is_eq].float(), -1)
-        kl = (lp_base.exp() * (lp_base - lp_new)).sum(-1)
-        # mean over each sequence's counted positions, then over sequences, so a long generic
-        # passage weighs as much as one neighbouring fact
-        per_seq = torch.zeros(m, device=kl.device).index_add(0, loc_owner, kl)
-        per_seq = per_seq / torch.bincount(loc_owner, minlength=m).clamp(min=1)
-        l_loc = _share(per_seq, m_all)
+                selected_logits(self.model, rows(slice(3 * n, end)), sel_loc[3 * n:end]).float(), -1)
+        # selected_logits returns positions in row-major order: the locality row of each one
+        pos_row = torch.arange(3 * n, end, device=sel_loc.device)[:, None].expand(m, sel_loc.shape[1])
+        pos_row = pos_row[sel_loc[3 * n:end]]
+
+        # each group of `group` edits is one edit W̃ of its facts only (group 1: single edits,
+        # as they are made and evaluated); its equivalent and locality rows see that W̃
+        nll, hits, per_seq, same = [], [], [], []
+        for g0 in range(lo - lo % group, hi, group):
+            mine = [i - lo for i in range(max(g0, lo), min(g0 + group, hi))]
+            k = len(mine)
+            w_new = edited_weights(self.specs, self.base, factors,
+                                   (owner >= g0) & (owner < g0 + group))
+            loc_rows = [3 * n + j for j in range(m) if int(loc_edit[j]) in mine]
+            idx = torch.tensor([n + i for i in mine] + [2 * n + i for i in mine] + loc_rows,
+                               device=allb.input_ids.device)
+            sub = rows(idx)
+            sel_eq, lab_eq, own_eq = label_positions(sub)
+            sel_eq[2 * k:] = False
+            lab_eq, own_eq = lab_eq[own_eq < 2 * k], own_eq[own_eq < 2 * k]
+            sel_l = sel_loc[idx]
+            with skip(idx):
+                logits = selected_logits(self.model, sub, sel_eq | sel_l, w_new)
+            is_eq = sel_eq[sel_eq | sel_l]
+            nll.append(per_example_nll(logits[is_eq], lab_eq, own_eq, 2 * k))
+            with torch.no_grad():
+                hit = (logits[is_eq].argmax(-1) == lab_eq).float()
+                hits.append(torch.ones(2 * k, device=hit.device).scatter_reduce(
+                    0, own_eq, hit, "amin")[:k])
+            if loc_rows:
+                lr = torch.tensor(loc_rows, device=pos_row.device)
+                here = torch.isin(pos_row, lr)
+                lp_new = torch.log_softmax(logits[~is_eq].float(), -1)
+                kl = (lp_base[here].exp() * (lp_base[here] - lp_new)).sum(-1)
+                # mean over each sequence's counted positions, then over sequences, so a long
+                # generic passage weighs as much as one neighbouring fact
+                seq = torch.searchsorted(lr, pos_row[here])
+                s = torch.zeros(len(loc_rows), device=kl.device).index_add(0, seq, kl)
+                per_seq.append(s / torch.bincount(seq, minlength=len(loc_rows)).clamp(min=1))
+                with torch.no_grad():
+                    same.append((lp_new.argmax(-1) == lp_base[here].argmax(-1)).float())
+        l_edit = _share(torch.cat(nll), 2 * n_all)
+        l_loc = _share(torch.cat(per_seq), m_all)
         loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
-        with torch.no_grad():
-            hit = (logits[is_eq].argmax(-1) == lab_eq).float()
-            ok = torch.ones(2 * n, device=hit.device).scatter_reduce(0, own_eq, hit, "amin")
-            es = ok[:n].mean()
-            same = (lp_new.argmax(-1) == lp_base.argmax(-1)).float()
-            agree = same.mean()
+        es, agree = torch.cat(hits).mean(), torch.cat(same)
         return loss, {"loss": float(loss.detach()), "l_edit": float(l_edit.detach()),
-                      "l_loc": float(l_loc.detach()), "es": float(es), "loc": float(agree),
-                      "n": n, "loc_n": same.numel()}
+                      "l_loc": float(l_loc.detach()), "es": float(es), "loc": float(agree.mean()),
+                      "n": n, "loc_n": agree.numel()}
 
     def _loc_prompts(self, case) -> list[tuple[bool, str]]:
         """(is a generic passage, text) for each locality input of this edit."""
@@ -379,8 +421,7 @@ class Trainer:
         self.editor.eval()
         for c in cases:
             delta = self.editor.edit(self.model, self.tok, [c.input], [c.target], self.fmt)
-            ref = locality_reference(self.model, self.tok, c.locality[:2] or [c.input], self.fmt, n_new=2) \
-                if c.locality else None
+            ref = self._val_reference(c)
             with applied(self.model, delta):
                 es += edit_success(self.model, self.tok, [c.input], [c.target], self.fmt)
                 if c.paraphrases:
@@ -391,6 +432,17 @@ class Trainer:
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
         return {"edit_success": mean(es), "paraphrase_success": mean(ps), "locality": mean(loc),
                 "alpha_mean": float(self.editor.alpha.detach().mean())}
+
+    def _val_reference(self, case):
+        """The base model's locality reference of a validation case, computed once per run
+        (the base model never changes; the edits are what is measured)."""
+        if not case.locality:
+            return None
+        key = (case.input, tuple(case.locality[:2]))
+        if key not in self._val_refs:
+            self._val_refs[key] = locality_reference(self.model, self.tok, case.locality[:2],
+                                                     self.fmt, n_new=2)
+        return self._val_refs[key]
 
     @staticmethod
     def score(v: dict) -> float:
