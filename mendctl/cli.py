@@ -477,6 +477,12 @@ def data_build(out, seed):
               help="Start from this editor (same model and weights) instead of the identity.")
 @click.option("--loc-per-edit", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Locality prompts per edit and step.")
+@click.option("--c-edit", type=float, default=0.1, show_default=True,
+              help="Weight of the edit loss against the locality KL (the paper's c_e): lower "
+                   "trades edit success for locality.")
+@click.option("--chain-length", type=click.IntRange(0), default=0, show_default=True,
+              help="Train on chains of edits: each step edits the state left by up to N-1 "
+                   "earlier edits of the run (0: every step edits the base model).")
 @click.option("--edit-batch", type=click.IntRange(0), default=1, show_default=True,
               help="Facts per training edit: 1 trains single edits; N groups each step's edits "
                    "into batched edits of N facts; 0 makes each step one batched edit.")
@@ -487,8 +493,8 @@ def data_build(out, seed):
 @click.pass_context
 @handle_errors
 def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_step, lr,
-          val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, edit_batch,
-          no_resume, num_processes):
+          val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, c_edit,
+          chain_length, edit_batch, no_resume, num_processes):
     """Train a MEND editor for the workspace's model (Algorithm 1).
 
     With --num-processes N, N local processes train one editor (gloo on CPU); each step's
@@ -512,7 +518,8 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
                  device=cfg.device, steps=steps, max_minutes=max_minutes,
                  edits_per_step=edits_per_step, lr=lr, val_every=val_every, val_cases=val_cases,
                  patience=patience, seed=cfg.seed, init_from=init_from,
-                 loc_per_edit=loc_per_edit, edit_batch=edit_batch,
+                 loc_per_edit=loc_per_edit, c_edit=c_edit, chain_length=chain_length,
+                 edit_batch=edit_batch,
                  num_processes=num_processes, command=_command_line())
     from .editors.mend.distributed import join
 

@@ -113,14 +113,20 @@ def edit_loss(model: nn.Module, batch: Batch, weights=None) -> torch.Tensor:
     return per_example_nll(logits, labels, owner, batch.labels.shape[0]).sum()
 
 
-def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Batch, skip=None):
+def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Batch, skip=None,
+                           weights: dict[str, torch.Tensor] | None = None):
     """Run forward+backward of the edit loss; return ({name: (u, δ)}, loss value).
 
     `skip` is an optional context (PrefixCache.skipping) that replaces the lower blocks by
-    their cached output for this batch."""
+    their cached output for this batch. `weights` ({name: tensor}) stands in for the edited
+    parameters (functionally; the model is not touched): the edit is then computed at that
+    state of the weights, e.g. deep in a chain of earlier edits."""
+    if weights is not None:
+        # leaves that require grad, so the edited modules' outputs are on the loss path
+        weights = {s.name: weights[s.name].detach().requires_grad_() for s in specs}
     with grad_only_on(model, [s.name for s in specs]), torch.enable_grad(), \
             GradCapture(model, specs) as cap, (skip if skip is not None else nullcontext()):
-        loss = edit_loss(model, batch)
+        loss = edit_loss(model, batch, weights)
         # gradients of the module outputs only: nothing is left in the weights' .grad and no
         # dense weight gradient is computed
         cap.backward(loss)

@@ -83,6 +83,12 @@ class TrainConfig:
     # step averages edits_per_step of them); N groups the step's edits into batched edits of N
     # facts; 0 makes the whole step one batched edit (how the editors up to v3 were trained)
     edit_batch: int = 1
+    # > 1: train on chains of edits. Each step edits the state left by up to chain_length − 1
+    # earlier edits of the run (the first edit of each earlier step, made by the editor as it
+    # then was); locality is the KL to that state, on the usual prompts and on one earlier
+    # fact of the chain per edit. The chain restarts from the base model when full (and on
+    # resume). 0 or 1: every step edits the base model.
+    chain_length: int = 0
 
 
 @dataclass
@@ -175,6 +181,11 @@ class Trainer:
         # locality prompt → (prompt + base greedy continuation, prompt length)
         self._continuations: dict[str, tuple[list[int], int]] = {}
         self._val_refs: dict = {}
+        # chain training: the weights after the current chain's edits (None: the base model),
+        # the chain's facts, and the next state (this step's first edit added)
+        self._chain_w: dict | None = None
+        self._chain_facts: list[tuple[str, str]] = []
+        self._chain_next: dict | None = None
 
     # -- one step -----------------------------------------------------------------------------
     def _sample(self, k: int):
@@ -214,7 +225,11 @@ class Trainer:
         the single-process order, so the RNG stays in step across processes."""
         eq_all = [self.rng.choice(c.paraphrases) if c.paraphrases else c.input for c in cases]
         loc_all = [self._loc_prompts(c) for c in cases]
-        n_all, m_all = len(cases), sum(len(x) for x in loc_all)
+        # chain training: each edit is also scored on earlier facts of the chain (drawn here,
+        # for every case in order, so the RNG stays in step across processes)
+        ret_all = [self._retained_facts() for _ in cases]
+        n_all = len(cases)
+        m_all = sum(len(x) for x in loc_all) + sum(len(r) for r in ret_all)
         lo, hi = part if part is not None else (0, n_all)
         cases = cases[lo:hi]
         n = len(cases)
@@ -228,8 +243,15 @@ class Trainer:
         if not loc_inputs:
             raise ValueError("training needs locality inputs: cases with `locality` prompts, "
                              "or generic text passages")
-        loc_edit = torch.tensor([i for i, x in enumerate(loc_all[lo:hi]) for _ in x])
+        ret = [f for r in ret_all[lo:hi] for f in r]
+        loc_edit = torch.tensor([i for i, x in enumerate(loc_all[lo:hi]) for _ in x]
+                                + [i for i, r in enumerate(ret_all[lo:hi]) for _ in r])
         loc = self._locality_batch(loc_inputs)
+        if ret:
+            # an earlier fact with its edited answer, labelled on the answer: the KL to the
+            # chain's state there says whether this edit keeps it
+            loc = _cat_batches(loc, encode_pairs(self.tok, [p for p, _ in ret], [t for _, t in ret],
+                                                 self.fmt), self.pad)
         m = loc.input_ids.shape[0]
         # one padded batch for every sequence of the step: rows [0, n) edit, [n, 3n) equivalent
         # inputs (x_e and a rephrasing), [3n, 3n + m) locality sequences
@@ -243,11 +265,19 @@ class Trainer:
         else:
             skip = lambda idx: nullcontext()  # noqa: E731
 
-        pairs, _ = capture_edit_gradients(self.model, self.specs, rows(slice(0, n)), skip(slice(0, n)))
+        # the weights the step edits: the base model's, or the chain's state (chain training)
+        w_cur = self._chain_w if self._chain_w is not None else self.base
+        w_arg = self._chain_w  # None: the model's own parameters
+        pairs, _ = capture_edit_gradients(self.model, self.specs, rows(slice(0, n)),
+                                          skip(slice(0, n)), weights=w_arg)
         # the step's token rows of every process, and the edit (global index) each belongs to
         owner = lo + torch.nonzero(edit.attention_mask)[:, 0]
         pairs, owner = self._all_pairs(pairs, owner.to(self.device))
         factors = self.editor.factors(pairs)
+        if self.cfg.chain_length > 1:
+            # the chain goes on with the step's first edit, alone (every process has its terms)
+            with torch.no_grad():
+                self._chain_next = edited_weights(self.specs, w_cur, factors, owner == 0)
 
         # locality rows are labelled where they count (see `_locality_batch`); position t
         # predicts token t+1, so the distribution at t-1 is the one compared for label t
@@ -256,7 +286,8 @@ class Trainer:
         sel_loc[3 * n:end, :-1] = allb.labels[3 * n:end, 1:] != -100
         with torch.no_grad(), skip(slice(3 * n, end)):
             lp_base = torch.log_softmax(
-                selected_logits(self.model, rows(slice(3 * n, end)), sel_loc[3 * n:end]).float(), -1)
+                selected_logits(self.model, rows(slice(3 * n, end)), sel_loc[3 * n:end],
+                                w_arg).float(), -1)
         # selected_logits returns positions in row-major order: the locality row of each one
         pos_row = torch.arange(3 * n, end, device=sel_loc.device)[:, None].expand(m, sel_loc.shape[1])
         pos_row = pos_row[sel_loc[3 * n:end]]
@@ -267,7 +298,7 @@ class Trainer:
         for g0 in range(lo - lo % group, hi, group):
             mine = [i - lo for i in range(max(g0, lo), min(g0 + group, hi))]
             k = len(mine)
-            w_new = edited_weights(self.specs, self.base, factors,
+            w_new = edited_weights(self.specs, w_cur, factors,
                                    (owner >= g0) & (owner < g0 + group))
             loc_rows = [3 * n + j for j in range(m) if int(loc_edit[j]) in mine]
             idx = torch.tensor([n + i for i in mine] + [2 * n + i for i in mine] + loc_rows,
@@ -304,6 +335,22 @@ class Trainer:
         return loss, {"loss": float(loss.detach()), "l_edit": float(l_edit.detach()),
                       "l_loc": float(l_loc.detach()), "es": float(es), "loc": float(agree.mean()),
                       "n": n, "loc_n": agree.numel()}
+
+    def _retained_facts(self) -> list[tuple[str, str]]:
+        """Chain training: one earlier fact of the current chain (prompt, target), if any."""
+        if not self._chain_facts:
+            return []
+        return [self._chain_facts[self.rng.randrange(len(self._chain_facts))]]
+
+    def _advance_chain(self, case) -> None:
+        """Chain training, after a step: the step's first edit joins the chain; a chain that
+        has reached `chain_length` edits starts again from the base model."""
+        if self.cfg.chain_length <= 1:
+            return
+        self._chain_facts.append((case.input, case.target))
+        self._chain_w = self._chain_next
+        if len(self._chain_facts) >= self.cfg.chain_length - 1:
+            self._chain_w, self._chain_facts = None, []
 
     def _loc_prompts(self, case) -> list[tuple[bool, str]]:
         """(is a generic passage, text) for each locality input of this edit."""
@@ -480,6 +527,7 @@ class Trainer:
             self.opt.step()
             with torch.no_grad():
                 self.editor.alpha.clamp_(min=1e-7)  # a negative step would un-learn the edit
+            self._advance_chain(cases[0])
             self.step += 1
             step_seconds += time.perf_counter() - t_step
             run_es = stats["es"] if run_es is None else 0.98 * run_es + 0.02 * stats["es"]
