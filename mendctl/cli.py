@@ -483,6 +483,9 @@ def data_build(out, seed):
 @click.option("--chain-length", type=click.IntRange(0), default=0, show_default=True,
               help="Train on chains of edits: each step edits the state left by up to N-1 "
                    "earlier edits of the run (0: every step edits the base model).")
+@click.option("--locality-target", type=float, default=None,
+              help="End by choosing the editor's operating point: the largest common factor on "
+                   "its steps α whose validation locality reaches this (see `mendctl calibrate`).")
 @click.option("--edit-batch", type=click.IntRange(0), default=1, show_default=True,
               help="Facts per training edit: 1 trains single edits; N groups each step's edits "
                    "into batched edits of N facts; 0 makes each step one batched edit.")
@@ -494,7 +497,7 @@ def data_build(out, seed):
 @handle_errors
 def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_step, lr,
           val_every, val_cases, patience, init_alpha, init_from, loc_per_edit, c_edit,
-          chain_length, edit_batch, no_resume, num_processes):
+          chain_length, locality_target, edit_batch, no_resume, num_processes):
     """Train a MEND editor for the workspace's model (Algorithm 1).
 
     With --num-processes N, N local processes train one editor (gloo on CPU); each step's
@@ -519,12 +522,65 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
                  edits_per_step=edits_per_step, lr=lr, val_every=val_every, val_cases=val_cases,
                  patience=patience, seed=cfg.seed, init_from=init_from,
                  loc_per_edit=loc_per_edit, c_edit=c_edit, chain_length=chain_length,
-                 edit_batch=edit_batch,
+                 edit_batch=edit_batch, locality_target=locality_target,
                  num_processes=num_processes, command=_command_line())
     from .editors.mend.distributed import join
 
     if join(cfg.device).main:  # under accelerate launch / torchrun every process gets here
         click.echo(f"editor written to {out}; use it with `editor: {out}` in mendctl.yaml")
+
+
+@main.command()
+@click.argument("editor_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--locality-target", type=float, required=True,
+              help="Validation locality (top-1 agreement with the base model) to keep, e.g. 0.95.")
+@click.option("--val-data", type=click.Path(dir_okay=False),
+              help="Validation cases (default: the bundled val split).")
+@click.option("--val-cases", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
+@click.pass_context
+@handle_errors
+def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, as_json):
+    """Choose a trained editor's operating point, in place.
+
+    Single edits of validation cases on the workspace's base model, with the editor's steps α
+    multiplied by each of a range of factors (0.4 to 1.25): edit success, paraphrase success
+    and locality per factor. The largest factor whose locality reaches --locality-target is
+    applied to the checkpoint (the sweep goes into its editor.json), and the drift guard's
+    yardstick is re-measured. Run again, it starts from the rescaled editor.
+
+    \b
+    Example:
+      mendctl calibrate editors/my-editor --locality-target 0.95
+    """
+    from .editors.weights import select_weights
+    from .models import load_model
+    from .training import choose_operating_point, load_cases
+
+    if not 0 < locality_target <= 1:
+        raise InputError("--locality-target is a top-1 agreement: between 0 and 1")
+    cfg = _ws(ctx).config
+    cases, _ = load_cases(val_data, "val", cfg.seed)
+    cases = cases[:val_cases]
+    # the base model, whatever the workspace's chain holds: the editor was trained on it
+    lm = load_model(cfg.model, cache_dir=cfg.model_cache, device=cfg.device)
+    specs = select_weights(lm.model, cfg.edit_weights)
+    op = choose_operating_point(editor_dir, lm, specs, cases, locality_target,
+                                cfg.prompt_format, progress=_progress("sweep"))
+    if as_json:
+        _print_json(op)
+        return
+    click.echo(f"{'α ×':>6} {'edit success':>13} {'paraphrase':>11} {'locality':>9}")
+    for r in op["sweep"]:
+        mark = "  <- chosen" if r["scale"] == op["alpha_factor"] else ""
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        click.echo(f"{r['scale']:>6} {fmt(r['edit_success']):>13} "
+                   f"{fmt(r['paraphrase_success']):>11} {fmt(r['locality']):>9}{mark}")
+    if not op["reached"]:
+        click.echo(f"no factor reached locality {locality_target}; kept the one with the "
+                   f"highest locality", err=True)
+    click.echo(f"{editor_dir}: α multiplied by {op['alpha_factor']} (validation, "
+               f"{op['cases']} cases)")
 
 
 @main.command("eval")

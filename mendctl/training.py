@@ -52,7 +52,8 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
                  train_data: str | None = None, val_data: str | None = None, data_seed: int = 0,
                  generic_loc: float = 0.25, resume: bool = True, model_cache: str | None = None,
                  device: str = "cpu", progress: bool = True, init_from: str | None = None,
-                 command: str | None = None, num_processes: int = 1, **train_kwargs) -> dict:
+                 command: str | None = None, num_processes: int = 1,
+                 locality_target: float | None = None, **train_kwargs) -> dict:
     """Train and write `out_dir/editor.{safetensors,json}`; returns the editor's JSON.
 
     `init_from` starts from an existing editor for the same model and weights (its network,
@@ -60,7 +61,10 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
 
     `num_processes` > 1 trains one editor with that many data-parallel processes: each step's
     `edits_per_step` edits are split between them, and the result is that of one process
-    with the same seed, up to float rounding."""
+    with the same seed, up to float rounding.
+
+    `locality_target` ends the run by choosing the editor's operating point on the validation
+    cases (`choose_operating_point`)."""
     if num_processes < 1:
         raise InputError("--num-processes must be at least 1")
     cfg = TrainConfig(**train_kwargs)
@@ -71,7 +75,9 @@ def train_editor(out_dir: str | Path, model: str = "smollm2-135m", edit_weights=
                 init_alpha=init_alpha, train_data=train_data, val_data=val_data,
                 data_seed=data_seed, generic_loc=generic_loc, resume=resume,
                 model_cache=model_cache, device=device, progress=progress, init_from=init_from,
-                command=command, **train_kwargs)
+                command=command, locality_target=locality_target, **train_kwargs)
+    if locality_target is not None and not 0 < locality_target <= 1:
+        raise InputError("--locality-target is a top-1 agreement: between 0 and 1")
     if num_processes > 1:
         if distributed.join(device).parallel:
             raise InputError("already one of several processes (accelerate launch / torchrun): "
@@ -92,7 +98,7 @@ def _train_worker(out_dir: str, args: dict) -> dict:
 
 def _train(out_dir, model, edit_weights, prompt_format, rank, init_alpha, train_data, val_data,
            data_seed, generic_loc, resume, model_cache, device, progress, init_from, command,
-           **train_kwargs) -> dict:
+           locality_target=None, **train_kwargs) -> dict:
     cfg = TrainConfig(**train_kwargs)
     replicas = distributed.join(device)  # one process unless a launcher made a group
     if replicas.parallel and str(device).startswith("cuda"):
@@ -152,7 +158,13 @@ def _train(out_dir, model, edit_weights, prompt_format, rank, init_alpha, train_
     if replicas.main:
         print(f"best step {result.best_step}: {json.dumps(result.best_val)}")
         if (out_dir / "editor.json").is_file():
-            calibrate_checkpoint(out_dir, lm, specs, val[: cfg.val_cases], prompt_format)
+            if locality_target is not None:
+                op = choose_operating_point(out_dir, lm, specs, val[: cfg.val_cases],
+                                            locality_target, prompt_format)
+                print(f"operating point: α × {op['chosen']['scale']} "
+                      f"(validation {json.dumps(op['chosen'])})")
+            else:
+                calibrate_checkpoint(out_dir, lm, specs, val[: cfg.val_cases], prompt_format)
     return json.loads((out_dir / "editor.json").read_text())
 
 
@@ -169,3 +181,43 @@ def calibrate_checkpoint(directory: str | Path, lm, specs, cases, prompt_format:
     doc["delta_norm_reference"] = ref
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return ref
+
+
+# the α factors tried by `choose_operating_point`: finer near 1, where it usually lands
+SCALES = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.25)
+
+
+def choose_operating_point(directory: str | Path, lm, specs, cases, locality_target: float,
+                           prompt_format: str = "raw", scales=SCALES, progress=None) -> dict:
+    """Pick where a trained editor sits on its trade-off curve, on validation cases: sweep a
+    common factor on its steps α (`MendEditor.sweep_scale`), take the largest factor whose
+    validation locality reaches `locality_target` (if none does, the one with the highest
+    locality), multiply α by it and rewrite the checkpoint; then re-measure its single-edit
+    size for the drift guard. The sweep, the target and the factor go into editor.json
+    (`operating_point`). Returns that record.
+
+    Training weighs edit success against locality with one constant (c_e); this states the
+    trade-off a user wants directly, like a classifier's decision threshold."""
+    editor = MendEditor.load(directory, specs, lm.base_hash)
+    editor.to(next(lm.model.parameters()).device)
+    editor.eval()
+    sweep = editor.sweep_scale(lm.model, lm.tokenizer, cases, list(scales), prompt_format,
+                               progress=progress)
+    ok = [r for r in sweep if r["locality"] is not None and r["locality"] >= locality_target]
+    if ok:
+        pick = max(ok, key=lambda r: r["scale"])
+    else:
+        pick = max((r for r in sweep if r["locality"] is not None),
+                   key=lambda r: (r["locality"], -r["scale"]), default=None)
+        if pick is None:
+            raise InputError("the validation cases have no locality prompts to choose by")
+    editor.rescale(pick["scale"])
+    prev = (editor.info.get("operating_point") or {}).get("alpha_factor_total", 1.0)
+    record = {"locality_target": locality_target, "split": "val", "cases": len(cases),
+              "chosen": pick, "alpha_factor": pick["scale"],
+              "alpha_factor_total": prev * pick["scale"], "reached": bool(ok), "sweep": sweep}
+    info = dict(editor.info)
+    info["operating_point"] = record
+    editor.save(directory, info)
+    calibrate_checkpoint(directory, lm, specs, cases, prompt_format)
+    return record

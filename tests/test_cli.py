@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_helpers import (CHAIN, Ws, chain, clone_workspace, cli_cmd, cli_env,  # noqa: E402,F401
@@ -506,3 +507,45 @@ def test_guard_norm_must_be_positive(fresh_ws):
     fresh_ws.write_config(guard_norm=0)
     r = fresh_ws.run("log")
     assert r.returncode != 0 and "guard_norm" in r.stderr and "null" in r.stderr
+
+
+def test_calibrate_chooses_the_operating_point_on_validation(tiny_assets, tmp_path):
+    """`mendctl calibrate` sweeps a factor on the editor's α over validation edits, applies the
+    largest one whose locality reaches the target, records the sweep and re-measures the drift
+    guard's yardstick; a bad target is refused with nothing written."""
+    from safetensors.torch import load_file
+
+    ed_dir = tmp_path / "editor"
+    shutil.copytree(tiny_assets.editor_dir, ed_dir)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"input": p, "target": t, "paraphrases": [p.replace("is", "was")],
+                                       "locality": ["The weather today is", "My favourite colour is"]}) + "\n"
+                           for p, t in CHAIN[:3]))
+    before_json = (ed_dir / "editor.json").read_text()
+    before = load_file(str(ed_dir / "editor.safetensors"))
+    bad = ws.run("calibrate", ed_dir, "--locality-target", "1.5", "--val-data", val)
+    assert bad.returncode != 0 and "between 0 and 1" in bad.stderr
+    assert (ed_dir / "editor.json").read_text() == before_json
+
+    r = ws.ok("calibrate", ed_dir, "--locality-target", "0.9", "--val-data", val, "--json",
+              timeout=600).json()
+    sweep = r["sweep"]
+    assert [x["scale"] for x in sweep] == sorted(x["scale"] for x in sweep) and len(sweep) >= 8
+    ok = [x["scale"] for x in sweep if x["locality"] >= 0.9]
+    assert r["reached"] == bool(ok)
+    if ok:
+        assert r["alpha_factor"] == max(ok)
+    assert r["cases"] == 3 and r["chosen"]["scale"] == r["alpha_factor"]
+    after = load_file(str(ed_dir / "editor.safetensors"))
+    assert torch.allclose(after["alpha"], before["alpha"] * r["alpha_factor"])
+    for k in before:  # only the steps change
+        if k != "alpha":
+            assert torch.equal(after[k], before[k]), k
+    doc = json.loads((ed_dir / "editor.json").read_text())
+    assert doc["operating_point"]["alpha_factor"] == r["alpha_factor"]
+    assert doc["delta_norm_reference"]["cases"] == 3
+    human = ws.ok("calibrate", ed_dir, "--locality-target", "0.9", "--val-data", val, timeout=600)
+    assert "<- chosen" in human.stdout and "α multiplied by" in human.stdout

@@ -289,8 +289,12 @@ def _success_rate(editor, model, tok, cases):
     return sum(ok) / len(ok)
 
 
-def test_training_raises_edit_success(tiny_llama, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("chain_length", [0, 4])
+def test_training_raises_edit_success(tiny_llama, tiny_tokenizer, tmp_path, chain_length):
+    # single edits on the base model, and chain training (each step edits the state left by
+    # up to 3 earlier edits): either way the editor learns to edit the base model
     model, tok = tiny_llama, tiny_tokenizer
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
     specs = select_weights(model, "auto")
     torch.manual_seed(0)
     editor = MendEditor(specs, MendConfig(rank=8, init_alpha=1e-3))
@@ -298,7 +302,7 @@ def test_training_raises_edit_success(tiny_llama, tiny_tokenizer, tmp_path):
     # the targets are not what the model says already
     assert not any(edit_success(model, tok, [c.input], [c.target])[0] for c in held_out)
     cfg = TrainConfig(steps=120, edits_per_step=4, lr=3e-3, alpha_lr=1e-2, val_every=1000,
-                      val_cases=8, norm_warmup=5, seed=0)
+                      val_cases=8, norm_warmup=5, seed=0, chain_length=chain_length)
     trainer = Trainer(editor, model, tok, train, held_out, cfg, progress=False)
     untrained = MendEditor(specs, editor.config)
     before = _success_rate(untrained, model, tok, held_out)
@@ -311,6 +315,9 @@ def test_training_raises_edit_success(tiny_llama, tiny_tokenizer, tmp_path):
     # the best checkpoint was written and loads for these weights
     best = MendEditor.load(tmp_path / "best", specs)
     assert best.info["training"]["best_step"] == result.best_step
+    assert best.info["training"]["config"]["chain_length"] == chain_length
+    for n, p in model.named_parameters():  # chains live in the trainer, never in the model
+        assert torch.equal(p.detach(), base[n]), n
 
 
 # -- fine-tuning baselines ----------------------------------------------------------------------------

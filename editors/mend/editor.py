@@ -20,7 +20,7 @@ from torch import nn
 
 from ..delta import Delta, LayerDelta
 from ..text import encode_pairs
-from ..metrics import edit_success
+from ..metrics import edit_success, locality_reference, locality_scores
 from ..weights import WeightSpec, applied, input_device
 from .capture import capture_edit_gradients
 from .network import GradientTransform
@@ -164,6 +164,43 @@ class MendEditor(nn.Module):
         ref = {"median": pick(0.5), "p90": pick(0.9), "max": norms[-1], "cases": len(norms)}
         self.info["delta_norm_reference"] = ref
         return ref
+
+    @torch.no_grad()
+    def sweep_scale(self, model: nn.Module, tokenizer, cases, scales: list[float],
+                    fmt: str = "raw", progress=None) -> list[dict]:
+        """Single edits of `cases` (on `model`, the base) with every α multiplied by each of
+        `scales`: mean edit success, paraphrase success and locality per scale.
+
+        ΔW = −α Σ δ̃ ũᵀ is linear in α, so each case is edited once and its factors rescaled;
+        the base model's locality references are computed once per case. This is the editor's
+        trade-off curve between making edits and leaving the rest alone."""
+        rows = {s: {"edit_success": [], "paraphrase_success": [], "locality": []} for s in scales}
+        for c in (progress(cases) if progress else cases):
+            delta = self.edit(model, tokenizer, [c.input], [c.target], fmt)
+            ref = locality_reference(model, tokenizer, c.locality[:2], fmt, n_new=2) \
+                if c.locality else None
+            for s in scales:
+                scaled = Delta({n: LayerDelta(n, l.shape, u=l.u, d=l.d, alpha=l.alpha * s,
+                                              transposed=l.transposed)
+                                for n, l in delta.layers.items()}, dict(delta.meta))
+                with applied(model, scaled):
+                    r = rows[s]
+                    r["edit_success"] += edit_success(model, tokenizer, [c.input], [c.target], fmt)
+                    if c.paraphrases:
+                        r["paraphrase_success"] += edit_success(
+                            model, tokenizer, c.paraphrases, [c.target] * len(c.paraphrases), fmt)
+                    if ref is not None:
+                        r["locality"] += locality_scores(model, ref)[0]
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
+        return [{"scale": s, **{k: mean(v) for k, v in rows[s].items()}} for s in scales]
+
+    @torch.no_grad()
+    def rescale(self, factor: float) -> None:
+        """Multiply every learned step α_ℓ by `factor` (an operating point on the trade-off
+        curve, see `sweep_scale`); the networks and normalisers are unchanged."""
+        if not factor > 0:
+            raise ValueError("the α factor must be positive")
+        self.alpha.mul_(factor)
 
     # -- checkpoint --------------------------------------------------------------------------
     def save(self, directory: str | Path, info: dict | None = None) -> Path:
