@@ -167,18 +167,23 @@ class MendEditor(nn.Module):
 
     @torch.no_grad()
     def sweep_scale(self, model: nn.Module, tokenizer, cases, scales: list[float],
-                    fmt: str = "raw", progress=None) -> list[dict]:
+                    fmt: str = "raw", progress=None, references: dict | None = None) -> list[dict]:
         """Single edits of `cases` (on `model`, the base) with every α multiplied by each of
         `scales`: mean edit success, paraphrase success and locality per scale.
 
         ΔW = −α Σ δ̃ ũᵀ is linear in α, so each case is edited once and its factors rescaled;
-        the base model's locality references are computed once per case. This is the editor's
-        trade-off curve between making edits and leaving the rest alone."""
+        the base model's locality references are computed once per case (and kept in
+        `references`, if given, across calls). At scale 1 this is the trainer's validation;
+        over a range, the editor's trade-off curve between making edits and leaving the rest
+        alone."""
+        references = {} if references is None else references
         rows = {s: {"edit_success": [], "paraphrase_success": [], "locality": []} for s in scales}
         for c in (progress(cases) if progress else cases):
             delta = self.edit(model, tokenizer, [c.input], [c.target], fmt)
-            ref = locality_reference(model, tokenizer, c.locality[:2], fmt, n_new=2) \
-                if c.locality else None
+            key = (c.input, tuple(c.locality[:2]))
+            if c.locality and key not in references:
+                references[key] = locality_reference(model, tokenizer, c.locality[:2], fmt, n_new=2)
+            ref = references.get(key)
             for s in scales:
                 scaled = Delta({n: LayerDelta(n, l.shape, u=l.u, d=l.d, alpha=l.alpha * s,
                                               transposed=l.transposed)

@@ -51,9 +51,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..forward import PrefixCache, selected_logits
-from ..metrics import edit_success, locality_reference, locality_scores
 from ..text import Batch, encode_pairs, encode_sequences, render_prompt
-from ..weights import WeightSpec, applied, input_device
+from ..weights import WeightSpec, input_device
 from .capture import capture_edit_gradients, label_positions, per_example_nll
 from .distributed import Replicas, digest
 from .editor import MendEditor
@@ -463,33 +462,16 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
-        cases = self.val_cases[: self.cfg.val_cases]
-        es, ps, loc = [], [], []
+        """Single edits of the validation cases: the editor's own sweep at its trained α, with
+        the base model's locality references kept for the whole run (the base never changes)."""
         self.editor.eval()
-        for c in cases:
-            delta = self.editor.edit(self.model, self.tok, [c.input], [c.target], self.fmt)
-            ref = self._val_reference(c)
-            with applied(self.model, delta):
-                es += edit_success(self.model, self.tok, [c.input], [c.target], self.fmt)
-                if c.paraphrases:
-                    ps += edit_success(self.model, self.tok, c.paraphrases, [c.target] * len(c.paraphrases), self.fmt)
-                if ref is not None:
-                    loc += locality_scores(self.model, ref)[0]
+        r = self.editor.sweep_scale(self.model, self.tok, self.val_cases[: self.cfg.val_cases],
+                                    [1.0], self.fmt, references=self._val_refs)[0]
         self.editor.train()
-        mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
-        return {"edit_success": mean(es), "paraphrase_success": mean(ps), "locality": mean(loc),
-                "alpha_mean": float(self.editor.alpha.detach().mean())}
-
-    def _val_reference(self, case):
-        """The base model's locality reference of a validation case, computed once per run
-        (the base model never changes; the edits are what is measured)."""
-        if not case.locality:
-            return None
-        key = (case.input, tuple(case.locality[:2]))
-        if key not in self._val_refs:
-            self._val_refs[key] = locality_reference(self.model, self.tok, case.locality[:2],
-                                                     self.fmt, n_new=2)
-        return self._val_refs[key]
+        keys = ("edit_success", "paraphrase_success", "locality")
+        out = {k: float("nan") if r[k] is None else r[k] for k in keys}
+        out["alpha_mean"] = float(self.editor.alpha.detach().mean())
+        return out
 
     @staticmethod
     def score(v: dict) -> float:
