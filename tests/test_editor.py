@@ -320,6 +320,47 @@ def test_training_raises_edit_success(tiny_llama, tiny_tokenizer, tmp_path, chai
         assert torch.equal(p.detach(), base[n]), n
 
 
+def test_sweep_chain_scores_each_chain_on_its_last_state(tiny_llama, tiny_tokenizer):
+    """The chain validation: edits made one after another on the state the earlier ones left,
+    then every edit of the chain scored on the last state against the base model. Checked
+    against a copy of the model whose weights really hold the chain; chains of one edit are
+    the single-edit sweep."""
+    import copy
+
+    model, tok = tiny_llama, tiny_tokenizer
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    specs = select_weights(model, "auto")
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e-1))
+    cases = _fact_cases(range(5), 3)
+    got = editor.sweep_chain(model, tok, cases, chain_length=3)
+    es, para, loc, now = [], [], [], []
+    for chain in (cases[:3], cases[3:]):
+        m = copy.deepcopy(model)
+        refs = [locality_reference(model, tok, c.locality[:2], n_new=2) for c in chain]
+        for c in chain:  # each edit computed on, and written into, the chain's own model
+            d = editor.edit(m, tok, [c.input], [c.target])
+            with torch.no_grad():
+                for name, layer in d.layers.items():
+                    m.get_parameter(name).add_(layer.to_dense())
+            now += edit_success(m, tok, [c.input], [c.target])
+        for c, ref in zip(chain, refs):
+            es += edit_success(m, tok, [c.input], [c.target])
+            para += edit_success(m, tok, c.paraphrases, [c.target] * len(c.paraphrases))
+            loc += locality_scores(m, ref)[0]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert 0 < mean(now) and mean(es) < 1 and mean(loc) < 1  # the chain changes things
+    assert got["immediate_edit_success"] == pytest.approx(mean(now))
+    assert got["edit_success"] == pytest.approx(mean(es))
+    assert got["paraphrase_success"] == pytest.approx(mean(para))
+    assert got["locality"] == pytest.approx(mean(loc), abs=1e-6)
+    single = editor.sweep_scale(model, tok, cases, [1.0])[0]
+    ones = editor.sweep_chain(model, tok, cases, chain_length=1)
+    for k in ("edit_success", "paraphrase_success", "locality"):
+        assert ones[k] == pytest.approx(single[k]), k
+    for n, p in model.named_parameters():  # the base model is left as it was
+        assert torch.equal(p.detach(), base[n]), n
+
+
 # -- fine-tuning baselines ----------------------------------------------------------------------------
 
 def test_ft_baseline_dense_deltas_raise_target(tiny_model, tiny_tokenizer):

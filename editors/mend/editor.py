@@ -200,6 +200,47 @@ class MendEditor(nn.Module):
         return [{"scale": s, **{k: mean(v) for k, v in rows[s].items()}} for s in scales]
 
     @torch.no_grad()
+    def sweep_chain(self, model: nn.Module, tokenizer, cases, chain_length: int, fmt: str = "raw",
+                    progress=None, references: dict | None = None,
+                    max_norm: float | None = None) -> dict:
+        """Sequential single edits: `cases` in chains of `chain_length`, each edit made on the
+        state the chain's earlier edits left (every chain starts from `model`, the base), then
+        every edit of the chain re-scored on the chain's last state. Returns the means of
+        `edit_success` (retention on the last state), `paraphrase_success`, `locality` (each
+        edit's locality prompts against the base model, on the last state) and
+        `immediate_edit_success` (right after each edit). The trainer's validation when it
+        trains on chains: what a user who chains edits sees, not what one edit of the base
+        model does."""
+        references = {} if references is None else references
+        rows = {"edit_success": [], "paraphrase_success": [], "locality": [],
+                "immediate_edit_success": []}
+        chains = [cases[i:i + chain_length] for i in range(0, len(cases), max(chain_length, 1))]
+        for chain in (progress(chains) if progress else chains):
+            for c in chain:  # the base model's references, before any edit is applied
+                key = (c.input, tuple(c.locality[:2]))
+                if c.locality and key not in references:
+                    references[key] = locality_reference(model, tokenizer, c.locality[:2], fmt, n_new=2)
+            delta = None
+            for c in chain:
+                with applied(model, delta) if delta is not None else nullcontext():
+                    step = self.edit(model, tokenizer, [c.input], [c.target], fmt, max_norm=max_norm)
+                delta = step if delta is None else _stack(delta, step)
+                with applied(model, delta):
+                    rows["immediate_edit_success"] += edit_success(model, tokenizer, [c.input],
+                                                                   [c.target], fmt)
+            with applied(model, delta):
+                for c in chain:
+                    rows["edit_success"] += edit_success(model, tokenizer, [c.input], [c.target], fmt)
+                    if c.paraphrases:
+                        rows["paraphrase_success"] += edit_success(
+                            model, tokenizer, c.paraphrases, [c.target] * len(c.paraphrases), fmt)
+                    ref = references.get((c.input, tuple(c.locality[:2])))
+                    if ref is not None:
+                        rows["locality"] += locality_scores(model, ref)[0]
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
+        return {k: mean(v) for k, v in rows.items()}
+
+    @torch.no_grad()
     def rescale(self, factor: float) -> None:
         """Multiply every learned step α_ℓ by `factor` (an operating point on the trade-off
         curve, see `sweep_scale`); the networks and normalisers are unchanged."""

@@ -463,13 +463,23 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Single edits of the validation cases: the editor's own sweep at its trained α, with
-        the base model's locality references kept for the whole run (the base never changes)."""
+        the base model's locality references kept for the whole run (the base never changes).
+        When training on chains, the validation cases are edited in chains of the same length
+        instead and scored on each chain's last state (`MendEditor.sweep_chain`), so the kept
+        checkpoint is the one that keeps chains healthy, not the best at one edit."""
         self.editor.eval()
-        r = self.editor.sweep_scale(self.model, self.tok, self.val_cases[: self.cfg.val_cases],
-                                    [1.0], self.fmt, references=self._val_refs)[0]
+        cases = self.val_cases[: self.cfg.val_cases]
+        if self.cfg.chain_length > 1:
+            r = self.editor.sweep_chain(self.model, self.tok, cases, self.cfg.chain_length,
+                                        self.fmt, references=self._val_refs)
+        else:
+            r = self.editor.sweep_scale(self.model, self.tok, cases, [1.0], self.fmt,
+                                        references=self._val_refs)[0]
         self.editor.train()
         keys = ("edit_success", "paraphrase_success", "locality")
         out = {k: float("nan") if r[k] is None else r[k] for k in keys}
+        if r.get("immediate_edit_success") is not None:
+            out["immediate_edit_success"] = r["immediate_edit_success"]
         out["alpha_mean"] = float(self.editor.alpha.detach().mean())
         return out
 
@@ -583,7 +593,9 @@ class Trainer:
             s = self.score(v)
             tqdm.write(f"step {self.step}: val es={v['edit_success']:.3f} "
                        f"para={v['paraphrase_success']:.3f} loc={v['locality']:.3f} "
-                       f"alpha={v['alpha_mean']:.2e}")
+                       f"alpha={v['alpha_mean']:.2e}"
+                       + (f" (chains; right after each edit es={v['immediate_edit_success']:.3f})"
+                          if "immediate_edit_success" in v else ""))
             if s > self.best_score:
                 self.best_score, self.best_step, self.best_val, bad = s, self.step, v, 0
                 self.editor.save(best_dir, self._info(info, t0))
