@@ -63,6 +63,9 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
         "editor": editor, "T": len(cases), "max_steps": max_steps,
         "guard_norm": guard_norm if editor == "mend" else None,
         "editor_checkpoint": ws.editor(editor).info.get("created") if editor == "mend" else None,
+        # a calibrated copy keeps its training's `created`: its α factor tells them apart
+        "alpha_factor": ((ws.editor(editor).info.get("operating_point") or {})
+                         .get("alpha_factor_total", 1.0)) if editor == "mend" else None,
         "guard_clipped_edits": sum(1 for e in entries if (e.notes or {}).get("norm_scale") is not None),
         "immediate_edit_success": _mean([m.get("edit_success") for m in imm]),
         "immediate_paraphrase_success": _mean([m.get("paraphrase_success") for m in imm]),
@@ -87,11 +90,15 @@ def _label(r: dict) -> str:
     if r["editor"] != "mend":
         return r["editor"]
     g = r.get("guard_norm")
-    return f"mend ({r.get('editor_checkpoint') or 'editor'}, {'no guard' if g is None else f'guard {g:g}'})"
+    f, k = r.get("alpha_factor") or 1.0, r.get("max_steps", 1)
+    steps = (f", α×{f:g}" if f != 1.0 else "") + (f", ≤{k} steps" if k > 1 else "")
+    return (f"mend ({r.get('editor_checkpoint') or 'editor'}{steps}, "
+            f"{'no guard' if g is None else f'guard {g:g}'})")
 
 
 def _key(r: dict) -> tuple:
-    return r["editor"], r["T"], r.get("guard_norm"), r.get("editor_checkpoint")
+    return (r["editor"], r["T"], r.get("guard_norm"), r.get("editor_checkpoint"),
+            r.get("alpha_factor") or 1.0, r.get("max_steps", 1))
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -136,9 +136,11 @@ def _read_batch(path):
               help="Many edit requests (one JSON object per line) applied as one batched edit.")
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend",
               show_default=True, help="mend: the workspace's MEND editor; ft / ft_kl: fine-tuning baselines.")
-@click.option("--max-steps", type=click.IntRange(1, 10), default=3, show_default=True,
+@click.option("--max-steps", type=click.IntRange(1, 10), default=None,
               help="MEND: apply the editor again (up to N times, factors stacked into one delta) "
-                   "until every target token is the argmax; 1 is the paper's single step.")
+                   "until every target token is the argmax; 1 is the paper's single step. "
+                   "Default: the editor's operating point (`mendctl calibrate --max-steps`), "
+                   "else 3.")
 @click.option("--dry-run", is_flag=True, help="Compute and show, record nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -166,6 +168,8 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
         cases = [EditCase(input=input_, target=target, paraphrases=list(paraphrases),
                           locality=list(locality))]
     ws = _ws(ctx)
+    if max_steps is None:
+        max_steps = ws.max_steps_for(editor, 3)
     r = ws.edit(cases, editor=editor, dry_run=dry_run, command=_command_line(), max_steps=max_steps)
     if as_json:
         return _print_json(r)
@@ -537,21 +541,27 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
 @click.option("--val-data", type=click.Path(dir_okay=False),
               help="Validation cases (default: the bundled val split).")
 @click.option("--val-cases", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="Steps per edit at the operating point: 1 sweeps factors 0.4-1.25 for one "
+                   "step; N > 1 sweeps 0.2-1.0 for edits of up to N steps that stop once the "
+                   "fact holds (`mendctl edit` and `eval` then default to N steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
 @click.pass_context
 @handle_errors
-def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, as_json):
+def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, max_steps, as_json):
     """Choose a trained editor's operating point, in place.
 
     Single edits of validation cases on the workspace's base model, with the editor's steps α
-    multiplied by each of a range of factors (0.4 to 1.25): edit success, paraphrase success
-    and locality per factor. The largest factor whose locality reaches --locality-target is
-    applied to the checkpoint (the sweep goes into its editor.json), and the drift guard's
-    yardstick is re-measured. Run again, it starts from the rescaled editor.
+    multiplied by each of a range of factors: edit success, paraphrase success and locality
+    per factor. Of the factors whose locality reaches --locality-target, the one with the
+    highest edit success is applied to the checkpoint (the sweep and --max-steps go into its
+    editor.json), and the drift guard's yardstick is re-measured. Run again, it starts from
+    the rescaled editor.
 
     \b
     Example:
       mendctl calibrate editors/my-editor --locality-target 0.95
+      mendctl calibrate editors/my-editor --locality-target 0.95 --max-steps 5
     """
     from .editors.weights import select_weights
     from .models import load_model
@@ -566,21 +576,25 @@ def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, as_json):
     lm = load_model(cfg.model, cache_dir=cfg.model_cache, device=cfg.device)
     specs = select_weights(lm.model, cfg.edit_weights)
     op = choose_operating_point(editor_dir, lm, specs, cases, locality_target,
-                                cfg.prompt_format, progress=_progress("sweep"))
+                                cfg.prompt_format, progress=_progress("sweep"),
+                                max_steps=max_steps)
     if as_json:
         _print_json(op)
         return
-    click.echo(f"{'α ×':>6} {'edit success':>13} {'paraphrase':>11} {'locality':>9}")
+    steps = max_steps > 1
+    click.echo(f"{'α ×':>6} {'edit success':>13} {'paraphrase':>11} {'locality':>9}"
+               + (f" {'mean steps':>11}" if steps else ""))
     for r in op["sweep"]:
         mark = "  <- chosen" if r["scale"] == op["alpha_factor"] else ""
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         click.echo(f"{r['scale']:>6} {fmt(r['edit_success']):>13} "
-                   f"{fmt(r['paraphrase_success']):>11} {fmt(r['locality']):>9}{mark}")
+                   f"{fmt(r['paraphrase_success']):>11} {fmt(r['locality']):>9}"
+                   + (f" {r['steps']:>11.2f}" if steps else "") + mark)
     if not op["reached"]:
         click.echo(f"no factor reached locality {locality_target}; kept the one with the "
                    f"highest locality", err=True)
-    click.echo(f"{editor_dir}: α multiplied by {op['alpha_factor']} (validation, "
-               f"{op['cases']} cases)")
+    click.echo(f"{editor_dir}: α multiplied by {op['alpha_factor']}, up to {max_steps} "
+               f"step(s) per edit (validation, {op['cases']} cases)")
 
 
 @main.command("eval")
@@ -589,8 +603,9 @@ def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, as_json):
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend", show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N cases.")
-@click.option("--max-steps", type=click.IntRange(1, 10), default=1, show_default=True,
-              help="MEND steps per edit (1: the paper's protocol; see `edit --max-steps`).")
+@click.option("--max-steps", type=click.IntRange(1, 10), default=None,
+              help="MEND steps per edit (1: the paper's protocol; see `edit --max-steps`). "
+                   "Default: the editor's operating point, else 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors

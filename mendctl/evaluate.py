@@ -22,7 +22,7 @@ def _mean(xs):
 
 
 def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages: int = 6,
-             progress=None, max_steps: int = 1) -> dict:
+             progress=None, max_steps: int | None = None) -> dict:
     if not cases:
         raise InputError("no cases to evaluate")
     if batch_size < 1:
@@ -32,6 +32,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     head = ws.head()
     ws.use_state(head)
     ed = ws.editor(editor)
+    if max_steps is None:  # the editor's operating point, else the paper's single step
+        max_steps = ws.max_steps_for(editor, 1)
     texts = generic_text_samples(ppl_passages) if ppl_passages else []
     ppl_before = perplexity(model, tok, texts) if texts else None
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]

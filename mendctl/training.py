@@ -183,29 +183,45 @@ def calibrate_checkpoint(directory: str | Path, lm, specs, cases, prompt_format:
     return ref
 
 
-# the α factors tried by `choose_operating_point`: finer near 1, where it usually lands
+# the α factors tried by `choose_operating_point`: finer near 1, where one step usually lands;
+# with several steps per edit the useful factors are smaller (each step is a fraction of one)
 SCALES = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.25)
+STEP_SCALES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
 def choose_operating_point(directory: str | Path, lm, specs, cases, locality_target: float,
-                           prompt_format: str = "raw", scales=SCALES, progress=None) -> dict:
+                           prompt_format: str = "raw", scales=None, progress=None,
+                           max_steps: int = 1) -> dict:
     """Pick where a trained editor sits on its trade-off curve, on validation cases: sweep a
-    common factor on its steps α (`MendEditor.sweep_scale`), take the largest factor whose
-    validation locality reaches `locality_target` (if none does, the one with the highest
-    locality), multiply α by it and rewrite the checkpoint; then re-measure its single-edit
-    size for the drift guard. The sweep, the target and the factor go into editor.json
-    (`operating_point`). Returns that record.
+    common factor on its steps α, take the factor with the highest validation edit success
+    among those whose locality reaches `locality_target` (ties: the larger factor, i.e. fewer
+    steps; if none reaches it, the one with the highest locality), multiply α by it and
+    rewrite the checkpoint; then re-measure its single-step size for the drift guard. The
+    sweep, the target, the factor and `max_steps` go into editor.json (`operating_point`);
+    `mendctl edit` and `mendctl eval` take their default number of steps from it. Returns that
+    record.
+
+    With `max_steps` 1 each edit is one step (`MendEditor.sweep_scale`); with more, an edit is
+    up to that many steps of the scaled α, stopping once the fact holds
+    (`MendEditor.sweep_steps`): a smaller step repeated only as often as each fact needs
+    disturbs the rest of the model less than one step sized for the hardest facts.
 
     Training weighs edit success against locality with one constant (c_e); this states the
     trade-off a user wants directly, like a classifier's decision threshold."""
     editor = MendEditor.load(directory, specs, lm.base_hash)
     editor.to(next(lm.model.parameters()).device)
     editor.eval()
-    sweep = editor.sweep_scale(lm.model, lm.tokenizer, cases, list(scales), prompt_format,
-                               progress=progress)
+    if max_steps <= 1:
+        sweep = editor.sweep_scale(lm.model, lm.tokenizer, cases, list(scales or SCALES),
+                                   prompt_format, progress=progress)
+    else:  # only the full budget is a candidate: edits stop early where they hold anyway
+        sweep = [r for r in editor.sweep_steps(lm.model, lm.tokenizer, cases,
+                                               list(scales or STEP_SCALES), max_steps,
+                                               prompt_format, progress=progress)
+                 if r["max_steps"] == max_steps]
     ok = [r for r in sweep if r["locality"] is not None and r["locality"] >= locality_target]
     if ok:
-        pick = max(ok, key=lambda r: r["scale"])
+        pick = max(ok, key=lambda r: (r["edit_success"], r["scale"]))
     else:
         pick = max((r for r in sweep if r["locality"] is not None),
                    key=lambda r: (r["locality"], -r["scale"]), default=None)
@@ -214,7 +230,7 @@ def choose_operating_point(directory: str | Path, lm, specs, cases, locality_tar
     editor.rescale(pick["scale"])
     prev = (editor.info.get("operating_point") or {}).get("alpha_factor_total", 1.0)
     record = {"locality_target": locality_target, "split": "val", "cases": len(cases),
-              "chosen": pick, "alpha_factor": pick["scale"],
+              "chosen": pick, "alpha_factor": pick["scale"], "max_steps": max_steps,
               "alpha_factor_total": prev * pick["scale"], "reached": bool(ok), "sweep": sweep}
     info = dict(editor.info)
     info["operating_point"] = record

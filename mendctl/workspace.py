@@ -216,6 +216,15 @@ class Workspace:
         self._editors[name] = ed
         return ed
 
+    def max_steps_for(self, editor: str, fallback: int) -> int:
+        """MEND steps per edit when the user gives none: the `max_steps` of the editor's
+        operating point (`mendctl calibrate --max-steps`: its α was scaled for edits made in
+        that many steps at most), else `fallback`. Other editors: `fallback` (ignored)."""
+        if editor != "mend":
+            return fallback
+        op = (self.editor("mend").info or {}).get("operating_point") or {}
+        return int(op.get("max_steps") or fallback)
+
     def guard_limit(self, ed, n_cases: int = 1) -> float | None:
         """The drift guard's limit on one MEND edit step's total ‖ΔW‖_F: `guard_norm` times the
         editor's median single edit on the base model, times √n for a batched edit of n facts

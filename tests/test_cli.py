@@ -511,8 +511,10 @@ def test_guard_norm_must_be_positive(fresh_ws):
 
 def test_calibrate_chooses_the_operating_point_on_validation(tiny_assets, tmp_path):
     """`mendctl calibrate` sweeps a factor on the editor's α over validation edits, applies the
-    largest one whose locality reaches the target, records the sweep and re-measures the drift
-    guard's yardstick; a bad target is refused with nothing written."""
+    one with the best edit success among those whose locality reaches the target, records the
+    sweep and re-measures the drift guard's yardstick; a bad target is refused with nothing
+    written. With --max-steps N the sweep is over edits of up to N steps, and `eval` then makes
+    N-step edits by default."""
     from safetensors.torch import load_file
 
     ed_dir = tmp_path / "editor"
@@ -534,10 +536,11 @@ def test_calibrate_chooses_the_operating_point_on_validation(tiny_assets, tmp_pa
               timeout=600).json()
     sweep = r["sweep"]
     assert [x["scale"] for x in sweep] == sorted(x["scale"] for x in sweep) and len(sweep) >= 8
-    ok = [x["scale"] for x in sweep if x["locality"] >= 0.9]
+    ok = [(x["edit_success"], x["scale"]) for x in sweep if x["locality"] >= 0.9]
     assert r["reached"] == bool(ok)
     if ok:
-        assert r["alpha_factor"] == max(ok)
+        assert r["alpha_factor"] == max(ok)[1]
+    assert r["max_steps"] == 1
     assert r["cases"] == 3 and r["chosen"]["scale"] == r["alpha_factor"]
     after = load_file(str(ed_dir / "editor.safetensors"))
     assert torch.allclose(after["alpha"], before["alpha"] * r["alpha_factor"])
@@ -549,3 +552,15 @@ def test_calibrate_chooses_the_operating_point_on_validation(tiny_assets, tmp_pa
     assert doc["delta_norm_reference"]["cases"] == 3
     human = ws.ok("calibrate", ed_dir, "--locality-target", "0.9", "--val-data", val, timeout=600)
     assert "<- chosen" in human.stdout and "α multiplied by" in human.stdout
+
+    r = ws.ok("calibrate", ed_dir, "--locality-target", "0.9", "--val-data", val, "--json",
+              "--max-steps", "3", timeout=600).json()
+    assert r["max_steps"] == 3 and all(x["max_steps"] == 3 and 1 <= x["steps"] <= 3 for x in r["sweep"])
+    assert min(x["scale"] for x in r["sweep"]) < 0.4  # smaller steps are tried
+    doc = json.loads((ed_dir / "editor.json").read_text())
+    assert doc["operating_point"]["max_steps"] == 3
+    ws.write_config(editor=str(ed_dir))
+    ev = ws.ok("eval", "--data", val, "--json", timeout=600).json()["summary"]
+    assert ev["max_steps"] == 3  # the editor's operating point, not the paper's single step
+    assert ws.ok("eval", "--data", val, "--json", "--max-steps", "1",
+                 timeout=600).json()["summary"]["max_steps"] == 1

@@ -320,6 +320,39 @@ def test_training_raises_edit_success(tiny_llama, tiny_tokenizer, tmp_path, chai
         assert torch.equal(p.detach(), base[n]), n
 
 
+def test_sweep_steps_matches_multi_step_edits_of_a_rescaled_editor(tiny_llama, tiny_tokenizer):
+    """One pass of `sweep_steps` gives, for every (factor, step budget), what `edit` with
+    max_steps=k does with α multiplied by the factor; the editor's α is left as it was."""
+    import copy
+
+    model, tok = tiny_llama, tiny_tokenizer
+    specs = select_weights(model, "auto")
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=3e-2))
+    alpha = editor.alpha.detach().clone()
+    cases = _fact_cases(range(4), 5)
+    rows = editor.sweep_steps(model, tok, cases, [0.5, 1.0], max_steps=3)
+    assert torch.equal(editor.alpha, alpha)
+    assert [(r["scale"], r["max_steps"]) for r in rows] == [(s, k) for s in (0.5, 1.0) for k in (1, 2, 3)]
+    for r in rows:
+        scaled = copy.deepcopy(editor)
+        scaled.rescale(r["scale"])
+        es, steps, loc = [], [], []
+        for c in cases:
+            ref = locality_reference(model, tok, c.locality[:2], n_new=2)
+            d = scaled.edit(model, tok, [c.input], [c.target], max_steps=r["max_steps"])
+            with applied(model, d):
+                es += edit_success(model, tok, [c.input], [c.target])
+                loc += locality_scores(model, ref)[0]
+            steps.append(int(d.meta["edit_steps"]))
+        assert r["edit_success"] == pytest.approx(sum(es) / len(es)), r
+        assert r["steps"] == pytest.approx(sum(steps) / len(steps)), r
+        assert r["locality"] == pytest.approx(sum(loc) / len(loc), abs=1e-6), r
+    # more steps never undo an edit that held: success can only grow with the budget
+    for s in (0.5, 1.0):
+        col = [r["edit_success"] for r in rows if r["scale"] == s]
+        assert col == sorted(col)
+
+
 def test_sweep_chain_scores_each_chain_on_its_last_state(tiny_llama, tiny_tokenizer):
     """The chain validation: edits made one after another on the state the earlier ones left,
     then every edit of the chain scored on the last state against the base model. Checked

@@ -200,6 +200,62 @@ class MendEditor(nn.Module):
         return [{"scale": s, **{k: mean(v) for k, v in rows[s].items()}} for s in scales]
 
     @torch.no_grad()
+    def sweep_steps(self, model: nn.Module, tokenizer, cases, scales: list[float], max_steps: int,
+                    fmt: str = "raw", progress=None, references: dict | None = None,
+                    max_norm: float | None = None, loc_prompts: int | None = 2,
+                    n_new: int = 2) -> list[dict]:
+        """Single edits of `cases` (on `model`, the base) in steps of α × each of `scales`,
+        repeated until every target token is the argmax, up to `max_steps` (as `edit` does):
+        for every scale and every step budget k ≤ max_steps, mean edit success, paraphrase
+        success, locality, locality KL, the mean number of steps taken and the seconds per edit
+        (its steps and their success checks, as in `edit`). One pass measures
+        every (scale, k): an edit that holds after j steps stops there for every k ≥ j.
+
+        A full step overshoots most facts (it must be large enough for the hardest ones) and
+        every unit of step size costs locality; smaller steps that stop when the fact holds
+        spend only what each fact needs. Locality is scored on each case's first `loc_prompts`
+        locality prompts (None: all) and `n_new` greedy tokens, as `sweep_scale` does."""
+        references = {} if references is None else references
+        alpha = self.alpha.detach().clone()
+        keys = ("edit_success", "paraphrase_success", "locality", "locality_kl", "steps", "seconds")
+        rows = {(s, k): {key: [] for key in keys} for s in scales for k in range(1, max_steps + 1)}
+        try:
+            for c in (progress(cases) if progress else cases):
+                loc = c.locality[:loc_prompts] if loc_prompts else c.locality
+                key = (c.input, tuple(loc), n_new)
+                if loc and key not in references:
+                    references[key] = locality_reference(model, tokenizer, loc, fmt, n_new=n_new)
+                ref = references.get(key)
+                for s in scales:
+                    self.alpha.copy_(alpha * s)
+                    delta, m, seconds = None, None, 0.0
+                    for k in range(1, max_steps + 1):
+                        if m is None or not m["edit_success"]:
+                            t0 = time.perf_counter()
+                            with applied(model, delta) if delta is not None else nullcontext():
+                                step = self.edit(model, tokenizer, [c.input], [c.target], fmt,
+                                                 max_norm=max_norm)
+                            delta = step if delta is None else _stack(delta, step)
+                            with applied(model, delta):
+                                ok = float(edit_success(model, tokenizer, [c.input], [c.target], fmt)[0])
+                                seconds += time.perf_counter() - t0  # what `edit` spends
+                                m = {"edit_success": ok, "steps": float(k), "seconds": seconds}
+                                if c.paraphrases:
+                                    ok = edit_success(model, tokenizer, c.paraphrases,
+                                                      [c.target] * len(c.paraphrases), fmt)
+                                    m["paraphrase_success"] = sum(ok) / len(ok)
+                                if ref is not None:
+                                    ag, kl = locality_scores(model, ref)
+                                    m["locality"], m["locality_kl"] = sum(ag) / len(ag), sum(kl) / len(kl)
+                        for name, v in m.items():
+                            rows[(s, k)][name].append(v)
+        finally:
+            self.alpha.copy_(alpha)
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
+        return [{"scale": s, "max_steps": k, **{key: mean(v) for key, v in rows[(s, k)].items()}}
+                for s in scales for k in range(1, max_steps + 1)]
+
+    @torch.no_grad()
     def sweep_chain(self, model: nn.Module, tokenizer, cases, chain_length: int, fmt: str = "raw",
                     progress=None, references: dict | None = None,
                     max_norm: float | None = None) -> dict:
