@@ -7,10 +7,12 @@ case, its answer position and 3 greedy tokens; the workspace's drift guard is on
 
 Usage: python bench/small_steps.py [--split val|test] [--limit 60] [--factors 0.3,0.5,...]
        [--max-steps 5] [--editor-dir DIR] [--out bench/results/small_steps_test.json]
+       [--plot docs/small_steps.png] [--plot-only]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -32,8 +34,15 @@ def main():
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--editor-dir", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="draw edit success and paraphrase success "
+                    "against locality, one step vs the full step budget")
+    ap.add_argument("--plot-only", action="store_true", help="redraw --plot from --out")
     a = ap.parse_args()
     out = a.out or f"bench/results/small_steps_{a.split}.json"
+    if a.plot_only:
+        doc = json.loads(Path(out).read_text())
+        plot(doc["table"], a.plot or "docs/small_steps.png", f"{doc['split']} split, {doc['cases']} cases")
+        return
     root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
     if a.editor_dir:
         cfg = root / "mendctl.yaml"
@@ -57,6 +66,39 @@ def main():
         print(f"| {r['scale']:.2f} | {r['max_steps']} | {r['edit_success']:.3f} | "
               f"{r['paraphrase_success'] or 0:.3f} | {r['locality']:.3f} | {r['locality_kl']:.4f} | "
               f"{r['steps']:.2f} | {1000 * r['seconds']:.0f} |")
+    if a.plot:
+        plot(table, a.plot, f"{a.split} split, {len(cases)} cases")
+
+
+def plot(table: list[dict], path: str, title: str) -> None:
+    """Each curve runs over the α factors: one step (the paper) against the full step budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    budgets = sorted({r["max_steps"] for r in table})
+    for k in (budgets[0], budgets[-1]):
+        rs = sorted((r for r in table if r["max_steps"] == k), key=lambda r: r["scale"])
+        x = [r["locality"] for r in rs]
+        for ax, key in zip(axes, ("edit_success", "paraphrase_success")):
+            ax.plot(x, [r[key] for r in rs], "o-", label=f"≤{k} step(s)" if k > 1 else "one step")
+            for r in rs:
+                ax.annotate(f"×{r['scale']:g}", (r["locality"], r[key]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    for ax, name in zip(axes, ("edit success", "paraphrase success")):
+        ax.axvline(0.95, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("locality (top-1 agreement with the base model)")
+        ax.set_ylabel(name)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+    axes[0].axhline(0.90, color="grey", lw=0.8, ls=":")
+    fig.suptitle(f"α × factor, one step vs steps until the edit holds ({title})", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -211,13 +211,17 @@ def choose_operating_point(directory: str | Path, lm, specs, cases, locality_tar
     editor = MendEditor.load(directory, specs, lm.base_hash)
     editor.to(next(lm.model.parameters()).device)
     editor.eval()
+    # locality as `mendctl eval` reports it (every locality prompt of a case, its answer and 3
+    # greedy tokens), so the target means what a user reads there; the trainer's validation
+    # uses a quicker, harsher subset (the first 2 prompts, mostly same-relation neighbours)
+    loc = {"loc_prompts": None, "n_new": 4}
     if max_steps <= 1:
         sweep = editor.sweep_scale(lm.model, lm.tokenizer, cases, list(scales or SCALES),
-                                   prompt_format, progress=progress)
+                                   prompt_format, progress=progress, **loc)
     else:  # only the full budget is a candidate: edits stop early where they hold anyway
         sweep = [r for r in editor.sweep_steps(lm.model, lm.tokenizer, cases,
                                                list(scales or STEP_SCALES), max_steps,
-                                               prompt_format, progress=progress)
+                                               prompt_format, progress=progress, **loc)
                  if r["max_steps"] == max_steps]
     ok = [r for r in sweep if r["locality"] is not None and r["locality"] >= locality_target]
     if ok:

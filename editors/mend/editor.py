@@ -167,7 +167,8 @@ class MendEditor(nn.Module):
 
     @torch.no_grad()
     def sweep_scale(self, model: nn.Module, tokenizer, cases, scales: list[float],
-                    fmt: str = "raw", progress=None, references: dict | None = None) -> list[dict]:
+                    fmt: str = "raw", progress=None, references: dict | None = None,
+                    loc_prompts: int | None = 2, n_new: int = 2) -> list[dict]:
         """Single edits of `cases` (on `model`, the base) with every α multiplied by each of
         `scales`: mean edit success, paraphrase success and locality per scale.
 
@@ -175,14 +176,17 @@ class MendEditor(nn.Module):
         the base model's locality references are computed once per case (and kept in
         `references`, if given, across calls). At scale 1 this is the trainer's validation;
         over a range, the editor's trade-off curve between making edits and leaving the rest
-        alone."""
+        alone. Locality is scored on each case's first `loc_prompts` locality prompts (None:
+        all) at the answer position and `n_new` − 1 greedy tokens after it: the trainer's
+        quick 2 and 2 by default; `mendctl eval` scores all prompts with `n_new` 4."""
         references = {} if references is None else references
         rows = {s: {"edit_success": [], "paraphrase_success": [], "locality": []} for s in scales}
         for c in (progress(cases) if progress else cases):
             delta = self.edit(model, tokenizer, [c.input], [c.target], fmt)
-            key = (c.input, tuple(c.locality[:2]))
-            if c.locality and key not in references:
-                references[key] = locality_reference(model, tokenizer, c.locality[:2], fmt, n_new=2)
+            loc = c.locality[:loc_prompts] if loc_prompts else c.locality
+            key = (c.input, tuple(loc)) if (loc_prompts, n_new) == (2, 2) else (c.input, tuple(loc), n_new)
+            if loc and key not in references:
+                references[key] = locality_reference(model, tokenizer, loc, fmt, n_new=n_new)
             ref = references.get(key)
             for s in scales:
                 scaled = Delta({n: LayerDelta(n, l.shape, u=l.u, d=l.d, alpha=l.alpha * s,
