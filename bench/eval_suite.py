@@ -22,7 +22,7 @@ from mendctl.evaluate import evaluate  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-# editor:batch[:max_steps]
+# editor:batch[:max_steps] (no max_steps: the editor's operating point, else 1)
 DEFAULT = ("mend:1,mend:1:3,identity:1,ft:1,ft_kl:1,mend:5,identity:5,ft:5,ft_kl:5,"
            "mend:25,identity:25,ft:25,ft_kl:25")
 
@@ -55,7 +55,7 @@ def main():
     for cfg in filter(None, a.configs.split(",")):  # --configs "" redraws from the JSON
         editor, bs, *rest = cfg.split(":")
         t = time.time()
-        r = evaluate(ws, cases, editor=editor, batch_size=int(bs), max_steps=int(rest[0]) if rest else 1,
+        r = evaluate(ws, cases, editor=editor, batch_size=int(bs), max_steps=int(rest[0]) if rest else None,
                      ppl_passages=a.ppl_passages,
                      progress=lambda xs: tqdm(xs, desc=cfg, file=sys.stderr))
         r["summary"]["wall_seconds"] = time.time() - t

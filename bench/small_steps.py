@@ -6,7 +6,7 @@ Each case is a fresh edit of the base model; one pass measures every (f, K)
 case, its answer position and 3 greedy tokens; the workspace's drift guard is on.
 
 Usage: python bench/small_steps.py [--split val|test] [--limit 60] [--factors 0.3,0.5,...]
-       [--max-steps 5] [--editor-dir DIR] [--out bench/results/small_steps_test.json]
+       [--max-steps 5] [--editor-dir DIR] [--as-trained] [--out bench/results/small_steps_test.json]
        [--plot docs/small_steps.png] [--plot-only]
 """
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--factors", default="0.3,0.4,0.5,0.6,0.7,0.8,1.0")
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--editor-dir", default=None)
+    ap.add_argument("--as-trained", action="store_true",
+                    help="undo a calibrated editor's α factor (its operating_point) first")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="draw edit success and paraphrase success "
                     "against locality, one step vs the full step budget")
@@ -51,6 +53,10 @@ def main():
     ws = Workspace.open(str(root))
     ed = ws.editor("mend")
     guard = ws.guard_limit(ed, 1)
+    if a.as_trained:  # the factors below are then relative to the trained α
+        factor = (ed.info.get("operating_point") or {}).get("alpha_factor_total", 1.0)
+        ed.rescale(1.0 / factor)
+        guard = guard / factor if guard else guard  # its yardstick was measured at the scaled α
     cases = load_split(a.split)[: a.limit]
     table = ed.sweep_steps(ws.lm.model, ws.lm.tokenizer, cases,
                            [float(f) for f in a.factors.split(",")], a.max_steps, ws.fmt,
