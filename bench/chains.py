@@ -1,0 +1,61 @@
+"""Chain health of MEND editors, compared in one run: the test split's cases in chains of L
+single one-step edits (each made on the state the chain's earlier edits left, every chain from
+the base model), every edit re-scored on its chain's last state (`MendEditor.sweep_chain`, the
+trainer's chain validation). Cheaper than bench/sequential.py (no workspace, no audit) and
+averaged over several chains, so it compares editors; sequential.py measures what a user's
+workspace records.
+
+Usage: python bench/chains.py NAME=EDITOR_DIR [NAME=EDITOR_DIR ...] [--length 10] [--limit 60]
+       [--guard-norm 3|off] [--out bench/results/chains.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, write_json  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from mendctl.editors.data import load_split  # noqa: E402
+from mendctl.editors.mend.editor import MendEditor  # noqa: E402
+from mendctl.editors.weights import select_weights  # noqa: E402
+from mendctl.models import load_model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("editors", nargs="+", help="NAME=DIR of a MEND checkpoint for the default model")
+    ap.add_argument("--length", type=int, default=10)
+    ap.add_argument("--limit", type=int, default=60)
+    ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
+    ap.add_argument("--out", default="bench/results/chains.json")
+    a = ap.parse_args()
+    lm = load_model("smollm2-135m")
+    specs = select_weights(lm.model, ["auto"])
+    cases = load_split("test")[: a.limit]
+    references: dict = {}  # the base model's locality references, shared by every editor
+    rows = []
+    for spec in a.editors:
+        name, _, path = spec.partition("=")
+        ed = MendEditor.load(Path(path), specs, lm.base_hash)
+        median = (ed.info.get("delta_norm_reference") or {}).get("median")
+        guard = None if a.guard_norm == "off" or not median else float(a.guard_norm) * median
+        t = time.time()
+        bar = lambda xs, name=name: tqdm(xs, desc=name, file=sys.stderr)  # noqa: E731
+        r = ed.sweep_chain(lm.model, lm.tokenizer, cases, a.length,
+                           ed.info.get("prompt_format", "raw"), progress=bar,
+                           references=references, max_norm=guard)
+        rows.append({"editor": name, "dir": str(path), "chain_length": a.length, "cases": len(cases),
+                     "guard_max_norm": guard, "seconds": time.time() - t, **r})
+    cols = ["editor", "immediate_edit_success", "edit_success", "paraphrase_success", "locality"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print(table([{c: fmt(r.get(c)) for c in cols} for r in rows], cols))
+    write_json(a.out, {"split": "test", "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
