@@ -153,6 +153,8 @@ def main():
         return
     lengths = [int(x) for x in a.lengths.split(",")]
     test = load_split("test")
+    # a relative --editor-dir means the caller's directory, not the temporary workspace's
+    editor_dir = str(Path(a.editor_dir).resolve()) if a.editor_dir else None
     rows = []
     if Path(a.out).is_file():  # keep rows measured earlier (other editors), so runs can be split
         rows = json.loads(Path(a.out).read_text()).get("rows", [])
@@ -163,7 +165,7 @@ def main():
             if longest and rep is None:
                 rep = Path(tempfile.mkdtemp()) / "report"  # the series is still wanted for the plot
             guard = None if a.guard_norm == "off" else float(a.guard_norm)
-            row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir,
+            row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, editor_dir,
                             guard, matrix=not a.no_matrix)
             rows = [r for r in rows if _key(r) != _key(row)] + [row]
             write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})
