@@ -1,9 +1,11 @@
-"""Shared bits of the benchmark scripts: a table printer, JSON output, peak memory."""
+"""Shared bits of the benchmark scripts: a throw-away workspace, a table printer, JSON output,
+peak memory."""
 from __future__ import annotations
 
 import json
 import resource
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -23,3 +25,20 @@ def write_json(path: str | Path, obj) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def temp_workspace(editor_dir: str | None = None, guard_norm: float | None | str = "keep") -> Path:
+    """A fresh workspace on the default model in a temporary directory, optionally with another
+    MEND editor (a path relative to the caller's directory, not the workspace's) and another
+    `guard_norm` (None: no guard). Returns its root."""
+    from mendctl.workspace import Workspace
+
+    root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
+    cfg = (root / "mendctl.yaml").read_text()
+    if editor_dir:
+        cfg = cfg.replace("\neditor: default\n", f"\neditor: {Path(editor_dir).resolve()}\n")
+    if guard_norm != "keep":
+        cfg = cfg.replace("\nguard_norm: 3.0\n",
+                          f"\nguard_norm: {'null' if guard_norm is None else guard_norm}\n")
+    (root / "mendctl.yaml").write_text(cfg)
+    return root

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_json  # noqa: E402
+from _common import temp_workspace, write_json  # noqa: E402
 
 from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.evaluate import evaluate  # noqa: E402
@@ -40,11 +39,7 @@ def main():
     ap.add_argument("--plot", default="docs/eval.png")
     ap.add_argument("--editor-dir", default=None, help="a MEND editor other than the shipped one")
     a = ap.parse_args()
-    root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
-    if a.editor_dir:
-        cfg = root / "mendctl.yaml"
-        cfg.write_text(cfg.read_text().replace("\neditor: default\n",
-                                               f"\neditor: {Path(a.editor_dir).resolve()}\n"))
+    root = temp_workspace(a.editor_dir)
     ws = Workspace.open(str(root))
     cases = load_split("test")[: a.limit]
     results = {}

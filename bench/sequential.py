@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table, write_json  # noqa: E402
+from _common import table, temp_workspace, write_json  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
@@ -38,12 +38,7 @@ def _mean(xs):
 
 def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, config_editor: str | None,
               guard_norm: float | None = None, matrix: bool = True):
-    root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
-    cfg = (root / "mendctl.yaml").read_text()
-    if config_editor:
-        cfg = cfg.replace("\neditor: default\n", f"\neditor: {config_editor}\n")
-    cfg = cfg.replace("\nguard_norm: 3.0\n", f"\nguard_norm: {'null' if guard_norm is None else guard_norm}\n")
-    (root / "mendctl.yaml").write_text(cfg)
+    root = temp_workspace(config_editor, guard_norm)
     ws = Workspace.open(str(root))
     t0 = time.time()
     for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
@@ -153,8 +148,6 @@ def main():
         return
     lengths = [int(x) for x in a.lengths.split(",")]
     test = load_split("test")
-    # a relative --editor-dir means the caller's directory, not the temporary workspace's
-    editor_dir = str(Path(a.editor_dir).resolve()) if a.editor_dir else None
     rows = []
     if Path(a.out).is_file():  # keep rows measured earlier (other editors), so runs can be split
         rows = json.loads(Path(a.out).read_text()).get("rows", [])
@@ -165,7 +158,7 @@ def main():
             if longest and rep is None:
                 rep = Path(tempfile.mkdtemp()) / "report"  # the series is still wanted for the plot
             guard = None if a.guard_norm == "off" else float(a.guard_norm)
-            row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, editor_dir,
+            row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir,
                             guard, matrix=not a.no_matrix)
             rows = [r for r in rows if _key(r) != _key(row)] + [row]
             write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_json  # noqa: E402
+from _common import temp_workspace, write_json  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
@@ -45,11 +44,7 @@ def main():
         doc = json.loads(Path(out).read_text())
         plot(doc["table"], a.plot or "docs/small_steps.png", f"{doc['split']} split, {doc['cases']} cases")
         return
-    root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
-    if a.editor_dir:
-        cfg = root / "mendctl.yaml"
-        cfg.write_text(cfg.read_text().replace("\neditor: default\n",
-                                               f"\neditor: {Path(a.editor_dir).resolve()}\n"))
+    root = temp_workspace(a.editor_dir)
     ws = Workspace.open(str(root))
     ed = ws.editor("mend")
     guard = ws.guard_limit(ed, 1)
