@@ -5,8 +5,11 @@ trainer's chain validation). Cheaper than bench/sequential.py (no workspace, no 
 averaged over several chains, so it compares editors; sequential.py measures what a user's
 workspace records.
 
+With `--protect both` every editor runs twice, without and with the retention guard (each
+edit's ũ projected off the keys of the chain's earlier edits, editors/mend/protect.py).
+
 Usage: python bench/chains.py NAME=EDITOR_DIR [NAME=EDITOR_DIR ...] [--length 10] [--limit 60]
-       [--guard-norm 3|off] [--out bench/results/chains.json]
+       [--max-steps 1] [--protect off|on|both] [--guard-norm 3|off] [--out bench/results/chains.json]
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ def main():
     ap.add_argument("editors", nargs="+", help="NAME=DIR of a MEND checkpoint for the default model")
     ap.add_argument("--length", type=int, default=10)
     ap.add_argument("--limit", type=int, default=60)
+    ap.add_argument("--max-steps", type=int, default=1, help="steps per edit (the operating point's)")
+    ap.add_argument("--protect", choices=["off", "on", "both"], default="off",
+                    help="the retention guard")
     ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
     ap.add_argument("--out", default="bench/results/chains.json")
     a = ap.parse_args()
@@ -44,13 +50,18 @@ def main():
         ed = MendEditor.load(Path(path), specs, lm.base_hash)
         median = (ed.info.get("delta_norm_reference") or {}).get("median")
         guard = None if a.guard_norm == "off" or not median else float(a.guard_norm) * median
-        t = time.time()
-        bar = lambda xs, name=name: tqdm(xs, desc=name, file=sys.stderr)  # noqa: E731
-        r = ed.sweep_chain(lm.model, lm.tokenizer, cases, a.length,
-                           ed.info.get("prompt_format", "raw"), progress=bar,
-                           references=references, max_norm=guard)
-        rows.append({"editor": name, "dir": str(path), "chain_length": a.length, "cases": len(cases),
-                     "guard_max_norm": guard, "seconds": time.time() - t, **r})
+        for protect in {"off": [False], "on": [True], "both": [False, True]}[a.protect]:
+            label = f"{name}+protect" if protect else name
+            t = time.time()
+            bar = lambda xs, label=label: tqdm(xs, desc=label, file=sys.stderr)  # noqa: E731
+            r = ed.sweep_chain(lm.model, lm.tokenizer, cases, a.length,
+                               ed.info.get("prompt_format", "raw"), progress=bar,
+                               references=references, max_norm=guard, max_steps=a.max_steps,
+                               protect=protect)
+            rows.append({"editor": label, "dir": str(path), "chain_length": a.length,
+                         "cases": len(cases), "max_steps": a.max_steps, "protect": protect,
+                         "guard_max_norm": guard, "seconds": time.time() - t, **r})
+            print(rows[-1], file=sys.stderr, flush=True)
     cols = ["editor", "immediate_edit_success", "edit_success", "paraphrase_success", "locality"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     print(table([{c: fmt(r.get(c)) for c in cols} for r in rows], cols))

@@ -196,6 +196,10 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
         click.echo(f"  drift guard: a step's ΔW scaled by {g['norm_scale']:.3f} to the limit ‖ΔW‖_F = "
                    f"{g['max_norm']:.3g} (`guard_norm` × the editor's median edit); check the chain "
                    f"with `mendctl audit`")
+    pr = r.get("protect") or {}
+    if pr.get("pairs"):
+        click.echo(f"  retention guard: update kept off the keys of {pr['pairs']} earlier edit"
+                   f"{'s' if pr['pairs'] != 1 else ''} (up to {pr['rank']} directions per weight)")
     click.echo(f"  state {r['state_hash'][:12]}")
 
 

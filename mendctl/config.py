@@ -101,6 +101,11 @@ seed: 0
 # facts) is scaled down to that size. Deep into a chain of edits MEND's updates otherwise grow without bound and wreck the
 # model (see the README's sequential-editing results). null turns the guard off.
 guard_norm: 3.0
+
+# Retention guard for MEND edits: each new edit's update is projected off the inputs the
+# edited layers see on the chain's active edits (their prompts and targets, on the model as it
+# is now), so it cannot overwrite what they wrote. false edits without it.
+protect_edits: true
 """
 
 
@@ -123,6 +128,7 @@ class Config:
     lock_timeout: float = 60.0
     seed: int = 0
     guard_norm: float | None = 3.0
+    protect_edits: bool = True
 
     def validate(self, where: str = CONFIG_FILE) -> None:
         def bad(key, msg):
@@ -169,7 +175,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_cache": (str, type(None)), "editor": (str,),
     "edit_weights": (list, str), "prompt_format": (str,), "device": (str,), "dtype": (str,),
     "ledger": (str, type(None)), "chain": (str,), "store": (str,), "lock_timeout": (int, float), "seed": (int,),
-    "guard_norm": (int, float, type(None)),
+    "guard_norm": (int, float, type(None)), "protect_edits": (bool,),
     "device_map": (str, dict, type(None)), "max_memory": (dict, type(None)),
     "offload_folder": (str, type(None)), "editor_device": (str, type(None)),
 }
@@ -185,7 +191,7 @@ def parse(data: Any, where: str) -> Config:
         if key not in known:
             raise ConfigError(f"{where}: unknown key `{key}`; known keys: {', '.join(sorted(known))}")
         types = _TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise ConfigError(f"{where}: `{key}` must be {want}, not {type(value).__name__} "
                               f"({value!r})")

@@ -360,7 +360,8 @@ class Workspace:
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
         t0 = time.perf_counter()
         max_norm = self.guard_limit(ed, len(cases))
-        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm)
+        protect = self._protected(list(head.active_ids) if head else [], ed)
+        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm, protect)
         seconds = time.perf_counter() - t0
         if not delta.is_finite():
             raise EditorError("the editor produced non-finite values (NaN or inf); nothing was "
@@ -388,6 +389,8 @@ class Workspace:
             "edit_steps": int(delta.meta.get("edit_steps", 1)),
             "guard": {"max_norm": max_norm, "norm_scale": float(delta.meta["norm_scale"])
                       if "norm_scale" in delta.meta else None},
+            "protect": {"on": protect is not None, "pairs": len(protect or []),
+                        "rank": int(delta.meta["protected_rank"]) if "protected_rank" in delta.meta else None},
         }
         if dry_run:
             return report
@@ -414,6 +417,8 @@ class Workspace:
                     notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
                            "max_steps": max_steps, "max_norm": max_norm,
                            "norm_scale": report["guard"]["norm_scale"],
+                           "protect": protect is not None, "protected_pairs": len(protect or []),
+                           "protected_rank": report["protect"]["rank"],
                            "edit_steps": int(delta.meta.get("edit_steps", 1))},
                 )
                 entry.active_ids = list(entry.active_ids) + [entry.id]
@@ -427,6 +432,17 @@ class Workspace:
         self._remember_state(w_new, new_hash)
         report["entry"] = entry.id
         return report
+
+    def _pairs_of(self, entry_id: int) -> list[tuple[str, str]]:
+        e = self.ledger.get(entry_id)
+        return list(zip(e.inputs or [], e.targets or []))
+
+    def _protected(self, active_ids: list[int], ed) -> list[tuple[str, str]] | None:
+        """The (prompt, target) pairs of the active edits a new MEND edit must leave alone (the
+        retention guard, `protect_edits`), or None when the guard is off or does not apply."""
+        if not self.config.protect_edits or not isinstance(ed, MendEditor):
+            return None
+        return [pair for i in active_ids for pair in self._pairs_of(i)]
 
     def _drop_unrecorded(self, sha256: str) -> None:
         """After a failed commit: remove the object if the rename happened but no row refers
@@ -498,6 +514,7 @@ class Workspace:
         steps: re-running its facts as one batched MEND edit would be a different edit."""
         out = []
         w = self.weights_for(start_active)
+        done = [(p, t) for i in start_active for p, t in self._pairs_of(i)]
         for i in self._expand_squashes(ids):
             old = self.ledger.get(i)
             name = editor or (old.editor_name if old.editor_name in EDITORS else "mend")
@@ -508,12 +525,16 @@ class Workspace:
             # the guard's limit as recorded: a replay must make the same delta even if the
             # configuration has changed since
             max_norm = (old.notes or {}).get("max_norm")
-            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt, steps, max_norm)
+            # likewise the retention guard: on if it was on, over the edits active now
+            protect = list(done) if (old.notes or {}).get("protect") and isinstance(ed, MendEditor) else None
+            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt, steps, max_norm,
+                              protect)
+            done += [(c.input, c.target) for c in cases]
             delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
             w = apply_deltas(w, [delta])
             out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
                         "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps,
-                        "max_norm": max_norm})
+                        "max_norm": max_norm, "protect": protect is not None})
         self._loaded_state = None
         return out
 
@@ -544,7 +565,7 @@ class Workspace:
                     delta_path=staged.rel_path, delta_size=staged.size,
                     delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
                     notes={"replay_of": old.id, "max_steps": r["max_steps"],
-                           "max_norm": r["max_norm"], **notes})
+                           "max_norm": r["max_norm"], "protect": r["protect"], **notes})
                 active = active + [e.id]
                 e.active_ids = active
                 s.flush()
@@ -697,11 +718,12 @@ class Workspace:
 
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
-              max_norm: float | None = None):
-    """One editor call with the request's locality prompts; MEND also takes max_steps and the
-    drift guard's max_norm."""
+              max_norm: float | None = None, protect: list[tuple[str, str]] | None = None):
+    """One editor call with the request's locality prompts; MEND also takes max_steps, the
+    drift guard's max_norm and the retention guard's protected pairs."""
     loc = [p for c in cases for p in c.locality]
-    kwargs = {"max_steps": max_steps, "max_norm": max_norm} if isinstance(ed, MendEditor) else {}
+    kwargs = ({"max_steps": max_steps, "max_norm": max_norm, "protect": protect}
+              if isinstance(ed, MendEditor) else {})
     return ed.edit(model, tokenizer, [c.input for c in cases], [c.target for c in cases], fmt,
                    locality=loc or None, **kwargs)
 

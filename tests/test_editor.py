@@ -517,3 +517,50 @@ def test_calibrate_records_the_size_of_single_edits(tiny_llama, tiny_tokenizer):
     assert ref["cases"] == 5 and ref["median"] == pytest.approx(norms[2])
     assert ref["max"] == pytest.approx(norms[-1]) and norms[0] <= ref["p90"] <= norms[-1]
     assert editor.info["delta_norm_reference"] == ref
+
+
+def test_retention_guard_leaves_protected_keys_alone(tiny_llama, tiny_tokenizer):
+    """protect=[earlier pairs]: every step's ũ is projected off the earlier edit's keys, so
+    the new ΔW maps each of those keys (on the model as it is) to ~0, where the unguarded edit
+    does not; the new edit still raises its own target."""
+    from mendctl.editors.mend.protect import key_inputs
+    specs = select_weights(tiny_llama, ["auto"])
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e-2))
+    first = (fact_prompt("s3"), "c7")
+    a = editor.edit(tiny_llama, tiny_tokenizer, [first[0]], [first[1]])
+    with applied(tiny_llama, a):
+        batch = encode_pairs(tiny_tokenizer, [first[0]], [first[1]])
+        keys = {n: x[0] for n, x in key_inputs(tiny_llama, specs, batch).items()}
+        p, t = [fact_prompt("s5")], ["c2"]
+        free = editor.edit(tiny_llama, tiny_tokenizer, p, t)
+        guarded = editor.edit(tiny_llama, tiny_tokenizer, p, t, protect=[first], protect_energy=1.0)
+        before = float(target_scores(tiny_llama, tiny_tokenizer, p, t)[1][0])
+        with applied(tiny_llama, guarded):
+            assert float(target_scores(tiny_llama, tiny_tokenizer, p, t)[1][0]) > before
+    assert int(guarded.meta["protected_rank"]) >= 1 and "protected_rank" not in free.meta
+    for name, k in keys.items():
+        layer = guarded.layers[name]
+        w = layer.to_dense()
+        w = w.T if layer.transposed else w  # (out, in)
+        hit = (w @ k.T).norm(dim=0) / (w.norm() * k.norm(dim=1))
+        wf = free.layers[name].to_dense()
+        wf = wf.T if layer.transposed else wf
+        hit_free = (wf @ k.T).norm(dim=0) / (wf.norm() * k.norm(dim=1))
+        assert float(hit.max()) < 1e-4, name
+        assert float(hit_free.max()) > 1e-2, name
+
+
+def test_key_basis_is_orthonormal_and_capped(tiny_llama, tiny_tokenizer):
+    from mendctl.editors.mend.protect import key_basis
+    specs = select_weights(tiny_llama, ["auto"])
+    pairs = [(fact_prompt(s), "c1") for s in SUBJECTS_FOR_BASIS]
+    basis = key_basis(tiny_llama, tiny_tokenizer, specs, [p for p, _ in pairs], [t for _, t in pairs],
+                      energy=1.0, max_fraction=0.25)
+    for s in specs:
+        q = basis[s.name]
+        assert q.shape[0] == s.in_features and 1 <= q.shape[1] <= int(0.25 * s.in_features)
+        assert torch.allclose(q.T @ q, torch.eye(q.shape[1]), atol=1e-4)
+    assert key_basis(tiny_llama, tiny_tokenizer, specs, [], []) == {}
+
+
+SUBJECTS_FOR_BASIS = [f"s{i}" for i in range(12)]

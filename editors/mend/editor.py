@@ -24,11 +24,13 @@ from ..metrics import edit_success, locality_reference, locality_scores
 from ..weights import WeightSpec, applied, input_device
 from .capture import capture_edit_gradients
 from .network import GradientTransform
+from .protect import key_basis, project_off
 
 FORMAT = "mendctl.editor"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.json"
+PROTECT_ENERGY = 0.9  # share of the protected keys' energy the retention guard spans
 
 
 class EditorMismatch(ValueError):
@@ -104,7 +106,8 @@ class MendEditor(nn.Module):
 
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
              fmt: str = "raw", locality: list[str] | None = None, max_steps: int = 1,
-             max_norm: float | None = None) -> Delta:
+             max_norm: float | None = None, protect: list[tuple[str, str]] | None = None,
+             protect_energy: float = PROTECT_ENERGY) -> Delta:
         """Algorithm 2 for one (batched) edit; returns the factors as a Delta. (`locality` is
         part of the common editor interface; MEND does not need it at edit time.)
 
@@ -117,10 +120,19 @@ class MendEditor(nn.Module):
         factor applied); further steps may still follow. Far into a chain of edits the
         model's gradients leave the range the editor was trained on and its ΔW grows by
         orders of magnitude, each such edit damaging the model further
-        (docs/sequential.png); scaling keeps the step's direction and breaks that loop."""
+        (docs/sequential.png); scaling keeps the step's direction and breaks that loop.
+
+        `protect` is the retention guard: (prompt, target) pairs of earlier edits, whose keys
+        on the model as it is now span a subspace every step's ũ is projected off
+        (protect.py), so this edit leaves their outputs alone. Meta `protected_rank`: the
+        largest subspace dimension over the weights."""
         t0 = time.perf_counter()
         device = input_device(model)
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
+        basis = {}
+        if protect:
+            basis = key_basis(model, tokenizer, self.specs, [p for p, _ in protect],
+                              [t for _, t in protect], fmt, energy=protect_energy)
         delta, first_loss, steps = None, None, 0
         scales: list[float] = []  # the guard's factors, one per scaled step
         for steps in range(1, max_steps + 1):
@@ -129,7 +141,10 @@ class MendEditor(nn.Module):
                 pairs, loss = capture_edit_gradients(model, self.specs, batch)
             first_loss = loss if first_loss is None else first_loss
             pairs = {n: (u.to(self.alpha.device), d.to(self.alpha.device)) for n, (u, d) in pairs.items()}
-            step = self.delta_from_factors(self._eval_factors(pairs), {"editor": self.name})
+            factors = self._eval_factors(pairs)
+            if basis:
+                factors = {n: (project_off(pu, basis.get(n)), pd, a) for n, (pu, pd, a) in factors.items()}
+            step = self.delta_from_factors(factors, {"editor": self.name})
             if max_norm is not None:
                 size = _total_norm(step)
                 if size > max_norm:
@@ -146,6 +161,8 @@ class MendEditor(nn.Module):
         delta.meta["edit_steps"] = str(steps)
         if scales:
             delta.meta["norm_scale"] = f"{min(scales):.6g}"
+        if basis:
+            delta.meta["protected_rank"] = str(max(b.shape[1] for b in basis.values()))
         delta.meta["compute_seconds"] = f"{time.perf_counter() - t0:.4f}"
         return delta
 
@@ -262,7 +279,8 @@ class MendEditor(nn.Module):
     @torch.no_grad()
     def sweep_chain(self, model: nn.Module, tokenizer, cases, chain_length: int, fmt: str = "raw",
                     progress=None, references: dict | None = None,
-                    max_norm: float | None = None) -> dict:
+                    max_norm: float | None = None, max_steps: int = 1,
+                    protect: bool = False) -> dict:
         """Sequential single edits: `cases` in chains of `chain_length`, each edit made on the
         state the chain's earlier edits left (every chain starts from `model`, the base), then
         every edit of the chain re-scored on the chain's last state. Returns the means of
@@ -270,7 +288,8 @@ class MendEditor(nn.Module):
         edit's locality prompts against the base model, on the last state) and
         `immediate_edit_success` (right after each edit). The trainer's validation when it
         trains on chains: what a user who chains edits sees, not what one edit of the base
-        model does."""
+        model does. Each edit takes up to `max_steps` steps; `protect` turns on the retention
+        guard (each edit protects the chain's earlier edits, as `mendctl edit` does)."""
         references = {} if references is None else references
         rows = {"edit_success": [], "paraphrase_success": [], "locality": [],
                 "immediate_edit_success": []}
@@ -280,10 +299,12 @@ class MendEditor(nn.Module):
                 key = (c.input, tuple(c.locality[:2]))
                 if c.locality and key not in references:
                     references[key] = locality_reference(model, tokenizer, c.locality[:2], fmt, n_new=2)
-            delta = None
+            delta, done = None, []
             for c in chain:
                 with applied(model, delta) if delta is not None else nullcontext():
-                    step = self.edit(model, tokenizer, [c.input], [c.target], fmt, max_norm=max_norm)
+                    step = self.edit(model, tokenizer, [c.input], [c.target], fmt, max_norm=max_norm,
+                                     max_steps=max_steps, protect=done if protect else None)
+                done.append((c.input, c.target))
                 delta = step if delta is None else _stack(delta, step)
                 with applied(model, delta):
                     rows["immediate_edit_success"] += edit_success(model, tokenizer, [c.input],
