@@ -62,16 +62,21 @@ class LocalityRef:
 
 
 @torch.no_grad()
-def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: int = 4) -> LocalityRef:
-    seqs, starts = [], []
-    for p in prompts:
-        ids = tokenizer(render_prompt(tokenizer, p, fmt)).input_ids
-        x = torch.tensor([ids], device=_device(model))
-        for _ in range(n_new):  # greedy continuation, no cache needed for a few tokens
-            nxt = model(input_ids=x).logits[0, -1].argmax()
-            x = torch.cat([x, nxt.view(1, 1)], dim=1)
-        seqs.append(x[0].tolist())
-        starts.append(len(ids))
+def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: int = 4,
+                       chunk: int = 32) -> LocalityRef:
+    seqs = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts]
+    starts = [len(ids) for ids in seqs]
+    for i in range(0, len(seqs), chunk):
+        part = seqs[i:i + chunk]
+        for _ in range(n_new):
+            # greedy continuation of all prompts at once: right padding leaves every real
+            # position's logits as they are alone, and a few tokens need no cache
+            batch = encode_sequences(part, tokenizer, [len(x) for x in part])
+            logits = _logits(model, batch)
+            last = torch.tensor([len(x) - 1 for x in part], device=logits.device)
+            nxt = logits[torch.arange(len(part), device=logits.device), last].argmax(-1).tolist()
+            part = [x + [t] for x, t in zip(part, nxt)]
+        seqs[i:i + chunk] = part
     batch = encode_sequences(seqs, tokenizer, starts)
     # position t predicts token t+1: count the last prompt position and the continuation
     pos = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
@@ -116,15 +121,20 @@ def perplexity(model, tokenizer, texts: list[str], chunk: int = 8, max_tokens: i
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers, one prompt at a time (left padding is not needed that way)."""
+def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
+             chunk: int = 16) -> list[str]:
+    """Greedy answers, several prompts per call: left padding, so every prompt's new tokens
+    start at the same position (the model's generate takes positions from the mask)."""
     out = []
     eos = tokenizer.eos_token_id
-    for p in prompts:
-        ids = tokenizer(render_prompt(tokenizer, p, fmt), return_tensors="pt").input_ids
-        ids = ids.to(_device(model))
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=eos if eos is not None else 0)
-        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    texts = [render_prompt(tokenizer, p, fmt) for p in prompts]
+    for i in range(0, len(texts), chunk):
+        rows = [tokenizer(t).input_ids for t in texts[i:i + chunk]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=_device(model))
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=_device(model))
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
     return out
