@@ -503,6 +503,40 @@ def test_drift_guard_scales_big_edits_and_replay_reproduces_them(tiny_assets, tm
     assert "4/4 states rebuilt" in r.stdout
 
 
+def test_retention_guard_is_recorded_replayed_and_can_be_turned_off(tiny_assets, tmp_path):
+    """`protect_edits` (on by default): each MEND edit is kept off the keys of the chain's
+    active edits; how many and the subspace's size are reported and recorded, a revert by
+    replay re-runs later edits guarded over the edits active then, and `protect_edits: false`
+    edits without it."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache)
+    r1 = ws.ok("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], "--json").json()
+    assert r1["protect"] == {"on": True, "pairs": 0, "rank": None}
+    r2 = ws.ok("edit", "--input", CHAIN[1][0], "--target", CHAIN[1][1], "--json").json()
+    assert r2["protect"]["on"] and r2["protect"]["pairs"] == 1 and r2["protect"]["rank"] >= 1
+    human = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1])
+    assert "retention guard: update kept off the keys of 2 earlier edits" in human.stdout
+    notes = ws.ok("show", "3", "--json").json()["notes"]
+    assert notes["protect"] is True and notes["protected_pairs"] == 2 and notes["protected_rank"] >= 1
+    r = ws.ok("revert", "1", "--replay", "--json").json()
+    replayed = [ws.ok("show", str(i), "--json").json() for i in r["entries"][1:]]
+    assert [e["notes"]["protect"] for e in replayed] == [True, True]
+    assert [e["notes"]["replay_of"] for e in replayed] == [2, 3]
+    ws.write_config(protect_edits=False)
+    r4 = ws.ok("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], "--json").json()
+    assert r4["protect"] == {"on": False, "pairs": 0, "rank": None}
+    assert ws.ok("show", str(r4["entry"]), "--json").json()["notes"]["protect"] is False
+    r = ws.run("replay", "--verify")
+    assert r.returncode == 0, str(r)
+
+
+def test_protect_edits_must_be_true_or_false(fresh_ws):
+    fresh_ws.write_config(protect_edits="yes")
+    r = fresh_ws.run("log")
+    assert r.returncode != 0 and "protect_edits" in r.stderr and "bool" in r.stderr
+
+
 def test_guard_norm_must_be_positive(fresh_ws):
     fresh_ws.write_config(guard_norm=0)
     r = fresh_ws.run("log")
