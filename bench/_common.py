@@ -27,10 +27,11 @@ def write_json(path: str | Path, obj) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def temp_workspace(editor_dir: str | None = None, guard_norm: float | None | str = "keep") -> Path:
+def temp_workspace(editor_dir: str | None = None, guard_norm: float | None | str = "keep",
+                   protect: bool | None = None) -> Path:
     """A fresh workspace on the default model in a temporary directory, optionally with another
-    MEND editor (a path relative to the caller's directory, not the workspace's) and another
-    `guard_norm` (None: no guard). Returns its root."""
+    MEND editor (a path relative to the caller's directory, not the workspace's), another
+    `guard_norm` (None: no guard) and another `protect_edits`. Returns its root."""
     from mendctl.workspace import Workspace
 
     root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
@@ -40,5 +41,7 @@ def temp_workspace(editor_dir: str | None = None, guard_norm: float | None | str
     if guard_norm != "keep":
         cfg = cfg.replace("\nguard_norm: 3.0\n",
                           f"\nguard_norm: {'null' if guard_norm is None else guard_norm}\n")
+    if protect is not None:
+        cfg = cfg.replace("\nprotect_edits: true\n", f"\nprotect_edits: {'true' if protect else 'false'}\n")
     (root / "mendctl.yaml").write_text(cfg)
     return root

@@ -8,7 +8,7 @@ Both protocols of the field, labelled:
   its paraphrases, and locality of every edit's own prompts against the base model).
 The retention matrix of the longest chain is drawn as the audit report draws it.
 
-Usage: python bench/sequential.py [--lengths 1,10,100] [--editors mend,ft_kl]
+Usage: python bench/sequential.py [--lengths 1,10,100] [--editors mend,ft_kl] [--protect on|off]
        [--out bench/results/sequential.json] [--plot docs/sequential.png] [--report DIR]
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _mean(xs):
 
 
 def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, config_editor: str | None,
-              guard_norm: float | None = None, matrix: bool = True):
-    root = temp_workspace(config_editor, guard_norm)
+              guard_norm: float | None = None, matrix: bool = True, protect: bool = True):
+    root = temp_workspace(config_editor, guard_norm, protect)
     ws = Workspace.open(str(root))
     t0 = time.time()
     for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
@@ -57,6 +57,7 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
     row = {
         "editor": editor, "T": len(cases), "max_steps": max_steps,
         "guard_norm": guard_norm if editor == "mend" else None,
+        "protect_edits": protect if editor == "mend" else None,
         "editor_checkpoint": ws.editor(editor).info.get("created") if editor == "mend" else None,
         # a calibrated copy keeps its training's `created`: its α factor tells them apart
         "alpha_factor": ((ws.editor(editor).info.get("operating_point") or {})
@@ -88,12 +89,13 @@ def _label(r: dict) -> str:
     f, k = r.get("alpha_factor") or 1.0, r.get("max_steps", 1)
     steps = (f", α×{f:g}" if f != 1.0 else "") + (f", ≤{k} steps" if k > 1 else "")
     return (f"mend ({r.get('editor_checkpoint') or 'editor'}{steps}, "
-            f"{'no guard' if g is None else f'guard {g:g}'})")
+            f"{'no guard' if g is None else f'guard {g:g}'}"
+            f"{', retention guard' if r.get('protect_edits') else ''})")
 
 
 def _key(r: dict) -> tuple:
     return (r["editor"], r["T"], r.get("guard_norm"), r.get("editor_checkpoint"),
-            r.get("alpha_factor") or 1.0, r.get("max_steps", 1))
+            r.get("alpha_factor") or 1.0, r.get("max_steps", 1), bool(r.get("protect_edits")))
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -140,6 +142,8 @@ def main():
     ap.add_argument("--guard-norm", default="3", help="MEND drift guard (mendctl.yaml guard_norm), or off")
     ap.add_argument("--no-matrix", action="store_true",
                     help="skip the retention matrix of the longest chain (and its series in the plot)")
+    ap.add_argument("--protect", choices=["on", "off"], default="on",
+                    help="MEND retention guard (mendctl.yaml protect_edits)")
     a = ap.parse_args()
     if a.plot_only:
         rows = json.loads(Path(a.out).read_text())["rows"]
@@ -159,7 +163,7 @@ def main():
                 rep = Path(tempfile.mkdtemp()) / "report"  # the series is still wanted for the plot
             guard = None if a.guard_norm == "off" else float(a.guard_norm)
             row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir,
-                            guard, matrix=not a.no_matrix)
+                            guard, matrix=not a.no_matrix, protect=a.protect == "on")
             rows = [r for r in rows if _key(r) != _key(row)] + [row]
             write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})
     print_table(rows)

@@ -280,7 +280,7 @@ class MendEditor(nn.Module):
     def sweep_chain(self, model: nn.Module, tokenizer, cases, chain_length: int, fmt: str = "raw",
                     progress=None, references: dict | None = None,
                     max_norm: float | None = None, max_steps: int = 1,
-                    protect: bool = False) -> dict:
+                    protect: bool = False, protect_energy: float = PROTECT_ENERGY) -> dict:
         """Sequential single edits: `cases` in chains of `chain_length`, each edit made on the
         state the chain's earlier edits left (every chain starts from `model`, the base), then
         every edit of the chain re-scored on the chain's last state. Returns the means of
@@ -303,7 +303,8 @@ class MendEditor(nn.Module):
             for c in chain:
                 with applied(model, delta) if delta is not None else nullcontext():
                     step = self.edit(model, tokenizer, [c.input], [c.target], fmt, max_norm=max_norm,
-                                     max_steps=max_steps, protect=done if protect else None)
+                                     max_steps=max_steps, protect=done if protect else None,
+                                     protect_energy=protect_energy)
                 done.append((c.input, c.target))
                 delta = step if delta is None else _stack(delta, step)
                 with applied(model, delta):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..text import encode_pairs, encode_prompts
+from ..text import encode_pairs
 from ..weights import WeightSpec, input_device
 
 
@@ -54,19 +54,14 @@ def key_basis(model: nn.Module, tokenizer, specs: list[WeightSpec], prompts: lis
     pairs' keys. Each pair contributes the leading directions of its own keys (rows
     normalised, so every token counts equally) holding `energy` of their energy; the union is
     orthonormalised, keeping at most `max_fraction` × in_features directions, those shared by
-    the most pairs first (the union's leading singular vectors). A pair whose target is empty
-    protects its prompt alone (e.g. a locality prompt whose answer must not change)."""
+    the most pairs first (the union's leading singular vectors)."""
     if not prompts:
         return {}
     parts: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
     device = input_device(model)
-    full = [(p, t) for p, t in zip(prompts, targets) if t]
-    bare = [p for p, t in zip(prompts, targets) if not t]
-    batches = [encode_pairs(tokenizer, [p for p, _ in full[i:i + chunk]], [t for _, t in full[i:i + chunk]], fmt)
-               for i in range(0, len(full), chunk)]
-    batches += [encode_prompts(tokenizer, bare[i:i + chunk], fmt) for i in range(0, len(bare), chunk)]
-    for batch in batches:
-        for name, xs in key_inputs(model, specs, batch.to(device)).items():
+    for i in range(0, len(prompts), chunk):
+        batch = encode_pairs(tokenizer, prompts[i:i + chunk], targets[i:i + chunk], fmt).to(device)
+        for name, xs in key_inputs(model, specs, batch).items():
             for x in xs:
                 x = x.cpu()
                 parts[name].append(_leading(x / x.norm(dim=1, keepdim=True).clamp_min(1e-12), energy))
