@@ -114,20 +114,36 @@ def edit_loss(model: nn.Module, batch: Batch, weights=None) -> torch.Tensor:
 
 
 def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Batch, skip=None,
-                           weights: dict[str, torch.Tensor] | None = None):
+                           weights: dict[str, torch.Tensor] | None = None, success: bool = False):
     """Run forward+backward of the edit loss; return ({name: (u, δ)}, loss value).
 
     `skip` is an optional context (PrefixCache.skipping) that replaces the lower blocks by
     their cached output for this batch. `weights` ({name: tensor}) stands in for the edited
     parameters (functionally; the model is not touched): the edit is then computed at that
-    state of the weights, e.g. deep in a chain of earlier edits."""
+    state of the weights, e.g. deep in a chain of earlier edits.
+
+    With `success`, returns (pairs, loss, ok): ok[i] says whether every target token of example
+    i is already the argmax (the metrics' edit success, read off the logits the loss needs
+    anyway); when all are, the backward is skipped and pairs is None."""
     if weights is not None:
         # leaves that require grad, so the edited modules' outputs are on the loss path
         weights = {s.name: weights[s.name].detach().requires_grad_() for s in specs}
     with grad_only_on(model, [s.name for s in specs]), torch.enable_grad(), \
             GradCapture(model, specs) as cap, (skip if skip is not None else nullcontext()):
-        loss = edit_loss(model, batch, weights)
+        select, labels, owner = label_positions(batch)
+        logits = selected_logits(model, batch, select, weights)
+        n = batch.labels.shape[0]
+        loss = per_example_nll(logits, labels, owner, n).sum()
+        ok = None
+        if success:
+            miss = torch.zeros(n, device=owner.device).index_add(
+                0, owner, (logits.detach().argmax(-1) != labels).float())
+            ok = (miss == 0).tolist()
+            if all(ok):
+                cap.outputs.clear()  # drop the graph
+                return None, float(loss.detach()), ok
         # gradients of the module outputs only: nothing is left in the weights' .grad and no
         # dense weight gradient is computed
         cap.backward(loss)
-    return cap.pairs(batch.attention_mask), float(loss.detach())
+    pairs = cap.pairs(batch.attention_mask)
+    return (pairs, float(loss.detach()), ok) if success else (pairs, float(loss.detach()))

@@ -138,7 +138,13 @@ class MendEditor(nn.Module):
         for steps in range(1, max_steps + 1):
             ctx = applied(model, delta) if delta is not None else nullcontext()
             with ctx:
-                pairs, loss = capture_edit_gradients(model, self.specs, batch)
+                # from the second step on, the capture's forward also tells whether the steps
+                # so far already make the edit hold (no separate success check)
+                pairs, loss, *_ = capture_edit_gradients(model, self.specs, batch,
+                                                         success=delta is not None)
+            if pairs is None:
+                steps -= 1
+                break
             first_loss = loss if first_loss is None else first_loss
             pairs = {n: (u.to(self.alpha.device), d.to(self.alpha.device)) for n, (u, d) in pairs.items()}
             factors = self._eval_factors(pairs)
@@ -153,10 +159,6 @@ class MendEditor(nn.Module):
                         layer.d.mul_(scale)  # ΔW = −α Σ δ̃ ũᵀ is linear in δ̃
                     scales.append(scale)
             delta = step if delta is None else _stack(delta, step)
-            if steps < max_steps:
-                with applied(model, delta):
-                    if all(edit_success(model, tokenizer, prompts, targets, fmt)):
-                        break
         delta.meta["edit_loss_before"] = f"{first_loss:.6g}"
         delta.meta["edit_steps"] = str(steps)
         if scales:
@@ -229,7 +231,7 @@ class MendEditor(nn.Module):
         repeated until every target token is the argmax, up to `max_steps` (as `edit` does):
         for every scale and every step budget k ≤ max_steps, mean edit success, paraphrase
         success, locality, locality KL, the mean number of steps taken and the seconds per edit
-        (its steps and their success checks, as in `edit`). One pass measures
+        (its steps and a success check after each). One pass measures
         every (scale, k): an edit that holds after j steps stops there for every k ≥ j.
 
         A full step overshoots most facts (it must be large enough for the hardest ones) and
