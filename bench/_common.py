@@ -32,16 +32,18 @@ def temp_workspace(editor_dir: str | None = None, guard_norm: float | None | str
     """A fresh workspace on the default model in a temporary directory, optionally with another
     MEND editor (a path relative to the caller's directory, not the workspace's), another
     `guard_norm` (None: no guard) and another `protect_edits`. Returns its root."""
+    import yaml
+
     from mendctl.workspace import Workspace
 
     root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
-    cfg = (root / "mendctl.yaml").read_text()
+    path = root / "mendctl.yaml"
+    cfg = yaml.safe_load(path.read_text())  # a throw-away workspace: its comments can go
     if editor_dir:
-        cfg = cfg.replace("\neditor: default\n", f"\neditor: {Path(editor_dir).resolve()}\n")
+        cfg["editor"] = str(Path(editor_dir).resolve())
     if guard_norm != "keep":
-        cfg = cfg.replace("\nguard_norm: 3.0\n",
-                          f"\nguard_norm: {'null' if guard_norm is None else guard_norm}\n")
+        cfg["guard_norm"] = guard_norm
     if protect is not None:
-        cfg = cfg.replace("\nprotect_edits: true\n", f"\nprotect_edits: {'true' if protect else 'false'}\n")
-    (root / "mendctl.yaml").write_text(cfg)
+        cfg["protect_edits"] = protect
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return root

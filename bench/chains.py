@@ -24,7 +24,7 @@ from _common import table, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mendctl.editors.data import load_split  # noqa: E402
-from mendctl.editors.mend.editor import MendEditor  # noqa: E402
+from mendctl.editors.mend.editor import PROTECT_ENERGY, MendEditor  # noqa: E402
 from mendctl.editors.weights import select_weights  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
 
@@ -37,8 +37,8 @@ def main():
     ap.add_argument("--max-steps", type=int, default=1, help="steps per edit (the operating point's)")
     ap.add_argument("--protect", choices=["off", "on", "both"], default="off",
                     help="the retention guard")
-    ap.add_argument("--protect-energy", type=float, default=None,
-                    help="share of the protected keys' energy the guard spans (default: the editor's)")
+    ap.add_argument("--protect-energy", type=float, default=PROTECT_ENERGY,
+                    help="share of the protected keys' energy the guard spans")
     ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
     ap.add_argument("--out", default="bench/results/chains.json")
     a = ap.parse_args()
@@ -59,8 +59,7 @@ def main():
             r = ed.sweep_chain(lm.model, lm.tokenizer, cases, a.length,
                                ed.info.get("prompt_format", "raw"), progress=bar,
                                references=references, max_norm=guard, max_steps=a.max_steps,
-                               protect=protect, **({"protect_energy": a.protect_energy}
-                                                   if a.protect_energy is not None else {}))
+                               protect=protect, protect_energy=a.protect_energy)
             rows.append({"editor": label, "dir": str(path), "chain_length": a.length,
                          "cases": len(cases), "max_steps": a.max_steps, "protect": protect,
                          "protect_energy": a.protect_energy if protect else None,

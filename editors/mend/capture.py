@@ -108,9 +108,20 @@ def per_example_nll(logits: torch.Tensor, labels: torch.Tensor, owner: torch.Ten
 def edit_loss(model: nn.Module, batch: Batch, weights=None) -> torch.Tensor:
     """−log p(y_e | x_e): per example the mean over target tokens, summed over examples (so a
     token's gradient does not shrink when more edits share the batch)."""
+    return _loss_and_hits(model, batch, weights, hits=False)[0]
+
+
+def _loss_and_hits(model: nn.Module, batch: Batch, weights=None, hits: bool = True):
+    """The edit loss and, with `hits`, per example whether every target token is already the
+    argmax (the metrics' edit success, read off the same logits)."""
     select, labels, owner = label_positions(batch)
     logits = selected_logits(model, batch, select, weights)
-    return per_example_nll(logits, labels, owner, batch.labels.shape[0]).sum()
+    n = batch.labels.shape[0]
+    loss = per_example_nll(logits, labels, owner, n).sum()
+    if not hits:
+        return loss, None
+    miss = torch.zeros(n, device=owner.device).index_add(0, owner, (logits.detach().argmax(-1) != labels).float())
+    return loss, (miss == 0).tolist()
 
 
 def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Batch, skip=None,
@@ -130,18 +141,10 @@ def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Bat
         weights = {s.name: weights[s.name].detach().requires_grad_() for s in specs}
     with grad_only_on(model, [s.name for s in specs]), torch.enable_grad(), \
             GradCapture(model, specs) as cap, (skip if skip is not None else nullcontext()):
-        select, labels, owner = label_positions(batch)
-        logits = selected_logits(model, batch, select, weights)
-        n = batch.labels.shape[0]
-        loss = per_example_nll(logits, labels, owner, n).sum()
-        ok = None
-        if success:
-            miss = torch.zeros(n, device=owner.device).index_add(
-                0, owner, (logits.detach().argmax(-1) != labels).float())
-            ok = (miss == 0).tolist()
-            if all(ok):
-                cap.outputs.clear()  # drop the graph
-                return None, float(loss.detach()), ok
+        loss, ok = _loss_and_hits(model, batch, weights, hits=success)
+        if success and all(ok):
+            cap.outputs.clear()  # drop the graph
+            return None, float(loss.detach()), ok
         # gradients of the module outputs only: nothing is left in the weights' .grad and no
         # dense weight gradient is computed
         cap.backward(loss)
