@@ -56,7 +56,7 @@ class LocalityRef:
 
     batch: Batch
     positions: torch.Tensor  # (B, T) bool: positions whose next-token distribution counts
-    base_logp: torch.Tensor  # (N, V) log-probs at the counted positions
+    base_logp: torch.Tensor | None  # (N, V) log-probs at the counted positions (None: top-1 only)
     base_top1: torch.Tensor  # (N,)
     owner: torch.Tensor  # (N,) which prompt each counted position belongs to
 
@@ -102,6 +102,16 @@ def locality_scores(model, ref: LocalityRef) -> tuple[list[float], list[float]]:
         ag.append(float(agree[m].mean()))
         kls.append(float(kl[m].mean()))
     return ag, kls
+
+
+@torch.no_grad()
+def top1_agreement(model, ref: LocalityRef) -> list[float]:
+    """Per prompt: top-1 agreement with the base (what `locality_scores` gives without the KL,
+    so a reference without log-probs will do)."""
+    logits = _logits(model, ref.batch)
+    agree = (logits[ref.positions.to(logits.device)].argmax(-1).cpu() == ref.base_top1).float()
+    n = int(ref.owner.max()) + 1 if len(ref.owner) else 0
+    return [float(agree[ref.owner == i].mean()) for i in range(n)]
 
 
 @torch.no_grad()

@@ -88,6 +88,18 @@ def standard_audit_set(cases: list[EditCase] | None = None, n_prompts: int = AUD
     return AuditSet(prompts, passages, source or "cases")
 
 
+def weight_drift(w: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> tuple[dict, float]:
+    """Per edited weight ‖W − W_base‖_F and that relative to ‖W_base‖_F, and the total
+    relative drift over all of them."""
+    drift, total_sq, base_sq = {}, 0.0, 0.0
+    for name in sorted(base):
+        diff = float(torch.linalg.norm((w[name].double() - base[name].double())))
+        ref = float(torch.linalg.norm(base[name].double()))
+        drift[name] = {"frobenius": diff, "relative": diff / ref if ref else None}
+        total_sq, base_sq = total_sq + diff * diff, base_sq + ref * ref
+    return drift, math.sqrt(total_sq / base_sq) if base_sq else 0.0
+
+
 def parse_range(text: str | None) -> tuple[int | None, int | None]:
     """'A..B', 'A..', '..B' or 'N' (a single entry) → (A, B)."""
     if not text:
@@ -236,14 +248,7 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     ppl = perplexity(model, tok, audit_set.passages) if audit_set.passages else None
     stats_head = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
 
-    base = ws._base
-    drift = {}
-    for name in sorted(base):
-        diff = float(torch.linalg.norm((w[name].double() - base[name].double())))
-        ref = float(torch.linalg.norm(base[name].double()))
-        drift[name] = {"frobenius": diff, "relative": diff / ref if ref else None}
-    total_rel = math.sqrt(sum(d["frobenius"] ** 2 for d in drift.values())) / \
-        math.sqrt(sum(float(torch.linalg.norm(t.double())) ** 2 for t in base.values()))
+    drift, total_rel = weight_drift(w, ws._base)
 
     edits = []
     for e in active:
@@ -325,7 +330,6 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
     rows = [e.id for e in chain if e.delta_sha256]
     cached_ret, cached_loc = _cached_cells(ws, audit_set.sha256)
     base = ws._base
-    base_sq = sum(float(torch.linalg.norm(t.double())) ** 2 for t in base.values())
     cells: dict[int, dict[int, float]] = {}
     series = []
     cost = {"states": len(chain), "states_rebuilt": 0, "cells": 0, "cells_from_ledger": 0,
@@ -364,9 +368,7 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
                 known.update(scorer.retention([by_id[i] for i in missing]))
                 cost["cells_computed"] += len(missing)
             if loc is None:
-                drift_sq = sum(float(torch.linalg.norm(w[n].double() - base[n].double())) ** 2
-                               for n in base)
-                loc = [*scorer.audit_locality(), math.sqrt(drift_sq / base_sq)]
+                loc = [*scorer.audit_locality(), weight_drift(w, base)[1]]
             prev_active, prev_w = list(e.active_ids), w
         cost["cells"] += len(want)
         cells[e.id] = {i: known[i] for i in want}

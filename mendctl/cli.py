@@ -200,6 +200,15 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
     if pr.get("pairs"):
         click.echo(f"  retention guard: update kept off the keys of {pr['pairs']} earlier edit"
                    f"{'s' if pr['pairs'] != 1 else ''} (up to {pr['rank']} directions per weight)")
+    hb, ha = b.get("health"), a.get("health")
+    if ha:
+        click.echo(f"  chain vs base model: audit-set agreement {hb['audit_locality']:.3f} → "
+                   f"{ha['audit_locality']:.3f}, weights moved {ha['relative_drift']:.1%} of their norm")
+        if ha["below_threshold"]:
+            click.echo(f"  warning: the chain's answers on unrelated prompts agree with the base "
+                       f"model under the audit's threshold ({ha['locality_threshold']:.2f}); "
+                       f"`mendctl audit` shows which edits still hold, `mendctl revert N` "
+                       f"undoes one", err=True)
     click.echo(f"  state {r['state_hash'][:12]}")
 
 

@@ -106,6 +106,12 @@ guard_norm: 3.0
 # edited layers see on the chain's active edits (their prompts and targets, on the model as it
 # is now), so it cannot overwrite what they wrote. false edits without it.
 protect_edits: true
+
+# Chain health after every edit: top-1 agreement with the base model on the standard audit set
+# and the edited weights' drift from the base, shown by `mendctl edit` and recorded with the
+# entry, with a warning under the audit's locality threshold. One forward pass per edit (the
+# base's answers are cached in .mendctl/health). false skips it.
+health_check: true
 """
 
 
@@ -129,6 +135,7 @@ class Config:
     seed: int = 0
     guard_norm: float | None = 3.0
     protect_edits: bool = True
+    health_check: bool = True
 
     def validate(self, where: str = CONFIG_FILE) -> None:
         def bad(key, msg):
@@ -175,7 +182,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_cache": (str, type(None)), "editor": (str,),
     "edit_weights": (list, str), "prompt_format": (str,), "device": (str,), "dtype": (str,),
     "ledger": (str, type(None)), "chain": (str,), "store": (str,), "lock_timeout": (int, float), "seed": (int,),
-    "guard_norm": (int, float, type(None)), "protect_edits": (bool,),
+    "guard_norm": (int, float, type(None)), "protect_edits": (bool,), "health_check": (bool,),
     "device_map": (str, dict, type(None)), "max_memory": (dict, type(None)),
     "offload_folder": (str, type(None)), "editor_device": (str, type(None)),
 }

@@ -37,6 +37,7 @@ from .editors.mend.editor import EditorMismatch, MendEditor, file_sha256
 from .editors.metrics import (generate, locality_reference, locality_scores, target_scores)
 from .editors.weights import read_weights, select_weights, write_weights
 from .errors import EditorError, InputError, LedgerError, StoreError, WorkspaceError
+from .health import base_reference, chain_health
 from .ledger import Entry, Ledger, sqlite_url
 from .locking import WorkspaceLock
 from .models import ALIASES, LoadedModel, load_model
@@ -354,8 +355,12 @@ class Workspace:
     def _edit_locked(self, cases, ed, dry_run, command, max_steps=1) -> dict:
         lm = self.lm
         head = self.head()
+        # the base's audit-set answers (cached; computing them loads the base state first)
+        health_ref = base_reference(self) if self.config.health_check else None
         w_head = self.use_state(head)
         before = self._probe(cases)
+        if health_ref is not None:
+            before["health"] = chain_health(self, w_head, health_ref)
         loc_prompts = [p for c in cases for p in c.locality]
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
         t0 = time.perf_counter()
@@ -376,6 +381,8 @@ class Workspace:
                 ag, kl = locality_scores(lm.model, ref)
                 after["locality"] = float(sum(ag) / len(ag))
                 after["locality_kl"] = float(sum(kl) / len(kl))
+            if health_ref is not None:
+                after["health"] = chain_health(self, w_new, health_ref)
         finally:
             if dry_run:
                 self._set_weights(w_head, head.state_hash if head else self._base_hash)
@@ -419,6 +426,7 @@ class Workspace:
                            "norm_scale": report["guard"]["norm_scale"],
                            "protect": protect is not None, "protected_pairs": len(protect or []),
                            "protected_rank": report["protect"]["rank"],
+                           "health": after.get("health"),
                            "edit_steps": int(delta.meta.get("edit_steps", 1))},
                 )
                 entry.active_ids = list(entry.active_ids) + [entry.id]

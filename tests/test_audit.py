@@ -48,6 +48,32 @@ def test_reverted_edit_is_not_counted_and_unchanged_model_is_local(ws_chain):
     assert r["flags"] == []
 
 
+def test_edit_time_health_is_what_the_audit_measures(ws_chain):
+    """The chain health `mendctl edit` records with each entry is the audit's audit-set
+    agreement and relative drift of that state, computed from the cached base reference."""
+    from mendctl.audit import run_audit
+    from mendctl.config import load as load_config
+    from mendctl.editors.data import EditCase
+
+    copy, w = ws_chain
+    series = {x["entry"]: x for x in run_audit(w)["chain"]["series"]}
+    entries = w.ledger.entries(reverse=False)
+    assert len(entries) == 3 and all(e.id in series for e in entries)
+    for e in entries:
+        h = e.notes["health"]
+        assert h["audit_locality"] == pytest.approx(series[e.id]["audit_locality"], abs=1e-12)
+        assert h["relative_drift"] == pytest.approx(series[e.id]["relative_drift"], rel=1e-9)
+        assert h["below_threshold"] == (h["audit_locality"] < h["locality_threshold"])
+    assert len(list((w.state_dir / "health").glob("*.safetensors"))) == 1  # computed once
+
+    cfg = (copy.root / "mendctl.yaml").read_text()
+    (copy.root / "mendctl.yaml").write_text(cfg + "health_check: false\n")
+    assert load_config(copy.root / "mendctl.yaml").health_check is False
+    w.config.health_check = False  # the open workspace read the file before
+    r = w.edit([EditCase(input="Water boils at", target="ten degrees")])
+    assert "health" not in r["after"] and w.ledger.get(r["entry"]).notes["health"] is None
+
+
 @pytest.fixture
 def ft_chain(tiny_assets, tmp_path):
     """Three fine-tuning edits of the tiny model: they hold when made (FT runs until the

@@ -129,6 +129,9 @@ def test_edit_log_show_ask_and_dry_run(fresh_ws: Ws):
     assert rep["entry"] == 1 and rep["dry_run"] is False
     b, a = rep["before"], rep["after"]
     assert a["target_logprob"][0] > b["target_logprob"][0] + 1.0, rep  # the edit did something
+    # chain health: the state before the first edit is the base model itself
+    assert b["health"]["audit_locality"] == 1.0 and b["health"]["relative_drift"] == 0.0
+    assert 0.0 <= a["health"]["audit_locality"] <= 1.0 and a["health"]["relative_drift"] > 0.0
 
     log = ws.ok("log", "--json").json()
     assert len(log) == 1
