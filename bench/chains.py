@@ -9,7 +9,7 @@ With `--protect both` every editor runs twice, without and with the retention gu
 edit's ũ projected off the keys of the chain's earlier edits, editors/mend/protect.py).
 
 Usage: python bench/chains.py NAME=EDITOR_DIR [NAME=EDITOR_DIR ...] [--length 10] [--limit 60]
-       [--max-steps 1] [--protect off|on|both] [--guard-norm 3|off] [--out bench/results/chains.json]
+       [--max-steps 1[,5,...]] [--alpha-factors 1[,0.5,...]] [--protect off|on|both] [--guard-norm 3|off] [--out bench/results/chains.json]
 """
 from __future__ import annotations
 
@@ -34,11 +34,13 @@ def main():
     ap.add_argument("editors", nargs="+", help="NAME=DIR of a MEND checkpoint for the default model")
     ap.add_argument("--length", type=int, default=10)
     ap.add_argument("--limit", type=int, default=60)
-    ap.add_argument("--max-steps", type=int, default=1, help="steps per edit (the operating point's)")
+    ap.add_argument("--max-steps", default="1", help="comma list: steps per edit (the operating point's)")
     ap.add_argument("--protect", choices=["off", "on", "both"], default="off",
                     help="the retention guard")
     ap.add_argument("--protect-energy", type=float, default=PROTECT_ENERGY,
                     help="share of the protected keys' energy the guard spans")
+    ap.add_argument("--alpha-factors", default="1",
+                    help="comma list: each editor's α × this (on top of its operating point)")
     ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
     ap.add_argument("--out", default="bench/results/chains.json")
     a = ap.parse_args()
@@ -52,16 +54,24 @@ def main():
         ed = MendEditor.load(Path(path), specs, lm.base_hash)
         median = (ed.info.get("delta_norm_reference") or {}).get("median")
         guard = None if a.guard_norm == "off" or not median else float(a.guard_norm) * median
-        for protect in {"off": [False], "on": [True], "both": [False, True]}[a.protect]:
-            label = f"{name}+protect" if protect else name
+        shipped_factor = ed.info.get("operating_point", {}).get("alpha_factor_total")
+        for factor, steps, protect in [
+                (f, k, p) for f in [float(x) for x in a.alpha_factors.split(",")]
+                for k in [int(x) for x in a.max_steps.split(",")]
+                for p in {"off": [False], "on": [True], "both": [False, True]}[a.protect]]:
+            ed = MendEditor.load(Path(path), specs, lm.base_hash)
+            if factor != 1:
+                ed.rescale(factor)  # relative to the checkpoint's own α (its operating point)
+            label = (f"{name}+protect" if protect else name) + (f" α×{factor:g}" if factor != 1 else "") + f" ≤{steps}"
             t = time.time()
             bar = lambda xs, label=label: tqdm(xs, desc=label, file=sys.stderr)  # noqa: E731
             r = ed.sweep_chain(lm.model, lm.tokenizer, cases, a.length,
                                ed.info.get("prompt_format", "raw"), progress=bar,
-                               references=references, max_norm=guard, max_steps=a.max_steps,
+                               references=references, max_norm=guard, max_steps=steps,
                                protect=protect, protect_energy=a.protect_energy)
             rows.append({"editor": label, "dir": str(path), "chain_length": a.length,
-                         "cases": len(cases), "max_steps": a.max_steps, "protect": protect,
+                         "cases": len(cases), "max_steps": steps, "protect": protect,
+                         "alpha_factor": factor, "checkpoint_alpha_factor": shipped_factor,
                          "protect_energy": a.protect_energy if protect else None,
                          "guard_max_norm": guard, "seconds": time.time() - t, **r})
             print(rows[-1], file=sys.stderr, flush=True)

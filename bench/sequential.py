@@ -72,6 +72,13 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
         "final_audit_locality": s["audit_locality"],
         "final_ppl_drawdown": s["ppl_drawdown"],
         "final_relative_drift": s["relative_drift"],
+        # chain health as `mendctl edit` showed it after each edit (agreement with the base on
+        # the audit set) and the first edit that printed the warning
+        "health_audit_locality": [((e.notes or {}).get("health") or {}).get("audit_locality")
+                                  for e in entries],
+        "first_health_warning": next((i + 1 for i, e in enumerate(entries)
+                                      if ((e.notes or {}).get("health") or {}).get("below_threshold")),
+                                     None),
         "seconds_per_edit": edit_seconds / len(cases),
         "audit_seconds": audit_seconds,
         "workspace": str(root),

@@ -248,10 +248,13 @@ def log(ctx, limit, as_json):
         es = (e.metrics_after or {}).get("edit_success")
         size = f"{e.delta_size / 1024:.0f} KiB" if e.delta_size else "-"
         flags = ("*" if active else " ") + ("A" if e.id in audited else " ")
+        health = ((e.notes or {}).get("health") or {}).get("audit_locality")
+        health = f"  base-agree {health:.3f}" if health is not None else ""
         click.echo(f"{flags} {e.id:>4}  {e.created_at:%Y-%m-%d %H:%M:%S}  {e.kind:<7}{extra}  "
-                   f"{what}  ES {es if es is None else f'{es:.2f}'}  {size}")
+                   f"{what}  ES {es if es is None else f'{es:.2f}'}{health}  {size}")
     if entries:
-        click.echo("(* active in the current state, A audited)")
+        click.echo("(* active in the current state, A audited; base-agree: the state's top-1 "
+                   "agreement with the base model on the audit set, measured at edit time)")
 
 
 @main.command()
