@@ -24,6 +24,8 @@ from _common import table, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mendctl.editors.data import load_split  # noqa: E402
+from mendctl.editors.mend.protect import preserved_basis  # noqa: E402
+from mendctl.preserve import preserve_texts  # noqa: E402
 from mendctl.editors.mend.editor import PROTECT_ENERGY, MendEditor  # noqa: E402
 from mendctl.editors.weights import select_weights  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
@@ -34,6 +36,7 @@ def main():
     ap.add_argument("editors", nargs="+", help="NAME=DIR of a MEND checkpoint for the default model")
     ap.add_argument("--length", type=int, default=10)
     ap.add_argument("--limit", type=int, default=60)
+    ap.add_argument("--split", default="test", choices=["val", "test"])
     ap.add_argument("--max-steps", default="1", help="comma list: steps per edit (the operating point's)")
     ap.add_argument("--protect", choices=["off", "on", "both"], default="off",
                     help="the retention guard")
@@ -41,44 +44,57 @@ def main():
                     help="share of the protected keys' energy the guard spans")
     ap.add_argument("--alpha-factors", default="1",
                     help="comma list: each editor's α × this (on top of its operating point)")
+    ap.add_argument("--preserve", default="0",
+                    help="comma list of eigenvalue cuts: ũ also kept off the preserved-key subspace "
+                         "of train prompts and generic text (0: off)")
     ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
     ap.add_argument("--out", default="bench/results/chains.json")
     a = ap.parse_args()
     lm = load_model("smollm2-135m")
     specs = select_weights(lm.model, ["auto"])
-    cases = load_split("test")[: a.limit]
+    cases = load_split(a.split)[: a.limit]
     references: dict = {}  # the base model's locality references, shared by every editor
     rows = []
+    cuts = [float(x) for x in a.preserve.split(",")]
+    preserved = {}
+    if any(cuts):
+        texts = preserve_texts()
+        for cut in cuts:
+            if cut:
+                preserved[cut] = preserved_basis(lm.model, lm.tokenizer, specs, texts, cut)
+                print(f"preserve {cut:g}: ranks", {n.split('.')[2] + n.split('.')[4][:2]: b.shape[1]
+                                                   for n, b in preserved[cut].items()}, file=sys.stderr)
     for spec in a.editors:
         name, _, path = spec.partition("=")
         ed = MendEditor.load(Path(path), specs, lm.base_hash)
         median = (ed.info.get("delta_norm_reference") or {}).get("median")
         guard = None if a.guard_norm == "off" or not median else float(a.guard_norm) * median
         shipped_factor = ed.info.get("operating_point", {}).get("alpha_factor_total")
-        for factor, steps, protect in [
-                (f, k, p) for f in [float(x) for x in a.alpha_factors.split(",")]
+        for cut, factor, steps, protect in [
+                (c, f, k, p) for c in cuts for f in [float(x) for x in a.alpha_factors.split(",")]
                 for k in [int(x) for x in a.max_steps.split(",")]
                 for p in {"off": [False], "on": [True], "both": [False, True]}[a.protect]]:
             ed = MendEditor.load(Path(path), specs, lm.base_hash)
             if factor != 1:
                 ed.rescale(factor)  # relative to the checkpoint's own α (its operating point)
-            label = (f"{name}+protect" if protect else name) + (f" α×{factor:g}" if factor != 1 else "") + f" ≤{steps}"
+            label = (f"{name}+protect" if protect else name) + (f" α×{factor:g}" if factor != 1 else "") + f" ≤{steps}" + (f" preserve{cut:g}" if cut else "")
             t = time.time()
             bar = lambda xs, label=label: tqdm(xs, desc=label, file=sys.stderr)  # noqa: E731
             r = ed.sweep_chain(lm.model, lm.tokenizer, cases, a.length,
                                ed.info.get("prompt_format", "raw"), progress=bar,
                                references=references, max_norm=guard, max_steps=steps,
-                               protect=protect, protect_energy=a.protect_energy)
+                               protect=protect, protect_energy=a.protect_energy,
+                               preserve=preserved.get(cut))
             rows.append({"editor": label, "dir": str(path), "chain_length": a.length,
                          "cases": len(cases), "max_steps": steps, "protect": protect,
-                         "alpha_factor": factor, "checkpoint_alpha_factor": shipped_factor,
+                         "alpha_factor": factor, "preserve_cut": cut or None, "checkpoint_alpha_factor": shipped_factor,
                          "protect_energy": a.protect_energy if protect else None,
                          "guard_max_norm": guard, "seconds": time.time() - t, **r})
             print(rows[-1], file=sys.stderr, flush=True)
     cols = ["editor", "immediate_edit_success", "edit_success", "paraphrase_success", "locality"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     print(table([{c: fmt(r.get(c)) for c in cols} for r in rows], cols))
-    write_json(a.out, {"split": "test", "rows": rows})
+    write_json(a.out, {"split": a.split, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .config import MAX_STEPS
 from .errors import InputError, MendctlError
 
 
@@ -136,11 +137,11 @@ def _read_batch(path):
               help="Many edit requests (one JSON object per line) applied as one batched edit.")
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend",
               show_default=True, help="mend: the workspace's MEND editor; ft / ft_kl: fine-tuning baselines.")
-@click.option("--max-steps", type=click.IntRange(1, 10), default=None,
+@click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="MEND: apply the editor again (up to N times, factors stacked into one delta) "
                    "until every target token is the argmax; 1 is the paper's single step. "
-                   "Default: the editor's operating point (`mendctl calibrate --max-steps`), "
-                   "else 3.")
+                   "Default: `max_steps` in mendctl.yaml (20, with steps of `step_factor` 0.5 × "
+                   "the editor's), else the editor's operating point, else 3.")
 @click.option("--dry-run", is_flag=True, help="Compute and show, record nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -175,6 +176,8 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
         return _print_json(r)
     head = "dry run (not recorded)" if dry_run else f"entry {r['entry']}"
     steps = f", {r['edit_steps']} step(s)" if r["editor"] in ("mend", "identity") else ""
+    if r.get("step_factor") not in (None, 1.0):
+        steps += f" of α × {r['step_factor']:g}"
     click.echo(f"{head}: {r['editor']} edit of {len(cases)} fact(s) in {r['seconds'] * 1000:.0f} ms{steps}")
     b, a = r["before"], r["after"]
     for i, c in enumerate(cases):
@@ -196,6 +199,10 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
         click.echo(f"  drift guard: a step's ΔW scaled by {g['norm_scale']:.3f} to the limit ‖ΔW‖_F = "
                    f"{g['max_norm']:.3g} (`guard_norm` × the editor's median edit); check the chain "
                    f"with `mendctl audit`")
+    pv = r.get("preserve") or {}
+    if pv.get("rank"):
+        click.echo(f"  preserved keys: update kept off ordinary text's inputs (eigenvalues over "
+                   f"{pv['cut']:g} × the largest, up to {pv['rank']} directions per weight)")
     pr = r.get("protect") or {}
     if pr.get("pairs"):
         click.echo(f"  retention guard: update kept off the keys of {pr['pairs']} earlier edit"
@@ -619,7 +626,7 @@ def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, max_steps, 
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend", show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N cases.")
-@click.option("--max-steps", type=click.IntRange(1, 10), default=None,
+@click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="MEND steps per edit (1: the paper's protocol; see `edit --max-steps`). "
                    "Default: the editor's operating point, else 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -107,12 +107,27 @@ guard_norm: 3.0
 # is now), so it cannot overwrite what they wrote. false edits without it.
 protect_edits: true
 
+# MEND edits in small steps: each step is the editor's operating-point α times `step_factor`,
+# repeated until the fact holds, up to `max_steps` steps (null: the operating point's own
+# number; `mendctl edit --max-steps` overrides). Smaller steps overshoot less: in chains of
+# edits more facts land and hold and more unrelated answers stay (README, sequential edits).
+step_factor: 0.5
+max_steps: 20
+
+# Preserved keys for MEND edits: each update is also projected off the directions in which
+# ordinary text's inputs to the edited layers have eigenvalues above this fraction of the
+# largest (train-split prompts and generic text, computed once per workspace). null: off.
+preserve_keys: 0.01
+
 # Chain health after every edit: top-1 agreement with the base model on the standard audit set
 # and the edited weights' drift from the base, shown by `mendctl edit` and recorded with the
 # entry, with a warning under the audit's locality threshold. One forward pass per edit (the
 # base's answers are cached in .mendctl/health). false skips it.
 health_check: true
 """
+
+
+MAX_STEPS = 50  # MEND steps one edit may take
 
 
 @dataclass
@@ -136,6 +151,9 @@ class Config:
     guard_norm: float | None = 3.0
     protect_edits: bool = True
     health_check: bool = True
+    step_factor: float = 0.5
+    max_steps: int | None = 20
+    preserve_keys: float | None = 0.01
 
     def validate(self, where: str = CONFIG_FILE) -> None:
         def bad(key, msg):
@@ -173,6 +191,13 @@ class Config:
             bad("lock_timeout", "must be ≥ 0")
         if self.guard_norm is not None and not self.guard_norm > 0:
             bad("guard_norm", f"is {self.guard_norm!r}; use a number > 0 (e.g. 3), or null for no guard")
+        if not self.step_factor > 0:
+            bad("step_factor", f"is {self.step_factor!r}; use a number > 0 (1 keeps the editor's steps)")
+        if self.max_steps is not None and not 1 <= self.max_steps <= MAX_STEPS:
+            bad("max_steps", f"is {self.max_steps!r}; use 1 to {MAX_STEPS}, or null for the editor's own")
+        if self.preserve_keys is not None and not 0 < self.preserve_keys < 1:
+            bad("preserve_keys", f"is {self.preserve_keys!r}; use a fraction between 0 and 1 "
+                                 f"(e.g. 0.01), or null to turn it off")
         problem = chain_problem(self.chain)
         if problem:
             bad("chain", problem)
@@ -183,6 +208,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "edit_weights": (list, str), "prompt_format": (str,), "device": (str,), "dtype": (str,),
     "ledger": (str, type(None)), "chain": (str,), "store": (str,), "lock_timeout": (int, float), "seed": (int,),
     "guard_norm": (int, float, type(None)), "protect_edits": (bool,), "health_check": (bool,),
+    "step_factor": (int, float), "max_steps": (int, type(None)), "preserve_keys": (int, float, type(None)),
     "device_map": (str, dict, type(None)), "max_memory": (dict, type(None)),
     "offload_folder": (str, type(None)), "editor_device": (str, type(None)),
 }
@@ -207,7 +233,7 @@ def parse(data: Any, where: str) -> Config:
         values["edit_weights"] = [values["edit_weights"]]
     if "edit_weights" in values and not all(isinstance(x, str) for x in values["edit_weights"]):
         raise ConfigError(f"{where}: `edit_weights` must be a list of strings")
-    for key in ("lock_timeout", "guard_norm"):
+    for key in ("lock_timeout", "guard_norm", "step_factor", "preserve_keys"):
         if values.get(key) is not None:
             values[key] = float(values[key])
     cfg = Config(**values)

@@ -30,8 +30,9 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     lm = ws.lm
     model, tok, fmt = lm.model, lm.tokenizer, ws.fmt
     head = ws.head()
-    ws.use_state(head)
     ed = ws.editor(editor)
+    preserve = ws.preserved(ed)  # as `mendctl edit` edits (computing it loads the base state)
+    ws.use_state(head)
     if max_steps is None:  # the editor's operating point, else the paper's single step
         max_steps = ws.max_steps_for(editor, 1)
     texts = generic_text_samples(ppl_passages) if ppl_passages else []
@@ -43,7 +44,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         loc = [p for c in batch for p in c.locality]
         ref = locality_reference(model, tok, loc, fmt) if loc else None
         t0 = time.perf_counter()
-        delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)))
+        delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
+                          preserve=preserve)
         seconds = time.perf_counter() - t0
         with applied(model, delta):
             es = target_scores(model, tok, [c.input for c in batch], [c.target for c in batch], fmt)[0]

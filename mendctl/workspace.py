@@ -13,6 +13,7 @@ orphan file, which `verify` reports and `gc` removes).
 """
 from __future__ import annotations
 
+import copy
 import getpass
 import json
 import math
@@ -38,6 +39,7 @@ from .editors.metrics import (generate, locality_reference, locality_scores, tar
 from .editors.weights import read_weights, select_weights, write_weights
 from .errors import EditorError, InputError, LedgerError, StoreError, WorkspaceError
 from .health import base_reference, chain_health
+from .preserve import workspace_basis
 from .ledger import Entry, Ledger, sqlite_url
 from .locking import WorkspaceLock
 from .models import ALIASES, LoadedModel, load_model
@@ -74,6 +76,7 @@ class Workspace:
         self._base_hash: str | None = None
         self._loaded_state: str | None = None
         self._editors: dict[str, object] = {}
+        self._preserved: dict[float, dict] = {}
 
     # -- finding and creating ---------------------------------------------------------------
     @staticmethod
@@ -186,9 +189,24 @@ class Workspace:
         p = Path(self.config.editor).expanduser()
         return p if p.is_absolute() else self.root / p
 
-    def editor(self, name: str = "mend"):
+    def editor(self, name: str = "mend", step_factor: float | None = None):
+        """The editor `name`; a MEND editor's α is scaled by `step_factor` (default: the
+        config's), and it keeps the factor in `.step_factor` for the ledger."""
         if name not in EDITORS:
             raise InputError(f"unknown editor {name!r}; choose one of {', '.join(EDITORS)}")
+        if name == "mend":
+            factor = float(self.config.step_factor if step_factor is None else step_factor)
+            key = f"mend@{factor!r}"
+            if key not in self._editors:
+                ed = copy.deepcopy(self._load_editor("mend"))
+                if factor != 1.0:
+                    ed.rescale(factor)
+                ed.step_factor = factor
+                self._editors[key] = ed
+            return self._editors[key]
+        return self._load_editor(name)
+
+    def _load_editor(self, name: str):
         if name in self._editors:
             return self._editors[name]
         lm = self.lm
@@ -223,8 +241,20 @@ class Workspace:
         that many steps at most), else `fallback`. Other editors: `fallback` (ignored)."""
         if editor != "mend":
             return fallback
+        if self.config.max_steps is not None:
+            return int(self.config.max_steps)
         op = (self.editor("mend").info or {}).get("operating_point") or {}
         return int(op.get("max_steps") or fallback)
+
+    def preserved(self, ed, cut: float | None = "config") -> dict | None:
+        """The preserved-key basis a MEND edit is kept off (`preserve_keys`; preserve.py), or
+        None when it is off or the editor is not MEND. Computing it loads the base state."""
+        cut = self.config.preserve_keys if cut == "config" else cut
+        if cut is None or not isinstance(ed, MendEditor):
+            return None
+        if cut not in self._preserved:
+            self._preserved[cut] = workspace_basis(self, cut)
+        return self._preserved[cut]
 
     def guard_limit(self, ed, n_cases: int = 1) -> float | None:
         """The drift guard's limit on one MEND edit step's total ‖ΔW‖_F: `guard_norm` times the
@@ -357,6 +387,7 @@ class Workspace:
         head = self.head()
         # the base's audit-set answers (cached; computing them loads the base state first)
         health_ref = base_reference(self) if self.config.health_check else None
+        preserve = self.preserved(ed)  # cached; computing it loads the base state too
         w_head = self.use_state(head)
         before = self._probe(cases)
         if health_ref is not None:
@@ -366,7 +397,8 @@ class Workspace:
         t0 = time.perf_counter()
         max_norm = self.guard_limit(ed, len(cases))
         protect = self._protected(list(head.active_ids) if head else [], ed)
-        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm, protect)
+        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm, protect,
+                          preserve)
         seconds = time.perf_counter() - t0
         if not delta.is_finite():
             raise EditorError("the editor produced non-finite values (NaN or inf); nothing was "
@@ -398,6 +430,9 @@ class Workspace:
                       if "norm_scale" in delta.meta else None},
             "protect": {"on": protect is not None, "pairs": len(protect or []),
                         "rank": int(delta.meta["protected_rank"]) if "protected_rank" in delta.meta else None},
+            "step_factor": getattr(ed, "step_factor", None),
+            "preserve": {"cut": self.config.preserve_keys if preserve is not None else None,
+                         "rank": max(b.shape[1] for b in preserve.values()) if preserve else None},
         }
         if dry_run:
             return report
@@ -427,6 +462,8 @@ class Workspace:
                            "protect": protect is not None, "protected_pairs": len(protect or []),
                            "protected_rank": report["protect"]["rank"],
                            "health": after.get("health"),
+                           "step_factor": report["step_factor"],
+                           "preserve_keys": report["preserve"]["cut"],
                            "edit_steps": int(delta.meta.get("edit_steps", 1))},
                 )
                 entry.active_ids = list(entry.active_ids) + [entry.id]
@@ -526,7 +563,12 @@ class Workspace:
         for i in self._expand_squashes(ids):
             old = self.ledger.get(i)
             name = editor or (old.editor_name if old.editor_name in EDITORS else "mend")
-            ed = self.editor(name)
+            notes = old.notes or {}
+            # the step size and preserved keys as recorded (entries from before these settings
+            # existed were made at the editor's own α, without preserved keys)
+            ed = self.editor(name, step_factor=notes.get("step_factor") or 1.0) if name == "mend" \
+                else self.editor(name)
+            preserve = self.preserved(ed, notes.get("preserve_keys"))
             self._set_weights(w, state_hash(w))
             cases = old.cases()
             steps = int((old.notes or {}).get("max_steps", 1))
@@ -536,13 +578,15 @@ class Workspace:
             # likewise the retention guard: on if it was on, over the edits active now
             protect = list(done) if (old.notes or {}).get("protect") and isinstance(ed, MendEditor) else None
             delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt, steps, max_norm,
-                              protect)
+                              protect, preserve)
             done += [(c.input, c.target) for c in cases]
             delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
             w = apply_deltas(w, [delta])
             out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
                         "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps,
-                        "max_norm": max_norm, "protect": protect is not None})
+                        "max_norm": max_norm, "protect": protect is not None,
+                        "step_factor": getattr(ed, "step_factor", None),
+                        "preserve_keys": notes.get("preserve_keys") if preserve is not None else None})
         self._loaded_state = None
         return out
 
@@ -573,7 +617,8 @@ class Workspace:
                     delta_path=staged.rel_path, delta_size=staged.size,
                     delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
                     notes={"replay_of": old.id, "max_steps": r["max_steps"],
-                           "max_norm": r["max_norm"], "protect": r["protect"], **notes})
+                           "max_norm": r["max_norm"], "protect": r["protect"],
+                           "step_factor": r["step_factor"], "preserve_keys": r["preserve_keys"], **notes})
                 active = active + [e.id]
                 e.active_ids = active
                 s.flush()
@@ -726,12 +771,13 @@ class Workspace:
 
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
-              max_norm: float | None = None, protect: list[tuple[str, str]] | None = None):
+              max_norm: float | None = None, protect: list[tuple[str, str]] | None = None,
+              preserve: dict | None = None):
     """One editor call with the request's locality prompts; MEND also takes max_steps, the
-    drift guard's max_norm and the retention guard's protected pairs."""
+    drift guard's max_norm, the retention guard's protected pairs and the preserved keys."""
     loc = [p for c in cases for p in c.locality]
-    kwargs = ({"max_steps": max_steps, "max_norm": max_norm, "protect": protect}
-              if isinstance(ed, MendEditor) else {})
+    kwargs = ({"max_steps": max_steps, "max_norm": max_norm, "protect": protect,
+               "preserve": preserve} if isinstance(ed, MendEditor) else {})
     return ed.edit(model, tokenizer, [c.input for c in cases], [c.target for c in cases], fmt,
                    locality=loc or None, **kwargs)
 

@@ -540,6 +540,42 @@ def test_protect_edits_must_be_true_or_false(fresh_ws):
     assert r.returncode != 0 and "protect_edits" in r.stderr and "bool" in r.stderr
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("step_factor", 0, "number > 0"), ("max_steps", 0, "1 to 50"), ("max_steps", 51, "1 to 50"),
+    ("max_steps", 2.5, "int"), ("preserve_keys", 1.5, "between 0 and 1"),
+    ("preserve_keys", "yes", "float"),
+])
+def test_step_and_preserve_settings_are_checked(fresh_ws, key, value, words):
+    fresh_ws.write_config(**{key: value})
+    r = fresh_ws.run("log")
+    assert r.returncode != 0 and key in r.stderr and words in r.stderr, r.stderr
+
+
+def test_small_steps_and_preserved_keys_are_recorded_and_replayed(tiny_assets, tmp_path):
+    """By default MEND edits take steps of `step_factor` × the editor's α, kept off the
+    preserved-key subspace (computed once per workspace, cached); both are reported and
+    recorded, replay re-runs every edit as recorded even after the settings changed, and
+    `preserve_keys: null` / `step_factor: 1` turn them off."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache)
+    r1 = ws.ok("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], "--json").json()
+    assert r1["step_factor"] == 0.5 and r1["preserve"]["cut"] == 0.01 and r1["preserve"]["rank"] >= 1
+    assert len(list((ws.root / ".mendctl" / "preserve").glob("*.safetensors"))) == 1
+    human = ws.ok("edit", "--input", CHAIN[1][0], "--target", CHAIN[1][1])
+    assert "of α × 0.5" in human.stdout and "preserved keys: update kept off" in human.stdout
+    notes = ws.ok("show", "2", "--json").json()["notes"]
+    assert notes["step_factor"] == 0.5 and notes["preserve_keys"] == 0.01 and notes["max_steps"] == 20
+    ws.write_config(step_factor=1, preserve_keys=None)
+    r3 = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1], "--json").json()
+    assert r3["step_factor"] == 1.0 and r3["preserve"] == {"cut": None, "rank": None}
+    r = ws.run("replay", "--verify")
+    assert r.returncode == 0 and "3/3 states rebuilt" in r.stdout, str(r)
+    r = ws.ok("revert", "1", "--replay", "--json").json()
+    replayed = [ws.ok("show", str(i), "--json").json()["notes"] for i in r["entries"][1:]]
+    assert [(n["step_factor"], n["preserve_keys"]) for n in replayed] == [(0.5, 0.01), (1.0, None)]
+
+
 def test_guard_norm_must_be_positive(fresh_ws):
     fresh_ws.write_config(guard_norm=0)
     r = fresh_ws.run("log")
@@ -598,6 +634,9 @@ def test_calibrate_chooses_the_operating_point_on_validation(tiny_assets, tmp_pa
     assert doc["operating_point"]["max_steps"] == 3
     ws.write_config(editor=str(ed_dir))
     ev = ws.ok("eval", "--data", val, "--json", timeout=600).json()["summary"]
-    assert ev["max_steps"] == 3  # the editor's operating point, not the paper's single step
+    assert ev["max_steps"] == 20  # mendctl.yaml's max_steps comes first
+    ws.write_config(editor=str(ed_dir), max_steps=None)
+    ev = ws.ok("eval", "--data", val, "--json", timeout=600).json()["summary"]
+    assert ev["max_steps"] == 3  # then the editor's operating point, not the paper's single step
     assert ws.ok("eval", "--data", val, "--json", "--max-steps", "1",
                  timeout=600).json()["summary"]["max_steps"] == 1

@@ -564,3 +564,36 @@ def test_key_basis_is_orthonormal_and_capped(tiny_llama, tiny_tokenizer):
 
 
 SUBJECTS_FOR_BASIS = [f"s{i}" for i in range(12)]
+
+
+def test_preserved_keys_are_the_leading_eigenvectors_and_edits_stay_off_them(tiny_llama, tiny_tokenizer):
+    """preserved_basis: orthonormal, the leading eigenvectors of the texts' key second moment
+    down to the cut (a smaller cut keeps more), capped; an edit with `preserve` has ΔW Q = 0
+    for every preserved direction Q (alone and united with the retention guard's keys)."""
+    from mendctl.editors.mend.protect import key_inputs, preserved_basis, union
+    from mendctl.editors.text import encode_prompts
+    specs = select_weights(tiny_llama, ["auto"])
+    texts = [fact_prompt(s) for s in SUBJECTS_FOR_BASIS]
+    wide = preserved_basis(tiny_llama, tiny_tokenizer, specs, texts, cut=1e-3, chunk=5)
+    narrow = preserved_basis(tiny_llama, tiny_tokenizer, specs, texts, cut=1e-1)
+    keys = key_inputs(tiny_llama, specs, encode_prompts(tiny_tokenizer, texts))
+    for s in specs:
+        q = wide[s.name]
+        assert 1 <= narrow[s.name].shape[1] <= q.shape[1] <= int(0.5 * s.in_features)
+        assert torch.allclose(q.T @ q, torch.eye(q.shape[1]), atol=1e-4)
+        x = torch.cat(keys[s.name]).double()
+        ev, vec = torch.linalg.eigh(x.T @ x)
+        top = vec[:, -1].float()  # the leading eigenvector lies in the basis
+        assert float((q.T @ top).norm()) > 0.999
+        both = union(q, narrow[s.name])
+        assert both.shape[1] == q.shape[1]  # narrow ⊂ wide: nothing new
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e-2))
+    first = (fact_prompt("s3"), "c7")
+    d = editor.edit(tiny_llama, tiny_tokenizer, [fact_prompt("s5")], ["c2"], preserve=narrow,
+                    protect=[first])
+    assert "protected_rank" in d.meta
+    for s in specs:
+        layer = d.layers[s.name]
+        w = layer.to_dense()
+        w = w.T if layer.transposed else w  # (out, in)
+        assert float((w @ narrow[s.name]).norm()) < 1e-5 * float(w.norm()), s.name

@@ -24,7 +24,7 @@ from ..metrics import edit_success, locality_reference, locality_scores
 from ..weights import WeightSpec, applied, input_device
 from .capture import capture_edit_gradients
 from .network import GradientTransform
-from .protect import key_basis, project_off
+from .protect import key_basis, project_off, union
 
 FORMAT = "mendctl.editor"
 FORMAT_VERSION = 1
@@ -107,7 +107,7 @@ class MendEditor(nn.Module):
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
              fmt: str = "raw", locality: list[str] | None = None, max_steps: int = 1,
              max_norm: float | None = None, protect: list[tuple[str, str]] | None = None,
-             protect_energy: float = PROTECT_ENERGY) -> Delta:
+             protect_energy: float = PROTECT_ENERGY, preserve: dict | None = None) -> Delta:
         """Algorithm 2 for one (batched) edit; returns the factors as a Delta. (`locality` is
         part of the common editor interface; MEND does not need it at edit time.)
 
@@ -133,6 +133,8 @@ class MendEditor(nn.Module):
         if protect:
             basis = key_basis(model, tokenizer, self.specs, [p for p, _ in protect],
                               [t for _, t in protect], fmt, energy=protect_energy)
+        if preserve:
+            basis = {s.name: union(basis.get(s.name), preserve.get(s.name)) for s in self.specs}
         delta, first_loss, steps = None, None, 0
         scales: list[float] = []  # the guard's factors, one per scaled step
         for steps in range(1, max_steps + 1):
@@ -282,7 +284,8 @@ class MendEditor(nn.Module):
     def sweep_chain(self, model: nn.Module, tokenizer, cases, chain_length: int, fmt: str = "raw",
                     progress=None, references: dict | None = None,
                     max_norm: float | None = None, max_steps: int = 1,
-                    protect: bool = False, protect_energy: float = PROTECT_ENERGY) -> dict:
+                    protect: bool = False, protect_energy: float = PROTECT_ENERGY,
+                    preserve: dict | None = None) -> dict:
         """Sequential single edits: `cases` in chains of `chain_length`, each edit made on the
         state the chain's earlier edits left (every chain starts from `model`, the base), then
         every edit of the chain re-scored on the chain's last state. Returns the means of
@@ -306,7 +309,7 @@ class MendEditor(nn.Module):
                 with applied(model, delta) if delta is not None else nullcontext():
                     step = self.edit(model, tokenizer, [c.input], [c.target], fmt, max_norm=max_norm,
                                      max_steps=max_steps, protect=done if protect else None,
-                                     protect_energy=protect_energy)
+                                     protect_energy=protect_energy, preserve=preserve)
                 done.append((c.input, c.target))
                 delta = step if delta is None else _stack(delta, step)
                 with applied(model, delta):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..text import encode_pairs
+from ..text import encode_pairs, encode_prompts
 from ..weights import WeightSpec, input_device
 
 
@@ -80,3 +80,37 @@ def project_off(u: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
         return u
     basis = basis.to(u.device, u.dtype)
     return u - (u @ basis) @ basis.T
+
+
+@torch.no_grad()
+def preserved_basis(model: nn.Module, tokenizer, specs: list[WeightSpec], texts: list[str],
+                    cut: float, fmt: str = "raw", chunk: int = 32, max_fraction: float = 0.5,
+                    progress=None) -> dict[str, torch.Tensor]:
+    """{weight name: Q (in_features, r), orthonormal columns, leading first}: the directions
+    in which the keys of `texts` (every token; text the edits should leave alone) have
+    energy above `cut` × the largest eigenvalue of their second-moment matrix (AlphaEdit's
+    preserved-knowledge subspace), at most `max_fraction` × in_features of them."""
+    device = input_device(model)
+    cov = {s.name: torch.zeros(s.in_features, s.in_features, dtype=torch.float64) for s in specs}
+    starts = range(0, len(texts), chunk)
+    for i in (progress(starts) if progress else starts):
+        batch = encode_prompts(tokenizer, texts[i:i + chunk], fmt).to(device)
+        for name, xs in key_inputs(model, specs, batch).items():
+            x = torch.cat(xs).cpu()  # every real token of the chunk: one matmul, in fp32
+            cov[name] += (x.T @ x).double()
+    out = {}
+    for s in specs:
+        ev, vec = torch.linalg.eigh(cov[s.name])
+        keep = ev > cut * ev[-1]
+        q = vec[:, keep].flip(1)[:, : int(max_fraction * s.in_features)]
+        out[s.name] = q.float().contiguous()
+    return out
+
+
+def union(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """An orthonormal basis of span(a) + span(b)."""
+    if a is None or b is None:
+        return a if b is None else b
+    q, r = torch.linalg.qr(torch.cat([a, b], dim=1))
+    keep = r.diagonal().abs() > 1e-6
+    return q[:, keep].contiguous()
