@@ -125,7 +125,10 @@ class MendEditor(nn.Module):
         `protect` is the retention guard: (prompt, target) pairs of earlier edits, whose keys
         on the model as it is now span a subspace every step's ũ is projected off
         (protect.py), so this edit leaves their outputs alone. Meta `protected_rank`: the
-        largest subspace dimension over the weights."""
+        largest subspace dimension over the weights.
+
+        `preserve` ({weight name: orthonormal basis}, protect.preserved_basis) keeps every
+        step's ũ off those directions too (the union with the protected keys' span)."""
         t0 = time.perf_counter()
         device = input_device(model)
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
@@ -133,6 +136,7 @@ class MendEditor(nn.Module):
         if protect:
             basis = key_basis(model, tokenizer, self.specs, [p for p, _ in protect],
                               [t for _, t in protect], fmt, energy=protect_energy)
+        protected_rank = max((b.shape[1] for b in basis.values()), default=None)
         if preserve:
             basis = {s.name: union(basis.get(s.name), preserve.get(s.name)) for s in self.specs}
         delta, first_loss, steps = None, None, 0
@@ -165,8 +169,8 @@ class MendEditor(nn.Module):
         delta.meta["edit_steps"] = str(steps)
         if scales:
             delta.meta["norm_scale"] = f"{min(scales):.6g}"
-        if basis:
-            delta.meta["protected_rank"] = str(max(b.shape[1] for b in basis.values()))
+        if protected_rank is not None:
+            delta.meta["protected_rank"] = str(protected_rank)
         delta.meta["compute_seconds"] = f"{time.perf_counter() - t0:.4f}"
         return delta
 

@@ -7,8 +7,12 @@ off the span of those keys makes ΔW x = 0 for each of them: the new edit cannot
 what the earlier ones wrote, whatever its gradient says (the null-space idea of AlphaEdit,
 Fang et al. 2025, applied to MEND's factors instead of a least-squares solve).
 
-This module owns finding that span (`key_basis`: one forward over the protected pairs on the
-model as it is now, an SVD per edited weight) and applying it (`project_off`). The span is
+The same projection keeps edits off ordinary text (`preserved_basis`: the leading
+eigenvectors of the second moment of many texts' keys, AlphaEdit's preserved-knowledge
+subspace; which text, and its cache, is mendctl/preserve.py's business). `union` joins the two.
+
+This module owns finding those spans (`key_basis`: one forward over the protected pairs on the
+model as it is now, an SVD per edited weight) and applying them (`project_off`). The span is
 summarised, not stored whole: its leading directions up to an energy fraction, and never more
 than a fraction of the input dimension, so a long chain cannot freeze a weight entirely.
 """
