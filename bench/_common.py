@@ -27,13 +27,33 @@ def write_json(path: str | Path, obj) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def temp_workspace(editor_dir: str | None = None, guard_norm: float | None | str = "keep",
-                   protect: bool | None = None) -> Path:
-    """A fresh workspace on the default model in a temporary directory, optionally with another
-    MEND editor (a path relative to the caller's directory, not the workspace's), another
-    `guard_norm` (None: no guard) and another `protect_edits`. Returns its root."""
+def add_settings_arg(ap) -> None:
+    """--set KEY=VALUE (repeatable): a mendctl.yaml setting of the throw-away workspace."""
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a mendctl.yaml setting for the workspace (YAML value, e.g. "
+                         "step_factor=1 max_steps=null preserve_keys=null: the settings before "
+                         "small steps and preserved keys became the default)")
+
+
+def parse_settings(items: list[str]) -> dict:
     import yaml
 
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def temp_workspace(editor_dir: str | None = None, settings: dict | None = None) -> Path:
+    """A fresh workspace on the default model in a temporary directory, optionally with another
+    MEND editor (a path relative to the caller's directory, not the workspace's) and other
+    mendctl.yaml settings (checked as mendctl checks them). Returns its root."""
+    import yaml
+
+    from mendctl.config import parse
     from mendctl.workspace import Workspace
 
     root = Workspace.init(Path(tempfile.mkdtemp()) / "ws")
@@ -41,9 +61,7 @@ def temp_workspace(editor_dir: str | None = None, guard_norm: float | None | str
     cfg = yaml.safe_load(path.read_text())  # a throw-away workspace: its comments can go
     if editor_dir:
         cfg["editor"] = str(Path(editor_dir).resolve())
-    if guard_norm != "keep":
-        cfg["guard_norm"] = guard_norm
-    if protect is not None:
-        cfg["protect_edits"] = protect
+    cfg.update(settings or {})
+    parse(cfg, str(path))
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return root

@@ -2,7 +2,7 @@
 split (unseen subjects, held-out paraphrase templates), single edits and batches, each case a
 fresh edit of the base model. Prints a Markdown table, writes JSON and a bar chart.
 
-Usage: python bench/eval_suite.py [--limit 100] [--configs mend:1,mend:5,...]
+Usage: python bench/eval_suite.py [--limit 100] [--configs mend:1,mend:5,...] [--set KEY=VALUE ...]
        [--out bench/results/eval.json] [--plot docs/eval.png]
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import temp_workspace, write_json  # noqa: E402
+from _common import add_settings_arg, parse_settings, temp_workspace, write_json  # noqa: E402
 
 from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.evaluate import evaluate  # noqa: E402
@@ -38,8 +38,10 @@ def main():
     ap.add_argument("--out", default="bench/results/eval.json")
     ap.add_argument("--plot", default="docs/eval.png")
     ap.add_argument("--editor-dir", default=None, help="a MEND editor other than the shipped one")
+    add_settings_arg(ap)
     a = ap.parse_args()
-    root = temp_workspace(a.editor_dir)
+    settings = parse_settings(a.settings)
+    root = temp_workspace(a.editor_dir, settings)
     ws = Workspace.open(str(root))
     cases = load_split("test")[: a.limit]
     results = {}
@@ -57,7 +59,7 @@ def main():
         results[cfg] = {"summary": r["summary"], "relations": r["relations"]}
         merged = {**prev, **results}
         write_json(a.out, {"cases": len(cases), "split": "test", "results": merged,
-                           "editor": str(ws.editor_dir())})  # after each config: runs can be split
+                           "editor": str(ws.editor_dir()), "settings": settings})  # after each config: runs can be split
     print("| editor | batch | max steps | edit success | paraphrase success | locality | KL | ppl drawdown | ms/edit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cfg, r in merged.items():

@@ -9,6 +9,7 @@ Both protocols of the field, labelled:
 The retention matrix of the longest chain is drawn as the audit report draws it.
 
 Usage: python bench/sequential.py [--lengths 1,10,100] [--editors mend,ft_kl] [--protect on|off]
+       [--max-steps N] [--set KEY=VALUE ...]
        [--out bench/results/sequential.json] [--plot docs/sequential.png] [--report DIR]
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table, temp_workspace, write_json  # noqa: E402
+from _common import add_settings_arg, parse_settings, table, temp_workspace, write_json  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
@@ -36,10 +37,14 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, config_editor: str | None,
-              guard_norm: float | None = None, matrix: bool = True, protect: bool = True):
-    root = temp_workspace(config_editor, guard_norm, protect)
+def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None, config_editor: str | None,
+              guard_norm: float | None = None, matrix: bool = True, protect: bool = True,
+              settings: dict | None = None):
+    root = temp_workspace(config_editor, {"guard_norm": guard_norm, "protect_edits": protect,
+                                          **(settings or {})})
     ws = Workspace.open(str(root))
+    if max_steps is None:  # the workspace's default, as `mendctl edit` takes it
+        max_steps = ws.max_steps_for(editor, 1)
     t0 = time.time()
     for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
         ws.edit([c], editor=editor, max_steps=max_steps, command=f"bench/sequential.py {editor}")
@@ -62,6 +67,8 @@ def run_chain(editor: str, cases, max_steps: int, report_dir: Path | None, confi
         # a calibrated copy keeps its training's `created`: its α factor tells them apart
         "alpha_factor": ((ws.editor(editor).info.get("operating_point") or {})
                          .get("alpha_factor_total", 1.0)) if editor == "mend" else None,
+        "step_factor": ws.config.step_factor if editor == "mend" else None,
+        "preserve_keys": ws.config.preserve_keys if editor == "mend" else None,
         "guard_clipped_edits": sum(1 for e in entries if (e.notes or {}).get("norm_scale") is not None),
         "immediate_edit_success": _mean([m.get("edit_success") for m in imm]),
         "immediate_paraphrase_success": _mean([m.get("paraphrase_success") for m in imm]),
@@ -93,8 +100,9 @@ def _label(r: dict) -> str:
     if r["editor"] != "mend":
         return r["editor"]
     g = r.get("guard_norm")
-    f, k = r.get("alpha_factor") or 1.0, r.get("max_steps", 1)
-    steps = (f", α×{f:g}" if f != 1.0 else "") + (f", ≤{k} steps" if k > 1 else "")
+    f, k = (r.get("alpha_factor") or 1.0) * (r.get("step_factor") or 1.0), r.get("max_steps", 1)
+    steps = (f", α×{f:g}" if f != 1.0 else "") + (f", ≤{k} steps" if k > 1 else "") + \
+        (f", preserved keys {r['preserve_keys']:g}" if r.get("preserve_keys") else "")
     return (f"mend ({r.get('editor_checkpoint') or 'editor'}{steps}, "
             f"{'no guard' if g is None else f'guard {g:g}'}"
             f"{', retention guard' if r.get('protect_edits') else ''})")
@@ -102,7 +110,8 @@ def _label(r: dict) -> str:
 
 def _key(r: dict) -> tuple:
     return (r["editor"], r["T"], r.get("guard_norm"), r.get("editor_checkpoint"),
-            r.get("alpha_factor") or 1.0, r.get("max_steps", 1), bool(r.get("protect_edits")))
+            r.get("alpha_factor") or 1.0, r.get("max_steps", 1), bool(r.get("protect_edits")),
+            r.get("step_factor") or 1.0, r.get("preserve_keys"))
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -139,7 +148,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1,10,100")
     ap.add_argument("--editors", default="mend,ft_kl")
-    ap.add_argument("--max-steps", type=int, default=1, help="MEND steps per edit (1: the paper)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="MEND steps per edit (1: the paper; default: the workspace's, max_steps)")
     ap.add_argument("--offset", type=int, default=0, help="first test case of every chain")
     ap.add_argument("--editor-dir", default=None, help="a MEND editor other than the shipped one")
     ap.add_argument("--out", default="bench/results/sequential.json")
@@ -151,6 +161,7 @@ def main():
                     help="skip the retention matrix of the longest chain (and its series in the plot)")
     ap.add_argument("--protect", choices=["on", "off"], default="on",
                     help="MEND retention guard (mendctl.yaml protect_edits)")
+    add_settings_arg(ap)
     a = ap.parse_args()
     if a.plot_only:
         rows = json.loads(Path(a.out).read_text())["rows"]
@@ -170,7 +181,8 @@ def main():
                 rep = Path(tempfile.mkdtemp()) / "report"  # the series is still wanted for the plot
             guard = None if a.guard_norm == "off" else float(a.guard_norm)
             row = run_chain(editor, test[a.offset:a.offset + T], a.max_steps, rep, a.editor_dir,
-                            guard, matrix=not a.no_matrix, protect=a.protect == "on")
+                            guard, matrix=not a.no_matrix, protect=a.protect == "on",
+                            settings=parse_settings(a.settings))
             rows = [r for r in rows if _key(r) != _key(row)] + [row]
             write_json(a.out, {"split": "test", "offset": a.offset, "rows": rows})
     print_table(rows)

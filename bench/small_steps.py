@@ -46,7 +46,7 @@ def main():
         return
     root = temp_workspace(a.editor_dir)
     ws = Workspace.open(str(root))
-    ed = ws.editor("mend")
+    ed = ws.editor("mend", step_factor=1.0)  # factors relative to the checkpoint's α
     guard = ws.guard_limit(ed, 1)
     if a.as_trained:  # the factors below are then relative to the trained α
         factor = (ed.info.get("operating_point") or {}).get("alpha_factor_total", 1.0)
