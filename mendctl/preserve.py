@@ -12,8 +12,9 @@ The text is fixed and none of it is ever scored: a sample of the bundled train s
 (edit inputs and neighbourhood prompts; their subjects are disjoint from the test split's and
 from the audit set's) and the generic-text passages the audit set does not use. The basis
 depends on the base model, the edited weights, the prompt format and the cut, so it is computed
-once per workspace (about a minute on a CPU for the default model) and cached under the state
-directory.
+once per workspace (50 s on this project's 2-core CPU for the default model) and cached under
+the state directory; the shipped editor's directory carries the default model's basis for the
+default cut and format.
 
 This module owns the text and the cached basis; the projection itself is
 editors/mend/protect.py's.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -47,17 +49,27 @@ def _path(state_dir: Path, base_hash: str, names: list[str], fmt: str, cut: floa
     return Path(state_dir) / "preserve" / f"{hashlib.sha256(doc.encode()).hexdigest()[:24]}.safetensors"
 
 
-def workspace_basis(ws, cut: float) -> dict[str, torch.Tensor]:
-    """{weight name: orthonormal basis} of the preserved keys at eigenvalue `cut`, cached."""
+def workspace_basis(ws, cut: float, progress=None) -> dict[str, torch.Tensor]:
+    """{weight name: orthonormal basis} of the preserved keys at eigenvalue `cut`: from the
+    workspace's cache, else from the editor's directory (the shipped editor carries the
+    default model's, so a first edit does not wait for it), else computed and cached."""
     lm = ws.lm
     texts = preserve_texts()
     path = _path(ws.state_dir, lm.base_hash, [s.name for s in ws.specs], ws.fmt, cut, texts)
-    try:
-        return load_file(str(path))
-    except Exception:  # missing or damaged: computed below
-        pass
+    shipped = ws.editor_dir() / "preserve" / path.name
+    for candidate in (path, shipped):
+        try:
+            return load_file(str(candidate))
+        except Exception:  # missing or damaged: the next, or computed below
+            pass
+    if progress is None:
+        from tqdm import tqdm
+
+        progress = lambda xs: tqdm(xs, desc="preserved keys (once per workspace)",  # noqa: E731
+                                   file=sys.stderr, leave=False)
     ws.use_state(None)  # the base model's keys
-    basis = preserved_basis(lm.model, lm.tokenizer, ws.specs, texts, cut, fmt=ws.fmt)
+    basis = preserved_basis(lm.model, lm.tokenizer, ws.specs, texts, cut, fmt=ws.fmt,
+                            progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({n: b.contiguous() for n, b in basis.items()}, str(tmp))
