@@ -1,5 +1,5 @@
-"""Chain health of MEND editors, compared in one run: the test split's cases in chains of L
-single one-step edits (each made on the state the chain's earlier edits left, every chain from
+"""Chain health of MEND editors, compared in one run: a split's cases in chains of L
+single edits (each made on the state the chain's earlier edits left, every chain from
 the base model), every edit re-scored on its chain's last state (`MendEditor.sweep_chain`, the
 trainer's chain validation). Cheaper than bench/sequential.py (no workspace, no audit) and
 averaged over several chains, so it compares editors; sequential.py measures what a user's
@@ -7,9 +7,13 @@ workspace records.
 
 With `--protect both` every editor runs twice, without and with the retention guard (each
 edit's ũ projected off the keys of the chain's earlier edits, editors/mend/protect.py).
+Lists of step budgets, α factors (relative to the checkpoint's α) and preserved-key cuts
+(mendctl/preserve.py's text; 0: off) run every combination, so a setting can be chosen on the
+validation split (`--split val`) and then measured on the test split.
 
-Usage: python bench/chains.py NAME=EDITOR_DIR [NAME=EDITOR_DIR ...] [--length 10] [--limit 60]
-       [--max-steps 1[,5,...]] [--alpha-factors 1[,0.5,...]] [--protect off|on|both] [--guard-norm 3|off] [--out bench/results/chains.json]
+Usage: python bench/chains.py NAME=EDITOR_DIR [NAME=EDITOR_DIR ...] [--split test|val] [--length 10]
+       [--limit 60] [--max-steps 1[,5,...]] [--alpha-factors 1[,0.5,...]] [--preserve 0[,1e-2,...]]
+       [--protect off|on|both] [--guard-norm 3|off] [--out bench/results/chains.json]
 """
 from __future__ import annotations
 
