@@ -24,6 +24,9 @@ import torch
 FORMAT = "mendctl.delta"
 FORMAT_VERSION = 1
 _SEP = "::"
+#: singular values of a low-rank ΔW below this fraction of the largest are float rounding
+#: (fp32 keeps about 7 significant digits), so `compacted` may drop them
+COMPACT_RTOL = 1e-7
 
 
 @dataclass
@@ -81,6 +84,26 @@ class LayerDelta:
         ts = [self.dense] if not self.is_lowrank else [self.u, self.d, self.alpha]
         return all(bool(torch.isfinite(t).all()) for t in ts)
 
+    def compacted(self, rtol: float = COMPACT_RTOL) -> "LayerDelta":
+        """The same ΔW from fewer factor rows, when dᵀu has fewer than its rows' worth of
+        singular values above `rtol` × the largest (computed in float64: QR of both factors,
+        an SVD of the small core). A multi-step edit stacks one row per token per step, but
+        its steps write along nearly the same directions, so most of those rows are
+        redundant. What is dropped is below `rtol` of the largest direction, i.e. float
+        rounding at the default; the stored factors then define the state, as always."""
+        if not self.is_lowrank or self.u.shape[0] <= 1:
+            return self
+        u, d = self.u.detach().double().cpu(), self.d.detach().double().cpu()
+        qu, ru = torch.linalg.qr(u.T)  # (in, n), (n, n)
+        qd, rd = torch.linalg.qr(d.T)  # (out, n), (n, n)
+        a, sv, bh = torch.linalg.svd(rd @ ru.T)  # dᵀu = qd (rd ruᵀ) quᵀ
+        k = max(1, int((sv > sv[0] * rtol).sum())) if float(sv[0]) > 0 else 1
+        if k >= u.shape[0]:
+            return self
+        return LayerDelta(self.name, self.shape, u=(bh[:k] @ qu.T).float().contiguous(),
+                          d=((qd @ a[:, :k]) * sv[:k]).T.float().contiguous(),
+                          alpha=self.alpha, transposed=self.transposed)
+
 
 @dataclass
 class Delta:
@@ -100,6 +123,13 @@ class Delta:
 
     def nbytes(self) -> int:
         return sum(l.nbytes() for l in self.layers.values())
+
+    def compacted(self, rtol: float = COMPACT_RTOL) -> "Delta":
+        """Every layer `LayerDelta.compacted`; meta `factor_rows`: rows before → after."""
+        layers = {n: l.compacted(rtol) for n, l in self.layers.items()}
+        before = sum(l.rank for l in self.layers.values())
+        after = sum(l.rank for l in layers.values())
+        return Delta(layers, {**self.meta, "factor_rows": f"{before}->{after}"})
 
     def dense_nbytes(self) -> int:
         """Bytes the same change would take as dense fp32 matrices."""

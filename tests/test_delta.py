@@ -64,6 +64,32 @@ def test_rank_and_sizes():
         LayerDelta("w", (3, 3), u=torch.zeros(1, 3), d=torch.zeros(1, 3))  # no alpha, no dense
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_compacted_keeps_delta_w_with_fewer_rows(transposed):
+    """Steps that repeat directions (here: 4 steps over the same 3 directions plus noise far
+    below float precision) compact to the directions' rank; ΔW is kept to float rounding; a
+    factor pair already of full row rank, a dense delta and a one-row delta are returned as is."""
+    g = torch.Generator().manual_seed(0)
+    u0, d0 = torch.randn(3, 40, generator=g), torch.randn(3, 24, generator=g)
+    mix = torch.randn(12, 3, generator=g)
+    u = mix @ u0 + 1e-12 * torch.randn(12, 40, generator=g)
+    d = torch.randn(12, 3, generator=g) @ d0
+    shape = (40, 24) if transposed else (24, 40)
+    layer = LayerDelta("w", shape, u=u, d=d, alpha=0.3, transposed=transposed)
+    c = layer.compacted()
+    assert c.rank == 3 and c.transposed == transposed and c.shape == layer.shape
+    ref = layer.to_dense().double()
+    assert float((c.to_dense().double() - ref).norm() / ref.norm()) < 1e-6
+    full = LayerDelta("w", (24, 40), u=u0, d=d0, alpha=0.3)
+    assert full.compacted() is full
+    one = LayerDelta("w", (24, 40), u=u0[:1], d=d0[:1], alpha=0.3)
+    assert one.compacted() is one
+    dense = LayerDelta("w", (24, 40), dense=torch.ones(24, 40))
+    assert dense.compacted() is dense
+    delta = Delta({"w": layer}, {"editor": "x"}).compacted()
+    assert delta.meta == {"editor": "x", "factor_rows": "12->3"} and delta.nbytes() < layer.nbytes()
+
+
 def test_float_alpha_is_converted_to_tensor():
     g = _gen(1)
     ld = LayerDelta("w", (3, 2), u=torch.randn(1, 2, generator=g), d=torch.randn(1, 3, generator=g),

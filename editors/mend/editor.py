@@ -165,6 +165,8 @@ class MendEditor(nn.Module):
                         layer.d.mul_(scale)  # ΔW = −α Σ δ̃ ũᵀ is linear in δ̃
                     scales.append(scale)
             delta = step if delta is None else _stack(delta, step)
+        if steps > 1:  # the steps' rows mostly repeat one another's directions
+            delta = delta.compacted()
         delta.meta["edit_loss_before"] = f"{first_loss:.6g}"
         delta.meta["edit_steps"] = str(steps)
         if scales:
