@@ -39,10 +39,10 @@ from .editors.metrics import (generate, locality_reference, locality_scores, tar
 from .editors.weights import read_weights, select_weights, write_weights
 from .errors import EditorError, InputError, LedgerError, StoreError, WorkspaceError
 from .health import base_reference, chain_health
-from .preserve import workspace_basis
 from .ledger import Entry, Ledger, sqlite_url
 from .locking import WorkspaceLock
 from .models import ALIASES, LoadedModel, load_model
+from .preserve import workspace_basis
 from .store import DeltaStore
 
 ENV_WORKSPACE = "MENDCTL_WORKSPACE"
@@ -564,11 +564,14 @@ class Workspace:
             old = self.ledger.get(i)
             name = editor or (old.editor_name if old.editor_name in EDITORS else "mend")
             notes = old.notes or {}
-            # the step size and preserved keys as recorded (entries from before these settings
-            # existed were made at the editor's own α, without preserved keys)
-            ed = self.editor(name, step_factor=notes.get("step_factor") or 1.0) if name == "mend" \
-                else self.editor(name)
-            preserve = self.preserved(ed, notes.get("preserve_keys"))
+            # a MEND edit re-runs with its recorded step size and preserved keys (entries from
+            # before these settings existed were made at the editor's own α, without preserved
+            # keys); another editor's edit re-run by MEND takes the configured ones
+            by_mend = old.editor_name == "mend"
+            ed = self.editor(name, step_factor=(notes.get("step_factor") or 1.0) if by_mend else None) \
+                if name == "mend" else self.editor(name)
+            cut = notes.get("preserve_keys") if by_mend else self.config.preserve_keys
+            preserve = self.preserved(ed, cut)
             self._set_weights(w, state_hash(w))
             cases = old.cases()
             steps = int((old.notes or {}).get("max_steps", 1))
@@ -586,7 +589,7 @@ class Workspace:
                         "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps,
                         "max_norm": max_norm, "protect": protect is not None,
                         "step_factor": getattr(ed, "step_factor", None),
-                        "preserve_keys": notes.get("preserve_keys") if preserve is not None else None})
+                        "preserve_keys": cut if preserve is not None else None})
         self._loaded_state = None
         return out
 
