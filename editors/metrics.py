@@ -88,6 +88,12 @@ def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: i
     return LocalityRef(batch, pos, lp.cpu(), lp.argmax(-1).cpu(), owner)
 
 
+def _per_prompt(values: torch.Tensor, owner: torch.Tensor) -> list[float]:
+    """Means of `values` (one per counted position) grouped by the prompt owning each."""
+    n = int(owner.max()) + 1 if len(owner) else 0
+    return [float(values[owner == i].mean()) for i in range(n)]
+
+
 @torch.no_grad()
 def locality_scores(model, ref: LocalityRef) -> tuple[list[float], list[float]]:
     """Per prompt: top-1 agreement with the base, and mean KL(base ‖ model)."""
@@ -95,13 +101,7 @@ def locality_scores(model, ref: LocalityRef) -> tuple[list[float], list[float]]:
     lp = torch.log_softmax(logits[ref.positions.to(logits.device)], -1).cpu()
     agree = (lp.argmax(-1) == ref.base_top1).float()
     kl = (ref.base_logp.exp() * (ref.base_logp - lp)).sum(-1)
-    n = int(ref.owner.max()) + 1 if len(ref.owner) else 0
-    ag, kls = [], []
-    for i in range(n):
-        m = ref.owner == i
-        ag.append(float(agree[m].mean()))
-        kls.append(float(kl[m].mean()))
-    return ag, kls
+    return _per_prompt(agree, ref.owner), _per_prompt(kl, ref.owner)
 
 
 @torch.no_grad()
@@ -110,8 +110,7 @@ def top1_agreement(model, ref: LocalityRef) -> list[float]:
     so a reference without log-probs will do)."""
     logits = _logits(model, ref.batch)
     agree = (logits[ref.positions.to(logits.device)].argmax(-1).cpu() == ref.base_top1).float()
-    n = int(ref.owner.max()) + 1 if len(ref.owner) else 0
-    return [float(agree[ref.owner == i].mean()) for i in range(n)]
+    return _per_prompt(agree, ref.owner)
 
 
 @torch.no_grad()

@@ -30,18 +30,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .audit import AUDIT_GENERIC
 from .editors.data import generic_text_samples, load_split
 from .editors.mend.protect import preserved_basis
 
 PRESERVE_PROMPTS = 1000  # train-split prompts in the preserved text
-AUDIT_GENERIC_SKIP = 4  # generic passages the audit set uses (audit.AUDIT_GENERIC): never preserved
 
 
 def preserve_texts(n: int = PRESERVE_PROMPTS, seed: int = 0) -> list[str]:
     """The preserved text (see the module docstring), in a fixed order."""
     prompts = sorted({p for c in load_split("train") for p in [c.input, *c.locality]})
     random.Random(seed).shuffle(prompts)
-    return prompts[:n] + generic_text_samples()[AUDIT_GENERIC_SKIP:]
+    return prompts[:n] + generic_text_samples()[AUDIT_GENERIC:]  # the audit's own: never preserved
 
 
 def _path(state_dir: Path, base_hash: str, names: list[str], fmt: str, cut: float, texts: list[str]) -> Path:
