@@ -107,7 +107,8 @@ class MendEditor(nn.Module):
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
              fmt: str = "raw", locality: list[str] | None = None, max_steps: int = 1,
              max_norm: float | None = None, protect: list[tuple[str, str]] | None = None,
-             protect_energy: float = PROTECT_ENERGY, preserve: dict | None = None) -> Delta:
+             protect_energy: float = PROTECT_ENERGY, preserve: dict | None = None,
+             apply=None) -> Delta:
         """Algorithm 2 for one (batched) edit; returns the factors as a Delta. (`locality` is
         part of the common editor interface; MEND does not need it at edit time.)
 
@@ -128,8 +129,14 @@ class MendEditor(nn.Module):
         largest subspace dimension over the weights.
 
         `preserve` ({weight name: orthonormal basis}, protect.preserved_basis) keeps every
-        step's ũ off those directions too (the union with the protected keys' span)."""
+        step's ũ off those directions too (the union with the protected keys' span).
+
+        `apply(delta)` is the context in which the steps so far act on the model for the next
+        step (default: added to the weights, `applied`); routed edits (editors/route.py) pass
+        one that gates them as they will be gated in use, so the steps go on until the edit
+        holds there."""
         t0 = time.perf_counter()
+        apply = apply or (lambda d: applied(model, d))
         device = input_device(model)
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)
         basis = {}
@@ -142,7 +149,7 @@ class MendEditor(nn.Module):
         delta, first_loss, steps = None, None, 0
         scales: list[float] = []  # the guard's factors, one per scaled step
         for steps in range(1, max_steps + 1):
-            ctx = applied(model, delta) if delta is not None else nullcontext()
+            ctx = apply(delta) if delta is not None else nullcontext()
             with ctx:
                 # from the second step on, the capture's forward also tells whether the steps
                 # so far already make the edit hold (no separate success check)

@@ -1,0 +1,172 @@
+"""Routed MEND edits in chains (mendctl/editors/route.py): each edit's ΔW gated on whether the
+sequence mentions the edit's subject, against the same chains edited as plain weights.
+
+Chains of L distinct edits of a split (every chain from the base model); each edit is made on
+the chain's routed state so far (up to `--max-steps` steps, α × `--alpha-factor` of the
+checkpoint's), then scored as bench/chains.py scores: immediate edit success (right after it),
+and on the chain's last state every edit's success, its paraphrases' success and its own
+locality prompts against the base (first 2 prompts, answer + 1 greedy token), plus the standard
+audit set's top-1 agreement with the base (audit.standard_audit_set: held-out neighbourhood
+prompts and generic text). The gate space comes from the train split's prompts, never edited.
+Gate layer, key cut and τ are lists: every combination runs on the same edits (routing does
+not change how an edit is made, only where it acts), so they can be chosen on `--split val`.
+
+Usage: python bench/routed.py [--split val|test] [--length 100] [--limit 100]
+       [--layers 3] [--distinct 0.8] [--tau 0.6,0.7] [--alpha-factor 1] [--max-steps 3]
+       [--plain] [--out bench/results/routed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, write_json  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mendctl.audit import standard_audit_set  # noqa: E402
+from mendctl.editors.data import load_split  # noqa: E402
+from mendctl.editors.mend.editor import MendEditor, _stack  # noqa: E402
+from mendctl.editors.metrics import (edit_success, locality_reference, locality_scores,  # noqa: E402
+                                     top1_agreement)
+from mendctl.editors.route import RoutedEdit, gate_keys, gate_space, gates, hidden_at, routed  # noqa: E402
+from mendctl.editors.weights import applied, select_weights  # noqa: E402
+from mendctl.models import load_model  # noqa: E402
+
+EDITOR = Path(__file__).resolve().parents[1] / "editors" / "checkpoints" / "smollm2-135m"
+
+
+def floats(s):
+    return [float(x) for x in s.split(",")]
+
+
+def score(model, tok, chain, refs, audit_ref, subjects, ctx, fmt):
+    """Last-state figures of one chain under `ctx` (the routed or weight-applied state).
+    `locality_unnamed`: locality on the prompts that name no other subject edited in the chain
+    (a neighbour prompt about another edited subject may rightly change)."""
+    r = {"edit_success": [], "paraphrase_success": [], "locality": [], "locality_unnamed": []}
+    with ctx():
+        for c in chain:
+            r["edit_success"] += edit_success(model, tok, [c.input], [c.target], fmt)
+            if c.paraphrases:
+                r["paraphrase_success"] += edit_success(model, tok, c.paraphrases,
+                                                        [c.target] * len(c.paraphrases), fmt)
+            if c.locality:
+                agree = locality_scores(model, refs[c.input])[0]
+                r["locality"] += agree
+                others = subjects - {c.meta.get("subject")}
+                r["locality_unnamed"] += [x for x, p in zip(agree, c.locality[:2])
+                                          if not any(s in p for s in others)]
+        r["audit_agreement"] = top1_agreement(model, audit_ref)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", default="test", choices=["val", "test"])
+    ap.add_argument("--length", type=int, default=100)
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--layers", default="3", help="comma list: gate layers (hidden state index)")
+    ap.add_argument("--distinct", default="0.8", help="comma list: gate-key cuts")
+    ap.add_argument("--tau", default="0.7", help="comma list: gate thresholds")
+    ap.add_argument("--alpha-factor", type=float, default=1.0,
+                    help="α × this, relative to the checkpoint's α")
+    ap.add_argument("--max-steps", type=int, default=3)
+    ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
+    ap.add_argument("--plain", action="store_true",
+                    help="also score the same deltas applied as plain weights (no gates)")
+    ap.add_argument("--out", default="bench/results/routed.json")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    lm = load_model("smollm2-135m")
+    model, tok = lm.model, lm.tokenizer
+    specs = select_weights(model, ["auto"])
+    ed = MendEditor.load(EDITOR, specs, lm.base_hash)
+    if a.alpha_factor != 1:
+        ed.rescale(a.alpha_factor)
+    fmt = ed.info.get("prompt_format", "raw")
+    median = (ed.info.get("delta_norm_reference") or {}).get("median")
+    guard = None if a.guard_norm == "off" or not median else float(a.guard_norm) * median
+    cases = load_split(a.split)[: a.limit]
+    chains = [cases[i:i + a.length] for i in range(0, len(cases), a.length)]
+    train = load_split("train")
+    bank_prompts = [c.input for c in train[:600]] + [c.paraphrases[0] for c in train[:300] if c.paraphrases]
+    t0 = time.time()
+    spaces = {L: gate_space(model, tok, bank_prompts, L, fmt) for L in map(int, floats(a.layers))}
+    print(f"gate spaces: {time.time() - t0:.1f} s", file=sys.stderr)
+    refs = {c.input: locality_reference(model, tok, c.locality[:2], fmt, n_new=2)
+            for c in cases if c.locality}
+    audit_ref = locality_reference(model, tok, standard_audit_set().prompts, fmt, n_new=4)
+    configs = [(L, d, t) for L in spaces for d in floats(a.distinct) for t in floats(a.tau)]
+    # the edits are made under the first configuration's routing; the others re-score them
+    L0, d0, t0_ = configs[0]
+    fields = ["edit_success", "paraphrase_success", "locality", "locality_unnamed", "audit_agreement"]
+    results = {cfg: {k: [] for k in ["immediate_edit_success", *fields, "gate_open_paraphrases",
+                                     "gate_open_own_locality"]} for cfg in configs}
+    plain = {k: [] for k in fields}
+    steps, seconds = [], []
+    for chain in tqdm(chains, desc="chains", file=sys.stderr):
+        deltas, keys = [], {cfg: [] for cfg in configs}
+        subjects = {c.meta.get("subject") for c in chain} - {None}
+        for c in tqdm(chain, desc="edits", leave=False, file=sys.stderr):
+            t = time.time()
+            for cfg in configs:
+                keys[cfg].append(gate_keys(model, tok, spaces[cfg[0]], c.input, fmt, distinct=cfg[1]))
+            made = [RoutedEdit(dl, k) for dl, k in zip(deltas, keys[configs[0]])]
+            new = keys[configs[0]][-1]
+            # the earlier edits routed; this edit's own steps routed too (its gate, its τ), so
+            # it takes steps until it holds as it will be used
+            with routed(model, made, spaces[L0], t0_):
+                delta = ed.edit(model, tok, [c.input], [c.target], fmt, max_steps=a.max_steps,
+                                max_norm=guard, apply=lambda d, new=new: routed(
+                                    model, [RoutedEdit(d, new)], spaces[L0], t0_))
+            seconds.append(time.time() - t)
+            steps.append(int(delta.meta["edit_steps"]))
+            deltas.append(delta)
+            for cfg in configs:
+                with routed(model, [RoutedEdit(x, k) for x, k in zip(deltas, keys[cfg])],
+                            spaces[cfg[0]], cfg[2]):
+                    results[cfg]["immediate_edit_success"] += edit_success(
+                        model, tok, [c.input], [c.target], fmt)
+        for cfg in configs:
+            L, _, tau = cfg
+            edits = [RoutedEdit(x, k) for x, k in zip(deltas, keys[cfg])]
+            r = score(model, tok, chain, refs, audit_ref, subjects,
+                      lambda edits=edits, cfg=cfg: routed(model, edits, spaces[cfg[0]], cfg[2]), fmt)
+            for k, v in r.items():
+                results[cfg][k] += v
+            for c, k in zip(chain, keys[cfg]):  # does each edit's own gate open where it should?
+                for field, prompts in (("gate_open_paraphrases", c.paraphrases),
+                                       ("gate_open_own_locality", c.locality[:2])):
+                    for h in hidden_at(model, tok, prompts, L, fmt):
+                        full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
+                        results[cfg][field].append(bool(gates(spaces[L], full, [k], tau)[0, -1, 0]))
+        if a.plain:
+            total = deltas[0]
+            for x in deltas[1:]:
+                total = _stack(total, x)
+            r = score(model, tok, chain, refs, audit_ref, subjects,
+                      lambda total=total: applied(model, total), fmt)
+            for k, v in r.items():
+                plain[k] += v
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
+    rows = [{"mode": f"routed L{L} keys<{d:g} τ {t:g}", "gate_layer": L, "distinct": d, "tau": t,
+             **{k: mean(v) for k, v in results[(L, d, t)].items()}} for (L, d, t) in configs]
+    if a.plain:
+        rows.append({"mode": "same deltas as plain weights", **{k: mean(v) for k, v in plain.items()}})
+    cols = ["mode", "immediate_edit_success", "edit_success", "paraphrase_success", "locality",
+            "locality_unnamed", "audit_agreement", "gate_open_paraphrases", "gate_open_own_locality"]
+    fmt_ = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print(table([{c: fmt_(r.get(c)) for c in cols} for r in rows], cols))
+    write_json(a.out, {"split": a.split, "chain_length": a.length, "cases": len(cases),
+                       "alpha_factor": a.alpha_factor, "max_steps": a.max_steps,
+                       "guard_max_norm": guard, "mean_steps": mean(steps),
+                       "median_edit_seconds": sorted(seconds)[len(seconds) // 2], "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
