@@ -65,6 +65,27 @@ def score(model, tok, chain, refs, audit_ref, subjects, ctx, fmt):
     return r
 
 
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("immediate_edit_success", "immediate ES"), ("edit_success", "retained ES"),
+            ("paraphrase_success", "paraphrase"), ("locality_unnamed", "locality vs base"),
+            ("audit_agreement", "audit-set agreement")]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = [j + i * width for j in range(len(keys))]
+        ax.bar(xs, [r.get(k) or 0 for k, _ in keys], width, label=r["mode"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [n for _, n in keys])
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", default="test", choices=["val", "test"])
@@ -80,6 +101,7 @@ def main():
     ap.add_argument("--plain", action="store_true",
                     help="also score the same deltas applied as plain weights (no gates)")
     ap.add_argument("--out", default="bench/results/routed.json")
+    ap.add_argument("--plot", help="also draw the rows' figures as grouped bars to this PNG")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model("smollm2-135m")
@@ -162,6 +184,9 @@ def main():
             "locality_unnamed", "audit_agreement", "gate_open_paraphrases", "gate_open_own_locality"]
     fmt_ = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     print(table([{c: fmt_(r.get(c)) for c in cols} for r in rows], cols))
+    if a.plot:
+        plot(rows, a.plot, f"{a.split} split, one chain of {a.length} edits" if len(chains) == 1
+             else f"{a.split} split, {len(chains)} chains of {a.length} edits")
     write_json(a.out, {"split": a.split, "chain_length": a.length, "cases": len(cases),
                        "alpha_factor": a.alpha_factor, "max_steps": a.max_steps,
                        "guard_max_norm": guard, "mean_steps": mean(steps),

@@ -115,3 +115,24 @@ def test_dense_deltas_are_refused(tiny_llama, tiny_tokenizer):
     with pytest.raises(ValueError, match="low-rank"):
         with routed(tiny_llama, [RoutedEdit(dense, torch.ones(1, w.shape[1]) / w.shape[1] ** .5)], space):
             pass
+
+
+def test_edit_takes_its_steps_in_the_given_context(tiny_llama, tiny_tokenizer):
+    """MendEditor.edit(apply=...): every step after the first is computed inside apply(steps so
+    far), which is how a routed edit keeps stepping until it holds behind its own gate."""
+    from contextlib import contextmanager
+
+    from mendctl.editors.mend.editor import MendConfig, MendEditor
+    specs = select_weights(tiny_llama, ["auto"])
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e-3))  # too small to land
+    seen = []
+
+    @contextmanager
+    def spy(delta):
+        seen.append(sum(layer.rank for layer in delta.layers.values()))
+        with applied(tiny_llama, delta):
+            yield
+
+    delta = editor.edit(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"], max_steps=4, apply=spy)
+    assert int(delta.meta["edit_steps"]) == 4 and len(seen) == 3
+    assert seen == sorted(seen) and seen[0] > 0  # each call sees the steps stacked so far
