@@ -175,6 +175,24 @@ def main():
                       lambda total=total: applied(model, total), fmt)
             for k, v in r.items():
                 plain[k] += v
+    # what routing costs a forward pass: the audit set's prompts, base vs the last chain routed
+    last = [RoutedEdit(x, k) for x, k in zip(deltas, keys[configs[0]])]
+    timing = {}
+    for label, ctx in (("base", None), ("routed", lambda: routed(model, last, spaces[L0], t0_))):
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            if ctx is None:
+                top1_agreement(model, audit_ref)
+            else:
+                with ctx():
+                    top1_agreement(model, audit_ref)
+            best = min(best, time.perf_counter() - t)
+        timing[label] = best
+    timing["ratio"] = timing["routed"] / timing["base"]
+    timing["edits"] = len(last)
+    print(f"forward of the audit set: base {timing['base']:.3f} s, with {len(last)} routed edits "
+          f"{timing['routed']:.3f} s ({timing['ratio']:.2f}×)", file=sys.stderr)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
     rows = [{"mode": f"routed L{L} keys<{d:g} τ {t:g}", "gate_layer": L, "distinct": d, "tau": t,
              **{k: mean(v) for k, v in results[(L, d, t)].items()}} for (L, d, t) in configs]
@@ -190,7 +208,8 @@ def main():
     write_json(a.out, {"split": a.split, "chain_length": a.length, "cases": len(cases),
                        "alpha_factor": a.alpha_factor, "max_steps": a.max_steps,
                        "guard_max_norm": guard, "mean_steps": mean(steps),
-                       "median_edit_seconds": sorted(seconds)[len(seconds) // 2], "rows": rows})
+                       "median_edit_seconds": sorted(seconds)[len(seconds) // 2],
+                       "forward_seconds": timing, "rows": rows})
 
 
 if __name__ == "__main__":
