@@ -33,7 +33,7 @@ from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.editors.mend.editor import MendEditor, _stack  # noqa: E402
 from mendctl.editors.metrics import (edit_success, locality_reference, locality_scores,  # noqa: E402
                                      top1_agreement)
-from mendctl.editors.route import RoutedEdit, gate_keys, gate_space, gates, hidden_at, routed  # noqa: E402
+from mendctl.editors.route import Gate, RoutedEdit, edit_gate, gate_space, opens, routed  # noqa: E402
 from mendctl.editors.weights import applied, select_weights  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
 
@@ -42,6 +42,10 @@ EDITOR = Path(__file__).resolve().parents[1] / "editors" / "checkpoints" / "smol
 
 def floats(s):
     return [float(x) for x in s.split(",")]
+
+
+def gate_of(gate, words=True):
+    return gate if words else Gate(gate.keys)
 
 
 def score(model, tok, chain, refs, audit_ref, subjects, ctx, fmt):
@@ -98,6 +102,8 @@ def main():
                     help="α × this, relative to the checkpoint's α")
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
+    ap.add_argument("--no-words", action="store_true",
+                    help="gates on hidden states only (no gate words)")
     ap.add_argument("--plain", action="store_true",
                     help="also score the same deltas applied as plain weights (no gates)")
     ap.add_argument("--out", default="bench/results/routed.json")
@@ -137,36 +143,34 @@ def main():
         for c in tqdm(chain, desc="edits", leave=False, file=sys.stderr):
             t = time.time()
             for cfg in configs:
-                keys[cfg].append(gate_keys(model, tok, spaces[cfg[0]], c.input, fmt, distinct=cfg[1]))
+                keys[cfg].append(gate_of(edit_gate(model, tok, spaces[cfg[0]], c.input, fmt, distinct=cfg[1]),
+                                          not a.no_words))
             made = [RoutedEdit(dl, k) for dl, k in zip(deltas, keys[configs[0]])]
             new = keys[configs[0]][-1]
             # the earlier edits routed; this edit's own steps routed too (its gate, its τ), so
             # it takes steps until it holds as it will be used
-            with routed(model, made, spaces[L0], t0_):
+            with routed(model, made, spaces[L0], t0_, tok):
                 delta = ed.edit(model, tok, [c.input], [c.target], fmt, max_steps=a.max_steps,
                                 max_norm=guard, apply=lambda d, new=new: routed(
-                                    model, [RoutedEdit(d, new)], spaces[L0], t0_))
+                                    model, [RoutedEdit(d, new)], spaces[L0], t0_, tok))
             seconds.append(time.time() - t)
             steps.append(int(delta.meta["edit_steps"]))
             deltas.append(delta)
             for cfg in configs:
                 with routed(model, [RoutedEdit(x, k) for x, k in zip(deltas, keys[cfg])],
-                            spaces[cfg[0]], cfg[2]):
+                            spaces[cfg[0]], cfg[2], tok):
                     results[cfg]["immediate_edit_success"] += edit_success(
                         model, tok, [c.input], [c.target], fmt)
         for cfg in configs:
             L, _, tau = cfg
             edits = [RoutedEdit(x, k) for x, k in zip(deltas, keys[cfg])]
             r = score(model, tok, chain, refs, audit_ref, subjects,
-                      lambda edits=edits, cfg=cfg: routed(model, edits, spaces[cfg[0]], cfg[2]), fmt)
+                      lambda edits=edits, cfg=cfg: routed(model, edits, spaces[cfg[0]], cfg[2], tok), fmt)
             for k, v in r.items():
                 results[cfg][k] += v
             for c, k in zip(chain, keys[cfg]):  # does each edit's own gate open where it should?
-                for field, prompts in (("gate_open_paraphrases", c.paraphrases),
-                                       ("gate_open_own_locality", c.locality[:2])):
-                    for h in hidden_at(model, tok, prompts, L, fmt):
-                        full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
-                        results[cfg][field].append(bool(gates(spaces[L], full, [k], tau)[0, -1, 0]))
+                results[cfg]["gate_open_paraphrases"] += opens(model, tok, spaces[L], k, c.paraphrases, tau, fmt)
+                results[cfg]["gate_open_own_locality"] += opens(model, tok, spaces[L], k, c.locality[:2], tau, fmt)
         if a.plain:
             total = deltas[0]
             for x in deltas[1:]:
@@ -178,7 +182,7 @@ def main():
     # what routing costs a forward pass: the audit set's prompts, base vs the last chain routed
     last = [RoutedEdit(x, k) for x, k in zip(deltas, keys[configs[0]])]
     timing = {}
-    for label, ctx in (("base", None), ("routed", lambda: routed(model, last, spaces[L0], t0_))):
+    for label, ctx in (("base", None), ("routed", lambda: routed(model, last, spaces[L0], t0_, tok))):
         best = float("inf")
         for _ in range(3):
             t = time.perf_counter()
@@ -194,7 +198,8 @@ def main():
     print(f"forward of the audit set: base {timing['base']:.3f} s, with {len(last)} routed edits "
           f"{timing['routed']:.3f} s ({timing['ratio']:.2f}×)", file=sys.stderr)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
-    rows = [{"mode": f"routed L{L} keys<{d:g} τ {t:g}", "gate_layer": L, "distinct": d, "tau": t,
+    rows = [{"mode": f"routed L{L} keys<{d:g} τ {t:g}" + (" no words" if a.no_words else " + words"),
+             "gate_layer": L, "distinct": d, "tau": t, "words": not a.no_words,
              **{k: mean(v) for k, v in results[(L, d, t)].items()}} for (L, d, t) in configs]
     if a.plain:
         rows.append({"mode": "same deltas as plain weights", **{k: mean(v) for k, v in plain.items()}})

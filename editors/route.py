@@ -6,20 +6,30 @@ Routing (the idea of GRACE, Hartvigsen et al. 2023, and WISE, Wang et al. 2024, 
 low-rank deltas) keeps the deltas but gates each one per sequence: edit i's ΔW_i is added to its
 layers' outputs from the first token on which the sequence *mentions the edit's subject* on.
 
-"Mentions" is decided on an early layer's hidden states (the gate layer; the edited layers come
-much later, so the gate is known before they run, in the same forward). An edit's *gate keys*
-are the states of its prompt's distinctive tokens: those unlike every token of a bank of
-ordinary prompts (in practice the subject's tokens, since the relation's wording is common to
-many prompts). A sequence opens gate i at the first token whose state is within cosine τ of one
-of edit i's keys, and keeps it open to the end (causal: a token only sees what came before it).
-Cosines are taken after standardising each hidden dimension by the bank's mean and spread,
-so the few huge "massive activation" dimensions do not decide them.
+"Mentions" is decided two ways, either of which opens the gate:
+- on an early layer's hidden states (the gate layer; the edited layers come much later, so the
+  gate is known before they run, in the same forward). An edit's *gate keys* are the states of
+  its prompt's distinctive tokens: those unlike every token of a bank of ordinary prompts (in
+  practice the subject's tokens, since the relation's wording is common to many prompts). A
+  token within cosine τ of one of the keys opens the gate. Cosines are taken after
+  standardising each hidden dimension by the bank's mean and spread, so the few huge "massive
+  activation" dimensions do not decide them. The first token of a sequence is left out (its
+  state is the attention sink's, alike for every token).
+- on the text: an edit's *gate words* are the words of its prompt that hold a distinctive
+  token, and its first word when no bank prompt starts with that token. The gate opens at the
+  token that holds the character after one of them, as a whole word (so "Oran" does not open
+  on "Orange"; a text that ends on the word has not shown its end yet).
+  This catches what states miss: the subject as a sequence's first token, or tokenised
+  differently ("Jamaica's capital" against "the capital of Jamaica").
+Once open, a gate stays open to the end of the sequence (causal: a token only sees what came
+before it, so scoring a prompt and generating from it see the same gates).
 
 This module owns the gate space (bank statistics), gate keys, and the forward hooks that apply
 gated deltas. It needs full-sequence forwards (no KV cache); it knows nothing about ledgers.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +37,7 @@ import torch
 from torch import nn
 
 from .delta import Delta
-from .text import encode_prompts
+from .text import encode_prompts, render_prompt
 from .weights import _BLOCK, input_device
 
 #: defaults chosen on the validation split (bench/routed.py; README, routed edits)
@@ -74,6 +84,7 @@ class GateSpace:
     mean: torch.Tensor  # (hidden,)
     std: torch.Tensor  # (hidden,)
     bank: torch.Tensor  # (n, hidden), unit rows after standardising
+    first_ids: torch.Tensor  # token ids that start some bank prompt
 
     def unit(self, h: torch.Tensor) -> torch.Tensor:
         z = (h.float() - self.mean.to(h.device)) / self.std.to(h.device)
@@ -81,11 +92,11 @@ class GateSpace:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "std": self.std, "bank": self.bank,
-                "layer": torch.tensor(self.layer)}
+                "first_ids": self.first_ids, "layer": torch.tensor(self.layer)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "GateSpace":
-        return cls(int(t["layer"]), t["mean"], t["std"], t["bank"])
+        return cls(int(t["layer"]), t["mean"], t["std"], t["bank"], t["first_ids"])
 
 
 def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GATE_LAYER,
@@ -93,29 +104,92 @@ def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GAT
     """The gate space of ordinary `prompts` (say, the train split's: none of them is edited)."""
     h = torch.cat(hidden_at(model, tokenizer, prompts, layer, fmt))
     mean, std = h.mean(0), h.std(0).clamp_min(1e-6)
-    space = GateSpace(layer, mean, std, torch.empty(0))
+    first = sorted({tokenizer(render_prompt(tokenizer, p, fmt)).input_ids[0] for p in prompts})
+    space = GateSpace(layer, mean, std, torch.empty(0), torch.tensor(first, dtype=torch.long))
     space.bank = space.unit(h)
     return space
 
 
-def gate_keys(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
-              distinct: float = DISTINCT) -> torch.Tensor:
-    """(k, hidden) unit keys of an edit: its prompt's tokens whose nearest bank token is less
-    than `distinct` alike; at least the one least like the bank, so every edit has a gate."""
+@dataclass
+class Gate:
+    """What opens one edit's gate: states near `keys`, or one of `words` in the text."""
+
+    keys: torch.Tensor  # (k, hidden) unit keys
+    words: tuple[str, ...] = ()
+
+
+_WORD = re.compile(r"\w+")
+
+
+def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
+              distinct: float = DISTINCT) -> Gate:
+    """An edit's gate (see the module doc): its prompt's tokens whose nearest bank token is less
+    than `distinct` alike (at least the one least like the bank, so every edit has a key), and
+    the words holding them."""
+    text = render_prompt(tokenizer, prompt, fmt)
+    enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
     near = (z @ space.bank.T).max(1).values
     keep = near < distinct
     if not keep.any():
         keep = near == near.min()
-    return z[keep].contiguous()
+    keys = z[keep].contiguous()
+    spans = [span for span, k in zip(enc["offset_mapping"][1:], keep.tolist()) if k]
+    if enc["input_ids"][0] not in set(space.first_ids.tolist()):
+        spans.append(enc["offset_mapping"][0])  # a first token no ordinary prompt starts with
+    words = []
+    for m in _WORD.finditer(text):
+        if any(a < m.end() and b > m.start() for a, b in spans) and m.group() not in words:
+            words.append(m.group())
+    return Gate(keys, tuple(words))
+
+
+def gate_keys(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
+              distinct: float = DISTINCT) -> torch.Tensor:
+    """The state keys of `edit_gate` alone."""
+    return edit_gate(model, tokenizer, space, prompt, fmt, distinct).keys
+
+
+def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
+               cache: dict | None = None) -> torch.Tensor:
+    """(batch, tokens, edits) bool: has the text up to each token held one of each edit's
+    `words` as a whole word (the character after it seen, so "Oran" does not open on
+    "Orange": the gate opens one token after the word's last)? Token t's text is what decoding it after token
+    t − 1 adds (so the spaces a decoder puts between tokens are kept), cached per pair."""
+    cache = {} if cache is None else cache
+
+    def added(prev: int | None, t: int) -> str:
+        if (prev, t) not in cache:
+            if prev is None:
+                cache[(prev, t)] = tokenizer.decode([t])
+            else:
+                alone, both = tokenizer.decode([prev]), tokenizer.decode([prev, t])
+                cache[(prev, t)] = both[len(alone):] if both.startswith(alone) else tokenizer.decode([t])
+        return cache[(prev, t)]
+
+    pats = [[re.compile(rf"(?<!\w){re.escape(w)}(?=\W)") for w in ws] for ws in words]
+    out = torch.zeros(*input_ids.shape, len(words), dtype=torch.bool)
+    for b, row in enumerate(input_ids.tolist()):
+        pieces = [added(row[i - 1] if i else None, t) for i, t in enumerate(row)]
+        ends, n = [], 0
+        for piece in pieces:
+            n += len(piece)
+            ends.append(n)
+        text = "".join(pieces)
+        for i, ps in enumerate(pats):
+            found = [m.end() for m in (p.search(text) for p in ps) if m is not None]
+            if found:  # open at the token holding the character that ends the word
+                first = next(t for t, e in enumerate(ends) if e > min(found))
+                out[b, max(first, 1):, i] = True  # the first token never opens a gate
+    return out
 
 
 @dataclass
 class RoutedEdit:
-    """One edit as routing applies it: its delta (low-rank) and its gate keys."""
+    """One edit as routing applies it: its delta (low-rank) and its gate."""
 
     delta: Delta
-    keys: torch.Tensor
+    gate: Gate
 
 
 def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau: float) -> torch.Tensor:
@@ -131,18 +205,44 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau:
     return best.cummax(dim=1).values > tau
 
 
+def opens(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, prompts: list[str],
+          tau: float = TAU, fmt: str = "raw") -> list[bool]:
+    """Per prompt: is `gate` open at its last token (where the answer is predicted)?"""
+    out = []
+    for p, h in zip(prompts, hidden_at(model, tokenizer, prompts, space.layer, fmt)):
+        full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
+        hit = bool(gates(space, full, [gate.keys], tau)[0, -1, 0])
+        if gate.words and not hit:
+            ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
+            hit = bool(word_gates(tokenizer, ids, [gate.words])[0, -1, 0])
+        out.append(hit)
+    return out
+
+
 @contextmanager
-def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: float = TAU):
+def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: float = TAU,
+           tokenizer=None):
     """Within the block, `model` behaves as base + Σ gate_i · ΔW_i (see the module doc).
-    Hooks only: no weight is touched, so leaving the block restores the model exactly."""
+    Hooks only: no weight is touched, so leaving the block restores the model exactly.
+    Gate words count only when `tokenizer` is given (it reads the text of the input ids)."""
     if not edits:
         yield
         return
     state: dict[str, torch.Tensor] = {}
-    keys = [e.keys for e in edits]
+    keys = [e.gate.keys for e in edits]
+    words = [e.gate.words for e in edits] if tokenizer is not None else []
+    decoded: dict = {}
+
+    def on_input(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state["words"] = (word_gates(tokenizer, ids.cpu(), words, decoded)
+                          if ids is not None and any(words) else None)
 
     def on_gate(module, args, output):
-        state["open"] = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau)
+        opened = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau)
+        if state.get("words") is not None:
+            opened = opened | state["words"].to(opened.device)
+        state["open"] = opened
 
     # per edited module: all edits' factor rows stacked, with the edit each row belongs to
     factors: dict[str, tuple] = {}
@@ -160,7 +260,8 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             rows = torch.full((len(u),), i)
             factors[name] = (u, d, rows) if prev is None else (
                 torch.cat([prev[0], u]), torch.cat([prev[1], d]), torch.cat([prev[2], rows]))
-    handles = [block_module(model, space.layer).register_forward_hook(on_gate)]
+    handles = [model.register_forward_pre_hook(on_input, with_kwargs=True),
+               block_module(model, space.layer).register_forward_hook(on_gate)]
     for name, (u, d, rows) in factors.items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         dev = module.weight.device

@@ -9,7 +9,8 @@ import torch
 from conftest import SUBJECTS, fact_paraphrase, fact_prompt
 from mendctl.editors.mend.editor import MendConfig, MendEditor
 from mendctl.editors.metrics import target_scores
-from mendctl.editors.route import RoutedEdit, gate_keys, gate_space, gates, routed
+from mendctl.editors.route import (Gate, RoutedEdit, edit_gate, gate_keys, gate_space, gates, opens,
+                                   routed, word_gates)
 from mendctl.editors.text import encode_prompts
 from mendctl.editors.weights import applied, select_weights
 
@@ -38,7 +39,7 @@ def test_open_gate_adds_the_delta_and_closed_gate_changes_nothing(make_model, ti
     model = make_model(kind)
     delta = _edit(model, tiny_tokenizer, [LAST_MLP_OUT[kind]])
     space = gate_space(model, tiny_tokenizer, BANK, layer=1)
-    edit = RoutedEdit(delta, gate_keys(model, tiny_tokenizer, space, "the capital of s3 is"))
+    edit = RoutedEdit(delta, Gate(gate_keys(model, tiny_tokenizer, space, "the capital of s3 is")))
     prompts = ["the capital of s3 is", "water is cold and snow is"]
     base, mask = _logits(model, tiny_tokenizer, prompts)
     with applied(model, delta):
@@ -86,11 +87,11 @@ def test_routed_edit_lands_and_leaves_other_prompts_exactly_alone(tiny_llama, ti
     prompt about another subject gets the base model's logits exactly."""
     delta = _edit(tiny_llama, tiny_tokenizer, ["auto"])
     space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
-    edit = RoutedEdit(delta, gate_keys(tiny_llama, tiny_tokenizer, space, fact_prompt("s3")))
+    edit = RoutedEdit(delta, edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3")))
     other = [fact_prompt("s5"), "the river near rome is"]
     base_other, _ = _logits(tiny_llama, tiny_tokenizer, other)
     before = target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[1][0]
-    with routed(tiny_llama, [edit], space):
+    with routed(tiny_llama, [edit], space, tokenizer=tiny_tokenizer):
         after = target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[1][0]
         routed_other, _ = _logits(tiny_llama, tiny_tokenizer, other)
     assert after > before
@@ -102,7 +103,7 @@ def test_edits_at_or_before_the_gate_layer_are_refused(tiny_llama, tiny_tokenize
     delta = _edit(tiny_llama, tiny_tokenizer, ["model.layers.1.mlp.down_proj.weight"])
     space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=2)
     with pytest.raises(ValueError, match="after the gate"):
-        with routed(tiny_llama, [RoutedEdit(delta, torch.ones(1, 32) / 32 ** .5)], space):
+        with routed(tiny_llama, [RoutedEdit(delta, Gate(torch.ones(1, 32) / 32 ** .5))], space):
             pass
 
 
@@ -113,7 +114,7 @@ def test_dense_deltas_are_refused(tiny_llama, tiny_tokenizer):
     w = tiny_llama.get_parameter(name)
     dense = Delta({name: LayerDelta(name, tuple(w.shape), dense=torch.zeros_like(w))}, {})
     with pytest.raises(ValueError, match="low-rank"):
-        with routed(tiny_llama, [RoutedEdit(dense, torch.ones(1, w.shape[1]) / w.shape[1] ** .5)], space):
+        with routed(tiny_llama, [RoutedEdit(dense, Gate(torch.ones(1, w.shape[1]) / w.shape[1] ** .5))], space):
             pass
 
 
@@ -136,3 +137,42 @@ def test_edit_takes_its_steps_in_the_given_context(tiny_llama, tiny_tokenizer):
     delta = editor.edit(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"], max_steps=4, apply=spy)
     assert int(delta.meta["edit_steps"]) == 4 and len(seen) == 3
     assert seen == sorted(seen) and seen[0] > 0  # each call sees the steps stacked so far
+
+
+def test_gate_words_are_the_distinct_words_and_open_where_they_are_completed(tiny_llama, tiny_tokenizer):
+    """The edit's gate words hold its distinctive tokens (the subject, not the template); the
+    word gate opens at the token completing the word, wherever it stands (the first token
+    too: from the next position on), only as a whole word, and never on other text."""
+    space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
+    gate = edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3"))
+    assert gate.words == ("s3",)
+    # a prompt that starts with its subject: no bank prompt starts with s4, the word is kept
+    assert "s4" in edit_gate(tiny_llama, tiny_tokenizer, space, "s4 has its capital city in").words
+    rows = ["s3 has its capital city in", "the capital of s3 is", "the capital of s5 is",
+            "the river near rome is"]
+    got = [word_gates(tiny_tokenizer, torch.tensor([tiny_tokenizer(r).input_ids]), [gate.words])[0, :, 0].tolist()
+           for r in rows]
+    assert got[0] == [False] + [True] * 5  # the space after s3 comes with token 1
+    assert got[1] == [False, False, False, False, True]  # ... with " is", token 4
+    assert not any(got[2]) and not any(got[3])
+    assert opens(tiny_llama, tiny_tokenizer, space, gate, rows) == [True, True, False, False]
+    # whole words only: the word "s2" is not in "s23"
+    ids = torch.tensor([tiny_tokenizer("the capital of s23 is").input_ids])
+    assert not word_gates(tiny_tokenizer, ids, [("s2",)]).any()
+    assert word_gates(tiny_tokenizer, ids, [("s23",)])[0, -1, 0]
+
+
+def test_word_gate_routes_the_edit_to_text_the_states_miss(tiny_llama, tiny_tokenizer):
+    """With the state gate shut (τ above any cosine), the word gate alone applies the delta to
+    prompts naming the subject, and only to them; without a tokenizer it is off."""
+    delta = _edit(tiny_llama, tiny_tokenizer, ["auto"])
+    space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
+    edit = RoutedEdit(delta, edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3")))
+    prompts = ["s3 has its capital city in", "the capital of s5 is"]
+    base, _ = _logits(tiny_llama, tiny_tokenizer, prompts)
+    with routed(tiny_llama, [edit], space, tau=2.0, tokenizer=tiny_tokenizer):
+        worded, _ = _logits(tiny_llama, tiny_tokenizer, prompts)
+    with routed(tiny_llama, [edit], space, tau=2.0):
+        no_words, _ = _logits(tiny_llama, tiny_tokenizer, prompts)
+    assert not torch.allclose(worded[0, 1:], base[0, 1:], atol=1e-4)
+    assert torch.equal(worded[1], base[1]) and torch.equal(no_words, base)
