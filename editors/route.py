@@ -16,9 +16,11 @@ layers' outputs from the first token on which the sequence *mentions the edit's 
   activation" dimensions do not decide them. The first token of a sequence is left out (its
   state is the attention sink's, alike for every token).
 - on the text: an edit's *gate words* are the words of its prompt that hold a distinctive
-  token, and its first word when no bank prompt starts with that token. The gate opens at the
-  token that holds the character after one of them, as a whole word (so "Oran" does not open
-  on "Orange"; a text that ends on the word has not shown its end yet).
+  token, and its first word when no bank prompt starts with that token, less every word that
+  occurs in the bank's prompts ("of", "The"). The gate opens once all of them have appeared,
+  each as a whole word, at the token holding the character after the last (so "Oran" does not
+  open on "Orange", nor "San Juan de los Morros" on "Juan Díaz"; a text that ends on the word
+  has not shown its end yet).
   This catches what states miss: the subject as a sequence's first token, or tokenised
   differently ("Jamaica's capital" against "the capital of Jamaica").
 Once open, a gate stays open to the end of the sequence (causal: a token only sees what came
@@ -42,6 +44,7 @@ from .weights import _BLOCK, input_device
 
 #: defaults chosen on the validation split (bench/routed.py; README, routed edits)
 GATE_LAYER = 3
+_WORD = re.compile(r"\w+")
 DISTINCT = 0.8
 TAU = 0.7
 
@@ -84,19 +87,12 @@ class GateSpace:
     mean: torch.Tensor  # (hidden,)
     std: torch.Tensor  # (hidden,)
     bank: torch.Tensor  # (n, hidden), unit rows after standardising
-    first_ids: torch.Tensor  # token ids that start some bank prompt
+    first_ids: frozenset  # token ids that start some bank prompt
+    words: frozenset  # every word of the bank prompts: ordinary words, never gate words
 
     def unit(self, h: torch.Tensor) -> torch.Tensor:
         z = (h.float() - self.mean.to(h.device)) / self.std.to(h.device)
         return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "std": self.std, "bank": self.bank,
-                "first_ids": self.first_ids, "layer": torch.tensor(self.layer)}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "GateSpace":
-        return cls(int(t["layer"]), t["mean"], t["std"], t["bank"], t["first_ids"])
 
 
 def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GATE_LAYER,
@@ -104,21 +100,20 @@ def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GAT
     """The gate space of ordinary `prompts` (say, the train split's: none of them is edited)."""
     h = torch.cat(hidden_at(model, tokenizer, prompts, layer, fmt))
     mean, std = h.mean(0), h.std(0).clamp_min(1e-6)
-    first = sorted({tokenizer(render_prompt(tokenizer, p, fmt)).input_ids[0] for p in prompts})
-    space = GateSpace(layer, mean, std, torch.empty(0), torch.tensor(first, dtype=torch.long))
+    texts = [render_prompt(tokenizer, p, fmt) for p in prompts]
+    first = frozenset(tokenizer(t).input_ids[0] for t in texts)
+    words = frozenset(w for t in texts for w in _WORD.findall(t))
+    space = GateSpace(layer, mean, std, torch.empty(0), first, words)
     space.bank = space.unit(h)
     return space
 
 
 @dataclass
 class Gate:
-    """What opens one edit's gate: states near `keys`, or one of `words` in the text."""
+    """What opens one edit's gate: states near `keys`, or all of `words` in the text."""
 
     keys: torch.Tensor  # (k, hidden) unit keys
     words: tuple[str, ...] = ()
-
-
-_WORD = re.compile(r"\w+")
 
 
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
@@ -135,12 +130,13 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
         keep = near == near.min()
     keys = z[keep].contiguous()
     spans = [span for span, k in zip(enc["offset_mapping"][1:], keep.tolist()) if k]
-    if enc["input_ids"][0] not in set(space.first_ids.tolist()):
+    if enc["input_ids"][0] not in space.first_ids:
         spans.append(enc["offset_mapping"][0])  # a first token no ordinary prompt starts with
     words = []
     for m in _WORD.finditer(text):
-        if any(a < m.end() and b > m.start() for a, b in spans) and m.group() not in words:
-            words.append(m.group())
+        w = m.group()
+        if any(a < m.end() and b > m.start() for a, b in spans) and w not in space.words and w not in words:
+            words.append(w)
     return Gate(keys, tuple(words))
 
 
@@ -152,8 +148,8 @@ def gate_keys(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
 
 def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
                cache: dict | None = None) -> torch.Tensor:
-    """(batch, tokens, edits) bool: has the text up to each token held one of each edit's
-    `words` as a whole word (the character after it seen, so "Oran" does not open on
+    """(batch, tokens, edits) bool: has the text up to each token held all of each edit's
+    `words`, each as a whole word (the character after it seen, so "Oran" does not open on
     "Orange": the gate opens one token after the word's last)? Token t's text is what decoding it after token
     t − 1 adds (so the spaces a decoder puts between tokens are kept), cached per pair."""
     cache = {} if cache is None else cache
@@ -178,8 +174,8 @@ def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
         text = "".join(pieces)
         for i, ps in enumerate(pats):
             found = [m.end() for m in (p.search(text) for p in ps) if m is not None]
-            if found:  # open at the token holding the character that ends the word
-                first = next(t for t, e in enumerate(ends) if e > min(found))
+            if ps and len(found) == len(ps):  # open at the token holding the character after
+                first = next(t for t, e in enumerate(ends) if e > max(found))  # the last word
                 out[b, max(first, 1):, i] = True  # the first token never opens a gate
     return out
 
@@ -230,7 +226,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         return
     state: dict[str, torch.Tensor] = {}
     keys = [e.gate.keys for e in edits]
-    words = [e.gate.words for e in edits] if tokenizer is not None else []
+    words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
     decoded: dict = {}
 
     def on_input(module, args, kwargs):

@@ -160,6 +160,10 @@ def test_gate_words_are_the_distinct_words_and_open_where_they_are_completed(tin
     ids = torch.tensor([tiny_tokenizer("the capital of s23 is").input_ids])
     assert not word_gates(tiny_tokenizer, ids, [("s2",)]).any()
     assert word_gates(tiny_tokenizer, ids, [("s23",)])[0, -1, 0]
+    # all of an edit's words: a name of two words opens only once both have been seen
+    both = torch.tensor([tiny_tokenizer("s3 and s5 is").input_ids])
+    assert word_gates(tiny_tokenizer, both, [("s3", "s5")])[0, :, 0].tolist() == [False, False, False, True]
+    assert not word_gates(tiny_tokenizer, torch.tensor([tiny_tokenizer(rows[1]).input_ids]), [("s3", "s5")]).any()
 
 
 def test_word_gate_routes_the_edit_to_text_the_states_miss(tiny_llama, tiny_tokenizer):
