@@ -75,17 +75,19 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
 
     keys = [("immediate_edit_success", "immediate ES"), ("edit_success", "retained ES"),
-            ("paraphrase_success", "paraphrase"), ("locality_unnamed", "locality vs base"),
+            ("paraphrase_success", "paraphrase"), ("locality_unnamed", "locality vs base\n(no edited subject named)"),
             ("audit_agreement", "audit-set agreement")]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(keys))]
-        ax.bar(xs, [r.get(k) or 0 for k, _ in keys], width, label=r["mode"])
+        bars = ax.bar(xs, [float("nan") if r.get(k) is None else r[k] for k, _ in keys], width,
+                      label=r["mode"])  # nan: not measured for that row, no bar
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [n for _, n in keys])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(rows))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
