@@ -230,9 +230,13 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     decoded: dict = {}
 
     def on_input(module, args, kwargs):
+        state.pop("open", None)  # gates belong to one forward pass
         ids = kwargs.get("input_ids", args[0] if args else None)
         state["words"] = (word_gates(tokenizer, ids.cpu(), words, decoded)
                           if ids is not None and any(words) else None)
+
+    def on_output(module, args, output):
+        state.pop("open", None)  # (returns None: the output stays as it is)
 
     def on_gate(module, args, output):
         opened = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau)
@@ -257,6 +261,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             factors[name] = (u, d, rows) if prev is None else (
                 torch.cat([prev[0], u]), torch.cat([prev[1], d]), torch.cat([prev[2], rows]))
     handles = [model.register_forward_pre_hook(on_input, with_kwargs=True),
+               model.register_forward_hook(on_output),
                block_module(model, space.layer).register_forward_hook(on_gate)]
     for name, (u, d, rows) in factors.items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
@@ -264,6 +269,9 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
 
         def add(module, args, output, u=u.to(dev), d=d.to(dev), rows=rows.to(dev)):
             x = args[0]
+            if "open" not in state:
+                raise RuntimeError("routed edits need the model's full forward pass: the gate "
+                                   "layer did not run before an edited layer (a prefix cache?)")
             coef = (x.float() @ u.T) * state["open"][..., rows].to(x.device)  # (B, T, rows)
             return output + (coef @ d).to(output.dtype)
         handles.append(module.register_forward_hook(add))

@@ -180,3 +180,15 @@ def test_word_gate_routes_the_edit_to_text_the_states_miss(tiny_llama, tiny_toke
         no_words, _ = _logits(tiny_llama, tiny_tokenizer, prompts)
     assert not torch.allclose(worded[0, 1:], base[0, 1:], atol=1e-4)
     assert torch.equal(worded[1], base[1]) and torch.equal(no_words, base)
+
+
+def test_an_edited_layer_run_without_the_gate_layer_is_refused(tiny_llama, tiny_tokenizer):
+    """Gates belong to one forward pass: an edited module called on its own (no gate layer
+    ran, as under a prefix cache) raises instead of reusing another pass's gates."""
+    delta = _edit(tiny_llama, tiny_tokenizer, ["auto"])
+    space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
+    edit = RoutedEdit(delta, edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3")))
+    with routed(tiny_llama, [edit], space, tokenizer=tiny_tokenizer):
+        _logits(tiny_llama, tiny_tokenizer, [fact_prompt("s3")])  # a full pass works
+        with pytest.raises(RuntimeError, match="full forward"):
+            tiny_llama.model.layers[3].mlp(torch.zeros(1, 2, 32))
