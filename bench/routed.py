@@ -138,7 +138,7 @@ def main():
     results = {cfg: {k: [] for k in ["immediate_edit_success", *fields, "gate_open_paraphrases",
                                      "gate_open_own_locality"]} for cfg in configs}
     plain = {k: [] for k in fields}
-    steps, seconds = [], []
+    steps, seconds, per_case = [], [], []
     for chain in tqdm(chains, desc="chains", file=sys.stderr):
         deltas, keys = [], {cfg: [] for cfg in configs}
         subjects = {c.meta.get("subject") for c in chain} - {None}
@@ -170,6 +170,13 @@ def main():
                       lambda edits=edits, cfg=cfg: routed(model, edits, spaces[cfg[0]], cfg[2], tok), fmt)
             for k, v in r.items():
                 results[cfg][k] += v
+            if cfg == configs[0]:  # which edits were kept, for the first configuration
+                n = len(results[cfg]["edit_success"])
+                per_case += [{"case_id": c.meta.get("case_id"), "subject": c.meta.get("subject"),
+                              "gate_words": list(k.words), "immediate": imm, "retained": kept}
+                             for c, k, imm, kept in zip(
+                                 chain, keys[cfg], results[cfg]["immediate_edit_success"][n - len(chain):],
+                                 r["edit_success"])]
             for c, k in zip(chain, keys[cfg]):  # does each edit's own gate open where it should?
                 results[cfg]["gate_open_paraphrases"] += opens(model, tok, spaces[L], k, c.paraphrases, tau, fmt)
                 results[cfg]["gate_open_own_locality"] += opens(model, tok, spaces[L], k, c.locality[:2], tau, fmt)
@@ -216,7 +223,7 @@ def main():
                        "alpha_factor": a.alpha_factor, "max_steps": a.max_steps,
                        "guard_max_norm": guard, "mean_steps": mean(steps),
                        "median_edit_seconds": sorted(seconds)[len(seconds) // 2],
-                       "forward_seconds": timing, "rows": rows})
+                       "forward_seconds": timing, "rows": rows, "per_case": per_case})
 
 
 if __name__ == "__main__":
