@@ -260,8 +260,11 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             rows = torch.full((len(u),), i)
             factors[name] = (u, d, rows) if prev is None else (
                 torch.cat([prev[0], u]), torch.cat([prev[1], d]), torch.cat([prev[2], rows]))
-    handles = [model.register_forward_pre_hook(on_input, with_kwargs=True),
-               model.register_forward_hook(on_output),
+    # on the module that owns the blocks: a causal LM calls it with the input ids, and so do
+    # the shortcuts that skip the LM head (forward.selected_logits)
+    inner = getattr(model, "base_model", model)
+    handles = [inner.register_forward_pre_hook(on_input, with_kwargs=True),
+               inner.register_forward_hook(on_output),
                block_module(model, space.layer).register_forward_hook(on_gate)]
     for name, (u, d, rows) in factors.items():
         module = model.get_submodule(name.rsplit(".", 1)[0])

@@ -192,3 +192,23 @@ def test_an_edited_layer_run_without_the_gate_layer_is_refused(tiny_llama, tiny_
         _logits(tiny_llama, tiny_tokenizer, [fact_prompt("s3")])  # a full pass works
         with pytest.raises(RuntimeError, match="full forward"):
             tiny_llama.model.layers[3].mlp(torch.zeros(1, 2, 32))
+
+
+def test_gates_apply_in_the_editors_own_forward(tiny_llama, tiny_tokenizer):
+    """The editor's capture runs the base model without the LM head (forward.selected_logits):
+    word gates must count there too, not only in a full call of the causal LM."""
+    from mendctl.editors.forward import selected_logits
+    from mendctl.editors.text import encode_pairs
+    delta = _edit(tiny_llama, tiny_tokenizer, ["auto"])
+    space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
+    edit = RoutedEdit(delta, edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3")))
+    batch = encode_pairs(tiny_tokenizer, ["s3 has its capital city in"], ["c7"])
+    select = batch.attention_mask.bool()
+    with torch.no_grad():
+        base = selected_logits(tiny_llama, batch, select)
+        with routed(tiny_llama, [edit], space, tau=2.0, tokenizer=tiny_tokenizer):  # words only
+            worded = selected_logits(tiny_llama, batch, select)
+            full, _ = _logits(tiny_llama, tiny_tokenizer, ["s3 has its capital city in c7"])
+    assert torch.equal(worded[0], base[0])  # the first token never opens a gate
+    assert not torch.allclose(worded[1:], base[1:], atol=1e-4)
+    torch.testing.assert_close(worded, full[0], rtol=1e-5, atol=1e-5)
