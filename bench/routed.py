@@ -33,7 +33,7 @@ from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.editors.mend.editor import MendEditor, _stack  # noqa: E402
 from mendctl.editors.metrics import (edit_success, locality_reference, locality_scores,  # noqa: E402
                                      top1_agreement)
-from mendctl.editors.route import Gate, RoutedEdit, edit_gate, gate_space, opens, routed  # noqa: E402
+from mendctl.editors.route import Gate, RoutedEdit, edit_gate, gate_space, open_at_end, opens, routed  # noqa: E402
 from mendctl.editors.weights import applied, select_weights  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
 
@@ -172,11 +172,15 @@ def main():
                 results[cfg][k] += v
             if cfg == configs[0]:  # which edits were kept, for the first configuration
                 n = len(results[cfg]["edit_success"])
+                # which other edits' gates are open where each edit's answer is predicted
+                cross = open_at_end(model, tok, spaces[L], keys[cfg], [c.input for c in chain], tau, fmt)
+                cross.fill_diagonal_(False)
                 per_case += [{"case_id": c.meta.get("case_id"), "subject": c.meta.get("subject"),
-                              "gate_words": list(k.words), "immediate": imm, "retained": kept}
-                             for c, k, imm, kept in zip(
+                              "gate_words": list(k.words), "immediate": imm, "retained": kept,
+                              "other_gates_open": [chain[j].meta.get("case_id") for j in row.nonzero().flatten().tolist()]}
+                             for c, k, imm, kept, row in zip(
                                  chain, keys[cfg], results[cfg]["immediate_edit_success"][n - len(chain):],
-                                 r["edit_success"])]
+                                 r["edit_success"], cross)]
             for c, k in zip(chain, keys[cfg]):  # does each edit's own gate open where it should?
                 results[cfg]["gate_open_paraphrases"] += opens(model, tok, spaces[L], k, c.paraphrases, tau, fmt)
                 results[cfg]["gate_open_own_locality"] += opens(model, tok, spaces[L], k, c.locality[:2], tau, fmt)

@@ -201,18 +201,26 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau:
     return best.cummax(dim=1).values > tau
 
 
+def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
+                prompts: list[str], tau: float = TAU, fmt: str = "raw") -> torch.Tensor:
+    """(prompts, gates) bool: which gates are open at each prompt's last token (where its
+    answer is predicted)."""
+    keys = [g.keys for g in gates_]
+    words = [g.words for g in gates_]
+    out = torch.zeros(len(prompts), len(gates_), dtype=torch.bool)
+    for i, (p, h) in enumerate(zip(prompts, hidden_at(model, tokenizer, prompts, space.layer, fmt))):
+        full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
+        out[i] = gates(space, full, keys, tau)[0, -1]
+        if any(words):
+            ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
+            out[i] |= word_gates(tokenizer, ids, words)[0, -1]
+    return out
+
+
 def opens(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, prompts: list[str],
           tau: float = TAU, fmt: str = "raw") -> list[bool]:
-    """Per prompt: is `gate` open at its last token (where the answer is predicted)?"""
-    out = []
-    for p, h in zip(prompts, hidden_at(model, tokenizer, prompts, space.layer, fmt)):
-        full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
-        hit = bool(gates(space, full, [gate.keys], tau)[0, -1, 0])
-        if gate.words and not hit:
-            ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
-            hit = bool(word_gates(tokenizer, ids, [gate.words])[0, -1, 0])
-        out.append(hit)
-    return out
+    """Per prompt: is `gate` open at its last token?"""
+    return open_at_end(model, tokenizer, space, [gate], prompts, tau, fmt)[:, 0].tolist()
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import torch
 from conftest import SUBJECTS, fact_paraphrase, fact_prompt
 from mendctl.editors.mend.editor import MendConfig, MendEditor
 from mendctl.editors.metrics import target_scores
-from mendctl.editors.route import (Gate, RoutedEdit, edit_gate, gate_keys, gate_space, gates, opens,
+from mendctl.editors.route import (Gate, RoutedEdit, edit_gate, gate_keys, gate_space, gates, open_at_end, opens,
                                    routed, word_gates)
 from mendctl.editors.text import encode_prompts
 from mendctl.editors.weights import applied, select_weights
@@ -212,3 +212,13 @@ def test_gates_apply_in_the_editors_own_forward(tiny_llama, tiny_tokenizer):
     assert torch.equal(worded[0], base[0])  # the first token never opens a gate
     assert not torch.allclose(worded[1:], base[1:], atol=1e-4)
     torch.testing.assert_close(worded, full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_open_at_end_is_the_gate_of_every_pair(tiny_llama, tiny_tokenizer):
+    """open_at_end(gates, prompts)[i, j] is gate j at prompt i's last token, as the hooks see it."""
+    space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
+    gs = [edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt(s)) for s in ("s3", "s5")]
+    prompts = [fact_prompt("s3"), "what is the capital of s5", "the river near rome is"]
+    got = open_at_end(tiny_llama, tiny_tokenizer, space, gs, prompts, tau=0.6)
+    assert got.tolist() == [[True, False], [False, True], [False, False]]
+    assert [opens(tiny_llama, tiny_tokenizer, space, g, prompts, tau=0.6) for g in gs] == got.T.tolist()
