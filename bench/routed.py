@@ -12,7 +12,7 @@ Gate layer, key cut and τ are lists: every combination runs on the same edits (
 not change how an edit is made, only where it acts), so they can be chosen on `--split val`.
 
 Usage: python bench/routed.py [--split val|test] [--length 100] [--limit 100]
-       [--layers 3] [--distinct 0.8] [--tau 0.6,0.7] [--alpha-factor 1] [--max-steps 3]
+       [--layers 3] [--distinct 0.7] [--tau 0.7,0.8] [--alpha-factor 1] [--max-steps 3]
        [--plain] [--out bench/results/routed.json]
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.editors.mend.editor import MendEditor, _stack  # noqa: E402
 from mendctl.editors.metrics import (edit_success, locality_reference, locality_scores,  # noqa: E402
                                      top1_agreement)
-from mendctl.editors.route import Gate, RoutedEdit, edit_gate, gate_space, open_at_end, opens, routed  # noqa: E402
+from mendctl.editors.route import (DISTINCT, TAU, Gate, RoutedEdit, edit_gate, gate_space,  # noqa: E402
+                                   open_at_end, opens, routed)  # noqa: E402
 from mendctl.editors.weights import applied, select_weights  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
 
@@ -98,8 +99,8 @@ def main():
     ap.add_argument("--length", type=int, default=100)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--layers", default="3", help="comma list: gate layers (hidden state index)")
-    ap.add_argument("--distinct", default="0.8", help="comma list: gate-key cuts")
-    ap.add_argument("--tau", default="0.7", help="comma list: gate thresholds")
+    ap.add_argument("--distinct", default=str(DISTINCT), help="comma list: gate-key cuts")
+    ap.add_argument("--tau", default=str(TAU), help="comma list: gate thresholds")
     ap.add_argument("--alpha-factor", type=float, default=1.0,
                     help="α × this, relative to the checkpoint's α")
     ap.add_argument("--max-steps", type=int, default=3)

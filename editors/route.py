@@ -14,7 +14,7 @@ layers' outputs from the first token on which the sequence *mentions the edit's 
   token within cosine τ of one of the keys opens the gate. Cosines are taken after
   standardising each hidden dimension by the bank's mean and spread, so the few huge "massive
   activation" dimensions do not decide them. The first token of a sequence is left out (its
-  state is the attention sink's, alike for every token).
+  state is the attention sink's, unlike any later token's).
 - on the text: an edit's *gate words* are the words of its prompt that hold a distinctive
   token, and its first word when no bank prompt starts with that token, less every word that
   occurs in the bank's prompts ("of", "The"). The gate opens once all of them have appeared,
@@ -44,9 +44,10 @@ from .weights import _BLOCK, input_device
 
 #: defaults chosen on the validation split (bench/routed.py; README, routed edits)
 GATE_LAYER = 3
-_WORD = re.compile(r"\w+")
-DISTINCT = 0.8
+DISTINCT = 0.7
 TAU = 0.7
+
+_WORD = re.compile(r"\w+")
 
 
 def block_module(model: nn.Module, layer: int) -> nn.Module:
@@ -63,7 +64,8 @@ def block_module(model: nn.Module, layer: int) -> nn.Module:
 def hidden_at(model: nn.Module, tokenizer, prompts: list[str], layer: int, fmt: str = "raw",
               chunk: int = 32) -> list[torch.Tensor]:
     """Per prompt: (tokens − 1, hidden) fp32 states after `layer` blocks, the first token left
-    out (it is the same in every prompt and carries the model's attention-sink activations)."""
+    out (a BOS token where the tokenizer adds one, else the first word; either way its state
+    carries the model's attention-sink activations, unlike any later token's)."""
     out, got = [], {}
     handle = block_module(model, layer).register_forward_hook(
         lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
