@@ -134,7 +134,7 @@ def main():
     audit_ref = locality_reference(model, tok, standard_audit_set().prompts, fmt, n_new=4)
     configs = [(L, d, t) for L in spaces for d in floats(a.distinct) for t in floats(a.tau)]
     # the edits are made under the first configuration's routing; the others re-score them
-    L0, d0, t0_ = configs[0]
+    gate_layer, tau0 = configs[0][0], configs[0][2]
     fields = ["edit_success", "paraphrase_success", "locality", "locality_unnamed", "audit_agreement"]
     results = {cfg: {k: [] for k in ["immediate_edit_success", *fields, "gate_open_paraphrases",
                                      "gate_open_own_locality"]} for cfg in configs}
@@ -152,10 +152,10 @@ def main():
             new = keys[configs[0]][-1]
             # the earlier edits routed; this edit's own steps routed too (its gate, its τ), so
             # it takes steps until it holds as it will be used
-            with routed(model, made, spaces[L0], t0_, tok):
+            with routed(model, made, spaces[gate_layer], tau0, tok):
                 delta = ed.edit(model, tok, [c.input], [c.target], fmt, max_steps=a.max_steps,
                                 max_norm=guard, apply=lambda d, new=new: routed(
-                                    model, [RoutedEdit(d, new)], spaces[L0], t0_, tok))
+                                    model, [RoutedEdit(d, new)], spaces[gate_layer], tau0, tok))
             seconds.append(time.time() - t)
             steps.append(int(delta.meta["edit_steps"]))
             deltas.append(delta)
@@ -196,7 +196,7 @@ def main():
     # what routing costs a forward pass: the audit set's prompts, base vs the last chain routed
     last = [RoutedEdit(x, k) for x, k in zip(deltas, keys[configs[0]])]
     timing = {}
-    for label, ctx in (("base", None), ("routed", lambda: routed(model, last, spaces[L0], t0_, tok))):
+    for label, ctx in (("base", None), ("routed", lambda: routed(model, last, spaces[gate_layer], tau0, tok))):
         best = float("inf")
         for _ in range(3):
             t = time.perf_counter()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -148,6 +149,13 @@ def gate_keys(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     return edit_gate(model, tokenizer, space, prompt, fmt, distinct).keys
 
 
+@lru_cache(maxsize=None)
+def _whole_word(word: str) -> re.Pattern:
+    """`word` from a word start, with the character after it seen (compiled once: every
+    forward of a routed model matches every edit's words)."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?=\W)")
+
+
 def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
                cache: dict | None = None) -> torch.Tensor:
     """(batch, tokens, edits) bool: has the text up to each token held all of each edit's
@@ -165,7 +173,7 @@ def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
                 cache[(prev, t)] = both[len(alone):] if both.startswith(alone) else tokenizer.decode([t])
         return cache[(prev, t)]
 
-    pats = [[re.compile(rf"(?<!\w){re.escape(w)}(?=\W)") for w in ws] for ws in words]
+    pats = [[_whole_word(w) for w in ws] for ws in words]
     out = torch.zeros(*input_ids.shape, len(words), dtype=torch.bool)
     for b, row in enumerate(input_ids.tolist()):
         pieces = [added(row[i - 1] if i else None, t) for i, t in enumerate(row)]
