@@ -131,9 +131,10 @@ def perplexity(model, tokenizer, texts: list[str], chunk: int = 8, max_tokens: i
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
-             chunk: int = 16) -> list[str]:
+             chunk: int = 16, use_cache: bool = True) -> list[str]:
     """Greedy answers, several prompts per call: left padding, so every prompt's new tokens
-    start at the same position (the model's generate takes positions from the mask)."""
+    start at the same position (the model's generate takes positions from the mask).
+    `use_cache=False` runs the whole sequence at every step (what routed edits need)."""
     out = []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
@@ -144,6 +145,6 @@ def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: in
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=_device(model))
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=_device(model))
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+                             do_sample=False, pad_token_id=pad, use_cache=use_cache)
         out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
     return out

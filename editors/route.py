@@ -249,6 +249,15 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
 
     def on_input(module, args, kwargs):
         state.pop("open", None)  # gates belong to one forward pass
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (newer, older transformers)
+        if cache is not None and (cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)):
+            # a cached step sees only its new tokens: gates and words need the whole sequence
+            raise RuntimeError("routed edits need the model's full forward pass; run it without "
+                               "a KV cache (generate(..., use_cache=False))")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any()):
+            # a gate never opens on the first token (the attention sink), which padding moves
+            raise ValueError("routed edits need right-padded (or unpadded) batches")
         ids = kwargs.get("input_ids", args[0] if args else None)
         state["words"] = (word_gates(tokenizer, ids.cpu(), words, decoded)
                           if ids is not None and any(words) else None)

@@ -351,7 +351,10 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
         loc = cached_loc.get(e.state_hash)  # [agreement, kl, relative drift]
         if missing or loc is None:
             # states along a chain usually extend the previous one by one delta: add just that
-            if prev_active is not None and list(e.active_ids) == prev_active:
+            if ws.routed_ids(e.active_ids):  # routed edits are hooks, not weights: load it whole
+                w = ws.use_state(e)
+                cost["states_rebuilt"] += 1
+            elif prev_active is not None and list(e.active_ids) == prev_active:
                 w = prev_w
             elif prev_active is not None and list(e.active_ids[:-1]) == prev_active and e.active_ids:
                 w = apply_deltas(prev_w, [ws._delta(e.active_ids[-1])])
@@ -359,11 +362,12 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
             else:
                 w = apply_deltas(base, [ws._delta(i) for i in e.active_ids])
                 cost["states_rebuilt"] += 1
-            got = state_hash(w) if e.active_ids else ws._base_hash
-            if got != e.state_hash:
-                raise LedgerError(f"entry {e.id}: rebuilt state {got[:12]} differs from the "
-                                  f"recorded {e.state_hash[:12]}; run `mendctl replay --verify`")
-            ws._set_weights(w, e.state_hash)
+            if ws._loaded_state != e.state_hash:  # (use_state checked a routed state's hash)
+                got = state_hash(w) if e.active_ids else ws._base_hash
+                if got != e.state_hash:
+                    raise LedgerError(f"entry {e.id}: rebuilt state {got[:12]} differs from the "
+                                      f"recorded {e.state_hash[:12]}; run `mendctl replay --verify`")
+                ws._set_weights(w, e.state_hash)
             if missing:
                 known.update(scorer.retention([by_id[i] for i in missing]))
                 cost["cells_computed"] += len(missing)

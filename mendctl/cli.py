@@ -79,17 +79,21 @@ def main(ctx, workspace):
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @click.option("--model", help="Base model for the new workspace (default smollm2-135m).")
 @click.option("--force", is_flag=True, help="Overwrite an existing mendctl.yaml.")
+@click.option("--routed", is_flag=True,
+              help="Make routed edits (`routing: true`): each edit acts only on inputs that "
+                   "mention its subject; for long chains (README, routed edits).")
 @handle_errors
-def init(directory, model, force):
+def init(directory, model, force, routed):
     """Create a workspace: a documented mendctl.yaml and a .mendctl/ folder.
 
     \b
     Example:
       mendctl init demo
+      mendctl init --routed long-chain
     """
     from .workspace import Workspace
 
-    d = Workspace.init(directory, force=force, model=model)
+    d = Workspace.init(directory, force=force, model=model, routing_=True if routed else None)
     click.echo(f"workspace ready: {d}/mendctl.yaml (edit it to change the model or settings)")
 
 
@@ -207,6 +211,11 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
     if pr.get("pairs"):
         click.echo(f"  retention guard: update kept off the keys of {pr['pairs']} earlier edit"
                    f"{'s' if pr['pairs'] != 1 else ''} (up to {pr['rank']} directions per weight)")
+    rt = r.get("routing")
+    if rt:
+        words = ", ".join(rt["gate_words"]) or "none"
+        click.echo(f"  routed: acts only where the input mentions the subject ({rt['gate_keys']} gate "
+                   f"key(s) at layer {rt['layer']}, τ {rt['tau']:g}; gate words: {words})")
     hb, ha = b.get("health"), a.get("health")
     if ha:
         click.echo(f"  chain vs base model: audit-set agreement {hb['audit_locality']:.3f} → "
@@ -254,14 +263,15 @@ def log(ctx, limit, as_json):
             extra = " of " + ",".join(map(str, (e.notes or {}).get("squashed", [])))
         es = (e.metrics_after or {}).get("edit_success")
         size = f"{e.delta_size / 1024:.0f} KiB" if e.delta_size else "-"
-        flags = ("*" if active else " ") + ("A" if e.id in audited else " ")
+        flags = ("*" if active else " ") + ("A" if e.id in audited else " ") + \
+            ("R" if (e.notes or {}).get("routing") else " ")
         health = ((e.notes or {}).get("health") or {}).get("audit_locality")
         health = f"  base-agree {health:.3f}" if health is not None else ""
         click.echo(f"{flags} {e.id:>4}  {e.created_at:%Y-%m-%d %H:%M:%S}  {e.kind:<7}{extra}  "
                    f"{what}  ES {es if es is None else f'{es:.2f}'}{health}  {size}")
     if entries:
-        click.echo("(* active in the current state, A audited; base-agree: the state's top-1 "
-                   "agreement with the base model on the audit set, measured at edit time)")
+        click.echo("(* active in the current state, A audited, R routed; base-agree: the state's "
+                   "top-1 agreement with the base model on the audit set, measured at edit time)")
 
 
 @main.command()
@@ -312,7 +322,10 @@ def revert(ctx, entry_id, replay, as_json):
     if r["restores_parent"]:
         click.echo("  the state is bit for bit the state before that edit")
     g = r["gap"]
-    if g["later_edits"]:
+    if g.get("routed"):
+        click.echo(f"  {g['later_edits']} later edit(s) kept as made: the state routes edits, "
+                   f"each behind its own gate (no replay to compare with)")
+    elif g["later_edits"]:
         click.echo(f"  gap exact vs replay over {g['later_edits']} later edit(s): KL {g['kl']:.4f}, "
                    f"top-1 agreement {g['top1_agreement']:.3f}, later edits' success "
                    f"{g['es_exact']:.2f} (exact) vs {g['es_replay']:.2f} (replay)")

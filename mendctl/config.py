@@ -124,10 +124,72 @@ preserve_keys: 0.01
 # entry, with a warning under the audit's locality threshold. One forward pass per edit (the
 # base's answers are cached in .mendctl/health). false skips it.
 health_check: true
+
+# Routed edits (README, routed edits): each new MEND edit's ΔW acts only on inputs that mention
+# what the edit is about (its subject's tokens, seen at an early layer, or its distinctive
+# words), instead of being added to the weights. Chains of 100 edits keep ~95 % of unrelated
+# answers this way, where plain weight edits keep almost none. One fact per edit; `ask`
+# generates without a KV cache; routed states cannot be exported as plain weights or squashed.
+# true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
+# words: true, alpha: 1.0, max_steps: 5} (alpha: the step as a multiple of the editor's
+# as-trained α). Entries keep the settings they were made with.
+routing: false
 """
 
 
 MAX_STEPS = 50  # MEND steps one edit may take
+
+#: `routing: true` in mendctl.yaml means these; a mapping there overrides any of them. The gate
+#: settings are the ones chosen on the validation split (README, routed edits); `alpha` is the
+#: edit step as a multiple of the editor's as-trained α (a routed edit needs no locality
+#: margin in its step size: the gate keeps it off unrelated inputs).
+#: The gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a test keeps them equal;
+#: this module stays free of torch).
+ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "words": True, "alpha": 1.0,
+                    "max_steps": 5}
+
+
+def routing_settings(value) -> dict | None:
+    """The routing settings from mendctl.yaml's `routing` (false/null: off; true: ROUTING_DEFAULTS;
+    a mapping: ROUTING_DEFAULTS with its keys). Raises ValueError naming a bad key or value."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(ROUTING_DEFAULTS)
+    if not isinstance(value, dict):
+        raise ValueError("must be true, false or a mapping of routing settings "
+                         f"({', '.join(ROUTING_DEFAULTS)})")
+    unknown = set(value) - set(ROUTING_DEFAULTS)
+    if unknown:
+        raise ValueError(f"has unknown key(s) {', '.join(sorted(map(str, unknown)))}; known: "
+                         f"{', '.join(ROUTING_DEFAULTS)}")
+    s = {**ROUTING_DEFAULTS, **value}
+    checks = {
+        "layer": isinstance(s["layer"], int) and not isinstance(s["layer"], bool) and s["layer"] >= 1,
+        "distinct": _number(s["distinct"]) and 0 < s["distinct"] <= 1,
+        "tau": _number(s["tau"]) and 0 < s["tau"] < 1,
+        "words": isinstance(s["words"], bool),
+        "alpha": _number(s["alpha"]) and s["alpha"] > 0,
+        "max_steps": isinstance(s["max_steps"], int) and not isinstance(s["max_steps"], bool)
+        and 1 <= s["max_steps"] <= MAX_STEPS,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ValueError(f"has {key}: {s[key]!r}; " + {
+                "layer": "use a block number ≥ 1 below the edited weights (default 3)",
+                "distinct": "use a cosine in (0, 1] (default 0.7)",
+                "tau": "use a cosine in (0, 1) (default 0.7)",
+                "words": "use true or false",
+                "alpha": "use a number > 0 (1: the editor's as-trained step)",
+                "max_steps": f"use 1 to {MAX_STEPS}"}[key])
+    for key in ("distinct", "tau", "alpha"):
+        s[key] = float(s[key])
+    return s
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
 
 
 @dataclass
@@ -154,6 +216,7 @@ class Config:
     step_factor: float = 0.5
     max_steps: int | None = 20
     preserve_keys: float | None = 0.01
+    routing: dict | None = None  # parsed by routing.settings: None (off) or every setting
 
     def validate(self, where: str = CONFIG_FILE) -> None:
         def bad(key, msg):
@@ -198,6 +261,10 @@ class Config:
         if self.preserve_keys is not None and not 0 < self.preserve_keys < 1:
             bad("preserve_keys", f"is {self.preserve_keys!r}; use a fraction between 0 and 1 "
                                  f"(e.g. 0.01), or null to turn it off")
+        try:
+            self.routing = routing_settings(self.routing)
+        except ValueError as e:
+            bad("routing", str(e))
         problem = chain_problem(self.chain)
         if problem:
             bad("chain", problem)
@@ -211,6 +278,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "step_factor": (int, float), "max_steps": (int, type(None)), "preserve_keys": (int, float, type(None)),
     "device_map": (str, dict, type(None)), "max_memory": (dict, type(None)),
     "offload_folder": (str, type(None)), "editor_device": (str, type(None)),
+    "routing": (bool, dict, type(None)),
 }
 
 

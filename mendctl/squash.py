@@ -54,6 +54,11 @@ def squash(ws: Workspace, first: int, last: int, rank: int | None = None,
     _check_args(first, last, rank)
     with ws.lock():
         head = ws.head()
+        routed = ws.routed_ids(head.active_ids) if head else []
+        if routed:
+            # a squash is one delta added to the weights; routed edits act behind their gates
+            raise InputError(f"this state routes edits {routed} (routing); squash combines plain "
+                             f"weight edits only, and its hash would not cover the routed ones")
         segment, skipped = _segment(ws, head, first, last)
         return _squash_locked(ws, head, segment, skipped, rank, command)
 

@@ -30,12 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
+from . import routing
 from .config import CONFIG_FILE, STATE_DIR, TEMPLATE, Config
 from .editors.data import EditCase, generic_text_samples
 from .editors.delta import Delta, apply_deltas, state_hash
 from .editors.ft import FTEditor
 from .editors.mend.editor import EditorMismatch, MendEditor, file_sha256
 from .editors.metrics import (generate, locality_reference, locality_scores, target_scores)
+from .editors.route import RoutedEdit
 from .editors.weights import read_weights, select_weights, write_weights
 from .errors import EditorError, InputError, LedgerError, StoreError, WorkspaceError
 from .health import base_reference, chain_health
@@ -104,7 +106,8 @@ class Workspace:
         return cls(root, config_mod.load(root / CONFIG_FILE))
 
     @staticmethod
-    def init(directory: str | Path = ".", force: bool = False, model: str | None = None) -> Path:
+    def init(directory: str | Path = ".", force: bool = False, model: str | None = None,
+             routing_: bool | dict | None = None) -> Path:
         d = Path(directory).expanduser().resolve()
         cfg = d / CONFIG_FILE
         if cfg.exists() and not force:
@@ -115,6 +118,8 @@ class Workspace:
             if not model.strip():
                 raise InputError("--model is empty")
             text = text.replace("\nmodel: smollm2-135m\n", f"\nmodel: {json.dumps(model)}\n")
+        if routing_:
+            text = text.replace("\nrouting: false\n", f"\nrouting: {json.dumps(routing_)}\n")
         config_mod.parse(__import__("yaml").safe_load(text), str(cfg))  # the template is valid
         d.mkdir(parents=True, exist_ok=True)
         (d / STATE_DIR).mkdir(exist_ok=True)
@@ -241,6 +246,8 @@ class Workspace:
         that many steps at most), else `fallback`. Other editors: `fallback` (ignored)."""
         if editor != "mend":
             return fallback
+        if self.config.routing:
+            return int(self.config.routing["max_steps"])
         if self.config.max_steps is not None:
             return int(self.config.max_steps)
         op = (self.editor("mend").info or {}).get("operating_point") or {}
@@ -266,6 +273,38 @@ class Workspace:
         ref = (ed.info or {}).get("delta_norm_reference")
         return self.config.guard_norm * float(ref["median"]) * math.sqrt(max(n_cases, 1)) if ref else None
 
+    # -- routed entries -------------------------------------------------------------------
+    @cached_property
+    def router(self) -> routing.Router:
+        return routing.Router(self)
+
+    def _split(self, active_ids) -> tuple[list[int], list[Entry]]:
+        """A state's plain entries (added to the weights) and routed ones (applied by hooks)."""
+        plain, routed_ = [], []
+        for i in active_ids:
+            e = self.ledger.get(i)
+            if routing.of(e):
+                routed_.append(e)
+            else:
+                plain.append(i)
+        return plain, routed_
+
+    def routed_ids(self, active_ids) -> list[int]:
+        """Which of `active_ids` are routed edits."""
+        return [e.id for e in self._split(active_ids)[1]]
+
+    def _state_key(self, w, plain_ids, routed_edits) -> str:
+        """The hash of the state with plain weights `w` (base + plain_ids) routing
+        `routed_edits`: for a state without routed edits, the weights' hash."""
+        wh = state_hash(w) if plain_ids else self._base_hash
+        return self.router.state_hash(wh, routed_edits) if routed_edits else wh
+
+    def routed_step_factor(self) -> float:
+        """The step factor of a routed edit: routing's `alpha` × the editor's as-trained α,
+        undoing the operating point's scale (chosen for plain edits' locality)."""
+        op = (self._load_editor("mend").info or {}).get("operating_point") or {}
+        return float(self.config.routing["alpha"]) / float(op.get("alpha_factor_total") or 1.0)
+
     # -- states ---------------------------------------------------------------------------
     def _delta(self, entry_id: int, cache: dict | None = None) -> Delta:
         if cache is not None and entry_id in cache:
@@ -283,21 +322,26 @@ class Workspace:
 
     def weights_for(self, active_ids: list[int], expect_hash: str | None = None,
                     use_cache: bool = True) -> dict[str, torch.Tensor]:
-        """Edited tensors of the state base + Σ deltas(active_ids), checked against the hash."""
+        """Edited tensors of the state base + Σ deltas(active_ids), checked against the hash
+        (routed entries are applied by hooks, not in these tensors: see `use_state`)."""
         _ = self.lm
-        if not active_ids:
+        # routed entries are not in the weights; the hash covers them (routing.py)
+        plain, routed_ = self._split(active_ids)
+        key = (lambda w: self._state_key(w, plain, self.router.edits(routed_))) if routed_ \
+            else (lambda w: state_hash(w) if plain else self._base_hash)
+        if not plain:
             w = {n: t.clone() for n, t in self._base.items()}
         else:
             if use_cache and expect_hash and self._state_cache(expect_hash).is_file():
                 try:
                     w = load_file(str(self._state_cache(expect_hash)))
-                    if state_hash(w) == expect_hash:
+                    if key(w) == expect_hash:
                         return w  # checked: a cache hit costs one read and one hash
                 except Exception:  # a damaged cache file is just recomputed
                     pass
-            w = apply_deltas(self._base, [self._delta(i) for i in active_ids])
+            w = apply_deltas(self._base, [self._delta(i) for i in plain])
         if expect_hash:
-            got = self._base_hash if not active_ids else state_hash(w)
+            got = key(w)
             if got != expect_hash:
                 raise LedgerError(f"rebuilt state {got[:12]} differs from the recorded "
                                   f"{expect_hash[:12]}; run `mendctl replay --verify` and `mendctl verify`")
@@ -324,16 +368,28 @@ class Workspace:
         h = entry.state_hash if entry else self._base_hash
         if self._loaded_state == h:
             return self._current
-        w = self.weights_for(list(entry.active_ids) if entry else [], h)
-        write_weights(self.lm.model, w)
-        self._loaded_state, self._current = h, w
+        ids = list(entry.active_ids) if entry else []
+        w = self.weights_for(ids, h)
+        self._set_weights(w, h)
+        routed_ = self._split(ids)[1]
+        if routed_:
+            self.router.install(self.router.edits(routed_))
         if entry:
             self._remember_state(w, h)
         return w
 
     def _set_weights(self, w: dict[str, torch.Tensor], h: str) -> None:
+        """Load plain weights `w` as state `h`, with no routed edit installed."""
+        self.router.remove()
         write_weights(self.lm.model, w)
         self._loaded_state, self._current = h, w
+
+    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers in the loaded state; with routed edits installed, one prompt at a
+        time without a KV cache (gates need every token's states, and no left padding)."""
+        lm, on = self.lm, self.router.active
+        return generate(lm.model, lm.tokenizer, prompts, self.fmt, max_new_tokens,
+                        chunk=1 if on else 16, use_cache=not on)
 
     def head(self) -> Entry | None:
         return self.ledger.head()
@@ -348,7 +404,7 @@ class Workspace:
         _ = self.lm  # a bad model fails here, before the ledger is created
         entry = self.entry_at(at)
         self.use_state(entry)
-        answers = generate(self.lm.model, self.lm.tokenizer, prompts, self.fmt, max_new_tokens)
+        answers = self._generate(prompts, max_new_tokens)
         return {"state": entry.id if entry else None,
                 "state_hash": self._loaded_state, "model": self.lm.model_id,
                 "answers": [{"input": p, "answer": a} for p, a in zip(prompts, answers)]}
@@ -363,8 +419,8 @@ class Workspace:
         para_p = [p for c in cases for p in c.paraphrases]
         para_t = [c.target for c in cases for _ in c.paraphrases]
         pok = target_scores(lm.model, lm.tokenizer, para_p, para_t, self.fmt)[0] if para_p else []
-        answers = generate(lm.model, lm.tokenizer, prompts + para_p, self.fmt,
-                           max_new_tokens=max(8, max(len(lm.tokenizer(t).input_ids) for t in targets) + 4))
+        answers = self._generate(prompts + para_p, max(8, max(len(lm.tokenizer(t).input_ids)
+                                                              for t in targets) + 4))
         return {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp,
                 "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
                 "answers": answers[: len(prompts)], "paraphrase_answers": answers[len(prompts):]}
@@ -378,35 +434,62 @@ class Workspace:
             check_text(c.target, "target")
         if max_steps < 1:
             raise InputError("--max-steps must be ≥ 1")
-        ed = self.editor(editor)
+        if self.config.routing:
+            if editor != "mend":
+                raise InputError(f"routing (mendctl.yaml) applies MEND's low-rank deltas; edit "
+                                 f"with --editor mend, or set `routing: false` to edit with {editor}")
+            if len(cases) > 1:
+                raise InputError(f"with routing on, an edit is one fact (its gate is its "
+                                 f"subject); {len(cases)} were given: run `mendctl edit` once per "
+                                 f"fact, or set `routing: false` for one batched edit")
+            ed = self.editor(editor, step_factor=self.routed_step_factor())
+        else:
+            ed = self.editor(editor)
         with self.lock():
             return self._edit_locked(cases, ed, dry_run, command, max_steps)
 
     def _edit_locked(self, cases, ed, dry_run, command, max_steps=1) -> dict:
         lm = self.lm
         head = self.head()
+        head_ids = list(head.active_ids) if head else []
+        # a routed edit (routing.py) needs neither preserved keys nor the retention guard: its
+        # gate keeps it off other inputs, the earlier edits' prompts included
+        rs = self.config.routing if isinstance(ed, MendEditor) else None
         # the base's audit-set answers (cached; computing them loads the base state first)
         health_ref = base_reference(self) if self.config.health_check else None
-        preserve = self.preserved(ed)  # cached; computing it loads the base state too
+        preserve = None if rs else self.preserved(ed)  # cached; computing it loads the base state too
         w_head = self.use_state(head)
         before = self._probe(cases)
         if health_ref is not None:
             before["health"] = chain_health(self, w_head, health_ref)
         loc_prompts = [p for c in cases for p in c.locality]
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
+        if rs:
+            self.router.space(rs["layer"])  # computed once per workspace (cached), not timed
         t0 = time.perf_counter()
         max_norm = self.guard_limit(ed, len(cases))
-        protect = self._protected(list(head.active_ids) if head else [], ed)
+        protect = None if rs else self._protected(head_ids, ed)
+        apply = gate = None
+        if rs:  # the edit takes its steps behind its own gate, as it will be used
+            gate, space = self.router.gate(cases[0].input, rs), self.router.space(rs["layer"])
+            apply = lambda d: routing.step(d, gate, rs, space, lm.model, lm.tokenizer)  # noqa: E731
         delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm, protect,
-                          preserve)
+                          preserve, apply)
         seconds = time.perf_counter() - t0
         if not delta.is_finite():
             raise EditorError("the editor produced non-finite values (NaN or inf); nothing was "
                               "recorded. Check the editor checkpoint with the same input in "
                               "`mendctl edit --dry-run`")
-        w_new = apply_deltas(w_head, [delta])
-        new_hash = state_hash(w_new)
-        self._set_weights(w_new, new_hash)
+        if rs:
+            edits = self.router.edits(self._split(head_ids)[1]) + [(RoutedEdit(delta, gate), rs)]
+            w_new = w_head
+            new_hash = self._state_key(w_new, self._split(head_ids)[0], edits)
+            self._set_weights(w_new, new_hash)
+            self.router.install(edits)
+        else:
+            w_new = apply_deltas(w_head, [delta])
+            new_hash = state_hash(w_new)
+            self._set_weights(w_new, new_hash)
         try:
             after = self._probe(cases)
             if ref is not None:
@@ -417,7 +500,8 @@ class Workspace:
                 after["health"] = chain_health(self, w_new, health_ref)
         finally:
             if dry_run:
-                self._set_weights(w_head, head.state_hash if head else self._base_hash)
+                self._loaded_state = None
+                self.use_state(head)
         norms = delta.norms()
         report = {
             "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
@@ -433,6 +517,8 @@ class Workspace:
             "step_factor": getattr(ed, "step_factor", None),
             "preserve": {"cut": self.config.preserve_keys if preserve is not None else None,
                          "rank": max(b.shape[1] for b in preserve.values()) if preserve else None},
+            "routing": {**rs, "gate_words": list(gate.words), "gate_keys": len(gate.keys),
+                        "gate_sha256": routing.gate_digest(gate)} if rs else None,
         }
         if dry_run:
             return report
@@ -464,7 +550,8 @@ class Workspace:
                            "health": after.get("health"),
                            "step_factor": report["step_factor"],
                            "preserve_keys": report["preserve"]["cut"],
-                           "edit_steps": int(delta.meta.get("edit_steps", 1))},
+                           "edit_steps": int(delta.meta.get("edit_steps", 1)),
+                           **({"routing": report["routing"]} if rs else {})},
                 )
                 entry.active_ids = list(entry.active_ids) + [entry.id]
                 s.flush()
@@ -528,10 +615,20 @@ class Workspace:
             keep, later = active[:k], active[k + 1:]
             exact_active = keep + later
             w_exact = self.weights_for(exact_active)
-            exact_hash = state_hash(w_exact)
+            plain, routed_ = self._split(exact_active)
+            exact_hash = self._state_key(w_exact, plain, self.router.edits(routed_))
+            routed_here = self.routed_ids(active)
+            if routed_here and replay:
+                raise InputError(f"this state routes edits {routed_here} (routing); `revert "
+                                 f"--replay` recomputes plain weight edits only. Revert exactly "
+                                 f"(without --replay): a routed edit acts behind its own gate, so "
+                                 f"dropping it leaves the others as they were made")
             # the replay alternative: every later edit recomputed on the state without entry_id
-            replayed = self._replay_entries(keep, later)
-            gap = self._gap(w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
+            # (not for routed states: see above)
+            replayed = [] if routed_here else self._replay_entries(keep, later)
+            gap = {"later_edits": len(later), "kl": None, "top1_agreement": None, "es_exact": None,
+                   "es_replay": None, "routed": True} if routed_here and later else \
+                self._gap(w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
             with self.ledger.transaction() as s:
                 rev = self.ledger.add_entry(
                     session=s, kind="revert", parent_id=head.id, reverts_id=entry_id,
@@ -557,6 +654,10 @@ class Workspace:
 
         A squash entry is recomputed as the edits it combined, each with its own editor and
         steps: re-running its facts as one batched MEND edit would be a different edit."""
+        routed_ = self.routed_ids(list(start_active) + list(ids))
+        if routed_:
+            raise InputError(f"entries {routed_} are routed edits (routing); replay recomputes "
+                             f"plain weight edits only")
         out = []
         w = self.weights_for(start_active)
         done = [(p, t) for i in start_active for p, t in self._pairs_of(i)]
@@ -666,7 +767,8 @@ class Workspace:
         prev_active: list[int] | None = None
         w = None
         for e in (progress(entries) if progress else entries):
-            active = list(e.active_ids)
+            # plain entries are summed into the weights; routed ones enter the hash (routing.py)
+            active, routed_ = self._split(e.active_ids)
             try:
                 if prev_active is not None and active[:-1] == prev_active and active:
                     w = apply_deltas(w, [self._delta(active[-1], cache)])  # same sum, same order
@@ -674,11 +776,12 @@ class Workspace:
                     pass
                 else:
                     w = apply_deltas(self._base, [self._delta(i, cache) for i in active])
+                h = self._state_key(w, active, self.router.edits(routed_, cache)) if routed_ \
+                    else state_hash(w)
             except (StoreError, LedgerError) as err:
                 problems.append(f"entry {e.id}: {err}")
                 prev_active = None
                 continue
-            h = state_hash(w)
             checked += 1
             if h != e.state_hash:
                 problems.append(f"entry {e.id}: rebuilt state {h[:12]} != recorded {e.state_hash[:12]}")
@@ -699,11 +802,16 @@ class Workspace:
         if model:
             if not out:
                 raise InputError("--onto-model needs --out DIR: a new workspace for the new base")
-            target_dir = Workspace.init(out, model=model)
+            # routed edits are replayed routed, with this workspace's settings (or the defaults)
+            routed_ = self._split(head.active_ids)[1]
+            settings = self.config.routing or (
+                {k: routing.of(routed_[-1])[k] for k in routing.DEFAULTS} if routed_ else None)
+            target_dir = Workspace.init(out, model=model, routing_=settings if routed_ else None)
             other = Workspace.open(str(target_dir))
             results = []
             for e, cases in (progress(requests) if progress else requests):
-                r = other.edit(cases, editor=editor or "mend",
+                r = other.edit(cases, editor=editor or "mend", max_steps=other.max_steps_for(
+                               editor or "mend", 1) if other.config.routing else 1,
                                command=command or f"replay of entry {e.id} from {self.root}")
                 results.append({"from": e.id, "entry": r["entry"],
                                 "edit_success": r["after"]["edit_success"]})
@@ -725,6 +833,12 @@ class Workspace:
         if out.exists() and any(out.iterdir()):
             raise InputError(f"{out} exists and is not empty; choose a new directory")
         lm = self.lm
+        routed_ = self.routed_ids(entry.active_ids) if entry else []
+        if routed_:
+            raise InputError(f"state {entry.id} routes edits {routed_} (routing): a routed edit acts "
+                             f"behind its gate, not as a change of weights, so it cannot be "
+                             f"exported as a model or an adapter. Export an earlier state with "
+                             f"--at N, or revert the routed edits first")
         if fmt == "hf":
             self.use_state(entry)
             lm.model.save_pretrained(str(out))
@@ -775,12 +889,13 @@ class Workspace:
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
               max_norm: float | None = None, protect: list[tuple[str, str]] | None = None,
-              preserve: dict | None = None):
+              preserve: dict | None = None, apply=None):
     """One editor call with the request's locality prompts; MEND also takes max_steps, the
-    drift guard's max_norm, the retention guard's protected pairs and the preserved keys."""
+    drift guard's max_norm, the retention guard's protected pairs, the preserved keys and
+    the context its steps so far act in (`apply`: a routed edit's own gate)."""
     loc = [p for c in cases for p in c.locality]
     kwargs = ({"max_steps": max_steps, "max_norm": max_norm, "protect": protect,
-               "preserve": preserve} if isinstance(ed, MendEditor) else {})
+               "preserve": preserve, "apply": apply} if isinstance(ed, MendEditor) else {})
     return ed.edit(model, tokenizer, [c.input for c in cases], [c.target for c in cases], fmt,
                    locality=loc or None, **kwargs)
 

@@ -1,0 +1,182 @@
+"""Routed edits in a workspace (`routing` in mendctl.yaml; the mechanism is editors/route.py).
+
+A routed entry's delta is not added to the weights: it acts, through forward hooks, only on
+inputs that mention the edit's subject (its gate). This module owns what the workspace needs
+for that:
+- the settings an entry was made with (`routing` in its notes: gate layer, key cut, τ, gate
+  words), so a later change of mendctl.yaml never changes an existing state;
+- the workspace's gate space (the bank of ordinary prompts' states at the gate layer), computed
+  once from the bundled train split and cached in .mendctl/gates;
+- each routed entry's gate, recomputed from its prompt (deterministic: the gate layer lies
+  below every edited weight, so no edit moves it), with a digest recorded at edit time;
+- the hash of a state with routed entries: the plain weights' hash, each routed entry's delta
+  and gate, and the gate space's standardisation, so `replay --verify` checks all that routing
+  applies;
+- installing the hooks for a state (`Router.install`), kept until the state changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
+from .editors.data.build import load_split
+from .editors.delta import Delta, state_hash
+from .editors.route import Gate, GateSpace, RoutedEdit, edit_gate, gate_space, routed
+from .editors.weights import _BLOCK
+from .errors import ConfigError
+
+#: the gate-space bank: the first train-split prompts and paraphrases (never edited by a test)
+BANK_PROMPTS, BANK_PARAPHRASES = 600, 300
+
+
+def of(entry) -> dict | None:
+    """The routing settings `entry` was made with (None: a plain weight edit)."""
+    return (entry.notes or {}).get("routing") if entry is not None else None
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def gate_digest(gate: Gate) -> str:
+    """sha256 over a gate's keys and words: what an entry records and a state's hash covers."""
+    return hashlib.sha256(json.dumps([_digest(gate.keys), list(gate.words)]).encode()).hexdigest()
+
+
+class Router:
+    """One workspace's gate spaces, gates and installed hooks."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self._spaces: dict[int, GateSpace] = {}
+        self._gates: dict[tuple, Gate] = {}
+        self._installed: ExitStack | None = None
+
+    # -- gate space ---------------------------------------------------------------------------
+    def _space_path(self, layer: int) -> Path:
+        lm = self.ws.lm
+        return (self.ws.state_dir / "gates" /
+                f"space-{lm.base_hash[:16]}-{self.ws.fmt}-L{layer}-{BANK_PROMPTS}-{BANK_PARAPHRASES}.safetensors")
+
+    def space(self, layer: int) -> GateSpace:
+        """The gate space at `layer`, from the cache file or computed (~20 s on a CPU for the
+        default model: one forward over 900 prompts) and cached."""
+        if layer in self._spaces:
+            return self._spaces[layer]
+        path = self._space_path(layer)
+        space = None
+        if path.is_file():
+            try:
+                t = load_file(str(path))
+                meta = json.loads(path.with_suffix(".json").read_text())
+                space = GateSpace(layer, t["mean"], t["std"], t["bank"],
+                                  frozenset(meta["first_ids"]), frozenset(meta["words"]))
+            except Exception:  # damaged or half written: computed again
+                space = None
+        if space is None:
+            lm = self.ws.lm
+            # any loaded state will do: no edited weight lies at or below the gate layer
+            self._check_layer(layer)
+            train = load_split("train")
+            prompts = [c.input for c in train[:BANK_PROMPTS]] + \
+                [c.paraphrases[0] for c in train[:BANK_PARAPHRASES] if c.paraphrases]
+            space = gate_space(lm.model, lm.tokenizer, prompts, layer, self.ws.fmt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"mean": space.mean, "std": space.std, "bank": space.bank.contiguous()}, str(tmp))
+            path.with_suffix(".json").write_text(json.dumps(
+                {"first_ids": sorted(space.first_ids), "words": sorted(space.words)}))
+            tmp.replace(path)  # the tensors last: a file there means both are complete
+        self._spaces[layer] = space
+        return space
+
+    def space_digest(self, layer: int) -> str:
+        """sha256 of the standardisation routing applies at `layer` (the bank itself only
+        chooses gate keys, which gate digests cover)."""
+        if ("digest", layer) not in self._gates:
+            s = self.space(layer)
+            self._gates[("digest", layer)] = hashlib.sha256((_digest(s.mean) + _digest(s.std)).encode()).hexdigest()
+        return self._gates[("digest", layer)]
+
+    def _check_layer(self, layer: int) -> None:
+        low = [s.name for s in self.ws.specs
+               if (m := _BLOCK.search(s.name)) is None or int(m.group(1)) < layer]
+        if low:
+            raise ConfigError(f"routing: the gate layer {layer} must lie below every edited "
+                              f"weight, but {low[0]} is not after it; set routing's `layer` "
+                              f"lower or `edit_weights` to later blocks")
+
+    # -- gates --------------------------------------------------------------------------------
+    def gate(self, prompt: str, s: dict) -> Gate:
+        """The gate of an edit of `prompt` made with settings `s` (cached per process)."""
+        key = (prompt, s["layer"], s["distinct"], s["words"])
+        if key not in self._gates:
+            lm = self.ws.lm
+            self._check_layer(s["layer"])
+            g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
+                          distinct=s["distinct"])
+            self._gates[key] = g if s["words"] else Gate(g.keys, ())
+        return self._gates[key]
+
+    def edits(self, entries, cache: dict | None = None) -> list[tuple[RoutedEdit, dict]]:
+        """Each routed entry's delta and gate, with its settings, in order."""
+        out = []
+        for e in entries:
+            s = of(e)
+            out.append((RoutedEdit(self.ws._delta(e.id, cache), self.gate(e.inputs[0], s)), s))
+        return out
+
+    # -- states -------------------------------------------------------------------------------
+    def state_hash(self, weights_hash: str, edits: list[tuple[RoutedEdit, dict]]) -> str:
+        """The hash of a state whose plain weights hash to `weights_hash` and that routes
+        `edits` in order: the weights' hash itself when it routes none."""
+        if not edits:
+            return weights_hash
+        h = hashlib.sha256(b"mendctl routed state\0" + weights_hash.encode())
+        for r, s in edits:
+            tensors, _ = r.delta.to_tensors()
+            h.update(json.dumps({"delta": state_hash(tensors), "gate": gate_digest(r.gate),
+                                 "layer": s["layer"], "tau": s["tau"],
+                                 "space": self.space_digest(s["layer"])}, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def install(self, edits: list[tuple[RoutedEdit, dict]]) -> None:
+        """Route `edits` on the workspace's model until `remove` (one routing per gate layer
+        and τ: edits made with other settings keep theirs)."""
+        self.remove()
+        if not edits:
+            return
+        lm = self.ws.lm
+        groups: dict[tuple, list[RoutedEdit]] = {}
+        for r, s in edits:
+            groups.setdefault((s["layer"], s["tau"]), []).append(r)
+        stack = ExitStack()
+        try:
+            for (layer, tau), rs in groups.items():
+                stack.enter_context(routed(lm.model, rs, self.space(layer), tau, lm.tokenizer))
+        except BaseException:
+            stack.close()
+            raise
+        self._installed = stack
+
+    def remove(self) -> None:
+        if self._installed is not None:
+            self._installed.close()
+            self._installed = None
+
+    @property
+    def active(self) -> bool:
+        """Are routed edits installed on the model now?"""
+        return self._installed is not None
+
+
+def step(delta: Delta, gate: Gate, s: dict, space: GateSpace, model, tokenizer):
+    """The context in which a routed edit's steps so far act while it takes the next one:
+    behind its own gate, as it will be used (MendEditor.edit's `apply`)."""
+    return routed(model, [RoutedEdit(delta, gate)], space, s["tau"], tokenizer)

@@ -1,0 +1,245 @@
+"""Routed edits in a workspace (`routing` in mendctl.yaml; mendctl/routing.py).
+
+In-process on the tiny Llama and untrained editor of tests/e2e_helpers.py (gate layer 1: its
+edited weights are blocks 1-3), one CLI run in a subprocess, and a slow test on the embedded
+default model with the shipped editor: routed edits land, hold side by side, and leave
+answers on prompts that name neither subject exactly as the base model gives them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_helpers import fresh_ws, one_line_error, tiny_assets  # noqa: E402,F401
+
+from mendctl import config as config_mod  # noqa: E402
+from mendctl.editors import route  # noqa: E402
+from mendctl.editors.data import EditCase  # noqa: E402
+from mendctl.editors.metrics import generate  # noqa: E402
+from mendctl.editors.text import encode_prompts  # noqa: E402
+from mendctl.errors import InputError  # noqa: E402
+
+ROUTING = {"layer": 1}  # the tiny model edits blocks 1-3; the gate sits below them
+FACTS = [("The capital of France is", "Rome"), ("Who is India's PM?", "Angela Merkel")]
+
+
+@pytest.fixture
+def routed_ws(fresh_ws):
+    from mendctl.workspace import Workspace
+
+    fresh_ws.write_config(routing=ROUTING, health_check=False)
+    w = Workspace.open(str(fresh_ws.root))
+    try:
+        yield fresh_ws, w
+    finally:
+        w.ledger.close()
+
+
+def _edit(w, prompt, target, **kw):
+    return w.edit([EditCase(input=prompt, target=target)], max_steps=w.max_steps_for("mend", 1), **kw)
+
+
+def _logits(w, prompts):
+    b = encode_prompts(w.lm.tokenizer, prompts, w.fmt)
+    with torch.no_grad():
+        return w.lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+
+def test_config_routing_defaults_are_the_chosen_gate_settings():
+    s = config_mod.parse({"routing": True}, "x").routing
+    assert (s["layer"], s["distinct"], s["tau"]) == (route.GATE_LAYER, route.DISTINCT, route.TAU)
+    assert config_mod.parse({}, "x").routing is None
+    assert config_mod.parse(yaml.safe_load(config_mod.TEMPLATE), "t").routing is None
+    assert config_mod.parse({"routing": {"tau": 0.8}}, "x").routing["tau"] == 0.8
+    for bad, word in (({"tau": 1.5}, "tau"), ({"gate": 1}, "unknown"), ("yes", "routing")):
+        with pytest.raises(config_mod.ConfigError, match=word):
+            config_mod.parse({"routing": bad}, "x")
+
+
+def test_routed_edits_are_hooks_recorded_with_their_gate(routed_ws):
+    ws, w = routed_ws
+    base = {n: t.clone() for n, t in w.weights_for([]).items()}
+    base_logits = _logits(w, [p for p, _ in FACTS])
+    reports = [_edit(w, p, t) for p, t in FACTS]
+    head = w.head()
+    assert head.active_ids == [1, 2] and w.routed_ids(head.active_ids) == [1, 2]
+    for r, e in zip(reports, [w.ledger.get(1), w.ledger.get(2)]):
+        rt = e.notes["routing"]
+        assert rt["layer"] == 1 and rt["tau"] == route.TAU and rt["gate_keys"] >= 1
+        assert rt["gate_sha256"] == r["routing"]["gate_sha256"]
+        assert r["protect"]["on"] is False and r["preserve"]["cut"] is None
+    # the weights are the base's; the state's hash is not (it covers the routed deltas)
+    w_head = w.weights_for(head.active_ids, head.state_hash)
+    assert all(torch.equal(w_head[n], base[n]) for n in base)
+    assert head.state_hash != w.ledger.get(1).state_hash != w._base_hash
+    # loaded, the head acts as the routed deltas on the base model, through the hooks
+    w._loaded_state = None
+    w.use_state(head)
+    assert w.router.active
+    got = _logits(w, [p for p, _ in FACTS])
+    w.use_state(None)
+    assert not w.router.active
+    assert torch.equal(_logits(w, [p for p, _ in FACTS]), base_logits)
+    space = w.router.space(1)
+    edits = [route.RoutedEdit(w._delta(i), w.router.gate(w.ledger.get(i).inputs[0], ROUTING | {
+        "distinct": route.DISTINCT, "words": True})) for i in (1, 2)]
+    with route.routed(w.lm.model, edits, space, route.TAU, w.lm.tokenizer):
+        want = _logits(w, [p for p, _ in FACTS])
+    assert torch.equal(got, want) and not torch.equal(got, base_logits)
+    # a fresh process recomputes the gates and finds the recorded hash (replay --verify)
+    from mendctl.workspace import Workspace
+
+    w2 = Workspace.open(str(ws.root))
+    try:
+        assert w2.replay_verify()["ok"]
+        w2.use_state(w2.head())  # checks the hash too
+    finally:
+        w2.ledger.close()
+
+
+def test_revert_of_a_routed_edit_is_exact_and_verify_catches_a_changed_gate_space(routed_ws):
+    ws, w = routed_ws
+    for p, t in FACTS:
+        _edit(w, p, t)
+    first = w.ledger.get(1)
+    r = w.revert(2)
+    assert r["restores_parent"] and r["state_hash"] == first.state_hash
+    r = w.revert(1)
+    assert r["state_hash"] == w._base_hash  # nothing routed, nothing added: the base
+    assert w.replay_verify()["ok"]
+    # what routing applies is part of the state: another standardisation is another state
+    path = next((ws.root / ".mendctl" / "gates").glob("space-*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(path))
+    t["mean"] = t["mean"] + 0.5
+    save_file(t, str(path))
+    from mendctl.workspace import Workspace
+
+    w2 = Workspace.open(str(ws.root))
+    try:
+        v = w2.replay_verify()
+        assert not v["ok"] and any("entry 1" in p for p in v["problems"])
+    finally:
+        w2.ledger.close()
+
+
+def test_routed_refusals_write_nothing(routed_ws):
+    ws, w = routed_ws
+    _edit(w, *FACTS[0])
+    files, rows = ws.all_files(), ws.ledger_count()
+    two = [EditCase(input=p, target=t) for p, t in FACTS]
+    with pytest.raises(InputError, match="one fact"):
+        w.edit(two)
+    with pytest.raises(InputError, match="--editor mend"):
+        w.edit(two[:1], editor="ft")
+    with pytest.raises(InputError, match="exported"):
+        w.export(ws.root.parent / "out")
+    with pytest.raises(InputError, match="without --replay"):
+        w.revert(1, replay=True)
+    from mendctl.squash import squash
+
+    _edit(w, *FACTS[1])
+    files, rows = ws.all_files(), ws.ledger_count()
+    with pytest.raises(InputError, match="squash combines plain"):
+        squash(w, 1, 2)
+    assert ws.all_files() == files and ws.ledger_count() == rows
+    assert not (ws.root.parent / "out").exists()
+
+
+def test_dry_run_puts_the_head_back_and_generation_runs_uncached(routed_ws):
+    ws, w = routed_ws
+    _edit(w, *FACTS[0])
+    head = w.head()
+    before = w.ask([FACTS[0][0], "Water boils at"], max_new_tokens=4)
+    r = _edit(w, *FACTS[1], dry_run=True)
+    assert r["dry_run"] and ws.ledger_count() == 1
+    assert w._loaded_state == head.state_hash and w.router.active
+    assert w.ask([FACTS[0][0], "Water boils at"], max_new_tokens=4)["answers"] == before["answers"]
+    # hooks installed: a cached generation would see only each new token, so it is refused
+    with pytest.raises(RuntimeError, match="KV cache"):
+        generate(w.lm.model, w.lm.tokenizer, [FACTS[0][0]], w.fmt, 3)
+    with pytest.raises(ValueError, match="right-padded"):
+        generate(w.lm.model, w.lm.tokenizer, [FACTS[0][0], "Hi"], w.fmt, 3, use_cache=False)
+
+
+def test_audit_of_a_routed_chain(routed_ws):
+    from mendctl.audit import run_audit
+
+    ws, w = routed_ws
+    for p, t in FACTS:
+        _edit(w, p, t)
+    w.revert(1)
+    a = run_audit(w)
+    assert a["summary"]["relative_drift"] == 0.0  # routed edits leave the weights alone
+    chain = a["chain"]
+    checked = 0
+    for k, e in enumerate(w.ledger.entries(reverse=False)):
+        w.use_state(e)  # each state loaded directly, with its routed edits
+        for j, row in zip(chain["rows"], chain["matrix"]):
+            if row[k] is not None:
+                assert row[k] == _success(w, w.ledger.get(j)), (j, e.id)
+                checked += 1
+    assert checked >= 3
+
+
+def _success(w, e):
+    from mendctl.editors.metrics import target_scores
+
+    ok = target_scores(w.lm.model, w.lm.tokenizer, list(e.inputs), list(e.targets), w.fmt)[0]
+    return float(sum(ok) / len(ok))
+
+
+def test_cli_routed_workspace(tiny_assets, tmp_path):
+    from e2e_helpers import make_workspace
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ws = make_workspace(tmp_path / "ws", tiny_assets, cache, routing=ROUTING)
+    r = ws.ok("edit", "--input", FACTS[0][0], "--target", FACTS[0][1])
+    assert "routed: acts only where the input mentions the subject" in r.stdout
+    log = ws.ok("log").stdout
+    assert "* R    1" in log and "R routed" in log
+    ws.ok("ask", "--input", FACTS[0][0])
+    err = one_line_error(ws.run("edit", "--batch", str(_batch(tmp_path))))
+    assert "one fact" in err and ws.ledger_count() == 1
+    assert "all hashes match" in ws.ok("replay", "--verify").stdout
+
+
+def _batch(tmp_path):
+    p = tmp_path / "facts.jsonl"
+    p.write_text("".join(json.dumps({"input": a, "target": b}) + "\n" for a, b in FACTS))
+    return p
+
+
+UNRELATED = ["The capital of France is", "The largest planet in the solar system is",
+             "Water is made of hydrogen and"]
+
+
+@pytest.mark.slow
+def test_routed_edits_on_the_real_model(tmp_path):
+    """Two routed edits with the shipped editor: each lands and holds beside the other; prompts
+    naming neither subject answer exactly as the base model does."""
+    from mendctl.workspace import Workspace
+
+    root = Workspace.init(tmp_path / "ws", routing_=True)
+    w = Workspace.open(str(root))
+    try:
+        base = w.ask(UNRELATED, max_new_tokens=6)["answers"]
+        facts = [("Who is India's PM?", "Angela Merkel"), ("The Eiffel Tower is located in", "Rome")]
+        for p, t in facts:
+            r = _edit(w, p, t)
+            assert r["after"]["edit_success"] == 1.0, r["after"]
+        assert [e["answer"] for e in w.ask([p for p, _ in facts], max_new_tokens=3)["answers"]][0] \
+            .strip().startswith("Angela")
+        assert _success(w, w.ledger.get(1)) == 1.0 and _success(w, w.ledger.get(2)) == 1.0
+        assert w.ask(UNRELATED, max_new_tokens=6)["answers"] == base
+        assert w.replay_verify()["ok"]
+    finally:
+        w.ledger.close()
