@@ -101,6 +101,8 @@ def main():
     ap.add_argument("--layers", default="3", help="comma list: gate layers (hidden state index)")
     ap.add_argument("--distinct", default=str(DISTINCT), help="comma list: gate-key cuts")
     ap.add_argument("--tau", default=str(TAU), help="comma list: gate thresholds")
+    ap.add_argument("--margin", default="off",
+                    help="comma list: gate margins (open only within this of the best score), or off")
     ap.add_argument("--alpha-factor", type=float, default=1.0,
                     help="α × this, relative to the checkpoint's α")
     ap.add_argument("--max-steps", type=int, default=3)
@@ -132,9 +134,11 @@ def main():
     refs = {c.input: locality_reference(model, tok, c.locality[:2], fmt, n_new=2)
             for c in cases if c.locality}
     audit_ref = locality_reference(model, tok, standard_audit_set().prompts, fmt, n_new=4)
-    configs = [(L, d, t) for L in spaces for d in floats(a.distinct) for t in floats(a.tau)]
+    margins = [None if m == "off" else float(m) for m in a.margin.split(",")]
+    configs = [(L, d, t, m) for L in spaces for d in floats(a.distinct) for t in floats(a.tau)
+               for m in margins]
     # the edits are made under the first configuration's routing; the others re-score them
-    gate_layer, tau0 = configs[0][0], configs[0][2]
+    gate_layer, tau0, margin0 = configs[0][0], configs[0][2], configs[0][3]
     fields = ["edit_success", "paraphrase_success", "locality", "locality_unnamed", "audit_agreement"]
     results = {cfg: {k: [] for k in ["immediate_edit_success", *fields, "gate_open_paraphrases",
                                      "gate_open_own_locality"]} for cfg in configs}
@@ -152,7 +156,7 @@ def main():
             new = keys[configs[0]][-1]
             # the earlier edits routed; this edit's own steps routed too (its gate, its τ), so
             # it takes steps until it holds as it will be used
-            with routed(model, made, spaces[gate_layer], tau0, tok):
+            with routed(model, made, spaces[gate_layer], tau0, tok, margin0):
                 delta = ed.edit(model, tok, [c.input], [c.target], fmt, max_steps=a.max_steps,
                                 max_norm=guard, apply=lambda d, new=new: routed(
                                     model, [RoutedEdit(d, new)], spaces[gate_layer], tau0, tok))
@@ -161,20 +165,20 @@ def main():
             deltas.append(delta)
             for cfg in configs:
                 with routed(model, [RoutedEdit(x, k) for x, k in zip(deltas, keys[cfg])],
-                            spaces[cfg[0]], cfg[2], tok):
+                            spaces[cfg[0]], cfg[2], tok, cfg[3]):
                     results[cfg]["immediate_edit_success"] += edit_success(
                         model, tok, [c.input], [c.target], fmt)
         for cfg in configs:
-            L, _, tau = cfg
+            L, _, tau, margin = cfg
             edits = [RoutedEdit(x, k) for x, k in zip(deltas, keys[cfg])]
             r = score(model, tok, chain, refs, audit_ref, subjects,
-                      lambda edits=edits, cfg=cfg: routed(model, edits, spaces[cfg[0]], cfg[2], tok), fmt)
+                      lambda edits=edits, cfg=cfg: routed(model, edits, spaces[cfg[0]], cfg[2], tok, cfg[3]), fmt)
             for k, v in r.items():
                 results[cfg][k] += v
             if cfg == configs[0]:  # which edits were kept, for the first configuration
                 n = len(results[cfg]["edit_success"])
                 # which other edits' gates are open where each edit's answer is predicted
-                cross = open_at_end(model, tok, spaces[L], keys[cfg], [c.input for c in chain], tau, fmt)
+                cross = open_at_end(model, tok, spaces[L], keys[cfg], [c.input for c in chain], tau, fmt, margin)
                 cross.fill_diagonal_(False)
                 per_case += [{"case_id": c.meta.get("case_id"), "subject": c.meta.get("subject"),
                               "gate_words": list(k.words), "immediate": imm, "retained": kept,
@@ -196,7 +200,7 @@ def main():
     # what routing costs a forward pass: the audit set's prompts, base vs the last chain routed
     last = [RoutedEdit(x, k) for x, k in zip(deltas, keys[configs[0]])]
     timing = {}
-    for label, ctx in (("base", None), ("routed", lambda: routed(model, last, spaces[gate_layer], tau0, tok))):
+    for label, ctx in (("base", None), ("routed", lambda: routed(model, last, spaces[gate_layer], tau0, tok, margin0))):
         best = float("inf")
         for _ in range(3):
             t = time.perf_counter()
@@ -212,9 +216,10 @@ def main():
     print(f"forward of the audit set: base {timing['base']:.3f} s, with {len(last)} routed edits "
           f"{timing['routed']:.3f} s ({timing['ratio']:.2f}×)", file=sys.stderr)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
-    rows = [{"mode": f"routed L{L} keys<{d:g} τ {t:g}" + (" no words" if a.no_words else " + words"),
-             "gate_layer": L, "distinct": d, "tau": t, "words": not a.no_words,
-             **{k: mean(v) for k, v in results[(L, d, t)].items()}} for (L, d, t) in configs]
+    rows = [{"mode": f"routed L{L} keys<{d:g} τ {t:g}" + (" no words" if a.no_words else " + words")
+             + (f" margin {m:g}" if m is not None else ""),
+             "gate_layer": L, "distinct": d, "tau": t, "margin": m, "words": not a.no_words,
+             **{k: mean(v) for k, v in results[(L, d, t, m)].items()}} for (L, d, t, m) in configs]
     if a.plain:
         rows.append({"mode": "same deltas as plain weights", **{k: mean(v) for k, v in plain.items()}})
     cols = ["mode", "immediate_edit_success", "edit_success", "paraphrase_success", "locality",

@@ -62,13 +62,17 @@ def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None
     row = {
         "editor": editor, "T": len(cases), "max_steps": max_steps,
         "guard_norm": guard_norm if editor == "mend" else None,
-        "protect_edits": protect if editor == "mend" else None,
+        "protect_edits": protect if editor == "mend" and not ws.config.routing else None,
         "editor_checkpoint": ws.editor(editor).info.get("created") if editor == "mend" else None,
         # a calibrated copy keeps its training's `created`: its α factor tells them apart
         "alpha_factor": ((ws.editor(editor).info.get("operating_point") or {})
                          .get("alpha_factor_total", 1.0)) if editor == "mend" else None,
-        "step_factor": ws.config.step_factor if editor == "mend" else None,
-        "preserve_keys": ws.config.preserve_keys if editor == "mend" else None,
+        # routed edits (routing: true) take their own step and skip preserved keys and the
+        # retention guard (workspace._edit_locked)
+        "routing": ws.config.routing if editor == "mend" else None,
+        "step_factor": (ws.routed_step_factor() if ws.config.routing else ws.config.step_factor)
+        if editor == "mend" else None,
+        "preserve_keys": ws.config.preserve_keys if editor == "mend" and not ws.config.routing else None,
         "guard_clipped_edits": sum(1 for e in entries if (e.notes or {}).get("norm_scale") is not None),
         "immediate_edit_success": _mean([m.get("edit_success") for m in imm]),
         "immediate_paraphrase_success": _mean([m.get("paraphrase_success") for m in imm]),
@@ -103,6 +107,8 @@ def _label(r: dict) -> str:
     f, k = (r.get("alpha_factor") or 1.0) * (r.get("step_factor") or 1.0), r.get("max_steps", 1)
     steps = (f", α×{f:g}" if f != 1.0 else "") + (f", ≤{k} steps" if k > 1 else "") + \
         (f", preserved keys {r['preserve_keys']:g}" if r.get("preserve_keys") else "")
+    if r.get("routing"):
+        steps += f", routed τ {r['routing']['tau']:g}"
     return (f"mend ({r.get('editor_checkpoint') or 'editor'}{steps}, "
             f"{'no guard' if g is None else f'guard {g:g}'}"
             f"{', retention guard' if r.get('protect_edits') else ''})")
@@ -111,7 +117,8 @@ def _label(r: dict) -> str:
 def _key(r: dict) -> tuple:
     return (r["editor"], r["T"], r.get("guard_norm"), r.get("editor_checkpoint"),
             r.get("alpha_factor") or 1.0, r.get("max_steps", 1), bool(r.get("protect_edits")),
-            r.get("step_factor") or 1.0, r.get("preserve_keys"))
+            r.get("step_factor") or 1.0, r.get("preserve_keys"),
+            json.dumps(r.get("routing"), sort_keys=True))
 
 
 def plot(rows: list[dict], path: str) -> None:

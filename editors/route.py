@@ -198,9 +198,16 @@ class RoutedEdit:
     gate: Gate
 
 
-def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau: float) -> torch.Tensor:
+def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau: float,
+          words: torch.Tensor | None = None, margin: float | None = None) -> torch.Tensor:
     """(batch, tokens, edits) bool: is each edit's gate open at each token of `hidden`
-    (batch, tokens, dim), the states at the gate layer."""
+    (batch, tokens, dim), the states at the gate layer?
+
+    An edit's score at a token is the best cosine of any token so far to one of its keys, or 1
+    (a key's own cosine) once `words` (batch, tokens, edits; see `word_gates`) holds. A gate is
+    open where its score exceeds `tau` and, with a `margin`, is within `margin` of the best
+    score of any edit there: a sequence that names one subject then opens that subject's edits
+    (all of them: they score alike), not those of a similar-looking name that also passed τ."""
     z = space.unit(hidden)
     k = torch.cat(keys).to(z.device)
     owner = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)]).to(z.device)
@@ -208,11 +215,18 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau:
     sim[:, 0] = -torch.inf  # the first token never opens a gate (see hidden_at)
     best = torch.full((*sim.shape[:2], len(keys)), -torch.inf, device=z.device, dtype=sim.dtype)
     best = best.scatter_reduce(2, owner.expand(*sim.shape[:2], -1), sim, "amax")
-    return best.cummax(dim=1).values > tau
+    score = best.cummax(dim=1).values
+    if words is not None:
+        score = torch.where(words.to(score.device), score.clamp_min(1.0), score)
+    opened = score > tau
+    if margin is not None:
+        opened &= score >= score.max(dim=-1, keepdim=True).values - margin
+    return opened
 
 
 def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
-                prompts: list[str], tau: float = TAU, fmt: str = "raw") -> torch.Tensor:
+                prompts: list[str], tau: float = TAU, fmt: str = "raw",
+                margin: float | None = None) -> torch.Tensor:
     """(prompts, gates) bool: which gates are open at each prompt's last token (where its
     answer is predicted)."""
     keys = [g.keys for g in gates_]
@@ -220,22 +234,23 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     out = torch.zeros(len(prompts), len(gates_), dtype=torch.bool)
     for i, (p, h) in enumerate(zip(prompts, hidden_at(model, tokenizer, prompts, space.layer, fmt))):
         full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
-        out[i] = gates(space, full, keys, tau)[0, -1]
+        w = None
         if any(words):
             ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
-            out[i] |= word_gates(tokenizer, ids, words)[0, -1]
+            w = word_gates(tokenizer, ids, words)
+        out[i] = gates(space, full, keys, tau, w, margin)[0, -1]
     return out
 
 
 def opens(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, prompts: list[str],
-          tau: float = TAU, fmt: str = "raw") -> list[bool]:
+          tau: float = TAU, fmt: str = "raw") -> list[bool]:  # (one gate: no margin to keep)
     """Per prompt: is `gate` open at its last token?"""
     return open_at_end(model, tokenizer, space, [gate], prompts, tau, fmt)[:, 0].tolist()
 
 
 @contextmanager
 def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: float = TAU,
-           tokenizer=None):
+           tokenizer=None, margin: float | None = None):
     """Within the block, `model` behaves as base + Σ gate_i · ΔW_i (see the module doc).
     Hooks only: no weight is touched, so leaving the block restores the model exactly.
     Gate words count only when `tokenizer` is given (it reads the text of the input ids)."""
@@ -266,10 +281,8 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         state.pop("open", None)  # (returns None: the output stays as it is)
 
     def on_gate(module, args, output):
-        opened = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau)
-        if state.get("words") is not None:
-            opened = opened | state["words"].to(opened.device)
-        state["open"] = opened
+        state["open"] = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau,
+                              state.get("words"), margin)
 
     # per edited module: all edits' factor rows stacked, with the edit each row belongs to
     factors: dict[str, tuple] = {}

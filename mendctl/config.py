@@ -131,8 +131,9 @@ health_check: true
 # answers this way, where plain weight edits keep almost none. One fact per edit; `ask`
 # generates without a KV cache; routed states cannot be exported as plain weights or squashed.
 # true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
-# words: true, alpha: 1.0, max_steps: 5} (alpha: the step as a multiple of the editor's
-# as-trained α). Entries keep the settings they were made with.
+# margin: null, words: true, alpha: 1.0, max_steps: 5} (margin: open only the gates scoring
+# within it of the best; alpha: the step as a multiple of the editor's as-trained α). Entries
+# keep the settings they were made with.
 routing: false
 """
 
@@ -145,8 +146,8 @@ MAX_STEPS = 50  # MEND steps one edit may take
 #: margin in its step size: the gate keeps it off unrelated inputs).
 #: The gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a test keeps them equal;
 #: this module stays free of torch).
-ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "words": True, "alpha": 1.0,
-                    "max_steps": 5}
+ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
+                    "alpha": 1.0, "max_steps": 5}
 
 
 def routing_settings(value) -> dict | None:
@@ -168,6 +169,7 @@ def routing_settings(value) -> dict | None:
         "layer": isinstance(s["layer"], int) and not isinstance(s["layer"], bool) and s["layer"] >= 1,
         "distinct": _number(s["distinct"]) and 0 < s["distinct"] <= 1,
         "tau": _number(s["tau"]) and 0 < s["tau"] < 1,
+        "margin": s["margin"] is None or (_number(s["margin"]) and 0 <= s["margin"] < 1),
         "words": isinstance(s["words"], bool),
         "alpha": _number(s["alpha"]) and s["alpha"] > 0,
         "max_steps": isinstance(s["max_steps"], int) and not isinstance(s["max_steps"], bool)
@@ -179,11 +181,12 @@ def routing_settings(value) -> dict | None:
                 "layer": "use a block number ≥ 1 below the edited weights (default 3)",
                 "distinct": "use a cosine in (0, 1] (default 0.7)",
                 "tau": "use a cosine in (0, 1) (default 0.7)",
+                "margin": "use a cosine difference in [0, 1), or null for none",
                 "words": "use true or false",
                 "alpha": "use a number > 0 (1: the editor's as-trained step)",
                 "max_steps": f"use 1 to {MAX_STEPS}"}[key])
-    for key in ("distinct", "tau", "alpha"):
-        s[key] = float(s[key])
+    for key in ("distinct", "tau", "alpha", "margin"):
+        s[key] = None if s[key] is None else float(s[key])
     return s
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -88,11 +89,16 @@ class Router:
                 [c.paraphrases[0] for c in train[:BANK_PARAPHRASES] if c.paraphrases]
             space = gate_space(lm.model, lm.tokenizer, prompts, layer, self.ws.fmt)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            # written under per-process names and renamed, the tensors last: another process
+            # (an `ask` needs no lock) may be writing the same cache, and a tensor file there
+            # means its word list is complete
+            tmp, tmp_json = (path.with_suffix(f".tmp{os.getpid()}"),
+                             path.with_suffix(f".json.tmp{os.getpid()}"))
             save_file({"mean": space.mean, "std": space.std, "bank": space.bank.contiguous()}, str(tmp))
-            path.with_suffix(".json").write_text(json.dumps(
-                {"first_ids": sorted(space.first_ids), "words": sorted(space.words)}))
-            tmp.replace(path)  # the tensors last: a file there means both are complete
+            tmp_json.write_text(json.dumps({"first_ids": sorted(space.first_ids),
+                                            "words": sorted(space.words)}))
+            tmp_json.replace(path.with_suffix(".json"))
+            tmp.replace(path)
         self._spaces[layer] = space
         return space
 
@@ -142,24 +148,24 @@ class Router:
         for r, s in edits:
             tensors, _ = r.delta.to_tensors()
             h.update(json.dumps({"delta": state_hash(tensors), "gate": gate_digest(r.gate),
-                                 "layer": s["layer"], "tau": s["tau"],
+                                 "layer": s["layer"], "tau": s["tau"], "margin": s.get("margin"),
                                  "space": self.space_digest(s["layer"])}, sort_keys=True).encode())
         return h.hexdigest()
 
     def install(self, edits: list[tuple[RoutedEdit, dict]]) -> None:
-        """Route `edits` on the workspace's model until `remove` (one routing per gate layer
-        and τ: edits made with other settings keep theirs)."""
+        """Route `edits` on the workspace's model until `remove` (one routing per gate layer,
+        τ and margin: edits made with other settings keep theirs)."""
         self.remove()
         if not edits:
             return
         lm = self.ws.lm
         groups: dict[tuple, list[RoutedEdit]] = {}
         for r, s in edits:
-            groups.setdefault((s["layer"], s["tau"]), []).append(r)
+            groups.setdefault((s["layer"], s["tau"], s.get("margin")), []).append(r)
         stack = ExitStack()
         try:
-            for (layer, tau), rs in groups.items():
-                stack.enter_context(routed(lm.model, rs, self.space(layer), tau, lm.tokenizer))
+            for (layer, tau, margin), rs in groups.items():
+                stack.enter_context(routed(lm.model, rs, self.space(layer), tau, lm.tokenizer, margin))
         except BaseException:
             stack.close()
             raise
@@ -179,4 +185,4 @@ class Router:
 def step(delta: Delta, gate: Gate, s: dict, space: GateSpace, model, tokenizer):
     """The context in which a routed edit's steps so far act while it takes the next one:
     behind its own gate, as it will be used (MendEditor.edit's `apply`)."""
-    return routed(model, [RoutedEdit(delta, gate)], space, s["tau"], tokenizer)
+    return routed(model, [RoutedEdit(delta, gate)], space, s["tau"], tokenizer)  # (alone: no margin)

@@ -9,7 +9,7 @@ import torch
 from conftest import SUBJECTS, fact_paraphrase, fact_prompt
 from mendctl.editors.mend.editor import MendConfig, MendEditor
 from mendctl.editors.metrics import target_scores
-from mendctl.editors.route import (Gate, RoutedEdit, edit_gate, gate_keys, gate_space, gates, open_at_end, opens,
+from mendctl.editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_keys, gate_space, gates, open_at_end, opens,
                                    routed, word_gates)
 from mendctl.editors.text import encode_prompts
 from mendctl.editors.weights import applied, select_weights
@@ -222,3 +222,27 @@ def test_open_at_end_is_the_gate_of_every_pair(tiny_llama, tiny_tokenizer):
     got = open_at_end(tiny_llama, tiny_tokenizer, space, gs, prompts, tau=0.6)
     assert got.tolist() == [[True, False], [False, True], [False, False]]
     assert [opens(tiny_llama, tiny_tokenizer, space, g, prompts, tau=0.6) for g in gs] == got.T.tolist()
+
+
+def test_margin_opens_the_best_matching_subjects_only():
+    """With a margin, a token opens the gates scoring within it of the best there: the edit
+    of the subject named, not one of a similar-looking name that also passed τ; edits of the
+    same subject (equal keys) and a gate word (score 1) open together."""
+    dim = 8
+    space = GateSpace(1, torch.zeros(dim), torch.ones(dim), torch.empty(0), frozenset(), frozenset())
+    a = torch.zeros(1, dim)
+    a[0, 0] = 1.0
+    near = torch.zeros(1, dim)
+    near[0, 0], near[0, 1] = 0.8, 0.6  # cosine 0.8 to `a`
+    hidden = torch.zeros(1, 3, dim)
+    hidden[0, 0, 2] = 1.0  # the first token never opens a gate
+    hidden[0, 1] = a[0]  # names the subject of the first two edits
+    hidden[0, 2, 3] = 1.0  # unrelated: the gates stay open (cumulative)
+    keys = [a, a.clone(), near]
+    plain = gates(space, hidden, keys, tau=0.7)[0]
+    assert plain[:, 0].tolist() == plain[:, 1].tolist() == plain[:, 2].tolist() == [False, True, True]
+    kept = gates(space, hidden, keys, tau=0.7, margin=0.1)[0]
+    assert kept.tolist() == [[False, False, False], [True, True, False], [True, True, False]]
+    words = torch.zeros(1, 3, 3, dtype=torch.bool)
+    words[0, 2, 2] = True  # the third edit's words appear at the last token: it opens there too
+    assert gates(space, hidden, keys, tau=0.7, words=words, margin=0.1)[0, 2].tolist() == [True, True, True]
