@@ -134,7 +134,10 @@ def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: in
              chunk: int = 16, use_cache: bool = True) -> list[str]:
     """Greedy answers, several prompts per call: left padding, so every prompt's new tokens
     start at the same position (the model's generate takes positions from the mask).
-    `use_cache=False` runs the whole sequence at every step (what routed edits need)."""
+    `use_cache=False` runs the whole sequences at every step instead, right-padded (what
+    routed edits need: see `greedy_uncached`)."""
+    if not use_cache:
+        return greedy_uncached(model, tokenizer, prompts, fmt, max_new_tokens, chunk)
     out = []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
@@ -147,4 +150,31 @@ def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: in
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, use_cache=use_cache)
         out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
+    return out
+
+
+@torch.no_grad()
+def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
+                    chunk: int = 16) -> list[str]:
+    """Greedy answers without a KV cache: each step runs the whole right-padded sequences (a
+    real position's logits are then as they are alone) and extends each row at its own end,
+    until it emits the end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(prompts), chunk):
+        rows = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts[i:i + chunk]]
+        starts = [len(r) for r in rows]
+        live = list(range(len(rows)))
+        for _ in range(max_new_tokens):
+            if not live:
+                break
+            part = [rows[j] for j in live]
+            logits = _logits(model, encode_sequences(part, tokenizer, [len(x) for x in part]))
+            last = torch.tensor([len(x) - 1 for x in part], device=logits.device)
+            nxt = logits[torch.arange(len(part), device=logits.device), last].argmax(-1).tolist()
+            for j, t in zip(list(live), nxt):
+                rows[j] = rows[j] + [t]
+                if t == eos:
+                    live.remove(j)
+        out += [tokenizer.decode(r[k:], skip_special_tokens=True) for r, k in zip(rows, starts)]
     return out

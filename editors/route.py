@@ -216,9 +216,11 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau:
     best = torch.full((*sim.shape[:2], len(keys)), -torch.inf, device=z.device, dtype=sim.dtype)
     best = best.scatter_reduce(2, owner.expand(*sim.shape[:2], -1), sim, "amax")
     score = best.cummax(dim=1).values
-    if words is not None:
-        score = torch.where(words.to(score.device), score.clamp_min(1.0), score)
     opened = score > tau
+    if words is not None:  # (the words open a gate whatever τ is)
+        words = words.to(score.device)
+        score = torch.where(words, score.clamp_min(1.0), score)
+        opened |= words
     if margin is not None:
         opened &= score >= score.max(dim=-1, keepdim=True).values - margin
     return opened

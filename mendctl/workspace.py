@@ -371,10 +371,10 @@ class Workspace:
         ids = list(entry.active_ids) if entry else []
         w = self.weights_for(ids, h)
         self._set_weights(w, h)
-        routed_ = self._split(ids)[1]
+        plain, routed_ = self._split(ids)
         if routed_:
             self.router.install(self.router.edits(routed_))
-        if entry:
+        if plain:  # (routed entries alone leave the base's weights: nothing to cache)
             self._remember_state(w, h)
         return w
 
@@ -385,11 +385,11 @@ class Workspace:
         self._loaded_state, self._current = h, w
 
     def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers in the loaded state; with routed edits installed, one prompt at a
-        time without a KV cache (gates need every token's states, and no left padding)."""
-        lm, on = self.lm, self.router.active
+        """Greedy answers in the loaded state; with routed edits installed, without a KV
+        cache (gates need every token's states) and right-padded."""
+        lm = self.lm
         return generate(lm.model, lm.tokenizer, prompts, self.fmt, max_new_tokens,
-                        chunk=1 if on else 16, use_cache=not on)
+                        use_cache=not self.router.active)
 
     def head(self) -> Entry | None:
         return self.ledger.head()
@@ -561,7 +561,8 @@ class Workspace:
             self._drop_unrecorded(staged.sha256)
             self._loaded_state = None  # the model holds an unrecorded state
             raise
-        self._remember_state(w_new, new_hash)
+        if not rs or self._split(head_ids)[0]:
+            self._remember_state(w_new, new_hash)
         report["entry"] = entry.id
         return report
 

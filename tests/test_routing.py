@@ -165,8 +165,16 @@ def test_dry_run_puts_the_head_back_and_generation_runs_uncached(routed_ws):
     # hooks installed: a cached generation would see only each new token, so it is refused
     with pytest.raises(RuntimeError, match="KV cache"):
         generate(w.lm.model, w.lm.tokenizer, [FACTS[0][0]], w.fmt, 3)
-    with pytest.raises(ValueError, match="right-padded"):
-        generate(w.lm.model, w.lm.tokenizer, [FACTS[0][0], "Hi"], w.fmt, 3, use_cache=False)
+    with pytest.raises(ValueError, match="right-padded"):  # (generate's batches: left-padded)
+        generate(w.lm.model, w.lm.tokenizer, [FACTS[0][0], "Hi"], w.fmt, 3)
+    # uncached and right-padded, a batch answers as each prompt alone
+    prompts = [FACTS[0][0], "Hi", "Water boils at"]
+    together = generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5, use_cache=False)
+    assert together == [generate(w.lm.model, w.lm.tokenizer, [p], w.fmt, 5, use_cache=False)[0]
+                        for p in prompts]
+    w.use_state(None)  # and on the base model, as the cached generate answers
+    assert generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5, use_cache=False) == \
+        generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5)
 
 
 def test_audit_of_a_routed_chain(routed_ws):
@@ -224,22 +232,33 @@ UNRELATED = ["The capital of France is", "The largest planet in the solar system
 
 @pytest.mark.slow
 def test_routed_edits_on_the_real_model(tmp_path):
-    """Two routed edits with the shipped editor: each lands and holds beside the other; prompts
-    naming neither subject answer exactly as the base model does."""
-    from mendctl.workspace import Workspace
+    """Two routed edits with the shipped editor through the CLI: each lands and holds beside
+    the other; prompts naming neither subject answer exactly as the base model does; exact
+    revert of one leaves the other; every state rebuilds to its recorded hash."""
+    import os
+    import subprocess
 
-    root = Workspace.init(tmp_path / "ws", routing_=True)
-    w = Workspace.open(str(root))
-    try:
-        base = w.ask(UNRELATED, max_new_tokens=6)["answers"]
-        facts = [("Who is India's PM?", "Angela Merkel"), ("The Eiffel Tower is located in", "Rome")]
-        for p, t in facts:
-            r = _edit(w, p, t)
-            assert r["after"]["edit_success"] == 1.0, r["after"]
-        assert [e["answer"] for e in w.ask([p for p, _ in facts], max_new_tokens=3)["answers"]][0] \
-            .strip().startswith("Angela")
-        assert _success(w, w.ledger.get(1)) == 1.0 and _success(w, w.ledger.get(2)) == 1.0
-        assert w.ask(UNRELATED, max_new_tokens=6)["answers"] == base
-        assert w.replay_verify()["ok"]
-    finally:
-        w.ledger.close()
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "mendctl", "-w", str(tmp_path / "ws"), *args],
+                           env=dict(os.environ), capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout) if "--json" in args else r.stdout
+
+    def ask(*prompts):
+        out = run("ask", *sum([["--input", p] for p in prompts], []), "--max-new-tokens", "6", "--json")
+        return [a["answer"] for a in out["answers"]]
+
+    subprocess.run([sys.executable, "-m", "mendctl", "init", "--routed", str(tmp_path / "ws")], check=True)
+    base = ask(*UNRELATED)
+    facts = [("Who is India's PM?", "Angela Merkel"), ("The Eiffel Tower is located in", "Rome")]
+    for p, t in facts:
+        r = run("edit", "--input", p, "--target", t, "--json")
+        assert r["after"]["edit_success"] == 1.0 and r["routing"]["gate_words"], r
+    answers = ask(*[p for p, _ in facts])
+    assert answers[0].strip().startswith("Angela") and answers[1].strip().startswith("Rome")
+    assert ask(*UNRELATED) == base
+    assert "R routed" in run("log")
+    run("revert", "1")
+    answers = ask(*[p for p, _ in facts])
+    assert not answers[0].strip().startswith("Angela") and answers[1].strip().startswith("Rome")
+    assert "all hashes match" in run("replay", "--verify")
