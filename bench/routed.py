@@ -45,6 +45,16 @@ def floats(s):
     return [float(x) for x in s.split(",")]
 
 
+#: short neutral texts an edit is also made after (`--contexts`): the idea of ROME's context
+#: templates (an edit that holds after varied text generalises to other wordings). Fixed, not
+#: generated: SmolLM2-135M's greedy continuations of single words are mostly punctuation.
+CONTEXTS = ["Here is a fact.", "Did you know?", "I read this somewhere.", "Quick question.", "Fun fact:"]
+
+
+def context_prefixes(model, tok, n: int, fmt: str) -> list[str]:
+    return CONTEXTS[:n]
+
+
 def gate_of(gate, words=True):
     return gate if words else Gate(gate.keys)
 
@@ -107,6 +117,9 @@ def main():
                     help="α × this, relative to the checkpoint's α")
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
+    ap.add_argument("--contexts", type=int, default=0,
+                    help="also edit on the prompt after this many short texts the model writes "
+                         "itself (ROME's context templates), one batched edit")
     ap.add_argument("--no-words", action="store_true",
                     help="gates on hidden states only (no gate words)")
     ap.add_argument("--plain", action="store_true",
@@ -125,6 +138,9 @@ def main():
     median = (ed.info.get("delta_norm_reference") or {}).get("median")
     guard = None if a.guard_norm == "off" or not median else float(a.guard_norm) * median
     cases = load_split(a.split)[: a.limit]
+    prefixes = context_prefixes(model, tok, a.contexts, fmt) if a.contexts else []
+    if prefixes:
+        print(f"contexts: {prefixes}", file=sys.stderr)
     chains = [cases[i:i + a.length] for i in range(0, len(cases), a.length)]
     train = load_split("train")
     bank_prompts = [c.input for c in train[:600]] + [c.paraphrases[0] for c in train[:300] if c.paraphrases]
@@ -157,8 +173,9 @@ def main():
             # the earlier edits routed; this edit's own steps routed too (its gate, its τ), so
             # it takes steps until it holds as it will be used
             with routed(model, made, spaces[gate_layer], tau0, tok, margin0):
-                delta = ed.edit(model, tok, [c.input], [c.target], fmt, max_steps=a.max_steps,
-                                max_norm=guard, apply=lambda d, new=new: routed(
+                inputs = [c.input] + [f"{p} {c.input}" for p in prefixes]
+                delta = ed.edit(model, tok, inputs, [c.target] * len(inputs), fmt, max_steps=a.max_steps,
+                                max_norm=guard and guard * len(inputs) ** 0.5, apply=lambda d, new=new: routed(
                                     model, [RoutedEdit(d, new)], spaces[gate_layer], tau0, tok))
             seconds.append(time.time() - t)
             steps.append(int(delta.meta["edit_steps"]))
@@ -231,7 +248,7 @@ def main():
              else f"{a.split} split, {len(chains)} chains of {a.length} edits")
     write_json(a.out, {"split": a.split, "chain_length": a.length, "cases": len(cases),
                        "alpha_factor": a.alpha_factor, "max_steps": a.max_steps,
-                       "guard_max_norm": guard, "mean_steps": mean(steps),
+                       "guard_max_norm": guard, "mean_steps": mean(steps), "contexts": prefixes,
                        "median_edit_seconds": sorted(seconds)[len(seconds) // 2],
                        "forward_seconds": timing, "rows": rows, "per_case": per_case})
 

@@ -255,7 +255,8 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
            tokenizer=None, margin: float | None = None):
     """Within the block, `model` behaves as base + Σ gate_i · ΔW_i (see the module doc).
     Hooks only: no weight is touched, so leaving the block restores the model exactly.
-    Gate words count only when `tokenizer` is given (it reads the text of the input ids)."""
+    Gate words count only when `tokenizer` is given (it reads the text of the input ids);
+    `margin`: see `gates`."""
     if not edits:
         yield
         return
