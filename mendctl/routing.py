@@ -3,8 +3,8 @@
 A routed entry's delta is not added to the weights: it acts, through forward hooks, only on
 inputs that mention the edit's subject (its gate). This module owns what the workspace needs
 for that:
-- the settings an entry was made with (`routing` in its notes: gate layer, key cut, τ, gate
-  words), so a later change of mendctl.yaml never changes an existing state;
+- the settings an entry was made with (`routing` in its notes: gate layer, key cut, τ, margin,
+  gate words, step), so a later change of mendctl.yaml never changes an existing state;
 - the workspace's gate space (the bank of ordinary prompts' states at the gate layer), computed
   once from the bundled train split and cached in .mendctl/gates;
 - each routed entry's gate, recomputed from its prompt (deterministic: the gate layer lies
@@ -56,6 +56,7 @@ class Router:
     def __init__(self, ws):
         self.ws = ws
         self._spaces: dict[int, GateSpace] = {}
+        self._space_digests: dict[int, str] = {}
         self._gates: dict[tuple, Gate] = {}
         self._installed: ExitStack | None = None
 
@@ -105,10 +106,10 @@ class Router:
     def space_digest(self, layer: int) -> str:
         """sha256 of the standardisation routing applies at `layer` (the bank itself only
         chooses gate keys, which gate digests cover)."""
-        if ("digest", layer) not in self._gates:
+        if layer not in self._space_digests:
             s = self.space(layer)
-            self._gates[("digest", layer)] = hashlib.sha256((_digest(s.mean) + _digest(s.std)).encode()).hexdigest()
-        return self._gates[("digest", layer)]
+            self._space_digests[layer] = hashlib.sha256((_digest(s.mean) + _digest(s.std)).encode()).hexdigest()
+        return self._space_digests[layer]
 
     def _check_layer(self, layer: int) -> None:
         low = [s.name for s in self.ws.specs
