@@ -4,11 +4,14 @@ current model, with the field's metrics (see editors/metrics.py).
 Per case: edit success, paraphrase success, locality (top-1 agreement with the unedited model
 on the locality prompts' continuations, and mean KL), generic-text perplexity drawdown, and the
 editor's compute time. The model is put back after every edit, so cases do not accumulate.
+In a routed workspace (`routing`) a MEND edit is made and scored as `mendctl edit` would make
+it there: routed, behind its own gate, one fact at a time.
 """
 from __future__ import annotations
 
 import time
 
+from . import routing
 from .editors.data import generic_text_samples
 from .editors.metrics import (locality_reference, locality_scores, perplexity, target_scores)
 from .editors.weights import applied
@@ -30,9 +33,16 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     lm = ws.lm
     model, tok, fmt = lm.model, lm.tokenizer, ws.fmt
     head = ws.head()
-    ed = ws.editor(editor)
-    preserve = ws.preserved(ed)  # as `mendctl edit` edits (computing it loads the base state)
+    rs = ws.config.routing if editor == "mend" else None
+    if rs and batch_size != 1:
+        raise InputError("with routing on, an edit is one fact: use --batch-size 1 (or set "
+                         "`routing: false` to evaluate batched weight edits)")
+    ed = ws.editor(editor, step_factor=ws.routed_step_factor()) if rs else ws.editor(editor)
+    # as `mendctl edit` edits (computing the preserved keys loads the base state)
+    preserve = None if rs else ws.preserved(ed)
     ws.use_state(head)
+    if rs:
+        ws.router.space(rs["layer"])  # computed once per workspace (cached), not timed
     if max_steps is None:  # the editor's operating point, else the paper's single step
         max_steps = ws.max_steps_for(editor, 1)
     texts = generic_text_samples(ppl_passages) if ppl_passages else []
@@ -44,10 +54,14 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         loc = [p for c in batch for p in c.locality]
         ref = locality_reference(model, tok, loc, fmt) if loc else None
         t0 = time.perf_counter()
+        apply = None
+        if rs:  # steps and scores behind the edit's own gate (workspace._edit_locked)
+            gate, space = ws.router.gate(batch[0].input, rs), ws.router.space(rs["layer"])
+            apply = lambda d: routing.step(d, gate, rs, space, model, tok)  # noqa: E731
         delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
-                          preserve=preserve)
+                          preserve=preserve, apply=apply)
         seconds = time.perf_counter() - t0
-        with applied(model, delta):
+        with (apply(delta) if rs else applied(model, delta)):
             es = target_scores(model, tok, [c.input for c in batch], [c.target for c in batch], fmt)[0]
             ag, kl = locality_scores(model, ref) if ref else ([], [])
             ppl_after = perplexity(model, tok, texts) if texts else None
@@ -73,6 +87,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
             "seconds_per_edit"]
     summary = {k: _mean([r[k] for r in rows]) for k in keys}
     summary.update(cases=len(rows), batch_size=batch_size, editor=editor, max_steps=max_steps,
+                   routed=bool(rs),
                    guard_max_norm=ws.guard_limit(ed, batch_size),
                    ppl_before=ppl_before, state=head.id if head else None)
     by_rel = {}

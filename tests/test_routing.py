@@ -197,6 +197,25 @@ def test_audit_of_a_routed_chain(routed_ws):
     assert checked >= 3
 
 
+def test_eval_in_a_routed_workspace_makes_routed_edits(routed_ws):
+    from mendctl.evaluate import evaluate
+
+    ws, w = routed_ws
+    _edit(w, *FACTS[0])
+    head = w.head()
+    cases = [EditCase(input=p, target=t, paraphrases=[p + " Answer:"], locality=["Water boils at"])
+             for p, t in FACTS]
+    with pytest.raises(InputError, match="batch-size 1"):
+        evaluate(w, cases, batch_size=2)
+    r = evaluate(w, cases, ppl_passages=1)
+    assert r["summary"]["routed"] and r["summary"]["cases"] == 2
+    assert r["summary"]["max_steps"] == ROUTING.get("max_steps", config_mod.ROUTING_DEFAULTS["max_steps"])
+    assert ws.ledger_count() == 1 and w.head().id == head.id  # nothing recorded
+    w._loaded_state = None
+    w.use_state(head)
+    assert w.router.active  # the head is still the routed head
+
+
 def _success(w, e):
     from mendctl.editors.metrics import target_scores
 
