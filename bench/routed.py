@@ -51,10 +51,6 @@ def floats(s):
 CONTEXTS = ["Here is a fact.", "Did you know?", "I read this somewhere.", "Quick question.", "Fun fact:"]
 
 
-def context_prefixes(model, tok, n: int, fmt: str) -> list[str]:
-    return CONTEXTS[:n]
-
-
 def gate_of(gate, words=True):
     return gate if words else Gate(gate.keys)
 
@@ -118,8 +114,8 @@ def main():
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--guard-norm", default="3", help="× the editor's median single edit, or off")
     ap.add_argument("--contexts", type=int, default=0,
-                    help="also edit on the prompt after this many short texts the model writes "
-                         "itself (ROME's context templates), one batched edit")
+                    help="also edit on the prompt after this many of CONTEXTS (short neutral "
+                         "texts, after ROME's context templates), as one batched edit")
     ap.add_argument("--no-words", action="store_true",
                     help="gates on hidden states only (no gate words)")
     ap.add_argument("--plain", action="store_true",
@@ -138,7 +134,7 @@ def main():
     median = (ed.info.get("delta_norm_reference") or {}).get("median")
     guard = None if a.guard_norm == "off" or not median else float(a.guard_norm) * median
     cases = load_split(a.split)[: a.limit]
-    prefixes = context_prefixes(model, tok, a.contexts, fmt) if a.contexts else []
+    prefixes = CONTEXTS[:a.contexts]
     if prefixes:
         print(f"contexts: {prefixes}", file=sys.stderr)
     chains = [cases[i:i + a.length] for i in range(0, len(cases), a.length)]

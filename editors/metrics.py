@@ -148,7 +148,7 @@ def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: in
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=_device(model))
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=_device(model))
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, use_cache=use_cache)
+                             do_sample=False, pad_token_id=pad)
         out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
     return out
 

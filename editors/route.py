@@ -31,12 +31,15 @@ gated deltas. It needs full-sequence forwards (no KV cache); it knows nothing ab
 """
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .delta import Delta
@@ -96,6 +99,21 @@ class GateSpace:
     def unit(self, h: torch.Tensor) -> torch.Tensor:
         z = (h.float() - self.mean.to(h.device)) / self.std.to(h.device)
         return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def save(self, path) -> None:
+        """One safetensors file: the tensors, and the layer, first ids and words as metadata."""
+        save_file({"mean": self.mean.contiguous(), "std": self.std.contiguous(),
+                   "bank": self.bank.contiguous()}, str(path),
+                  metadata={"layer": str(self.layer), "first_ids": json.dumps(sorted(self.first_ids)),
+                            "words": json.dumps(sorted(self.words))})
+
+    @classmethod
+    def load(cls, path) -> "GateSpace":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in ("mean", "std", "bank")}
+        return cls(int(meta["layer"]), t["mean"], t["std"], t["bank"],
+                   frozenset(json.loads(meta["first_ids"])), frozenset(json.loads(meta["words"])))
 
 
 def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GATE_LAYER,

@@ -194,7 +194,6 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-
 @dataclass
 class Config:
     model: str = "smollm2-135m"
@@ -219,7 +218,7 @@ class Config:
     step_factor: float = 0.5
     max_steps: int | None = 20
     preserve_keys: float | None = 0.01
-    routing: dict | None = None  # parsed by routing.settings: None (off) or every setting
+    routing: dict | None = None  # parsed by routing_settings: None (off) or every setting
 
     def validate(self, where: str = CONFIG_FILE) -> None:
         def bad(key, msg):

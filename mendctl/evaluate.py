@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-from . import routing
 from .editors.data import generic_text_samples
 from .editors.metrics import (locality_reference, locality_scores, perplexity, target_scores)
 from .editors.weights import applied
@@ -56,8 +55,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         t0 = time.perf_counter()
         apply = None
         if rs:  # steps and scores behind the edit's own gate (workspace._edit_locked)
-            gate, space = ws.router.gate(batch[0].input, rs), ws.router.space(rs["layer"])
-            apply = lambda d: routing.step(d, gate, rs, space, model, tok)  # noqa: E731
+            _, apply = ws.router.stepper(batch[0].input, rs, model, tok)
         delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
                           preserve=preserve, apply=apply)
         seconds = time.perf_counter() - t0

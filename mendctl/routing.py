@@ -23,7 +23,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
 from .editors.data.build import load_split
@@ -58,6 +57,10 @@ class Router:
         self._spaces: dict[int, GateSpace] = {}
         self._space_digests: dict[int, str] = {}
         self._gates: dict[tuple, Gate] = {}
+        # routed deltas (immutable, content-addressed) and their digests, loaded once per
+        # process: every state load, edit, audit state and verify step needs all of them
+        self._deltas: dict[int, Delta] = {}
+        self._delta_digests: dict[int, tuple[Delta, str]] = {}
         self._installed: ExitStack | None = None
 
     # -- gate space ---------------------------------------------------------------------------
@@ -75,11 +78,8 @@ class Router:
         space = None
         if path.is_file():
             try:
-                t = load_file(str(path))
-                meta = json.loads(path.with_suffix(".json").read_text())
-                space = GateSpace(layer, t["mean"], t["std"], t["bank"],
-                                  frozenset(meta["first_ids"]), frozenset(meta["words"]))
-            except Exception:  # damaged or half written: computed again
+                space = GateSpace.load(path)
+            except Exception:  # damaged: computed again
                 space = None
         if space is None:
             lm = self.ws.lm
@@ -90,15 +90,10 @@ class Router:
                 [c.paraphrases[0] for c in train[:BANK_PARAPHRASES] if c.paraphrases]
             space = gate_space(lm.model, lm.tokenizer, prompts, layer, self.ws.fmt)
             path.parent.mkdir(parents=True, exist_ok=True)
-            # written under per-process names and renamed, the tensors last: another process
-            # (an `ask` needs no lock) may be writing the same cache, and a tensor file there
-            # means its word list is complete
-            tmp, tmp_json = (path.with_suffix(f".tmp{os.getpid()}"),
-                             path.with_suffix(f".json.tmp{os.getpid()}"))
-            save_file({"mean": space.mean, "std": space.std, "bank": space.bank.contiguous()}, str(tmp))
-            tmp_json.write_text(json.dumps({"first_ids": sorted(space.first_ids),
-                                            "words": sorted(space.words)}))
-            tmp_json.replace(path.with_suffix(".json"))
+            # written under a per-process name and renamed: another process (an `ask` needs no
+            # lock) may be writing the same cache
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            space.save(tmp)
             tmp.replace(path)
         self._spaces[layer] = space
         return space
@@ -131,13 +126,25 @@ class Router:
             self._gates[key] = g if s["words"] else Gate(g.keys, ())
         return self._gates[key]
 
-    def edits(self, entries, cache: dict | None = None) -> list[tuple[RoutedEdit, dict]]:
+    def edits(self, entries) -> list[tuple[RoutedEdit, dict]]:
         """Each routed entry's delta and gate, with its settings, in order."""
         out = []
         for e in entries:
             s = of(e)
-            out.append((RoutedEdit(self.ws._delta(e.id, cache), self.gate(e.inputs[0], s)), s))
+            out.append((RoutedEdit(self.ws._delta(e.id, self._deltas), self.gate(e.inputs[0], s)), s))
         return out
+
+    def stepper(self, prompt: str, s: dict, model, tokenizer):
+        """(gate, apply) for a new routed edit of `prompt`: its gate, and the context in which
+        its steps so far act while it takes the next one (MendEditor.edit's `apply`): behind
+        its own gate, alone, as it will be used."""
+        gate, space = self.gate(prompt, s), self.space(s["layer"])
+        return gate, lambda d: routed(model, [RoutedEdit(d, gate)], space, s["tau"], tokenizer)
+
+    def _delta_digest(self, delta: Delta) -> str:
+        if id(delta) not in self._delta_digests:  # (the entry keeps the delta, and so its id)
+            self._delta_digests[id(delta)] = (delta, state_hash(delta.to_tensors()[0]))
+        return self._delta_digests[id(delta)][1]
 
     # -- states -------------------------------------------------------------------------------
     def state_hash(self, weights_hash: str, edits: list[tuple[RoutedEdit, dict]]) -> str:
@@ -147,8 +154,7 @@ class Router:
             return weights_hash
         h = hashlib.sha256(b"mendctl routed state\0" + weights_hash.encode())
         for r, s in edits:
-            tensors, _ = r.delta.to_tensors()
-            h.update(json.dumps({"delta": state_hash(tensors), "gate": gate_digest(r.gate),
+            h.update(json.dumps({"delta": self._delta_digest(r.delta), "gate": gate_digest(r.gate),
                                  "layer": s["layer"], "tau": s["tau"], "margin": s.get("margin"),
                                  "space": self.space_digest(s["layer"])}, sort_keys=True).encode())
         return h.hexdigest()
@@ -182,8 +188,3 @@ class Router:
         """Are routed edits installed on the model now?"""
         return self._installed is not None
 
-
-def step(delta: Delta, gate: Gate, s: dict, space: GateSpace, model, tokenizer):
-    """The context in which a routed edit's steps so far act while it takes the next one:
-    behind its own gate, as it will be used (MendEditor.edit's `apply`)."""
-    return routed(model, [RoutedEdit(delta, gate)], space, s["tau"], tokenizer)  # (alone: no margin)

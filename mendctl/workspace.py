@@ -452,6 +452,7 @@ class Workspace:
         lm = self.lm
         head = self.head()
         head_ids = list(head.active_ids) if head else []
+        head_plain, head_routed = self._split(head_ids)
         # a routed edit (routing.py) needs neither preserved keys nor the retention guard: its
         # gate keeps it off other inputs, the earlier edits' prompts included
         rs = self.config.routing if isinstance(ed, MendEditor) else None
@@ -471,8 +472,7 @@ class Workspace:
         protect = None if rs else self._protected(head_ids, ed)
         apply = gate = None
         if rs:  # the edit takes its steps behind its own gate, as it will be used
-            gate, space = self.router.gate(cases[0].input, rs), self.router.space(rs["layer"])
-            apply = lambda d: routing.step(d, gate, rs, space, lm.model, lm.tokenizer)  # noqa: E731
+            gate, apply = self.router.stepper(cases[0].input, rs, lm.model, lm.tokenizer)
         delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm, protect,
                           preserve, apply)
         seconds = time.perf_counter() - t0
@@ -481,9 +481,9 @@ class Workspace:
                               "recorded. Check the editor checkpoint with the same input in "
                               "`mendctl edit --dry-run`")
         if rs:
-            edits = self.router.edits(self._split(head_ids)[1]) + [(RoutedEdit(delta, gate), rs)]
+            edits = self.router.edits(head_routed) + [(RoutedEdit(delta, gate), rs)]
             w_new = w_head
-            new_hash = self._state_key(w_new, self._split(head_ids)[0], edits)
+            new_hash = self._state_key(w_new, head_plain, edits)
             self._set_weights(w_new, new_hash)
             self.router.install(edits)
         else:
@@ -561,7 +561,7 @@ class Workspace:
             self._drop_unrecorded(staged.sha256)
             self._loaded_state = None  # the model holds an unrecorded state
             raise
-        if not rs or self._split(head_ids)[0]:
+        if not rs or head_plain:
             self._remember_state(w_new, new_hash)
         report["entry"] = entry.id
         return report
@@ -777,7 +777,7 @@ class Workspace:
                     pass
                 else:
                     w = apply_deltas(self._base, [self._delta(i, cache) for i in active])
-                h = self._state_key(w, active, self.router.edits(routed_, cache)) if routed_ \
+                h = self._state_key(w, active, self.router.edits(routed_)) if routed_ \
                     else state_hash(w)
             except (StoreError, LedgerError) as err:
                 problems.append(f"entry {e.id}: {err}")
