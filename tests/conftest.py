@@ -42,6 +42,43 @@ LOCALITY_PROMPTS = [
 ]
 
 
+# -- the quick suite and the full suite ---------------------------------------------------------
+# `pytest -q` (the quick suite) skips the tests marked `slow` (the real embedded model) and
+# `subprocess` (real `python -m mendctl` processes: each pays the torch/transformers import and
+# a model load); `pytest -q --full` (what CI runs) runs every test.
+FULL_ONLY = ("slow", "subprocess")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="run the full suite: also the tests marked slow or subprocess")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="full suite only: run pytest --full")
+    for item in items:
+        if any(item.get_closest_marker(m) is not None for m in FULL_ONLY):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _real_cli_processes(request):
+    """In a test marked `subprocess`, tests/e2e_helpers.py runs every mendctl command as a real
+    `python -m mendctl` process (elsewhere: in this process)."""
+    if request.node.get_closest_marker("subprocess") is None:
+        yield
+        return
+    import e2e_helpers
+
+    old, e2e_helpers.REAL_PROCESS = e2e_helpers.REAL_PROCESS, True
+    try:
+        yield
+    finally:
+        e2e_helpers.REAL_PROCESS = old
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """A long job shares this machine: keep every test on one thread."""

@@ -4,7 +4,14 @@ Builds, once per test session and fully offline, a tiny Llama model (plus a byte
 tokenizer saved next to it), a second tiny model with other weights, and an untrained MEND
 editor for the first model whose step α is large enough that one edit visibly moves
 log p(target). Each test then gets a fresh workspace (`mendctl init` + a rewritten
-mendctl.yaml) and runs the real console entry point in a subprocess.
+mendctl.yaml) and runs the command line.
+
+`run_cli` / `Ws.run` run the click command in this process by default (click's CliRunner on
+`mendctl.cli.main`, with the working directory, environment and sys.argv a real run would
+have): a real `python -m mendctl` pays seconds of torch/transformers import and model load.
+Tests marked `@pytest.mark.subprocess` (the full suite: `pytest --full`) run every command as a
+real OS process instead (tests/conftest.py switches `REAL_PROCESS` on for them), and so does
+`real_process=True`.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,10 +164,61 @@ def cli_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "mendctl", *map(str, args)]
 
 
-def run_cli(*args, cwd: Path, cache_dir: Path, timeout: float = 120, env: dict | None = None) -> Result:
-    p = subprocess.run(cli_cmd(*args), cwd=str(cwd), env=cli_env(cache_dir, env),
-                       capture_output=True, text=True, timeout=timeout)
-    return Result(list(args), p.returncode, p.stdout, p.stderr)
+# Run every command as a real `python -m mendctl` process (set for tests marked `subprocess`).
+REAL_PROCESS = False
+
+
+def run_cli(*args, cwd: Path, cache_dir: Path, timeout: float = 120, env: dict | None = None,
+            real_process: bool | None = None) -> Result:
+    """`mendctl ARGS` in `cwd`, with MENDCTL_CACHE=cache_dir and `env` on top of this
+    process's environment. In this process by default (`timeout` is then not enforced); as a
+    real subprocess with `real_process=True` or inside a test marked `subprocess`."""
+    if real_process if real_process is not None else REAL_PROCESS:
+        p = subprocess.run(cli_cmd(*args), cwd=str(cwd), env=cli_env(cache_dir, env),
+                           capture_output=True, text=True, timeout=timeout)
+        return Result(list(args), p.returncode, p.stdout, p.stderr)
+    return _run_in_process(list(args), Path(cwd), cli_env(cache_dir, env))
+
+
+def _main_path() -> str:
+    import mendctl
+
+    # what sys.argv[0] is under `python -m mendctl`
+    return str(Path(mendctl.__file__).with_name("__main__.py"))
+
+
+def _run_in_process(args: list, cwd: Path, env: dict) -> Result:
+    """The click command in this process, as `python -m mendctl ARGS` would run it: in `cwd`,
+    with exactly the environment `env` (os.environ is changed for the call and restored),
+    sys.argv set (the ledger records it as the command), stdout and stderr captured apart.
+    An uncaught exception other than SystemExit exits 1 with its traceback on stderr, as
+    Python prints it, so `one_line_error` still catches bugs."""
+    import gc
+
+    from click.testing import CliRunner
+
+    from mendctl.cli import main
+
+    argv = [str(a) for a in args]
+    changes: dict = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    changes.update({k: None for k in os.environ if k not in env})  # None: unset for the call
+    old_cwd, old_argv = os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = [_main_path(), *argv]
+    try:
+        res = CliRunner().invoke(main, argv, env=changes, prog_name="mendctl", catch_exceptions=True)
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    stdout, stderr, code = res.stdout, res.stderr, res.exit_code
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        tb = "".join(traceback.format_exception(*res.exc_info))
+        stderr += tb if "Traceback" in tb else "Traceback (most recent call last):\n" + tb
+        code = 1
+    # A real process closes its ledger connections and frees its model when it exits; the
+    # command line never closes the Workspace it opened, so collect it now.
+    gc.collect()
+    return Result(list(args), code, stdout, stderr)
 
 
 @dataclass
@@ -187,8 +246,10 @@ class Ws:
     def tmp_dir(self) -> Path:
         return self.state_dir / "deltas" / "tmp"
 
-    def run(self, *args, timeout: float = 120, env: dict | None = None) -> Result:
-        return run_cli(*args, cwd=self.root, cache_dir=self.cache_dir, timeout=timeout, env=env)
+    def run(self, *args, timeout: float = 120, env: dict | None = None,
+            real_process: bool | None = None) -> Result:
+        return run_cli(*args, cwd=self.root, cache_dir=self.cache_dir, timeout=timeout, env=env,
+                       real_process=real_process)
 
     def ok(self, *args, **kw) -> Result:
         r = self.run(*args, **kw)
