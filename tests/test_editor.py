@@ -452,16 +452,23 @@ def test_multi_step_edit_is_the_exact_sum_of_its_steps(tiny_llama, tiny_tokenize
     assert rows_before == 2 * sum(l.rank for l in one.layers.values()) >= rows_after
     for name, layer in two.layers.items():
         assert layer.u.shape[0] <= one.layers[name].u.shape[0] * 2
-        assert torch.allclose(layer.to_dense(), one.layers[name].to_dense() + second.layers[name].to_dense(),
-                              atol=1e-6)
+        a, b = one.layers[name].to_dense(), second.layers[name].to_dense()
+        # Tolerance from the arithmetic: the compacted factors are rounded to float32 (each
+        # off by eps32 relative), so their product, and the float32 sum a + b, are off by a
+        # few eps32 × the steps' magnitude (measured ≤ 2 eps32 × max(|a| + |b|); 64 allowed;
+        # a missing or doubled step is off by O(max |b|))
+        tol = 64 * torch.finfo(torch.float32).eps * float((a.abs() + b.abs()).max())
+        err = float((layer.to_dense() - (a + b)).abs().max())
+        assert err <= tol, (name, err, tol)
     big = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=1e3))
     d = big.edit(tiny_llama, tiny_tokenizer, p, t, max_steps=5)
     with applied(tiny_llama, d):
         ok = all(edit_success(tiny_llama, tiny_tokenizer, p, t))
     steps = int(d.meta["edit_steps"])
-    assert 1 <= steps <= 5
-    if steps < 5:  # it stopped early only because the edit already held
-        assert ok
+    # a step of α = 1e3 makes the target the answer at once (measured: after 1 step): the
+    # edit holds, and the loop stopped there instead of taking all 5 steps
+    assert ok, steps
+    assert 1 <= steps < 5, steps
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -223,6 +223,7 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_lock_held_by_another_process(tmp_path):
     lock_path = tmp_path / ".mendctl" / "lock"
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock_path)],
@@ -247,6 +248,7 @@ def test_lock_held_by_another_process(tmp_path):
     assert not lk.holder_path.exists()
 
 
+@pytest.mark.subprocess
 def test_lock_released_when_holder_dies(tmp_path):
     lock_path = tmp_path / "lock"
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock_path)],

@@ -33,6 +33,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_wheel_install_works_from_any_directory(tmp_path):
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile",

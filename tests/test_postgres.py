@@ -344,6 +344,7 @@ _APPENDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_concurrent_ledger_writers_never_interleave(url, tmp_path):
     """Four processes appending to one chain with no workspace lock at all: the ledger's write
     transaction alone keeps the chain linear (BEGIN IMMEDIATE / the chain's advisory lock)."""
@@ -433,6 +434,7 @@ _EDITOR_LOOP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_concurrent_edits_on_one_workspace(url, ws_factory):
     """4 processes x 10 edits on one workspace: 40 entries in one linear chain, none lost, and
     every recorded state rebuilds to its hash."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 UNRELATED = ["The capital of France is", "The largest planet in the solar system is",
              "Water is made of hydrogen and"]

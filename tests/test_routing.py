@@ -1,7 +1,8 @@
 """Routed edits in a workspace (`routing` in mendctl.yaml; mendctl/routing.py).
 
 In-process on the tiny Llama and untrained editor of tests/e2e_helpers.py (gate layer 1: its
-edited weights are blocks 1-3), one CLI run in a subprocess, and a slow test on the embedded
+edited weights are blocks 1-3), one CLI flow (in this process, and in real subprocesses in the
+full suite), and a slow test on the embedded
 default model with the shipped editor: routed edits land, hold side by side, and leave
 answers on prompts that name neither subject exactly as the base model gives them.
 """
@@ -221,7 +222,9 @@ def _success(w, e):
     return float(sum(ok) / len(ok))
 
 
-def test_cli_routed_workspace(tiny_assets, tmp_path):
+@pytest.mark.parametrize(  # in this process, and (full suite) as real `python -m mendctl` processes
+    "process", ["in-process", pytest.param("subprocess", marks=pytest.mark.subprocess)])
+def test_cli_routed_workspace(tiny_assets, tmp_path, process):
     from e2e_helpers import make_workspace
 
     cache = tmp_path / "cache"
@@ -248,6 +251,7 @@ UNRELATED = ["The capital of France is", "The largest planet in the solar system
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_routed_edits_on_the_real_model(tmp_path):
     """Two routed edits with the shipped editor through the CLI: each lands and holds beside
     the other; prompts naming neither subject answer exactly as the base model does; exact
