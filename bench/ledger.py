@@ -45,7 +45,8 @@ def main():
     cases = load_split("test")[: a.chain]
     ratios, tokens = [], []
     for c in tqdm(cases, desc="chain", file=sys.stderr):
-        r = ws.edit([EditCase(input=c.input, target=c.target)], command="bench/ledger.py")
+        r = ws.edit([EditCase(input=c.input, target=c.target)], command="bench/ledger.py",
+                    keep_failed=True)
         n = len(ws.lm.tokenizer(c.input).input_ids) + len(ws.lm.tokenizer(" " + c.target).input_ids)
         if n <= 12:
             ratios.append(r["delta_bytes"] / r["dense_bytes"])

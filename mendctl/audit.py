@@ -40,6 +40,7 @@ from .editors.mend.capture import capture_edit_gradients
 from .editors.mend.editor import MendEditor
 from .editors.metrics import locality_reference, locality_scores, perplexity, target_scores
 from .errors import EditorError, InputError, LedgerError
+from .ledger import MAX_ID
 
 AUDIT_FORMAT = "mendctl.audit"
 AUDIT_FORMAT_VERSION = 1
@@ -115,6 +116,9 @@ def parse_range(text: str | None) -> tuple[int | None, int | None]:
                          f"(A.. or ..B leave a side open)") from None
     if first is not None and last is not None and first > last:
         raise InputError(f"bad range {text!r}: {first} comes after {last}")
+    for bound in (first, last):
+        if bound is not None and abs(bound) > MAX_ID:  # the database cannot even compare it
+            raise InputError(f"no entry {bound}; see `mendctl log`")
     return first, last
 
 

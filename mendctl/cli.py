@@ -7,6 +7,7 @@ traceback.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import shlex
@@ -36,7 +37,20 @@ def handle_errors(fn):
         except DataError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except OSError as e:
+            # the file system said no (read-only, no permission, disk full): the user's to fix,
+            # not a bug; anything else keeps its traceback
+            if e.errno not in _FS_ERRNOS:
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            click.echo(f"error: cannot write{where}: {e.strerror}; nothing more was done. Check "
+                       f"that the workspace is writable (and the disk not full) and run the "
+                       f"command again", err=True)
+            sys.exit(1)
     return wrapper
+
+
+_FS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def _ws(ctx):
@@ -147,10 +161,14 @@ def _read_batch(path):
                    "Default: `max_steps` in mendctl.yaml (20, with steps of `step_factor` 0.5 × "
                    "the editor's), else the editor's operating point, else 3.")
 @click.option("--dry-run", is_flag=True, help="Compute and show, record nothing.")
+@click.option("--keep-failed", is_flag=True,
+              help="Record the edit even if a target is still not the model's answer after it "
+                   "(by default such an edit is refused, exit status 3, nothing recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_steps, dry_run, as_json):
+def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_steps, dry_run,
+         keep_failed, as_json):
     """Apply one edit on top of the current state and record it in the ledger.
 
     \b
@@ -159,23 +177,35 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
                    --paraphrase "Who is the prime minister of India?"
       mendctl edit --batch facts.jsonl
     """
-    from .editors.data import EditCase
+    from .editors.data import EditCase, unknown_keys, visible
 
     if batch_file and (input_ or target):
         raise InputError("use either --input/--target or --batch, not both")
     if batch_file:
         cases = _read_batch(batch_file)
+        for i, c in enumerate(cases, start=1):
+            if unknown_keys(c):
+                click.echo(f"warning: {batch_file}: record {i} has key(s) mendctl does not use: "
+                           f"{', '.join(unknown_keys(c))} (kept as metadata; the schema's keys are "
+                           f"input, target, paraphrases, locality)", err=True)
     else:
         if input_ is None or target is None:
             raise InputError("give both --input and --target (or --batch FILE.jsonl)")
-        if not input_.strip() or not target.strip():
-            raise InputError("--input and --target must not be empty or blank")
+        if not visible(input_) or not visible(target):
+            raise InputError("--input and --target must not be empty, blank or only invisible "
+                             "characters (zero-width or direction marks)")
         cases = [EditCase(input=input_, target=target, paraphrases=list(paraphrases),
                           locality=list(locality))]
     ws = _ws(ctx)
     if max_steps is None:
         max_steps = ws.max_steps_for(editor, 3)
-    r = ws.edit(cases, editor=editor, dry_run=dry_run, command=_command_line(), max_steps=max_steps)
+    r = ws.edit(cases, editor=editor, dry_run=dry_run, command=_command_line(), max_steps=max_steps,
+                keep_failed=keep_failed or None)
+    if r["failed"]:
+        what = "would be recorded as failed" if dry_run else "recorded with status `failed`"
+        click.echo(f"warning: the edit did not take for {len(r['failed'])} of {len(cases)} fact(s) "
+                   f"({', '.join(map(repr, r['failed'][:3]))}): the target is still not the "
+                   f"model's answer; {what}", err=True)
     if as_json:
         return _print_json(r)
     head = "dry run (not recorded)" if dry_run else f"entry {r['entry']}"
@@ -229,7 +259,7 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
 
 
 @main.command()
-@click.option("-n", "limit", type=int, default=None, help="Show at most N entries.")
+@click.option("-n", "limit", type=click.IntRange(min=0), default=None, help="Show at most N entries.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
@@ -261,6 +291,8 @@ def log(ctx, limit, as_json):
             extra = f" replays {e.replay_of_id}"
         elif e.kind == "squash":
             extra = " of " + ",".join(map(str, (e.notes or {}).get("squashed", [])))
+        if e.status and e.status != "ok":
+            extra += f" [{e.status}]"
         es = (e.metrics_after or {}).get("edit_success")
         size = f"{e.delta_size / 1024:.0f} KiB" if e.delta_size else "-"
         flags = ("*" if active else " ") + ("A" if e.id in audited else " ") + \
@@ -413,16 +445,19 @@ def verify(ctx, as_json):
 
 
 @main.command()
+@click.option("--force", is_flag=True,
+              help="Remove them even when the ledger records none of the store's deltas (a new "
+                   "or wrong ledger: by default gc refuses then).")
 @click.pass_context
 @handle_errors
-def gc(ctx):
+def gc(ctx, force):
     """Remove orphan delta files (written by an edit that never got recorded).
 
     \b
     Example:
       mendctl gc
     """
-    removed = _ws(ctx).gc()
+    removed = _ws(ctx).gc(force=force)
     click.echo(f"removed {len(removed)} orphan file(s)")
     for p in removed:
         click.echo(f"  {p}")

@@ -90,8 +90,21 @@ chain: main
 # The delta store directory (relative to this file); content-addressed safetensors files.
 store: .mendctl/deltas
 
-# Seconds a command waits for another process that holds the workspace lock.
-lock_timeout: 60
+# Seconds a command waits for another process that holds the workspace lock; null waits as
+# long as that process runs (the lock is released when it ends, even if it crashes), saying
+# who it waits for. 0 gives up at once.
+lock_timeout: null
+
+# Size limits of an edit request, in tokens of the model's tokenizer: a prompt (input,
+# paraphrase, locality prompt, `ask` input; never more than the model reads with its answer)
+# and a target. Longer text is refused at once: its cost in memory and time grows with it.
+max_input_tokens: 512
+max_target_tokens: 64
+
+# An edit after which a target is still not the model's answer is refused and not recorded
+# (`mendctl edit` exits with status 3). true records it anyway, with status `failed` and a
+# warning (`mendctl edit --keep-failed` does so for one edit).
+keep_failed: false
 
 # Seed for everything random (training, data sampling).
 seed: 0
@@ -210,7 +223,10 @@ class Config:
     ledger: str | None = None
     chain: str = DEFAULT_CHAIN
     store: str = ".mendctl/deltas"
-    lock_timeout: float = 60.0
+    lock_timeout: float | None = None
+    max_input_tokens: int = 512
+    max_target_tokens: int = 64
+    keep_failed: bool = False
     seed: int = 0
     guard_norm: float | None = 3.0
     protect_edits: bool = True
@@ -252,8 +268,11 @@ class Config:
                     re.compile(p[3:])
                 except re.error as e:
                     bad("edit_weights", f"has a bad regular expression {p!r}: {e}")
-        if self.lock_timeout < 0:
-            bad("lock_timeout", "must be ≥ 0")
+        if self.lock_timeout is not None and self.lock_timeout < 0:
+            bad("lock_timeout", "must be ≥ 0, or null to wait as long as the lock's holder runs")
+        for key in ("max_input_tokens", "max_target_tokens"):
+            if getattr(self, key) < 1:
+                bad(key, f"is {getattr(self, key)!r}; use a number of tokens ≥ 1")
         if self.guard_norm is not None and not self.guard_norm > 0:
             bad("guard_norm", f"is {self.guard_norm!r}; use a number > 0 (e.g. 3), or null for no guard")
         if not self.step_factor > 0:
@@ -275,7 +294,8 @@ class Config:
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_cache": (str, type(None)), "editor": (str,),
     "edit_weights": (list, str), "prompt_format": (str,), "device": (str,), "dtype": (str,),
-    "ledger": (str, type(None)), "chain": (str,), "store": (str,), "lock_timeout": (int, float), "seed": (int,),
+    "ledger": (str, type(None)), "chain": (str,), "store": (str,), "lock_timeout": (int, float, type(None)),
+    "max_input_tokens": (int,), "max_target_tokens": (int,), "keep_failed": (bool,), "seed": (int,),
     "guard_norm": (int, float, type(None)), "protect_edits": (bool,), "health_check": (bool,),
     "step_factor": (int, float), "max_steps": (int, type(None)), "preserve_keys": (int, float, type(None)),
     "device_map": (str, dict, type(None)), "max_memory": (dict, type(None)),

@@ -31,17 +31,20 @@ It knows nothing of models, editors or the delta store beyond the hashes and pat
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text,
                         create_engine, event, or_, select, text)
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -70,8 +73,16 @@ NAMING_CONVENTION = {
 
 
 def sqlite_url(path: Path | str) -> str:
-    """`sqlite:///<absolute path>` for a database file."""
-    return "sqlite:///" + Path(path).expanduser().resolve().as_posix()
+    """`sqlite:///<absolute path>` for a database file, escaped: a path holding `?`, `%`, `#`
+    or spaces must name that file, not be read as a URL's query string."""
+    return URL.create("sqlite", database=Path(path).expanduser().resolve().as_posix()) \
+        .render_as_string(hide_password=False)
+
+
+#: The largest id the `entries.id` column can hold (PostgreSQL's `integer`; SQLite's is wider,
+#: but its ids are counted from 1 and never get near it): a larger id names no entry, and
+#: passing it to the database would overflow instead of finding nothing.
+MAX_ID = 2**31 - 1
 
 
 def _utcnow() -> datetime:
@@ -231,6 +242,20 @@ def chain_lock_key(chain: str) -> int:
 MIGRATION_LOCK_KEY = advisory_key("mendctl.ledger.migrate")
 
 
+def _read_only_connection(path: Path, timeout: float) -> sqlite3.Connection:
+    """A read-only connection to the SQLite file `path` (a ledger on a read-only mount, or
+    one this user may not write). SQLite's `mode=ro` still needs the WAL side files of a
+    WAL database, which a read-only directory cannot have created: then the file is opened
+    as `immutable`, which reads it without any locking (nobody can be writing it there)."""
+    uri = "file:" + quote(path.resolve().as_posix())
+    try:
+        con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=timeout, check_same_thread=False)
+        con.execute("PRAGMA schema_version").fetchone()  # opens the file (and its WAL) now
+        return con
+    except sqlite3.OperationalError:
+        return sqlite3.connect(uri + "?immutable=1", uri=True, check_same_thread=False)
+
+
 class Ledger:
     """The ledger database at `url` (`sqlite:///path`, a plain file path, or
     `postgresql+psycopg://...`), read and written as the chain `chain`.
@@ -267,6 +292,9 @@ class Ledger:
         self._engine: Engine | None = None
         self._write_engine: Engine | None = None
         self._sessions: sessionmaker | None = None
+        #: True when the SQLite file cannot be written here (set when the engine is made):
+        #: reads work, every write is refused with a message saying so.
+        self.read_only = False
         self._is_sqlite = backend == "sqlite"
         self._is_postgresql = backend == "postgresql"
         #: The URL as messages show it: never with its password.
@@ -283,7 +311,8 @@ class Ledger:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _db_path(self) -> Path | None:
+    def db_path(self) -> Path | None:
+        """The SQLite database file (None: PostgreSQL, or an in-memory database)."""
         db = make_url(self.url).database
         if not self._is_sqlite or not db or db == ":memory:" or db.startswith("file:"):
             return None
@@ -309,11 +338,17 @@ class Ledger:
                 raise LedgerError(f"ledger {self.shown_url} needs the PostgreSQL driver "
                                   f"psycopg ({e}); install it with "
                                   "`pip install 'mendctl[postgres]'`") from e
-        path = self._db_path()
-        if path is not None:
+        path = self.db_path()
+        if path is not None and not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(self.url, connect_args={"timeout": self.busy_timeout})
-        wal = path is not None
+        self.read_only = path is not None and path.is_file() and not (
+            os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+        if self.read_only:
+            engine = create_engine("sqlite://", creator=lambda: _read_only_connection(
+                path, self.busy_timeout))
+        else:
+            engine = create_engine(self.url, connect_args={"timeout": self.busy_timeout})
+        wal = path is not None and not self.read_only
         busy_ms = int(self.busy_timeout * 1000)
 
         @event.listens_for(engine, "connect")
@@ -343,6 +378,12 @@ class Ledger:
             self._engine.dispose()
         self._engine = self._write_engine = self._sessions = None
 
+    def read_only_error(self) -> LedgerError:
+        return LedgerError(f"the ledger {self.shown_url} is read-only (a read-only mount, or a "
+                           f"file this user may not write): reading commands work (log, show, "
+                           f"ask, verify), this one writes; run it where the workspace is "
+                           f"writable")
+
     def _busy_error(self, doing: str) -> LedgerError:
         chain = "" if self._is_sqlite else f" (chain {self.chain!r})"
         return LedgerError(f"the ledger {self.shown_url}{chain} stayed locked by another "
@@ -359,6 +400,9 @@ class Ledger:
         elif "already exists" in detail:
             hint = (" (the database has tables but no mendctl schema revision: it is not a "
                     "mendctl ledger; point mendctl at another file)")
+        elif "readonly database" in detail:
+            hint = (" (the ledger file cannot be written here: run the command where the "
+                    "workspace is writable)")
         elif "not a database" in detail:
             hint = " (the file is not an SQLite database: restore the ledger from a backup)"
         elif self._is_postgresql and isinstance(e, OperationalError) and (
@@ -438,6 +482,9 @@ class Ledger:
         from alembic import command
 
         script = self._script()
+        self.engine  # noqa: B018 (sets read_only)
+        if self.read_only:
+            raise self.read_only_error()
         try:
             with self._write_conn_nofk() as conn:
                 with conn.begin():
@@ -493,7 +540,22 @@ class Ledger:
 
     def open(self) -> "Ledger":
         """Connect and migrate the schema to head; LedgerError if the ledger is from a newer
-        mendctl or cannot be read."""
+        mendctl or cannot be read. A ledger already at head is only read (so a read-only
+        ledger at the current schema opens); a read-only one at an older schema is refused."""
+        script = self._script()
+        try:
+            with self.engine.connect() as conn:
+                heads = self._current_heads(conn)
+        except SQLAlchemyError as e:
+            raise self._translate(e, "reading the schema revision") from e
+        self._check_known(heads, script)
+        if set(heads) == set(script.get_heads()):
+            return self
+        if self.read_only:
+            raise LedgerError(f"the ledger {self.shown_url} is read-only and at schema "
+                              f"{', '.join(heads) or '(none)'}, older than this mendctl's "
+                              f"{script.get_current_head()}; run `mendctl db upgrade` once where "
+                              f"it is writable, or use the mendctl version that wrote it")
         self.upgrade("head")
         return self
 
@@ -508,6 +570,8 @@ class Ledger:
         so the head read inside is still the head at commit. Objects stay usable afterwards.
         """
         self.engine  # noqa: B018
+        if write and self.read_only:
+            raise self.read_only_error()
         bind = self._write_engine if write else self._engine
         try:
             with self._sessions(bind=bind) as session:
@@ -538,8 +602,10 @@ class Ledger:
 
     def get(self, entry_id: int, session: Session | None = None) -> Entry:
         """Entry `entry_id`, which must belong to this chain (InputError otherwise)."""
-        with self._session(session, write=False) as s:
-            entry = s.get(Entry, int(entry_id))
+        entry = None
+        if 0 < int(entry_id) <= MAX_ID:
+            with self._session(session, write=False) as s:
+                entry = s.get(Entry, int(entry_id))
         if entry is None:
             raise InputError(f"no entry {entry_id}; see `mendctl log`")
         if entry.chain != self.chain:

@@ -22,6 +22,7 @@ import socket
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from filelock import FileLock, Timeout
 
@@ -40,17 +41,22 @@ def _this_command() -> str:
 class WorkspaceLock:
     """An exclusive lock on `path`, held for a `with` block (or acquire/release).
 
-    `timeout` is in seconds: 0 tries once, a negative value waits forever. On timeout a
-    LockError names the holder and says what to do. Not re-entrant across instances: a
-    second WorkspaceLock on the same path, even in the same process, waits like any other.
+    `timeout` is in seconds: 0 tries once; None (or a negative value) waits as long as the
+    holder runs: the OS lock dies with its process, so a crashed holder never blocks anyone.
+    On timeout a LockError names the holder and says what to do. `on_wait(holder)` is called
+    once, with the holder's side file, when the lock is busy and the caller is going to wait.
+    Not re-entrant across instances: a second WorkspaceLock on the same path, even in the same
+    process, waits like any other.
     """
 
-    def __init__(self, path: Path | str, timeout: float = 10.0, command: str | None = None):
+    def __init__(self, path: Path | str, timeout: float | None = 10.0, command: str | None = None,
+                 on_wait: Callable[[dict | None], None] | None = None):
         self.path = Path(path)
-        self.timeout = float(timeout)
+        self.timeout = None if timeout is None or timeout < 0 else float(timeout)
         self.command = command if command is not None else _this_command()
         self.holder_path = self.path.with_name(self.path.name + HOLDER_SUFFIX)
-        self._lock = FileLock(str(self.path), timeout=self.timeout)
+        self.on_wait = on_wait
+        self._lock = FileLock(str(self.path), timeout=0)
 
     @property
     def is_locked(self) -> bool:
@@ -60,9 +66,17 @@ class WorkspaceLock:
     def acquire(self) -> "WorkspaceLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._lock.acquire(timeout=self.timeout)
+            self._lock.acquire(timeout=0)
         except Timeout:
-            raise self._busy_error() from None
+            if self.timeout == 0:
+                raise self._busy_error() from None
+            if self.on_wait is not None:
+                self.on_wait(self.holder())
+            try:
+                self._lock.acquire(timeout=-1 if self.timeout is None else self.timeout,
+                                   poll_interval=0.2)
+            except Timeout:
+                raise self._busy_error() from None
         try:
             self._write_holder()
         except BaseException:
@@ -103,7 +117,7 @@ class WorkspaceLock:
 
     def _busy_error(self) -> LockError:
         info = self.holder()
-        waited = f"after waiting {self.timeout:g} s" if self.timeout > 0 else "right now"
+        waited = f"after waiting {self.timeout:g} s" if self.timeout else "right now"
         if info is None:
             who = "another process (it has not said which)"
         else:
@@ -111,8 +125,9 @@ class WorkspaceLock:
                    f"`{info.get('command')}` since {info.get('since')}")
         err = LockError(
             f"the workspace is locked ({self.path}) by {who}; could not get the lock "
-            f"{waited}. Wait for that command to finish (or stop it) and try again, or pass a "
-            "longer lock timeout. The lock is released automatically when that process exits, "
-            "so there is no lock file to delete.")
+            f"{waited}. Wait for that command to finish (or stop it) and try again, or set "
+            "`lock_timeout: null` in mendctl.yaml to wait as long as the holder runs. The lock "
+            "is released automatically when that process exits, so there is no lock file to "
+            "delete.")
         err.holder = info
         return err

@@ -18,9 +18,12 @@ import json
 import logging
 import os
 import shutil
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -155,9 +158,10 @@ def _convert_gguf(gguf: Path, out: Path, description: str) -> None:
 
     _quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                            trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for unreadable files
         raise ModelError(f"cannot read GGUF {gguf}: {e}; check that the file is a complete "
                          f"GGUF of an architecture transformers supports") from e
@@ -165,7 +169,7 @@ def _convert_gguf(gguf: Path, out: Path, description: str) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     plain.load_state_dict(model.state_dict(), strict=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -208,6 +212,65 @@ def _dir_hash(model, directory: Path, cache_dir: Path) -> str:
     return h
 
 
+def _refuse_custom_code(directory: Path) -> None:
+    """mendctl never runs Python code that comes with a model: a directory whose config or
+    tokenizer config maps classes to its own files (`auto_map`) is refused by name, instead
+    of leaving transformers to ask (and run the code when a user answers yes)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = directory / name
+        try:
+            doc = json.loads(f.read_text()) if f.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{f} cannot be read as JSON ({e}); check the model directory") from None
+        if isinstance(doc, dict) and doc.get("auto_map"):
+            raise ModelError(f"{f} maps the model to its own Python code (`auto_map`); mendctl "
+                             f"does not run code from model directories, so custom-code models "
+                             f"are not supported. Use a model whose architecture transformers "
+                             f"implements itself (Llama, GPT-2, Qwen2, Gemma...)")
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """A hub id that is neither in the local Hugging Face cache nor reachable fails at once,
+    with what to do, instead of after transformers' network retries (a minute offline)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json")
+    if isinstance(cached, str):
+        return  # transformers loads it from the cache
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    offline = constants.HF_HUB_OFFLINE or not _reachable(url.hostname or "huggingface.co", port,
+                                                         HUB_PROBE_SECONDS)
+    if offline:
+        raise ModelError(
+            f"model {spec!r} is a hub id, it is not in the local Hugging Face cache, and the hub "
+            f"({constants.ENDPOINT}) cannot be reached from here (offline). Download it where "
+            f"there is a network (`huggingface-cli download {spec} --local-dir DIR`), copy DIR "
+            f"here and set `model: DIR` in mendctl.yaml, or use an embedded model "
+            f"({', '.join(ALIASES)})")
+
+
+def _reachable(host: str, port: int, seconds: float) -> bool:
+    """Whether a TCP connection to host:port opens within `seconds` (name lookup included,
+    which a socket timeout does not bound: it runs in a thread we stop waiting for)."""
+    result: list[bool] = []
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=seconds):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(seconds)
+    return bool(result and result[0])
+
+
 def resolve(spec: str, cache_dir: Path) -> tuple[Path | str, str]:
     """Model spec → (a directory or hub id to load from, a readable id)."""
     if spec in ALIASES:
@@ -222,11 +285,13 @@ def resolve(spec: str, cache_dir: Path) -> tuple[Path | str, str]:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} is not a Hugging Face model directory (no config.json)")
+        _refuse_custom_code(p)
         return p, str(p.resolve())
     if p.exists() or spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
         raise ModelError(f"model {spec!r} is not a known alias ({', '.join(ALIASES)}), a model "
                          f"directory, or a .gguf file")
     if "/" in spec:
+        _check_hub_reachable(spec)
         return spec, spec  # a hub id; needs a hub at run time, which this tool never requires
     raise ModelError(f"unknown model {spec!r}: use an embedded alias ({', '.join(ALIASES)}), "
                      f"a local model directory, a .gguf file or a hub id like org/name")
@@ -259,8 +324,10 @@ def load_model(spec: str = DEFAULT_MODEL, cache_dir: str | Path | None = None,
             cache_dir / "offload" / hashlib.sha256(str(where).encode()).hexdigest()[:16]
         placed = {"device_map": dmap, "offload_folder": str(offload)}
     try:
-        tok = AutoTokenizer.from_pretrained(str(where))
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, **placed)
+        # never run code shipped with a model (an `auto_map` in its config): see _refuse_custom_code
+        tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype,
+                                                     trust_remote_code=False, **placed)
     except Exception as e:  # transformers raises OSError, ValueError, JSON errors... for bad files
         raise ModelError(f"cannot load model {spec!r} from {where}: {type(e).__name__}: {e}; "
                          f"check that it is a complete Hugging Face model directory (or, for a "

@@ -49,9 +49,9 @@ def plan_device_map(where: str | Path, dtype: torch.dtype, device_map, max_memor
 
     from .editors.weights import select_weights
 
-    config = AutoConfig.from_pretrained(str(where))
+    config = AutoConfig.from_pretrained(str(where), trust_remote_code=False)
     with init_empty_weights():
-        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     empty.tie_weights()
     if isinstance(device_map, str):
         if device_map not in MAP_STRATEGIES:

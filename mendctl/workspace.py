@@ -32,14 +32,15 @@ from safetensors.torch import load_file, save_file
 from . import config as config_mod
 from . import routing
 from .config import CONFIG_FILE, STATE_DIR, TEMPLATE, Config
-from .editors.data import EditCase, generic_text_samples
+from .editors.data import EditCase, generic_text_samples, visible
 from .editors.delta import Delta, apply_deltas, state_hash
 from .editors.ft import FTEditor
-from .editors.mend.editor import EditorMismatch, MendEditor, file_sha256
+from .editors.mend.editor import EditorMismatch, MendEditor
 from .editors.metrics import (generate, locality_reference, locality_scores, target_scores)
 from .editors.route import RoutedEdit
 from .editors.weights import read_weights, select_weights, write_weights
-from .errors import EditorError, InputError, LedgerError, StoreError, WorkspaceError
+from .errors import (EditorError, InputError, LedgerError, MendctlError, StoreError,
+                     WorkspaceError)
 from .health import base_reference, chain_health
 from .ledger import Entry, Ledger, sqlite_url
 from .locking import WorkspaceLock
@@ -51,6 +52,9 @@ ENV_WORKSPACE = "MENDCTL_WORKSPACE"
 EDITORS = ("mend", "identity", "ft", "ft_kl")
 DELTA_KINDS = ("edit", "replay", "squash")
 STATE_CACHE_KEEP = 4
+#: How long a ledger write waits for SQLite's lock when `lock_timeout` is null (wait for the
+#: workspace lock's holder): the ledger's own transactions last milliseconds.
+LEDGER_BUSY_TIMEOUT = 60.0
 
 
 def shipped_editor_dir(model_spec: str) -> Path | None:
@@ -62,10 +66,27 @@ def shipped_editor_dir(model_spec: str) -> Path | None:
 
 
 def check_text(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(f"the {what} is empty; give some text, e.g. --input \"Who is India's PM?\" "
-                         f"--target \"Narendra Modi\"")
+    if not isinstance(value, str) or not visible(value):
+        raise InputError(f"the {what} is empty or only invisible characters (spaces, zero-width "
+                         f"or direction marks); give some text, e.g. --input \"Who is India's "
+                         f"PM?\" --target \"Narendra Modi\"")
     return value
+
+
+def context_length(model) -> int | None:
+    """How many tokens the model reads at most (its position embeddings), if it says."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+class EditFailed(MendctlError):
+    """An edit after which a target is still not the model's answer: not recorded by default."""
+
+    exit_code = 3
 
 
 class Workspace:
@@ -135,17 +156,43 @@ class Workspace:
 
     @cached_property
     def ledger(self) -> Ledger:
-        self.state_dir.mkdir(exist_ok=True)
-        return Ledger(self.ledger_url, busy_timeout=self.config.lock_timeout,
-                      chain=self.config.chain).open()
+        led = Ledger(self.ledger_url, busy_timeout=LEDGER_BUSY_TIMEOUT if self.config.lock_timeout is None
+                     else self.config.lock_timeout,
+                     chain=self.config.chain)
+        db = led.db_path()
+        if db is not None and not db.exists():
+            # a new workspace, or a ledger that went missing (deleted, or a typo in `ledger:`):
+            # never start an empty ledger beside deltas it would no longer know
+            files = self.store.list_objects()
+            if files:
+                raise LedgerError(
+                    f"the ledger {db} does not exist, but the delta store {self.store.root} holds "
+                    f"{len(files)} delta file(s) recorded in a ledger: restore that ledger file "
+                    f"(or fix `ledger:` in {self.root / CONFIG_FILE}); nothing was created")
+            if not self.state_dir.is_dir():
+                self.state_dir.mkdir()
+        return led.open()
 
     @cached_property
     def store(self) -> DeltaStore:
         return DeltaStore(self.root / self.config.store)
 
     def lock(self) -> WorkspaceLock:
-        self.state_dir.mkdir(exist_ok=True)
-        return WorkspaceLock(self.state_dir / "lock", timeout=self.config.lock_timeout)
+        """The workspace's write lock (every command that changes the workspace takes it
+        first). Refuses a workspace that cannot be written, before any work is done."""
+        for d in (self.state_dir, self.store.root):
+            probe = d if d.is_dir() else d.parent
+            if probe.is_dir() and not os.access(probe, os.W_OK):
+                raise WorkspaceError(
+                    f"the workspace is read-only here ({probe} cannot be written): reading "
+                    f"commands work (log, show, ask, verify), this one writes; run it where the "
+                    f"workspace is writable")
+        if self.ledger.read_only:
+            raise self.ledger.read_only_error()
+        if not self.state_dir.is_dir():
+            self.state_dir.mkdir()
+        return WorkspaceLock(self.state_dir / "lock", timeout=self.config.lock_timeout,
+                             on_wait=_say_waiting)
 
     @property
     def lm(self) -> LoadedModel:
@@ -228,11 +275,13 @@ class Workspace:
             # the editor runs where configured, else beside the edited weights (u and δ are
             # captured there); its deltas come back to the CPU in fp32 either way
             ed.to(self.config.editor_device or lm.model.get_parameter(self.specs[0].name).device)
-            ed.sha256 = ed.info.get("weights_sha256") or file_sha256(d / "editor.safetensors")
+            # the hash of the bytes loaded, not what editor.json claims (a mismatch is refused)
+            ed.sha256 = ed.weights_sha256
             ed.checkpoint = str(d)
             if name == "identity":
+                sha = ed.weights_sha256
                 ed = ed.to_identity()
-                ed.sha256, ed.checkpoint = "identity:" + ed_sha(d), str(d)
+                ed.sha256, ed.checkpoint = "identity:" + sha, str(d)
         else:
             ed = FTEditor(self.specs, kl_weight=1.0 if name == "ft_kl" else 0.0,
                           generic_texts=generic_text_samples())
@@ -348,6 +397,13 @@ class Workspace:
         return w
 
     def _remember_state(self, w: dict[str, torch.Tensor], h: str) -> None:
+        """Cache the state's tensors (best effort: a read-only workspace just loads slower)."""
+        try:
+            self._write_state_cache(w, h)
+        except OSError:
+            pass
+
+    def _write_state_cache(self, w: dict[str, torch.Tensor], h: str) -> None:
         d = self.state_dir / "states"
         d.mkdir(parents=True, exist_ok=True)
         path = self._state_cache(h)
@@ -402,12 +458,44 @@ class Workspace:
         for p in prompts:
             check_text(p, "input")
         _ = self.lm  # a bad model fails here, before the ledger is created
+        self.check_sizes([("input", p) for p in prompts], [], new_tokens=max_new_tokens)
         entry = self.entry_at(at)
         self.use_state(entry)
         answers = self._generate(prompts, max_new_tokens)
         return {"state": entry.id if entry else None,
                 "state_hash": self._loaded_state, "model": self.lm.model_id,
                 "answers": [{"input": p, "answer": a} for p, a in zip(prompts, answers)]}
+
+    def check_sizes(self, prompts: list[tuple[str, str]], targets: list[str],
+                    new_tokens: int = 0) -> None:
+        """Refuse, before any work, prompts and targets longer than the limits: a target of
+        `max_target_tokens`, a prompt of `max_input_tokens` and never more than the model
+        reads with the target (or `new_tokens` generated) after it. Long text costs memory
+        and time that grow with its length (one 20,000-character input took 9 GB)."""
+        tok = self.lm.tokenizer
+        n_tokens = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
+        where = self.root / CONFIG_FILE
+        longest = 0
+        for t in targets:
+            n = n_tokens(t)
+            longest = max(longest, n)
+            if n > self.config.max_target_tokens:
+                raise InputError(f"the target {_clip(t)} is {n} tokens long; an edit's target may "
+                                 f"have at most {self.config.max_target_tokens} tokens "
+                                 f"(`max_target_tokens` in {where}): give the new answer itself")
+        ctx = context_length(self.lm.model)
+        limit = self.config.max_input_tokens
+        room = max(longest, new_tokens)
+        if ctx is not None and ctx - room < limit:
+            limit = ctx - room
+        for what, p in prompts:
+            n = n_tokens(p)
+            if n > limit:
+                raise InputError(
+                    f"the {what} {_clip(p)} is {n} tokens long; the limit is {limit} tokens "
+                    f"(`max_input_tokens` in {where}" + (f", and the model reads at most {ctx} "
+                                                         f"tokens with the answer" if ctx else "")
+                    + "): shorten it")
 
     # -- edit -----------------------------------------------------------------------------------
     def _probe(self, cases: list[EditCase]) -> dict:
@@ -421,12 +509,17 @@ class Workspace:
         pok = target_scores(lm.model, lm.tokenizer, para_p, para_t, self.fmt)[0] if para_p else []
         answers = self._generate(prompts + para_p, max(8, max(len(lm.tokenizer(t).input_ids)
                                                               for t in targets) + 4))
-        return {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp,
+        return {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp, "holds": list(ok),
                 "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
                 "answers": answers[: len(prompts)], "paraphrase_answers": answers[len(prompts):]}
 
     def edit(self, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
-             command: str | None = None, max_steps: int = 1) -> dict:
+             command: str | None = None, max_steps: int = 1, keep_failed: bool | None = None) -> dict:
+        """Make one edit of `cases` on the head and record it. An edit after which a target
+        is not the model's answer (edit success < 1) is refused with EditFailed and nothing is
+        recorded, unless `keep_failed` (default: the config's; then it is recorded with status
+        `failed`)."""
+        keep_failed = self.config.keep_failed if keep_failed is None else keep_failed
         if not cases:
             raise InputError("nothing to edit: give --input and --target, or --batch FILE.jsonl")
         for c in cases:
@@ -445,10 +538,14 @@ class Workspace:
             ed = self.editor(editor, step_factor=self.routed_step_factor())
         else:
             ed = self.editor(editor)
+        self.check_sizes([(what, p) for c in cases for what, p in
+                          [("input", c.input)] + [("paraphrase", q) for q in c.paraphrases]
+                          + [("locality prompt", q) for q in c.locality]],
+                         [c.target for c in cases])
         with self.lock():
-            return self._edit_locked(cases, ed, dry_run, command, max_steps)
+            return self._edit_locked(cases, ed, dry_run, command, max_steps, keep_failed)
 
-    def _edit_locked(self, cases, ed, dry_run, command, max_steps=1) -> dict:
+    def _edit_locked(self, cases, ed, dry_run, command, max_steps=1, keep_failed=False) -> dict:
         lm = self.lm
         head = self.head()
         head_ids = list(head.active_ids) if head else []
@@ -502,9 +599,21 @@ class Workspace:
             if dry_run:
                 self._loaded_state = None
                 self.use_state(head)
+        failed = [i for i, ok in enumerate(after["holds"]) if not ok]
+        if failed and not dry_run and not keep_failed:
+            self._loaded_state = None  # the model holds the unrecorded edit
+            steps = int(delta.meta.get("edit_steps", 1))
+            shown = "; ".join(f"{cases[i].input!r} → {after['answers'][i]!r} (wanted "
+                              f"{cases[i].target!r})" for i in failed[:3])
+            raise EditFailed(
+                f"the edit did not take: after {steps} step(s) {len(failed)} of {len(cases)} "
+                f"target(s) are still not the model's answer ({shown}); nothing was recorded. "
+                f"Try more steps (--max-steps), another wording, or record it anyway with "
+                f"--keep-failed")
         norms = delta.norms()
         report = {
             "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
+            "failed": [cases[i].input for i in failed],
             "cases": [c.to_dict() for c in cases], "before": before, "after": after,
             "delta_norms": norms, "delta_bytes": delta.nbytes(),
             "dense_bytes": delta.dense_nbytes(), "state_hash": new_hash,
@@ -540,7 +649,7 @@ class Workspace:
                     weight_names=delta.names(), delta_sha256=staged.sha256,
                     delta_path=staged.rel_path, delta_size=staged.size, delta_norms=norms,
                     metrics_before=_metrics(before), metrics_after=_metrics(after, seconds),
-                    state_hash=new_hash,
+                    state_hash=new_hash, status="failed" if failed else "ok",
                     active_ids=list(head.active_ids) if head else [],  # own id appended below
                     notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
                            "max_steps": max_steps, "max_norm": max_norm,
@@ -811,9 +920,12 @@ class Workspace:
             other = Workspace.open(str(target_dir))
             results = []
             for e, cases in (progress(requests) if progress else requests):
+                # keep_failed: a replay carries the whole chain over and reports each edit's
+                # success on the new model, rather than stopping at the first that fails there
                 r = other.edit(cases, editor=editor or "mend", max_steps=other.max_steps_for(
                                editor or "mend", 1) if other.config.routing else 1,
-                               command=command or f"replay of entry {e.id} from {self.root}")
+                               command=command or f"replay of entry {e.id} from {self.root}",
+                               keep_failed=True)
                 results.append({"from": e.id, "entry": r["entry"],
                                 "edit_success": r["after"]["edit_success"]})
             return {"workspace": str(target_dir), "replayed": results}
@@ -883,9 +995,20 @@ class Workspace:
         return {"entries": len(entries), "ok": not problems, "problems": problems,
                 "orphans": [str(o) for o in orphans]}
 
-    def gc(self) -> list[str]:
+    def gc(self, force: bool = False) -> list[str]:
+        """Remove orphan files. Refused (unless `force`) when the ledger knows none of the
+        store's deltas: that is a wrong or new ledger (a typo in `ledger:`), not orphans."""
         with self.lock():
-            return [str(p) for p in self.store.gc(self.ledger.known_delta_hashes())]
+            known = self.ledger.known_delta_hashes()
+            files = self.store.list_objects()
+            if files and not known.intersection(files) and not force:
+                size = sum(self.store.path_for(h).stat().st_size for h in files)
+                raise WorkspaceError(
+                    f"the ledger {self.ledger.shown_url} records none of the {len(files)} delta "
+                    f"file(s) in {self.store.root} ({size / 2**20:.1f} MiB): gc would delete them "
+                    f"all. If `ledger:` in {self.root / CONFIG_FILE} points at the wrong database, "
+                    f"fix it; to delete those files anyway run `mendctl gc --force`")
+            return [str(p) for p in self.store.gc(known)]
 
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
@@ -901,9 +1024,18 @@ def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
                    locality=loc or None, **kwargs)
 
 
-def ed_sha(d: Path) -> str:
-    doc = json.loads((Path(d) / "editor.json").read_text())
-    return doc.get("weights_sha256", "")
+def _say_waiting(holder: dict | None) -> None:
+    """Tell the user a command is waiting for the workspace lock, and for whom."""
+    who = "another mendctl process" if holder is None else (
+        f"process {holder.get('pid')} on {holder.get('host')} (`{holder.get('command')}`, since "
+        f"{holder.get('since')})")
+    print(f"waiting for the workspace lock, held by {who}; this command goes on when that one "
+          f"ends (Ctrl-C stops waiting)", file=sys.stderr, flush=True)
+
+
+def _clip(text: str, n: int = 40) -> str:
+    """A long text as messages show it: its start, quoted."""
+    return repr(text if len(text) <= n else text[:n] + "…")
 
 
 def _metrics(probe: dict, seconds: float | None = None) -> dict:

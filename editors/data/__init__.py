@@ -18,7 +18,8 @@ mendctl, so it can be used and tested on its own.
 from .build import DEFAULT_SEED, build_dataset, load_split
 from .generic import generic_text_samples
 from .readers import read_cases, read_counterfact, read_zsre
-from .schema import DataError, EditCase, join_prompt, read_jsonl, write_jsonl
+from .schema import (DataError, EditCase, join_prompt, read_jsonl, unknown_keys, visible,
+                     write_jsonl)
 
 __all__ = [
     "EditCase",
@@ -33,4 +34,6 @@ __all__ = [
     "read_zsre",
     "read_counterfact",
     "read_cases",
+    "unknown_keys",
+    "visible",
 ]

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["EditCase", "DataError", "read_jsonl", "write_jsonl", "join_prompt", "CORE_FIELDS"]
+__all__ = ["EditCase", "DataError", "read_jsonl", "write_jsonl", "join_prompt", "CORE_FIELDS",
+           "KNOWN_META", "unknown_keys", "visible"]
 
 # The schema's own keys, in the order they are written. Everything else is metadata.
 CORE_FIELDS = ("input", "target", "paraphrases", "locality")
@@ -66,6 +68,31 @@ class DataError(ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+# Letters that render as nothing (Hangul fillers, the braille blank): `visible` treats them
+# like the format and separator characters.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible(text: str) -> bool:
+    """Whether `text` has a character a reader can see: not only white space (NBSP included),
+    zero-width and direction marks, byte-order marks or other control/format characters."""
+    return any(not (ch.isspace() or ch in _BLANK_LETTERS
+                    or unicodedata.category(ch)[0] in "CZ") for ch in text)
+
+
+# Metadata keys mendctl's own data carries (the bundled builder, the zsRE and CounterFact
+# readers); a batch line's other keys are kept too, but `unknown_keys` names them so a typo
+# ("paraphrase" for "paraphrases") is not silently ignored.
+KNOWN_META = ("case_id", "group", "relation", "subject", "true_target", "template_id",
+              "paraphrase_template_ids", "source_format", "generation_prompts",
+              "attribute_prompts")
+
+
+def unknown_keys(case: "EditCase") -> list[str]:
+    """The case's keys that are neither schema fields nor known metadata."""
+    return sorted(k for k in case.meta if k not in KNOWN_META)
+
+
 def _check_prompt_list(value: Any, key: str) -> list[str]:
     """Validate an optional list of prompts; return it as a fresh list."""
     if not isinstance(value, list):
@@ -74,7 +101,7 @@ def _check_prompt_list(value: Any, key: str) -> list[str]:
             f'write it as ["..."] or leave the key out'
         )
     for i, item in enumerate(value):
-        if not isinstance(item, str) or not item.strip():
+        if not isinstance(item, str) or not visible(item):
             raise DataError(
                 f'"{key}"[{i}] must be a non-empty string, got {item!r}; '
                 f"remove the entry or give the prompt text"
@@ -85,8 +112,9 @@ def _check_prompt_list(value: Any, key: str) -> list[str]:
 def _check_text(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise DataError(f'"{key}" must be a string, got {type(value).__name__} {value!r}')
-    if not value.strip():
-        raise DataError(f'"{key}" is empty; give the {"prompt" if key == "input" else "new answer"} text')
+    if not visible(value):
+        raise DataError(f'"{key}" is empty or only invisible characters (spaces, zero-width or '
+                        f'direction marks); give the {"prompt" if key == "input" else "new answer"} text')
     return value
 
 

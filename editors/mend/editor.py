@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from ..delta import Delta, LayerDelta
@@ -71,6 +72,8 @@ class MendEditor(nn.Module):
                        for s in self.specs}
         self.alpha = nn.Parameter(torch.full((len(self.specs),), self.config.init_alpha))
         self.info: dict = {}
+        #: sha256 of the editor.safetensors bytes this editor was loaded from (None: built here)
+        self.weights_sha256: str | None = None
 
     # -- the edit ---------------------------------------------------------------------------
     def factors(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -373,10 +376,23 @@ class MendEditor(nn.Module):
         if not cfg_path.is_file() or not w_path.is_file():
             raise EditorMismatch(f"{directory} is not an editor checkpoint (needs {CONFIG_FILE} "
                                  f"and {WEIGHTS_FILE}); train one with `mendctl train`")
-        doc = json.loads(cfg_path.read_text())
-        if doc.get("format") != FORMAT or int(doc.get("format_version", 0)) > FORMAT_VERSION:
+        try:
+            doc = json.loads(cfg_path.read_text())
+            if not isinstance(doc, dict):
+                raise ValueError("the top level is not a JSON object")
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError included
+            raise EditorMismatch(f"{cfg_path} cannot be read as JSON ({e}); restore the "
+                                 f"checkpoint, or train one with `mendctl train`") from None
+        try:
+            version = int(doc.get("format_version", 0))
+        except (TypeError, ValueError):
+            version = FORMAT_VERSION + 1
+        if doc.get("format") != FORMAT or version > FORMAT_VERSION:
             raise EditorMismatch(f"{cfg_path}: not an editor of a format this mendctl reads")
         want = [s.to_dict() for s in specs]
+        if not isinstance(doc.get("weights"), list) or not isinstance(doc.get("config"), dict):
+            raise EditorMismatch(f"{cfg_path} lacks its `weights` list or `config` mapping; "
+                                 f"restore the checkpoint, or train one with `mendctl train`")
         if doc["weights"] != want:
             have = ", ".join(f"{w['name']} {tuple(w['shape'])}" for w in doc["weights"][:3])
             raise EditorMismatch(
@@ -387,8 +403,29 @@ class MendEditor(nn.Module):
             raise EditorMismatch(
                 f"editor {directory} was trained on base model {trained_for[:12]}, not on this "
                 f"workspace's model {base_model_hash[:12]}; train one with `mendctl train`")
-        editor = cls(specs, MendConfig(**doc["config"]))
-        editor.load_state_dict(load_file(str(w_path)))
+        known = {f for f in MendConfig.__dataclass_fields__}
+        unknown = sorted(set(doc["config"]) - known)
+        if unknown:
+            raise EditorMismatch(f"{cfg_path}: unknown editor setting(s) {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))}); the checkpoint is from "
+                                 f"another mendctl version, or the file was edited by hand")
+        # the bytes read once: what is hashed is what is loaded (the ledger records this hash)
+        data = w_path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        claimed = doc.get("weights_sha256")
+        if claimed and claimed != sha:
+            raise EditorMismatch(f"{w_path} does not match the weights_sha256 its {CONFIG_FILE} "
+                                 f"records ({sha[:12]} ≠ {str(claimed)[:12]}): the file was changed "
+                                 f"or damaged; restore the checkpoint, or train one with "
+                                 f"`mendctl train`")
+        try:
+            editor = cls(specs, MendConfig(**doc["config"]))
+            editor.load_state_dict(load_safetensors(data))
+        except (TypeError, ValueError, RuntimeError) as e:  # bad values, shapes, or file
+            raise EditorMismatch(f"editor {directory} cannot be loaded ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else e}); restore the "
+                                 f"checkpoint, or train one with `mendctl train`") from None
+        editor.weights_sha256 = sha
         editor.info = doc
         editor.eval()
         return editor
