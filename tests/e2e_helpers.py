@@ -284,12 +284,18 @@ class Ws:
             con.close()
 
 
+# The tiny editor is untrained: most of its edits do not make the target the answer, which
+# `mendctl edit` refuses to record by default. The tests of everything else record them
+# (`keep_failed: true`); tests/test_hardening.py covers the refusal itself.
+TINY_CONFIG = {"keep_failed": True}
+
+
 def make_workspace(root: Path, assets: TinyAssets, cache_dir: Path, **config) -> Ws:
     r = run_cli("init", root, cwd=root.parent, cache_dir=cache_dir)
     assert r.returncode == 0, str(r)
     ws = Ws(root, assets, cache_dir, {})
     ws.write_config(model=str(assets.model_dir), editor=str(assets.editor_dir),
-                    model_cache=str(cache_dir / "models"), **config)
+                    model_cache=str(cache_dir / "models"), **(TINY_CONFIG | config))
     return ws
 
 
@@ -300,7 +306,7 @@ def init_workspace_inprocess(root: Path, assets: TinyAssets, cache_dir: Path, **
     Workspace.init(root)
     ws = Ws(root, assets, cache_dir, {})
     ws.write_config(model=str(assets.model_dir), editor=str(assets.editor_dir),
-                    model_cache=str(cache_dir / "models"), **config)
+                    model_cache=str(cache_dir / "models"), **(TINY_CONFIG | config))
     return ws
 
 
