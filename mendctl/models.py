@@ -220,8 +220,8 @@ def _refuse_custom_code(directory: Path) -> None:
         f = directory / name
         try:
             doc = json.loads(f.read_text()) if f.is_file() else {}
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{f} cannot be read as JSON ({e}); check the model directory") from None
+        except (OSError, ValueError):
+            continue  # unreadable: the load fails and says so
         if isinstance(doc, dict) and doc.get("auto_map"):
             raise ModelError(f"{f} maps the model to its own Python code (`auto_map`); mendctl "
                              f"does not run code from model directories, so custom-code models "

@@ -41,7 +41,17 @@ def test_missing_package_says_what_to_install(monkeypatch):
         models.alias_gguf("smollm2-135m")
 
 
-def test_hub_ids_are_passed_through_untouched(tmp_path):
+def test_hub_ids_in_the_local_hub_cache_are_passed_through_untouched(tmp_path, monkeypatch):
+    """A hub id found in the local Hugging Face cache goes to transformers as it is (one not
+    there, offline, is refused at once: tests/test_hardening.py)."""
+    from huggingface_hub import constants
+
+    snap = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("abc123")
+    (snap / "snapshots" / "abc123").mkdir(parents=True)
+    (snap / "snapshots" / "abc123" / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     where, mid = models.resolve("HuggingFaceTB/SmolLM2-135M", tmp_path)
     assert where == mid == "HuggingFaceTB/SmolLM2-135M"
 
