@@ -28,13 +28,14 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .editors.data import DataError
+        from .editors.mend.editor import EditorMismatch
 
         try:
             return fn(*args, **kwargs)
         except MendctlError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code if e.exit_code else 1)
-        except DataError as e:
+        except (DataError, EditorMismatch) as e:  # editors/ raises its own (it knows no CLI)
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except OSError as e:
