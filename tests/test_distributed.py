@@ -117,6 +117,7 @@ def _worker(model_dir: str, out: str) -> dict:
     return doc
 
 
+@pytest.mark.subprocess  # two real training processes (distributed.launch)
 def test_two_processes_train_the_single_process_editor(tiny_llama, tiny_tokenizer, tmp_path):
     model_dir = tmp_path / "model"
     tiny_llama.save_pretrained(str(model_dir))
@@ -184,9 +185,14 @@ def test_two_processes_train_the_single_process_editor(tiny_llama, tiny_tokenize
     assert sorted(p.name for p in (out / "best").iterdir()) == ["editor.json", "editor.safetensors"]
     assert sorted(p.name for p in (out / "state").iterdir()) == ["train_state.json",
                                                                   "train_state.safetensors"]
-    if ref.best_step == results[0]["best_step"] == 5:
-        for k, v in best.state_dict().items():
-            assert torch.equal(v, editors[0][k]), k
+    # the best checkpoint is the single-process run's best one, up to float rounding
+    # (whichever step was best: both runs agree on it, checked above)
+    single_best = MendEditor.load(tmp_path / "single-best", single.editor.specs).state_dict()
+    for k, v in best.state_dict().items():
+        if k.endswith(".count"):
+            assert torch.equal(v, single_best[k]), k
+        else:
+            torch.testing.assert_close(v, single_best[k], **TOL, msg=k)
 
 
 def test_part_splits_contiguously_in_rank_order():

@@ -503,8 +503,14 @@ def test_norm_guard_scales_the_delta_down_to_the_limit(tiny_llama, tiny_tokenize
     guarded = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_norm=0.25 * total)
     assert float(guarded.meta["norm_scale"]) == pytest.approx(0.25, rel=1e-5)
     assert sum(v * v for v in guarded.norms().values()) ** 0.5 == pytest.approx(0.25 * total, rel=1e-5)
+    eps = torch.finfo(torch.float32).eps
     for name, layer in guarded.layers.items():
-        assert torch.allclose(layer.to_dense(), 0.25 * free.layers[name].to_dense(), atol=1e-7)
+        want = 0.25 * free.layers[name].to_dense()
+        # the same ΔW times one factor: the factor is 0.25 to 1e-5 (checked above), and the
+        # scaled float32 factors are rounded once more, a few eps32 × the largest entry
+        # (measured: identical; 16 eps32 allowed)
+        bound = 1e-5 * want.abs() + 16 * eps * float(want.abs().max())
+        assert bool(((layer.to_dense() - want).abs() <= bound).all()), name
     loose = editor.edit(tiny_llama, tiny_tokenizer, p, t, max_norm=2 * total)
     assert "norm_scale" not in loose.meta
     for name, layer in loose.layers.items():

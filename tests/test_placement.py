@@ -20,6 +20,8 @@ from mendctl.placement import main_device, placement_summary, plan_device_map  #
 
 PROMPTS, TARGETS = [CHAIN[0][0], CHAIN[1][0]], [CHAIN[0][1], CHAIN[1][1]]
 
+EPS32 = torch.finfo(torch.float32).eps  # float32 rounding: 1.19e-7 relative
+
 
 def _model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -41,7 +43,12 @@ def test_offloaded_model_edits_exactly_like_the_plain_one(tiny_assets, tmp_path)
     d_plain = editor.edit(plain.model, plain.tokenizer, PROMPTS, TARGETS)
     d_big = editor.edit(big.model, big.tokenizer, PROMPTS, TARGETS)
     for name, layer in d_plain.layers.items():
-        torch.testing.assert_close(d_big.layers[name].to_dense(), layer.to_dense(), rtol=1e-5, atol=1e-7)
+        got, want = d_big.layers[name].to_dense(), layer.to_dense()
+        # the offloaded model computes with the same float32 weights: the same ΔW up to the
+        # order of float32 sums, a few eps32 × its largest entry (measured: identical; 64
+        # eps32 allowed; an edit computed at other weights differs by O(max |ΔW|))
+        err, tol = float((got - want).abs().max()), 64 * EPS32 * float(want.abs().max())
+        assert err <= tol, (name, err, tol)
 
 
 def test_base_hash_is_the_same_in_bf16(tiny_assets, tmp_path):

@@ -17,6 +17,8 @@ from mendctl.editors.weights import applied, select_weights
 LAST_MLP_OUT = {"llama": "model.layers.3.mlp.down_proj.weight", "gpt2": "transformer.h.3.mlp.c_proj.weight"}
 BANK = [fact_prompt(s) for s in SUBJECTS[8:]] + [fact_paraphrase(s) for s in SUBJECTS[8:]]
 
+EPS32 = torch.finfo(torch.float32).eps  # float32 rounding: 1.19e-7 relative
+
 
 def _logits(model, tok, prompts):
     b = encode_prompts(tok, prompts)
@@ -50,8 +52,13 @@ def test_open_gate_adds_the_delta_and_closed_gate_changes_nothing(make_model, ti
         closed, _ = _logits(model, tiny_tokenizer, prompts)
     real = mask.bool()
     real[:, 0] = False
-    assert not torch.allclose(base[real], weights[real], atol=1e-4)  # the delta does something
-    torch.testing.assert_close(opened[real], weights[real], rtol=1e-4, atol=1e-4)
+    # the delta does something: more than 1e-4 of the logits' size
+    assert float((base[real] - weights[real]).abs().max()) > 1e-4 * float(weights[real].abs().max())
+    # the open gate adds Δ·x beside W·x where `applied` computes (W + Δ)·x: other float32 sums,
+    # a few eps32 × the logits' size (measured 2 eps32 × max |logit|; 256 allowed, ~1e-4 here;
+    # a missing or wrong delta is off by more than 1e-4 × max |logit| (checked above)
+    err, scale = float((opened[real] - weights[real]).abs().max()), float(weights[real].abs().max())
+    assert err <= 256 * EPS32 * scale, (err, scale)
     torch.testing.assert_close(opened[:, 0], base[:, 0])
     assert torch.equal(closed, base)
     after, _ = _logits(model, tiny_tokenizer, prompts)
@@ -211,7 +218,11 @@ def test_gates_apply_in_the_editors_own_forward(tiny_llama, tiny_tokenizer):
             full, _ = _logits(tiny_llama, tiny_tokenizer, ["s3 has its capital city in c7"])
     assert torch.equal(worded[0], base[0])  # the first token never opens a gate
     assert not torch.allclose(worded[1:], base[1:], atol=1e-4)
-    torch.testing.assert_close(worded, full[0], rtol=1e-5, atol=1e-5)
+    # the routed forward of the selected positions against the full one: the same float32
+    # products, maybe summed in another order, a few eps32 × max |logit| (measured: identical;
+    # 64 eps32 allowed)
+    err, scale = float((worded - full[0]).abs().max()), float(full[0].abs().max())
+    assert err <= 64 * EPS32 * scale, (err, scale)
 
 
 def test_open_at_end_is_the_gate_of_every_pair(tiny_llama, tiny_tokenizer):

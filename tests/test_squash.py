@@ -21,6 +21,8 @@ from mendctl.editors.delta import Delta, LayerDelta, apply_deltas, state_hash  #
 from mendctl.errors import InputError  # noqa: E402
 from mendctl.squash import combine, squash  # noqa: E402
 
+EPS32 = torch.finfo(torch.float32).eps  # float32 rounding: 1.19e-7 relative
+
 
 @pytest.fixture
 def opened(chain, tmp_path):
@@ -65,7 +67,9 @@ def test_exact_squash_of_the_whole_chain(opened):
     assert r["rank"] is None and r["skipped"] == [] and r["parent"] == 3
     assert r["max_reconstruction_error"] < 1e-12
     assert set(r["reconstruction_error"]) == set(w.ledger.get(1).weight_names)
-    assert r["max_abs_state_diff"] < 1e-5
+    # the squashed state against the chain's: float32 sums of the same ΔWs in another order,
+    # a few eps32 × the weights' size (measured 0.5 eps32 × max |W|; 64 allowed)
+    assert r["max_abs_state_diff"] <= 64 * EPS32 * max(float(t.abs().max()) for t in w_old.values())
     assert r["delta_bytes"] <= r["segment_delta_bytes"]  # one editor: the rows, stacked as is
     assert r["retention"]["before"] == r["retention"]["after"]
     e = w.ledger.get(4)
@@ -224,7 +228,11 @@ def test_combine_stacks_exactly_and_densifies_when_needed(transposed):
     assert w1.is_lowrank and w1.rank == 5 and w1.transposed == transposed
     assert not w2.is_lowrank and w2.transposed == transposed  # a dense part makes it dense
     for n in want:
-        assert torch.allclose(out.layers[n].to_dense().double(), want[n], rtol=0, atol=1e-5)
+        # to_dense rounds the float64 product to float32: ½ eps32 × each entry, and the
+        # combined float32 factors are off by eps32 relative (measured ≤ 0.5 eps32 × max |ΔW|;
+        # 16 allowed)
+        off = float((out.layers[n].to_dense().double() - want[n]).abs().max())
+        assert off <= 16 * EPS32 * float(want[n].abs().max()), (n, off)
         assert err[n] < 1e-7
     # the stored form survives the store's serialisation unchanged
     back = Delta.from_tensors(*out.to_tensors())
