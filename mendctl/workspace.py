@@ -484,6 +484,9 @@ class Workspace:
                                  f"have at most {self.config.max_target_tokens} tokens "
                                  f"(`max_target_tokens` in {where}): give the new answer itself")
         ctx = context_length(self.lm.model)
+        if ctx is not None and new_tokens >= ctx:
+            raise InputError(f"--max-new-tokens {new_tokens} is more than the model reads "
+                             f"({ctx} tokens, prompt included); ask for fewer")
         limit = self.config.max_input_tokens
         room = max(longest, new_tokens)
         if ctx is not None and ctx - room < limit:

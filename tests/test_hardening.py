@@ -45,6 +45,8 @@ def test_long_input_and_target_are_refused_at_once(fresh_ws: Ws):
     assert "paraphrase" in msg and "max_input_tokens" in msg
     msg = one_line_error(ws.run("ask", "--input", long_input))
     assert "max_input_tokens" in msg
+    msg = one_line_error(ws.run("ask", "--input", "The capital of France is", "--max-new-tokens", "200"))
+    assert "--max-new-tokens 200" in msg and "128 tokens" in msg
     _nothing_recorded(ws)
 
     ws.write_config(max_target_tokens=2)  # configurable: a 3-token target is now too long
