@@ -210,6 +210,7 @@ def test_part_splits_contiguously_in_rank_order():
     assert one.gather_rows(x) is x and one.broadcast("a") == "a" and one.gather_objects(1) == [1]
 
 
+@pytest.mark.subprocess  # the CLI starts two real training processes
 def test_cli_train_num_processes(fresh_ws, tmp_path):
     """`mendctl train --num-processes 2` end to end: the CLI starts two processes that train
     one editor, written once, recording how it was made."""
