@@ -17,7 +17,20 @@ from mendctl.editors.mend.trainer import TrainConfig, Trainer
 from mendctl.editors.text import Batch, encode_pairs, encode_prompts, token_nll
 from mendctl.editors.weights import select_weights
 
-TOL = dict(rtol=1e-4, atol=1e-5)
+EPS32 = torch.finfo(torch.float32).eps  # float32 rounding: 1.19e-7 relative
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The same logits or hidden states by another route (a skipped prefix, selected positions,
+    replaced weights): the same float32 products summed in another order or on other tensor
+    shapes, so each entry is off by a few eps32 × the size of the values summed, about the
+    tensor's largest entry, whatever the CPU or BLAS (measured: identical on one CPU; 64 eps32
+    × max |want| allowed, plus 1e-4 of each entry). A wrong mask, position or weight is off by O(1)."""
+    bound = 1e-4 * want.abs() + 64 * EPS32 * float(want.abs().max())
+    bad = (got - want).abs() > bound
+    assert got.shape == want.shape and not bool(bad.any()), \
+        (float((got - want).abs().max()), float(want.abs().max()), int(bad.sum()))
+
 
 PROMPTS = ["the capital of s3 is", "water is cold and snow is", "what", "tell me about the city of"]
 TARGETS = ["c7", "blue", "is the big tree", "london"]
@@ -52,7 +65,7 @@ def test_selected_logits_equals_full_logits(tiny_model, tiny_tokenizer):
     full = _full_logits(tiny_model, batch)
     got = selected_logits(tiny_model, batch, select)
     assert got.shape == (int(select.sum()), full.shape[-1])
-    torch.testing.assert_close(got, full[select], **TOL)
+    assert_close(got, full[select])
 
     # with some weights replaced functionally (the model itself is untouched)
     specs = select_weights(tiny_model, "auto")
@@ -63,8 +76,8 @@ def test_selected_logits_equals_full_logits(tiny_model, tiny_tokenizer):
     for n, t in w.items():
         edited.get_parameter(n).copy_(t)
     want_w = _full_logits(edited, batch)[select]
-    torch.testing.assert_close(got_w, want_w, **TOL)
-    torch.testing.assert_close(got_w, _full_logits(tiny_model, batch, w)[select], **TOL)
+    assert_close(got_w, want_w)
+    assert_close(got_w, _full_logits(tiny_model, batch, w)[select])
     assert not torch.allclose(got_w, got, atol=1e-3)  # the replacement did change something
     for n, p in tiny_model.named_parameters():
         assert torch.equal(p, before[n])
@@ -87,8 +100,8 @@ def test_prefix_cache_skipping_equals_full_forward(tiny_model, tiny_tokenizer):
         skipped = _full_logits(tiny_model, batch)
         sel = selected_logits(tiny_model, batch, mask)
     assert list(pc.blocks) == blocks_before  # the real blocks are back
-    torch.testing.assert_close(skipped[mask], full[mask], **TOL)
-    torch.testing.assert_close(sel, full[mask], **TOL)
+    assert_close(skipped[mask], full[mask])
+    assert_close(sel, full[mask])
 
     # the stub really replaces the lower block: a wrong hidden state gives other logits
     with pc.skipping(torch.zeros_like(hidden), as_tuple):
@@ -99,7 +112,7 @@ def test_prefix_cache_skipping_equals_full_forward(tiny_model, tiny_tokenizer):
     w = _perturbed(tiny_model, specs)
     with pc.skipping(hidden, as_tuple):
         sel_w = selected_logits(tiny_model, batch, mask, w)
-    torch.testing.assert_close(sel_w, _full_logits(tiny_model, batch, w)[mask], **TOL)
+    assert_close(sel_w, _full_logits(tiny_model, batch, w)[mask])
 
 
 def test_prefix_cache_disabled_when_first_block_is_edited(tiny_llama):
@@ -126,7 +139,7 @@ def test_prefix_cache_memo_matches_fresh_computation(tiny_model, tiny_tokenizer)
     want, want_tuple = fresh.hidden(b)
     assert as_tuple == want_tuple
     mask = b.attention_mask.bool()
-    torch.testing.assert_close(h_b[mask], want[mask], **TOL)
+    assert_close(h_b[mask], want[mask])
     assert torch.all(h_b[~mask] == 0)
     # rows read back from the memo equal the first (differently padded) computation
     torch.testing.assert_close(h_b[2, : int(mask[2].sum())], h_a[0, : int(mask[2].sum())],
@@ -135,7 +148,7 @@ def test_prefix_cache_memo_matches_fresh_computation(tiny_model, tiny_tokenizer)
     full = _full_logits(tiny_model, b)
     with memo.skipping(h_b, as_tuple):
         got = selected_logits(tiny_model, b, mask)
-    torch.testing.assert_close(got, full[mask], **TOL)
+    assert_close(got, full[mask])
 
 
 # -- the trainer's fast path vs a naive reference ----------------------------------------------------
@@ -239,7 +252,11 @@ def test_trainer_fast_path_equals_naive_reference(tiny_model, tiny_tokenizer, ed
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-7)
     assert set(g_fast) == set(g_ref) and "alpha" in g_fast
     for n in g_ref:
-        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=2e-3, atol=1e-6, msg=n)
+        # other float32 sums through the whole editor and model: off relative to each gradient's
+        # largest entry (measured ≤ 1e-5 of it; 1e-4 allowed, plus 2e-3 of each entry)
+        bound = 2e-3 * g_ref[n].abs() + 1e-4 * float(g_ref[n].abs().max())
+        assert bool(((g_fast[n] - g_ref[n]).abs() <= bound).all()), \
+            (n, float((g_fast[n] - g_ref[n]).abs().max()), float(g_ref[n].abs().max()))
 
 
 def test_chain_training_edits_the_chain_state(tiny_model, tiny_tokenizer):
