@@ -33,10 +33,14 @@ from e2e_helpers import fresh_ws, one_line_error, tiny_assets  # noqa: E402,F401
 # order. Measured: the summed gradients differ from the single-process ones by ~5e-7 relative;
 # after five Adam steps (which pass relative gradient errors straight into the update) the
 # largest parameter difference is ~1.2e-6 on entries of size ~1 and ≤ 3e-7 on entries near 0.
-# rtol 1e-4 / atol 1e-6 leave a margin over that, while any real mistake (a lost or doubled
-# share, an edit missing from the batched edit, an RNG or normaliser out of step) moves
-# parameters by about the learning rate (3e-3) or more.
-TOL = dict(rtol=1e-4, atol=1e-6)
+# An Adam step moves each parameter by at most about the learning rate whatever its size, and
+# a gradient entry near 0 can flip its update's sign on another CPU's rounding, so the error
+# scale of an entry near 0 is the learning rate, not the entry: rtol 1e-4 for the entries of
+# size ~1 and atol 1 % of the learning rate (3e-5, 100× the measured) for those near 0, while
+# any real mistake (a lost or doubled share, an edit missing from the batched edit, an RNG or
+# normaliser out of step) moves parameters by about the learning rate (3e-3) or more.
+LR = 3e-3
+TOL = dict(rtol=1e-4, atol=1e-2 * LR)
 GENERIC = ["the sky is blue and the grass is green near the river",
            "tell me about the big city of london and the river near it"]
 
@@ -53,7 +57,7 @@ TRAIN, VAL = _cases(range(16), 1), _cases(range(16, 24), 2)
 
 def _config(**changes) -> TrainConfig:
     # 4 edits per step: each of the two processes takes 2; validation at steps 2, 4 and 5
-    kw = dict(steps=5, edits_per_step=4, lr=3e-3, alpha_lr=1e-2, val_every=2, val_cases=4,
+    kw = dict(steps=5, edits_per_step=4, lr=LR, alpha_lr=1e-2, val_every=2, val_cases=4,
               norm_warmup=3, seed=0)
     kw.update(changes)
     return TrainConfig(**kw)
