@@ -5,16 +5,22 @@
 - locality: top-1 agreement between the edited and the base model on the locality prompts'
   base continuations (the prompt's last position and the base model's greedy continuation),
   plus the mean KL(base ‖ edited) over those positions;
-- perplexity on a generic-text sample; drawdown = ppl_after / ppl_before − 1.
+- perplexity on a generic-text sample; drawdown = ppl_after / ppl_before − 1;
+- fluency of generated text: the n-gram entropy ROME and its successors report (the weighted
+  bigram and trigram entropies, weights 2/3 and 4/3, averaged), which falls when a text
+  repeats itself; and whether an answer repeats the edit's target.
 """
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .route import answering
 from .text import Batch, encode_pairs, encode_sequences, render_prompt
 from .weights import input_device
 
@@ -169,7 +175,8 @@ def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tok
             if not live:
                 break
             part = [rows[j] for j in live]
-            logits = _logits(model, encode_sequences(part, tokenizer, [len(x) for x in part]))
+            with answering([starts[j] for j in live]):  # (routed edits read where answers start)
+                logits = _logits(model, encode_sequences(part, tokenizer, [len(x) for x in part]))
             last = torch.tensor([len(x) - 1 for x in part], device=logits.device)
             nxt = logits[torch.arange(len(part), device=logits.device), last].argmax(-1).tolist()
             for j, t in zip(list(live), nxt):
@@ -178,3 +185,27 @@ def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tok
                     live.remove(j)
         out += [tokenizer.decode(r[k:], skip_special_tokens=True) for r, k in zip(rows, starts)]
     return out
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3),
+                  weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    """Fluency: the mean over n of weight_n × the entropy (bits) of the text's n-gram
+    frequencies, on words and punctuation (ROME's generation entropy). A text that repeats
+    itself has few distinct n-grams and a low value; 0 for a text shorter than n words."""
+    words = _TOKEN.findall(text.lower())
+    out = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        out.append(w * h)
+    return sum(out) / len(out)
+
+
+def repeats_target(answer: str, target: str) -> bool:
+    """Does `answer` write the edit's target more than once (an edit acting on its output)?"""
+    t = target.strip()
+    return bool(t) and answer.count(t) > 1

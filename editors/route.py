@@ -24,7 +24,17 @@ layers' outputs from the first token on which the sequence *mentions the edit's 
   This catches what states miss: the subject as a sequence's first token, or tokenised
   differently ("Jamaica's capital" against "the capital of Jamaica").
 Once open, a gate stays open to the end of the sequence (causal: a token only sees what came
-before it, so scoring a prompt and generating from it see the same gates).
+before it, so scoring a prompt and generating from it see the same gates), or, for a gate with
+an `until` text (the edit's target), until that text has been written after the gate opened:
+from the token holding its last character on, the edit no longer acts. Without that, an edit
+whose answer is on the page keeps acting on its own output and writes its target again and
+again ("PSGGGG", a name three times); with it, the answer reads as the target followed by
+what the base model would say next. Scoring the target by teacher forcing is unchanged: every
+target token is predicted from a position before the target's last token. When the caller
+says where the generated answer starts (`answering`, as mendctl's own generation does), such
+a gate also closes as soon as the answer leaves the target's path ("the" where "PSG" was
+meant): the edit then gives way to the base model instead of pushing its target's tokens into
+an answer that took another turn.
 
 This module owns the gate space (bank statistics), gate keys, and the forward hooks that apply
 gated deltas. It needs full-sequence forwards (no KV cache); it knows nothing about ledgers.
@@ -34,6 +44,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -131,10 +142,12 @@ def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GAT
 
 @dataclass
 class Gate:
-    """What opens one edit's gate: states near `keys`, or all of `words` in the text."""
+    """What opens one edit's gate: states near `keys`, or all of `words` in the text; and
+    what closes it: `until`, the edit's target, once written after the opening (None: never)."""
 
     keys: torch.Tensor  # (k, hidden) unit keys
     words: tuple[str, ...] = ()
+    until: str | None = None
 
 
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
@@ -174,12 +187,11 @@ def _whole_word(word: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(word)}(?=\W)")
 
 
-def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
-               cache: dict | None = None) -> torch.Tensor:
-    """(batch, tokens, edits) bool: has the text up to each token held all of each edit's
-    `words`, each as a whole word (the character after it seen, so "Oran" does not open on
-    "Orange": the gate opens one token after the word's last)? Token t's text is what decoding it after token
-    t − 1 adds (so the spaces a decoder puts between tokens are kept), cached per pair."""
+def token_texts(tokenizer, input_ids: torch.Tensor, cache: dict | None = None
+                ) -> list[tuple[str, list[int]]]:
+    """Per row of `input_ids`: its text and, per token, the offset just past that token's
+    characters. Token t's text is what decoding it after token t − 1 adds (so the spaces a
+    decoder puts between tokens are kept), cached per pair in `cache`."""
     cache = {} if cache is None else cache
 
     def added(prev: int | None, t: int) -> str:
@@ -191,15 +203,27 @@ def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
                 cache[(prev, t)] = both[len(alone):] if both.startswith(alone) else tokenizer.decode([t])
         return cache[(prev, t)]
 
-    pats = [[_whole_word(w) for w in ws] for ws in words]
-    out = torch.zeros(*input_ids.shape, len(words), dtype=torch.bool)
-    for b, row in enumerate(input_ids.tolist()):
+    out = []
+    for row in input_ids.tolist():
         pieces = [added(row[i - 1] if i else None, t) for i, t in enumerate(row)]
         ends, n = [], 0
         for piece in pieces:
             n += len(piece)
             ends.append(n)
-        text = "".join(pieces)
+        out.append(("".join(pieces), ends))
+    return out
+
+
+def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
+               cache: dict | None = None, texts: list | None = None) -> torch.Tensor:
+    """(batch, tokens, edits) bool: has the text up to each token held all of each edit's
+    `words`, each as a whole word (the character after it seen, so "Oran" does not open on
+    "Orange": the gate opens one token after the word's last)? `texts`: `token_texts` of
+    the ids, if already made."""
+    texts = token_texts(tokenizer, input_ids, cache) if texts is None else texts
+    pats = [[_whole_word(w) for w in ws] for ws in words]
+    out = torch.zeros(*input_ids.shape, len(words), dtype=torch.bool)
+    for b, (text, ends) in enumerate(texts):
         for i, ps in enumerate(pats):
             found = [m.end() for m in (p.search(text) for p in ps) if m is not None]
             if ps and len(found) == len(ps):  # open at the token holding the character after
@@ -214,6 +238,70 @@ class RoutedEdit:
 
     delta: Delta
     gate: Gate
+
+
+#: Per row of the next forward passes: the number of prompt tokens (where the generated answer
+#: starts), set by a generation loop with `answering`; None: not generating.
+_ANSWER_STARTS: ContextVar[list[int] | None] = ContextVar("mendctl_answer_starts", default=None)
+
+
+@contextmanager
+def answering(starts: list[int]):
+    """Forward passes inside the block run rows whose first `starts[b]` tokens are the prompt
+    and the rest generated answer (see the module doc: gates with a target close when the
+    answer leaves it)."""
+    token = _ANSWER_STARTS.set(list(starts))
+    try:
+        yield
+    finally:
+        _ANSWER_STARTS.reset(token)
+
+
+def off_target(opened: torch.Tensor, texts: list[tuple[str, list[int]]], until: list[str | None],
+               starts: list[int]) -> torch.Tensor:
+    """`opened` with each target-closing gate shut on the generated tokens from the first at
+    which the answer so far (text after the prompt's `starts[b]` tokens, leading space aside)
+    is not a proper prefix of the target: it took another turn, or the target is complete."""
+    out = opened.clone()
+    for i in opened.any(dim=1).any(dim=0).nonzero().flatten().tolist():
+        target = (until[i] or "").strip()
+        if not target:
+            continue
+        for b, (text, ends) in enumerate(texts):
+            s = starts[b]
+            if not 0 < s < len(ends):
+                continue
+            begin = ends[s - 1]
+            for p in range(s, len(ends)):
+                answer = text[begin:ends[p]].lstrip()
+                if not (len(answer) < len(target) and target.startswith(answer)):
+                    out[b, p:, i] = False
+                    break
+    return out
+
+
+def close_after(opened: torch.Tensor, texts: list[tuple[str, list[int]]],
+                until: list[str | None]) -> torch.Tensor:
+    """`opened` (batch, tokens, edits) with each edit whose `until` text is written after its
+    gate opened closed again from the token holding that text's last character on."""
+    out = opened.clone()
+    for i in opened.any(dim=1).any(dim=0).nonzero().flatten().tolist():  # gates open somewhere
+        target = (until[i] or "").strip()
+        if not target:
+            continue
+        for b, (text, ends) in enumerate(texts):
+            where = opened[b, :, i].nonzero()
+            if not len(where):
+                continue
+            first = int(where[0])
+            start = ends[first - 1] if first else 0  # the opening token's first character
+            at = text.find(target, start)
+            if at < 0:
+                continue
+            last = at + len(target) - 1
+            t_end = next(t for t, e in enumerate(ends) if e > last)
+            out[b, t_end:, i] = False
+    return out
 
 
 def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau: float,
@@ -281,6 +369,9 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     state: dict[str, torch.Tensor] = {}
     keys = [e.gate.keys for e in edits]
     words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
+    until = [e.gate.until for e in edits] if tokenizer is not None else []
+    if any(until) and tokenizer is None:
+        raise ValueError("gates that close after their target need the tokenizer (to read it)")
     decoded: dict = {}
 
     def on_input(module, args, kwargs):
@@ -295,15 +386,26 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             # a gate never opens on the first token (the attention sink), which padding moves
             raise ValueError("routed edits need right-padded (or unpadded) batches")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        state["words"] = (word_gates(tokenizer, ids.cpu(), words, decoded)
-                          if ids is not None and any(words) else None)
+        texts = (token_texts(tokenizer, ids.cpu(), decoded)
+                 if ids is not None and (any(words) or any(until)) else None)
+        state["texts"] = texts
+        starts = _ANSWER_STARTS.get()
+        state["starts"] = starts if starts is not None and ids is not None and \
+            len(starts) == ids.shape[0] else None
+        state["words"] = (word_gates(tokenizer, ids.cpu(), words, decoded, texts)
+                          if texts is not None and any(words) else None)
 
     def on_output(module, args, output):
         state.pop("open", None)  # (returns None: the output stays as it is)
 
     def on_gate(module, args, output):
-        state["open"] = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau,
-                              state.get("words"), margin)
+        opened = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau,
+                       state.get("words"), margin)
+        if any(until) and state.get("texts") is not None:
+            opened = close_after(opened, state["texts"], until)
+            if state.get("starts") is not None:
+                opened = off_target(opened, state["texts"], until, state["starts"])
+        state["open"] = opened
 
     # per edited module: all edits' factor rows stacked, with the edit each row belongs to
     factors: dict[str, tuple] = {}

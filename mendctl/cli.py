@@ -226,6 +226,9 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
                (f", paraphrase success {b['paraphrase_success']:.2f} → {a['paraphrase_success']:.2f}"
                 if a.get("paraphrase_success") is not None else "") +
                (f", locality {a['locality']:.3f} (KL {a['locality_kl']:.4f})" if "locality" in a else ""))
+    if a.get("repeats_target"):
+        click.echo(f"  warning: {a['repeats_target']:.0%} of the answers after the edit repeat "
+                   f"their target (the edit acts on its own output)", err=True)
     norms = r["delta_norms"]
     click.echo(f"  delta: {len(norms)} weights, max ‖ΔW‖_F {max(norms.values()):.3f}, "
                f"{r['delta_bytes'] / 1024:.0f} KiB stored ({100 * r['delta_bytes'] / r['dense_bytes']:.1f} % of dense)")
@@ -707,6 +710,8 @@ def eval_(ctx, data_file, editor, batch_size, limit, max_steps, as_json):
     click.echo(f"  paraphrase success  {fmt(s['paraphrase_success'])}")
     click.echo(f"  locality            {fmt(s['locality'])} (KL {fmt(s['locality_kl'], '.4f')})")
     click.echo(f"  ppl drawdown        {fmt(s['ppl_drawdown'], '+.4f')}")
+    click.echo(f"  fluency             {fmt(s['fluency'], '.3f')} (unedited {fmt(s['fluency_base'], '.3f')}; "
+               f"n-gram entropy of the answer), repeats the target {fmt(s['repeats_target'], '.2f')}")
     click.echo(f"  ms per edit         {fmt(s['seconds_per_edit'] * 1000, '.0f')}")
     for rel, v in r["relations"].items():
         click.echo(f"    {rel:<14} n={v['cases']:<4} ES {fmt(v['edit_success'], '.2f')}  "

@@ -144,9 +144,10 @@ health_check: true
 # answers this way, where plain weight edits keep almost none. One fact per edit; `ask`
 # generates without a KV cache; routed states cannot be exported as plain weights or squashed.
 # true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
-# margin: null, words: true, alpha: 1.0, max_steps: 5} (margin: open only the gates scoring
-# within it of the best; alpha: the step as a multiple of the editor's as-trained α). Entries
-# keep the settings they were made with.
+# margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true} (margin: open only the
+# gates scoring within it of the best; alpha: the step as a multiple of the editor's
+# as-trained α; stop: an edit stops acting once its answer is written, so it does not repeat
+# it). Entries keep the settings they were made with.
 routing: false
 """
 
@@ -160,7 +161,7 @@ MAX_STEPS = 50  # MEND steps one edit may take
 #: The gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a test keeps them equal;
 #: this module stays free of torch).
 ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
-                    "alpha": 1.0, "max_steps": 5}
+                    "alpha": 1.0, "max_steps": 5, "stop": True}
 
 
 def routing_settings(value) -> dict | None:
@@ -184,6 +185,7 @@ def routing_settings(value) -> dict | None:
         "tau": _number(s["tau"]) and 0 < s["tau"] < 1,
         "margin": s["margin"] is None or (_number(s["margin"]) and 0 <= s["margin"] < 1),
         "words": isinstance(s["words"], bool),
+        "stop": isinstance(s["stop"], bool),
         "alpha": _number(s["alpha"]) and s["alpha"] > 0,
         "max_steps": isinstance(s["max_steps"], int) and not isinstance(s["max_steps"], bool)
         and 1 <= s["max_steps"] <= MAX_STEPS,
@@ -196,6 +198,7 @@ def routing_settings(value) -> dict | None:
                 "tau": "use a cosine in (0, 1) (default 0.7)",
                 "margin": "use a cosine difference in [0, 1), or null for none",
                 "words": "use true or false",
+                "stop": "use true or false",
                 "alpha": "use a number > 0 (1: the editor's as-trained step)",
                 "max_steps": f"use 1 to {MAX_STEPS}"}[key])
     for key in ("distinct", "tau", "alpha", "margin"):

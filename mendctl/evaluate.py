@@ -2,7 +2,9 @@
 current model, with the field's metrics (see editors/metrics.py).
 
 Per case: edit success, paraphrase success, locality (top-1 agreement with the unedited model
-on the locality prompts' continuations, and mean KL), generic-text perplexity drawdown, and the
+on the locality prompts' continuations, and mean KL), generic-text perplexity drawdown, the
+fluency of the edited model's answer to the input (n-gram entropy of a greedy continuation,
+beside the unedited model's on the same prompt) and whether it repeats the target, and the
 editor's compute time. The model is put back after every edit, so cases do not accumulate.
 In a routed workspace (`routing`) a MEND edit is made and scored as `mendctl edit` would make
 it there: routed, behind its own gate, one fact at a time.
@@ -12,10 +14,16 @@ from __future__ import annotations
 import time
 
 from .editors.data import generic_text_samples
-from .editors.metrics import (locality_reference, locality_scores, perplexity, target_scores)
+from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
+                              perplexity, repeats_target, target_scores)
 from .editors.weights import applied
 from .errors import InputError
 from .workspace import edit_with
+
+
+#: Tokens of each answer generated for the fluency measures: long enough to see an answer
+#: repeat itself, short enough to stay about the prompt.
+ANSWER_TOKENS = 24
 
 
 def _mean(xs):
@@ -52,10 +60,13 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     for batch in it:
         loc = [p for c in batch for p in c.locality]
         ref = locality_reference(model, tok, loc, fmt) if loc else None
+        prompts = [c.input for c in batch]
+        # (a state with routed edits installed generates without a KV cache: route.py)
+        base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not ws.router.active)
         t0 = time.perf_counter()
         apply = None
         if rs:  # steps and scores behind the edit's own gate (workspace._edit_locked)
-            _, apply = ws.router.stepper(batch[0].input, rs, model, tok)
+            _, apply = ws.router.stepper(batch[0].input, batch[0].target, rs, model, tok)
         delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
                           preserve=preserve, apply=apply)
         seconds = time.perf_counter() - t0
@@ -63,6 +74,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
             es = target_scores(model, tok, [c.input for c in batch], [c.target for c in batch], fmt)[0]
             ag, kl = locality_scores(model, ref) if ref else ([], [])
             ppl_after = perplexity(model, tok, texts) if texts else None
+            answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS,
+                               use_cache=not (rs or ws.router.active))
             k = 0
             for j, c in enumerate(batch):
                 ps = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases), fmt)[0] \
@@ -75,6 +88,9 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                     "paraphrase_success": _mean([float(x) for x in ps]),
                     "locality": _mean(ag[k:k + n_loc]), "locality_kl": _mean(kl[k:k + n_loc]),
                     "ppl_drawdown": (ppl_after / ppl_before - 1) if texts else None,
+                    "answer": answers[j], "fluency": ngram_entropy(answers[j]),
+                    "fluency_base": ngram_entropy(base_answers[j]),
+                    "repeats_target": float(repeats_target(answers[j], c.target)),
                     "seconds_per_edit": seconds / len(batch),
                 })
                 k += n_loc
@@ -82,7 +98,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
             it.set_postfix(es=f"{_mean([r['edit_success'] for r in rows]):.2f}",
                            loc=f"{_mean([r['locality'] for r in rows]) or 0:.3f}")
     keys = ["edit_success", "paraphrase_success", "locality", "locality_kl", "ppl_drawdown",
-            "seconds_per_edit"]
+            "fluency", "fluency_base", "repeats_target", "seconds_per_edit"]
     summary = {k: _mean([r[k] for r in rows]) for k in keys}
     summary.update(cases=len(rows), batch_size=batch_size, editor=editor, max_steps=max_steps,
                    routed=bool(rs),

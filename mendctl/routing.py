@@ -45,8 +45,10 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def gate_digest(gate: Gate) -> str:
-    """sha256 over a gate's keys and words: what an entry records and a state's hash covers."""
-    return hashlib.sha256(json.dumps([_digest(gate.keys), list(gate.words)]).encode()).hexdigest()
+    """sha256 over a gate's keys, words and closing text: what an entry records and a state's
+    hash covers (gates made before gates closed hash as they always did)."""
+    parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 class Router:
@@ -115,15 +117,18 @@ class Router:
                               f"lower or `edit_weights` to later blocks")
 
     # -- gates --------------------------------------------------------------------------------
-    def gate(self, prompt: str, s: dict) -> Gate:
-        """The gate of an edit of `prompt` made with settings `s` (cached per process)."""
-        key = (prompt, s["layer"], s["distinct"], s["words"])
+    def gate(self, prompt: str, s: dict, target: str | None = None) -> Gate:
+        """The gate of an edit of `prompt` → `target` made with settings `s` (cached per
+        process). With `stop` in the settings (entries made before it have none) the gate
+        closes once the target has been written (editors.route)."""
+        until = target if s.get("stop") else None
+        key = (prompt, s["layer"], s["distinct"], s["words"], until)
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
                           distinct=s["distinct"])
-            self._gates[key] = g if s["words"] else Gate(g.keys, ())
+            self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until)
         return self._gates[key]
 
     def edits(self, entries) -> list[tuple[RoutedEdit, dict]]:
@@ -131,14 +136,15 @@ class Router:
         out = []
         for e in entries:
             s = of(e)
-            out.append((RoutedEdit(self.ws._delta(e.id, self._deltas), self.gate(e.inputs[0], s)), s))
+            gate = self.gate(e.inputs[0], s, e.targets[0])
+            out.append((RoutedEdit(self.ws.load_delta(e.id, self._deltas), gate), s))
         return out
 
-    def stepper(self, prompt: str, s: dict, model, tokenizer):
-        """(gate, apply) for a new routed edit of `prompt`: its gate, and the context in which
-        its steps so far act while it takes the next one (MendEditor.edit's `apply`): behind
-        its own gate, alone, as it will be used."""
-        gate, space = self.gate(prompt, s), self.space(s["layer"])
+    def stepper(self, prompt: str, target: str, s: dict, model, tokenizer):
+        """(gate, apply) for a new routed edit of `prompt` → `target`: its gate, and the
+        context in which its steps so far act while it takes the next one (MendEditor.edit's
+        `apply`): behind its own gate, alone, as it will be used."""
+        gate, space = self.gate(prompt, s, target), self.space(s["layer"])
         return gate, lambda d: routed(model, [RoutedEdit(d, gate)], space, s["tau"], tokenizer)
 
     def _delta_digest(self, delta: Delta) -> str:

@@ -36,7 +36,8 @@ from .editors.data import EditCase, generic_text_samples, visible
 from .editors.delta import Delta, apply_deltas, state_hash
 from .editors.ft import FTEditor
 from .editors.mend.editor import EditorMismatch, MendEditor
-from .editors.metrics import (generate, locality_reference, locality_scores, target_scores)
+from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
+                               repeats_target, target_scores)
 from .editors.route import RoutedEdit
 from .editors.weights import read_weights, select_weights, write_weights
 from .errors import (EditorError, InputError, LedgerError, MendctlError, StoreError,
@@ -355,6 +356,10 @@ class Workspace:
         return float(self.config.routing["alpha"]) / float(op.get("alpha_factor_total") or 1.0)
 
     # -- states ---------------------------------------------------------------------------
+    def load_delta(self, entry_id: int, cache: dict | None = None) -> Delta:
+        """Entry `entry_id`'s delta from the store (memoised in `cache` when given)."""
+        return self._delta(entry_id, cache)
+
     def _delta(self, entry_id: int, cache: dict | None = None) -> Delta:
         if cache is not None and entry_id in cache:
             return cache[entry_id]
@@ -512,7 +517,10 @@ class Workspace:
         pok = target_scores(lm.model, lm.tokenizer, para_p, para_t, self.fmt)[0] if para_p else []
         answers = self._generate(prompts + para_p, max(8, max(len(lm.tokenizer(t).input_ids)
                                                               for t in targets) + 4))
+        own = answers[: len(prompts)]
         return {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp, "holds": list(ok),
+                "fluency": sum(map(ngram_entropy, own)) / len(own),
+                "repeats_target": sum(repeats_target(a, t) for a, t in zip(own, targets)) / len(own),
                 "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
                 "answers": answers[: len(prompts)], "paraphrase_answers": answers[len(prompts):]}
 
@@ -572,7 +580,8 @@ class Workspace:
         protect = None if rs else self._protected(head_ids, ed)
         apply = gate = None
         if rs:  # the edit takes its steps behind its own gate, as it will be used
-            gate, apply = self.router.stepper(cases[0].input, rs, lm.model, lm.tokenizer)
+            gate, apply = self.router.stepper(cases[0].input, cases[0].target, rs, lm.model,
+                                              lm.tokenizer)
         delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm, protect,
                           preserve, apply)
         seconds = time.perf_counter() - t0
