@@ -71,6 +71,24 @@ def test_help_lists_every_command_and_each_has_an_example(tmp_path, process):
     assert list(tmp_path.iterdir()) == []  # help writes nothing
 
 
+def test_in_process_runs_keep_a_bug_a_traceback(fresh_ws: Ws, monkeypatch):
+    """The in-process runner (tests/e2e_helpers.py) reports an uncaught exception as Python
+    would (exit 1, the traceback on stderr), so `one_line_error` still tells a bug from a
+    user error; and it leaves this process's directory, argv and environment as they were."""
+    from mendctl.workspace import Workspace
+
+    def broken(*a, **kw):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(Workspace, "open", broken)
+    cwd, argv, env = os.getcwd(), list(sys.argv), dict(os.environ)
+    r = fresh_ws.run("log")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "RuntimeError: a bug" in r.stderr, str(r)
+    with pytest.raises(AssertionError):
+        one_line_error(r)
+    assert (os.getcwd(), sys.argv, dict(os.environ)) == (cwd, argv, env)
+
+
 # -- bad set-ups, as a new user makes them ---------------------------------------------------------
 def test_no_workspace_says_mendctl_init_and_writes_nothing(tmp_path):
     empty = tmp_path / "empty"
