@@ -47,7 +47,9 @@ def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None
         max_steps = ws.max_steps_for(editor, 1)
     t0 = time.time()
     for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
-        ws.edit([c], editor=editor, max_steps=max_steps, command=f"bench/sequential.py {editor}")
+        # keep_failed: the chain's failures are what this measures
+        ws.edit([c], editor=editor, max_steps=max_steps, command=f"bench/sequential.py {editor}",
+                keep_failed=True)
     edit_seconds = time.time() - t0
     entries = ws.ledger.entries(reverse=False)
     imm = [e.metrics_after or {} for e in entries]
