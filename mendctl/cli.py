@@ -152,6 +152,9 @@ def _read_batch(path):
               help="A rephrasing of the input to check (repeatable).")
 @click.option("--locality", "-l", "locality", multiple=True, metavar="TEXT",
               help="An unrelated prompt whose answer must not change (repeatable).")
+@click.option("--each", "each_file", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
+              help="Many edit requests applied one after another, each its own ledger entry "
+                   "(one process; a rerun skips facts already applied on this chain).")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
               help="Many edit requests (one JSON object per line) applied as one batched edit.")
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend",
@@ -168,8 +171,8 @@ def _read_batch(path):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_steps, dry_run,
-         keep_failed, as_json):
+def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, editor, max_steps,
+         dry_run, keep_failed, as_json):
     """Apply one edit on top of the current state and record it in the ledger.
 
     \b
@@ -180,13 +183,16 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
     """
     from .editors.data import EditCase, unknown_keys, visible
 
-    if batch_file and (input_ or target):
-        raise InputError("use either --input/--target or --batch, not both")
-    if batch_file:
-        cases = _read_batch(batch_file)
+    given = [name for name, v in (("--input/--target", input_ or target), ("--each", each_file),
+                                  ("--batch", batch_file)) if v]
+    if len(given) > 1:
+        raise InputError(f"use one of --input/--target, --each or --batch, not {' and '.join(given)}")
+    if batch_file or each_file:
+        path = batch_file or each_file
+        cases = _read_batch(path)
         for i, c in enumerate(cases, start=1):
             if unknown_keys(c):
-                click.echo(f"warning: {batch_file}: record {i} has key(s) mendctl does not use: "
+                click.echo(f"warning: {path}: record {i} has key(s) mendctl does not use: "
                            f"{', '.join(unknown_keys(c))} (kept as metadata; the schema's keys are "
                            f"input, target, paraphrases, locality)", err=True)
     else:
@@ -200,6 +206,10 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
     ws = _ws(ctx)
     if max_steps is None:
         max_steps = ws.max_steps_for(editor, 3)
+    if each_file:
+        if dry_run:
+            raise InputError("--each records every fact; try one with --input ... --dry-run first")
+        return _edit_each(ws, cases, editor, max_steps, keep_failed, as_json)
     r = ws.edit(cases, editor=editor, dry_run=dry_run, command=_command_line(), max_steps=max_steps,
                 keep_failed=keep_failed or None)
     if r["failed"]:
@@ -260,6 +270,28 @@ def edit(ctx, input_, target, paraphrases, locality, batch_file, editor, max_ste
                        f"`mendctl audit` shows which edits still hold, `mendctl revert N` "
                        f"undoes one", err=True)
     click.echo(f"  state {r['state_hash'][:12]}")
+
+
+def _edit_each(ws, cases, editor, max_steps, keep_failed, as_json):
+    r = ws.edit_each(cases, editor=editor, command=_command_line(), max_steps=max_steps,
+                     keep_failed=keep_failed or None,
+                     progress=None if as_json else _progress("edits"))
+    c = r["counts"]
+    if as_json:
+        _print_json(r)
+    else:
+        for x in r["facts"]:
+            where = f"entry {x['entry']}" if "entry" in x else x["status"]
+            es = f"  ES {x['edit_success']:.2f}" if "edit_success" in x else ""
+            click.echo(f"  {x['index'] + 1:>4}  {where:<10} {x['input']!r} → {x['target']!r}{es}")
+        click.echo(f"{c['recorded']} recorded, {c['skipped']} already applied (skipped), "
+                   f"{c['failed']} did not take (not recorded)"
+                   + (f", {c['failed-kept']} recorded as failed" if c["failed-kept"] else ""))
+    if c["failed"]:
+        click.echo(f"warning: {c['failed']} edit(s) did not take and were not recorded; rerun with "
+                   f"--keep-failed to record them, or edit them one by one with --max-steps",
+                   err=True)
+        sys.exit(3)
 
 
 @main.command()

@@ -556,6 +556,43 @@ class Workspace:
         with self.lock():
             return self._edit_locked(cases, ed, dry_run, command, max_steps, keep_failed)
 
+    def applied_facts(self) -> set[tuple[str, str]]:
+        """The (input, target) pairs of the edits active in the head state."""
+        head = self.head()
+        return {pair for i in (head.active_ids if head else []) for pair in self._pairs_of(i)}
+
+    def edit_each(self, cases: list[EditCase], editor: str = "mend", command: str | None = None,
+                  max_steps: int = 1, keep_failed: bool | None = None, progress=None) -> dict:
+        """Sequential edits: each case its own edit and ledger entry, in order, in this process
+        (one model load). Each entry lands whole or not at all; a case already applied on this
+        chain (an active edit with the same input and target) is skipped, so a rerun after an
+        interruption goes on where it stopped; a case whose edit does not take is reported and
+        the rest go on."""
+        done = self.applied_facts()
+        results, todo = [], []
+        for i, c in enumerate(cases):
+            if (c.input, c.target) in done:
+                results.append({"index": i, "input": c.input, "target": c.target, "status": "skipped"})
+            else:
+                todo.append((i, c))
+                done.add((c.input, c.target))  # a fact twice in the file is made once
+        for i, c in (progress(todo) if progress else todo):
+            row = {"index": i, "input": c.input, "target": c.target}
+            try:
+                r = self.edit([c], editor=editor, command=command, max_steps=max_steps,
+                              keep_failed=keep_failed)
+            except EditFailed as e:
+                results.append(row | {"status": "failed", "error": str(e)})
+                continue
+            results.append(row | {"status": "failed-kept" if r["failed"] else "recorded",
+                                  "entry": r["entry"], "seconds": r["seconds"],
+                                  "edit_success": r["after"]["edit_success"],
+                                  "paraphrase_success": r["after"].get("paraphrase_success")})
+        results.sort(key=lambda x: x["index"])
+        counts = {k: sum(x["status"] == k for x in results)
+                  for k in ("recorded", "skipped", "failed", "failed-kept")}
+        return {"facts": results, "counts": counts}
+
     def _edit_locked(self, cases, ed, dry_run, command, max_steps=1, keep_failed=False) -> dict:
         lm = self.lm
         head = self.head()

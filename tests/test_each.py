@@ -1,0 +1,56 @@
+"""`mendctl edit --each FILE.jsonl`: sequential edits as one command, each fact its own ledger
+entry, resumable (facts already applied on the chain are skipped)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_helpers import CHAIN, Ws, fresh_ws, one_line_error, tiny_assets  # noqa: E402,F401
+
+
+def _write(path: Path, facts) -> Path:
+    path.write_text("".join(json.dumps({"input": x, "target": y}) + "\n" for x, y in facts))
+    return path
+
+
+def test_each_fact_is_its_own_entry_and_a_rerun_skips_what_is_applied(fresh_ws: Ws):
+    ws = fresh_ws
+    facts = _write(ws.root / "facts.jsonl", CHAIN)
+    r = ws.ok("edit", "--each", facts, "--max-steps", "1", "--json").json()
+    # (the tiny workspace records edits that did not take: `failed-kept`)
+    assert {x["status"] for x in r["facts"]} <= {"recorded", "failed-kept"}
+    assert [x["entry"] for x in r["facts"]] == [1, 2, 3]
+    log = sorted(ws.ok("log", "--json").json(), key=lambda e: e["id"])
+    assert [(e["inputs"], e["targets"]) for e in log] == [([x], [y]) for x, y in CHAIN]
+    assert log[-1]["active_ids"] == [1, 2, 3]
+
+    more = _write(ws.root / "more.jsonl", CHAIN + [("The sun rises in the", "west")])
+    human = ws.ok("edit", "--each", more, "--max-steps", "1")
+    assert "3 already applied (skipped), 0 did not take" in human.stdout
+    assert human.stdout.count("skipped ") == 3 and "entry 4" in human.stdout
+    assert ws.ledger_count() == 4
+    r = ws.ok("edit", "--each", more, "--json").json()
+    assert r["counts"]["skipped"] == 4 and ws.ledger_count() == 4
+
+
+def test_each_refuses_a_bad_file_whole_and_reports_edits_that_did_not_take(fresh_ws: Ws):
+    ws = fresh_ws
+    bad = ws.root / "bad.jsonl"
+    bad.write_text(json.dumps({"input": CHAIN[0][0], "target": "Rome"}) + "\n{oops\n")
+    assert "bad.jsonl:2:" in one_line_error(ws.run("edit", "--each", bad))
+    assert ws.ledger_count() == 0
+    msg = one_line_error(ws.run("edit", "--each", bad, "--batch", bad))
+    assert "--each and --batch" in msg
+
+    ws.write_config(keep_failed=False)
+    facts = _write(ws.root / "facts.jsonl", CHAIN)
+    r = ws.run("edit", "--each", facts, "--max-steps", "1", "--json")
+    out = json.loads(r.stdout)
+    failed = [x for x in out["facts"] if x["status"] == "failed"]
+    recorded = [x for x in out["facts"] if x["status"] == "recorded"]
+    assert len(failed) + len(recorded) == 3
+    assert ws.ledger_count() == len(recorded)
+    assert r.returncode == (3 if failed else 0)
+    assert all("did not take" in x["error"] for x in failed)
