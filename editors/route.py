@@ -257,6 +257,13 @@ def answering(starts: list[int]):
         _ANSWER_STARTS.reset(token)
 
 
+def mark_answer_starts(starts: list[int] | None) -> None:
+    """Set, until changed, where the answers of the next forward passes start: for a forward
+    hook that follows a generation loop it does not own (mendctl.deploy), where `answering`
+    cannot wrap the calls."""
+    _ANSWER_STARTS.set(None if starts is None else list(starts))
+
+
 def off_target(opened: torch.Tensor, texts: list[tuple[str, list[int]]], until: list[str | None],
                starts: list[int]) -> torch.Tensor:
     """`opened` with each target-closing gate shut on the generated tokens from the first at

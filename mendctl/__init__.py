@@ -12,3 +12,12 @@ __version__ = "0.1.0"
 _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "editors" / "__init__.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821  (the package's own search path)
+
+
+def __getattr__(name):
+    # `from mendctl import load_edited` without importing torch for every `mendctl` command
+    if name == "load_edited":
+        from .deploy import load_edited
+
+        return load_edited
+    raise AttributeError(f"module 'mendctl' has no attribute {name!r}")

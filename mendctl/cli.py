@@ -448,6 +448,9 @@ def replay(ctx, do_verify, onto_model, editor, out, as_json):
 def export(ctx, at, out, fmt):
     """Write a state as a Hugging Face checkpoint or a PEFT LoRA adapter.
 
+    A state with routed edits exports as --format hf only: the checkpoint plus its routed edits
+    in mendctl-routes.safetensors, loaded with `mendctl.load_edited(DIR)`.
+
     \b
     Example:
       mendctl export --out edited-model
@@ -456,6 +459,10 @@ def export(ctx, at, out, fmt):
     ws = _ws(ctx)
     r = ws.export(out, at=at, fmt=fmt)
     click.echo(f"wrote {r['format']} export of state {r['entry']} to {r['out']}")
+    if r["routed_ids"]:
+        click.echo(f"  it routes edits {r['routed_ids']}: load it with "
+                   f"`model, tokenizer = mendctl.load_edited({r['out']!r})` (a plain "
+                   f"from_pretrained gets the weights without the routed edits)")
 
 
 @main.command()

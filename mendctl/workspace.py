@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from . import config as config_mod
 from . import routing
 from .config import CONFIG_FILE, STATE_DIR, TEMPLATE, Config
+from .deploy import ROUTES_FILE, write_routes
 from .editors.data import EditCase, generic_text_samples, visible
 from .editors.delta import Delta, apply_deltas, state_hash
 from .editors.ft import FTEditor
@@ -995,16 +996,20 @@ class Workspace:
         if out.exists() and any(out.iterdir()):
             raise InputError(f"{out} exists and is not empty; choose a new directory")
         lm = self.lm
-        routed_ = self.routed_ids(entry.active_ids) if entry else []
-        if routed_:
-            raise InputError(f"state {entry.id} routes edits {routed_} (routing): a routed edit acts "
-                             f"behind its gate, not as a change of weights, so it cannot be "
-                             f"exported as a model or an adapter. Export an earlier state with "
-                             f"--at N, or revert the routed edits first")
+        routed_ = self._split(entry.active_ids)[1] if entry else []
+        if routed_ and fmt != "hf":
+            raise InputError(f"state {entry.id} routes edits {[e.id for e in routed_]} (routing): a "
+                             f"routed edit acts behind its gate, not as a change of weights, so a "
+                             f"LoRA adapter cannot carry it. Export it with --format hf (loaded with "
+                             f"mendctl.load_edited), or an earlier state with --at N")
         if fmt == "hf":
             self.use_state(entry)
             lm.model.save_pretrained(str(out))
             lm.tokenizer.save_pretrained(str(out))
+            if routed_:  # the gates and deltas beside the plain weights (mendctl/deploy.py)
+                edits = self.router.edits(routed_)
+                spaces = {s["layer"]: self.router.space(s["layer"]) for _, s in edits}
+                write_routes(out / ROUTES_FILE, edits, spaces, [e.id for e in routed_])
         elif fmt == "peft":
             from .export import write_peft_adapter
 
@@ -1018,8 +1023,11 @@ class Workspace:
         (out / "mendctl-export.json").write_text(json.dumps({
             "entry": entry.id if entry else None, "state_hash": entry.state_hash if entry else None,
             "active_ids": list(entry.active_ids) if entry else [], "format": fmt,
+            "routed_ids": [e.id for e in routed_],
+            "load_with": "mendctl.load_edited(dir)" if routed_ else "AutoModelForCausalLM.from_pretrained(dir)",
             "base_model_id": lm.model_id, "base_model_hash": lm.base_hash}, indent=2))
-        return {"out": str(out), "format": fmt, "entry": entry.id if entry else None}
+        return {"out": str(out), "format": fmt, "entry": entry.id if entry else None,
+                "routed_ids": [e.id for e in routed_]}
 
     # -- integrity ------------------------------------------------------------------------------
     def verify(self) -> dict:

@@ -1,0 +1,154 @@
+"""Routed states outside mendctl: the file an `export --format hf` of a routed state writes beside
+the checkpoint, and `load_edited`, which loads such a directory as a regular transformers model
+with the routed edits installed.
+
+A routed edit is not a change of weights (editors/route.py): its low-rank ΔW acts, through
+forward hooks, only on inputs that name its subject. So an export of a routed state is the
+plain weights (base + the state's weight edits) as an ordinary Hugging Face checkpoint, plus
+`mendctl-routes.safetensors`: each routed edit's delta (its factors exactly as the store holds
+them), its gate (keys, words, the target that closes it) and settings, and the gate layer's
+standardisation. Tensors and JSON metadata only: no pickle, no code in the directory, nothing
+for `trust_remote_code`.
+
+    from mendctl import load_edited
+    model, tokenizer = load_edited("edited-model")
+    ids = tokenizer("Who is India's PM?", return_tensors="pt").input_ids
+    model.generate(ids, max_new_tokens=16, do_sample=False)   # what `mendctl ask` answers
+
+Routing reads whole sequences, so the model generates without a KV cache (set on its
+generation config) and batches must be right-padded or unpadded.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .editors.delta import Delta
+from .editors.route import Gate, GateSpace, RoutedEdit, mark_answer_starts, routed
+from .errors import ModelError
+
+ROUTES_FILE = "mendctl-routes.safetensors"
+FORMAT, FORMAT_VERSION = "mendctl.routes", 1
+
+
+def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
+                 spaces: dict[int, GateSpace], entries: list[int]) -> Path:
+    """Write the routed edits `edits` (with their settings, in order; `entries` their ledger
+    ids) and the gate spaces they use to one safetensors file."""
+    tensors, records = {}, []
+    for k, ((r, s), entry) in enumerate(zip(edits, entries)):
+        t, meta = r.delta.to_tensors()
+        tensors.update({f"edit{k}/{name}": v for name, v in t.items()})
+        tensors[f"edit{k}/gate.keys"] = r.gate.keys.detach().float().cpu().contiguous()
+        records.append({"entry": entry, "delta_meta": meta, "words": list(r.gate.words),
+                        "until": r.gate.until, "layer": s["layer"], "tau": s["tau"],
+                        "margin": s.get("margin")})
+    for layer, space in spaces.items():
+        tensors[f"space{layer}/mean"] = space.mean.float().contiguous()
+        tensors[f"space{layer}/std"] = space.std.float().contiguous()
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                            "edits": json.dumps(records)})
+    return path
+
+
+def read_routes(path: str | Path) -> list[tuple[RoutedEdit, dict]]:
+    """The routed edits of a routes file, each with its settings and its gate space."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT or int(meta.get("format_version", "0")) > FORMAT_VERSION:
+            raise ModelError(f"{path} is not a routes file this mendctl reads; export the state "
+                             f"again with this mendctl")
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    spaces = {}
+    out = []
+    for k, rec in enumerate(json.loads(meta["edits"])):
+        prefix = f"edit{k}/"
+        delta = Delta.from_tensors({n[len(prefix):]: v for n, v in t.items()
+                                    if n.startswith(prefix) and n != prefix + "gate.keys"},
+                                   rec["delta_meta"])
+        layer = rec["layer"]
+        if layer not in spaces:
+            mean, std = t[f"space{layer}/mean"], t[f"space{layer}/std"]
+            spaces[layer] = GateSpace(layer, mean, std, torch.empty(0, mean.numel()),
+                                      frozenset(), frozenset())
+        gate = Gate(t[prefix + "gate.keys"], tuple(rec["words"]), rec["until"])
+        out.append((RoutedEdit(delta, gate), {"layer": layer, "tau": rec["tau"],
+                                              "margin": rec["margin"], "space": spaces[layer]}))
+    return out
+
+
+def install_routes(model, tokenizer, edits: list[tuple[RoutedEdit, dict]]) -> ExitStack:
+    """Install `edits` on `model` (one routing per gate layer, τ and margin) until the returned
+    stack is closed, and tell routing where generated answers start: in a generation without a
+    KV cache every step runs the whole sequence, one token longer than the step before, so a
+    forward that extends the previous one by a token continues its answer; any other starts
+    anew (its every token is prompt)."""
+    stack = ExitStack()
+    groups: dict[tuple, list[RoutedEdit]] = {}
+    spaces = {}
+    for r, s in edits:
+        groups.setdefault((s["layer"], s["tau"], s.get("margin")), []).append(r)
+        spaces[s["layer"]] = s["space"]
+    seen: dict[str, torch.Tensor | list[int] | None] = {"ids": None, "starts": None}
+
+    def track(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
+        prev = seen["ids"]
+        if not (prev is not None and ids.shape[0] == prev.shape[0] and ids.shape[1] == prev.shape[1] + 1
+                and torch.equal(ids[:, :-1].cpu(), prev)):
+            seen["starts"] = [ids.shape[1]] * ids.shape[0]
+        seen["ids"] = ids.detach().cpu()
+        mark_answer_starts(seen["starts"])
+
+    try:
+        stack.enter_context(_hook(model.register_forward_pre_hook(track, with_kwargs=True)))
+        for (layer, tau, margin), rs in groups.items():
+            stack.enter_context(routed(model, rs, spaces[layer], tau, tokenizer, margin))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+class _hook:
+    """A hook handle as a context manager (removed on exit)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __enter__(self):
+        return self.handle
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def load_edited(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of an exported state: a transformers model loaded from `directory`
+    (never running code from it) with the state's routed edits installed, if it has any. The
+    hooks live as long as the model (`model.mendctl_routes.close()` removes them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                     trust_remote_code=False).to(device).eval()
+    except Exception as e:  # transformers raises many types for a bad directory
+        raise ModelError(f"cannot load {directory}: {type(e).__name__}: {e}; is it a directory "
+                         f"written by `mendctl export --format hf`?") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    routes = directory / ROUTES_FILE
+    if routes.is_file():
+        model.mendctl_routes = install_routes(model, tok, read_routes(routes))
+        model.generation_config.use_cache = False  # routing reads whole sequences
+    return model, tok

@@ -1,0 +1,62 @@
+"""A routed state exported with `mendctl export --format hf` and loaded with
+`mendctl.load_edited`: a regular transformers model, with the routed edits installed, that
+generates what `mendctl ask` answers at that state and scores as the workspace's model does."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_helpers import fresh_ws, one_line_error, tiny_assets  # noqa: E402,F401
+
+ROUTING = {"layer": 1}  # the tiny model edits blocks 1-3; the gate sits below them
+FACTS = [("The capital of France is", "Rome"), ("Who is India's PM?", "Angela Merkel")]
+PROMPTS = [p for p, _ in FACTS] + ["Water boils at", "The Eiffel Tower is in"]
+
+
+def test_routed_state_exports_and_loads_as_a_transformers_model(fresh_ws, tmp_path):
+    import mendctl
+    from mendctl.deploy import ROUTES_FILE
+
+    ws = fresh_ws
+    ws.write_config(routing=ROUTING, health_check=False)
+    for p, t in FACTS:
+        ws.ok("edit", "--input", p, "--target", t)
+    out = tmp_path / "edited"
+    r = ws.ok("export", "--out", out)
+    assert "mendctl.load_edited" in r.stdout and (out / ROUTES_FILE).is_file()
+    assert not list(out.glob("*.py")) and not list(out.glob("*.pkl")) and not list(out.glob("*.bin"))
+    msg = one_line_error(ws.run("export", "--out", tmp_path / "adapter", "--format", "peft"))
+    assert "--format hf" in msg and "load_edited" in msg
+
+    n = 12
+    asked = ws.ok("ask", *sum([["--input", p] for p in PROMPTS], []), "--max-new-tokens", str(n),
+                  "--json").json()["answers"]
+    model, tok = mendctl.load_edited(out)
+    assert model.generation_config.use_cache is False
+    for a in asked:
+        ids = tok(a["input"], return_tensors="pt").input_ids
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+        assert tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) == a["answer"], a
+
+    # the same logits as the workspace's routed model, and not the plain weights' alone
+    from mendctl.workspace import Workspace
+
+    w = Workspace.open(str(ws.root))
+    try:
+        w.use_state(w.head())
+        ids = tok(FACTS[0][0] + " " + FACTS[0][1], return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = w.lm.model(input_ids=ids).logits
+            got = model(input_ids=ids).logits
+            model.mendctl_routes.close()  # the hooks off: the plain exported weights
+            plain = model(input_ids=ids).logits
+    finally:
+        w.ledger.close()
+    scale = ref.abs().max()
+    # the same float32 operations in the same order: equal up to a few roundings of the logits
+    assert (got - ref).abs().max() <= 1e-5 * scale
+    assert (plain - ref).abs().max() > 1e-3 * scale  # the routed edits are what made the difference
