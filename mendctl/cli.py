@@ -94,21 +94,25 @@ def main(ctx, workspace):
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @click.option("--model", help="Base model for the new workspace (default smollm2-135m).")
 @click.option("--force", is_flag=True, help="Overwrite an existing mendctl.yaml.")
-@click.option("--routed", is_flag=True,
-              help="Make routed edits (`routing: true`): each edit acts only on inputs that "
-                   "mention its subject; for long chains (README, routed edits).")
+@click.option("--weights", "plain", is_flag=True,
+              help="Make plain weight edits (`routing: false`): each edit changes the weights "
+                   "for every input; what a plain HF export or a PEFT adapter can carry. The "
+                   "default, routed edits, act only on inputs that mention their subject.")
+@click.option("--routed", is_flag=True, hidden=True, help="Routed edits (the default).")
 @handle_errors
-def init(directory, model, force, routed):
+def init(directory, model, force, plain, routed):
     """Create a workspace: a documented mendctl.yaml and a .mendctl/ folder.
 
     \b
     Example:
       mendctl init demo
-      mendctl init --routed long-chain
+      mendctl init --weights plain-edits
     """
     from .workspace import Workspace
 
-    d = Workspace.init(directory, force=force, model=model, routing_=True if routed else None)
+    if plain and routed:
+        raise InputError("--weights and --routed exclude each other (routed edits are the default)")
+    d = Workspace.init(directory, force=force, model=model, routing_=False if plain else None)
     click.echo(f"workspace ready: {d}/mendctl.yaml (edit it to change the model or settings)")
 
 

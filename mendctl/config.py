@@ -138,17 +138,19 @@ preserve_keys: 0.01
 # base's answers are cached in .mendctl/health). false skips it.
 health_check: true
 
-# Routed edits (README, routed edits): each new MEND edit's ΔW acts only on inputs that mention
-# what the edit is about (its subject's tokens, seen at an early layer, or its distinctive
-# words), instead of being added to the weights. Chains of 100 edits keep ~95 % of unrelated
-# answers this way, where plain weight edits keep almost none. One fact per edit; `ask`
-# generates without a KV cache; routed states cannot be exported as plain weights or squashed.
+# Routed edits (the default; README, routed edits): each new MEND edit's ΔW acts only on
+# inputs that mention what the edit is about (its subject's tokens, seen at an early layer, or
+# its distinctive words), instead of being added to the weights. Chains of 100 edits keep ~95 %
+# of unrelated answers this way, where plain weight edits keep almost none. One fact per edit
+# (`mendctl edit --each` for many); `ask` generates without a KV cache; a routed state exports
+# as a checkpoint plus its routes (`mendctl.load_edited`), not as a PEFT adapter, and is not
+# squashed. false makes plain weight edits (the settings above then apply).
 # true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
 # margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true} (margin: open only the
 # gates scoring within it of the best; alpha: the step as a multiple of the editor's
 # as-trained α; stop: an edit stops acting once its answer is written, so it does not repeat
 # it). Entries keep the settings they were made with.
-routing: false
+routing: true
 """
 
 
@@ -237,7 +239,8 @@ class Config:
     step_factor: float = 0.5
     max_steps: int | None = 20
     preserve_keys: float | None = 0.01
-    routing: dict | None = None  # parsed by routing_settings: None (off) or every setting
+    # parsed by routing_settings: None (off) or every setting; on by default
+    routing: dict | None = field(default_factory=lambda: dict(ROUTING_DEFAULTS))
 
     def validate(self, where: str = CONFIG_FILE) -> None:
         def bad(key, msg):

@@ -141,8 +141,8 @@ class Workspace:
             if not model.strip():
                 raise InputError("--model is empty")
             text = text.replace("\nmodel: smollm2-135m\n", f"\nmodel: {json.dumps(model)}\n")
-        if routing_:
-            text = text.replace("\nrouting: false\n", f"\nrouting: {json.dumps(routing_)}\n")
+        if routing_ is not None:  # None: the template's default (routed edits)
+            text = text.replace("\nrouting: true\n", f"\nrouting: {json.dumps(routing_)}\n")
         config_mod.parse(__import__("yaml").safe_load(text), str(cfg))  # the template is valid
         d.mkdir(parents=True, exist_ok=True)
         (d / STATE_DIR).mkdir(exist_ok=True)
@@ -544,9 +544,10 @@ class Workspace:
                 raise InputError(f"routing (mendctl.yaml) applies MEND's low-rank deltas; edit "
                                  f"with --editor mend, or set `routing: false` to edit with {editor}")
             if len(cases) > 1:
-                raise InputError(f"with routing on, an edit is one fact (its gate is its "
-                                 f"subject); {len(cases)} were given: run `mendctl edit` once per "
-                                 f"fact, or set `routing: false` for one batched edit")
+                raise InputError(f"with routing on (the default), an edit is one fact (its gate is "
+                                 f"its subject); {len(cases)} were given: `mendctl edit --each "
+                                 f"FILE.jsonl` makes them one after another, each its own entry "
+                                 f"(or set `routing: false` for one batched weight edit)")
             ed = self.editor(editor, step_factor=self.routed_step_factor())
         else:
             ed = self.editor(editor)
@@ -966,7 +967,7 @@ class Workspace:
             routed_ = self._split(head.active_ids)[1]
             settings = self.config.routing or (
                 {k: routing.of(routed_[-1])[k] for k in routing.DEFAULTS} if routed_ else None)
-            target_dir = Workspace.init(out, model=model, routing_=settings if routed_ else None)
+            target_dir = Workspace.init(out, model=model, routing_=settings if routed_ else False)
             other = Workspace.open(str(target_dir))
             results = []
             for e, cases in (progress(requests) if progress else requests):
@@ -1024,7 +1025,7 @@ class Workspace:
             "entry": entry.id if entry else None, "state_hash": entry.state_hash if entry else None,
             "active_ids": list(entry.active_ids) if entry else [], "format": fmt,
             "routed_ids": [e.id for e in routed_],
-            "load_with": "mendctl.load_edited(dir)" if routed_ else "AutoModelForCausalLM.from_pretrained(dir)",
+            "load_with": "mendctl.load_edited(dir)" if routed_ else "transformers from_pretrained(dir)",
             "base_model_id": lm.model_id, "base_model_hash": lm.base_hash}, indent=2))
         return {"out": str(out), "format": fmt, "entry": entry.id if entry else None,
                 "routed_ids": [e.id for e in routed_]}

@@ -286,8 +286,10 @@ class Ws:
 
 # The tiny editor is untrained: most of its edits do not make the target the answer, which
 # `mendctl edit` refuses to record by default. The tests of everything else record them
-# (`keep_failed: true`); tests/test_hardening.py covers the refusal itself.
-TINY_CONFIG = {"keep_failed": True}
+# (`keep_failed: true`); tests/test_hardening.py covers the refusal itself. The tiny model's
+# edited weights start at block 1, below the default gate layer: its workspaces make plain
+# weight edits, and the routing tests set `routing` themselves (gate layer 1).
+TINY_CONFIG = {"keep_failed": True, "routing": False}
 
 
 def make_workspace(root: Path, assets: TinyAssets, cache_dir: Path, **config) -> Ws:

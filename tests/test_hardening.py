@@ -305,22 +305,33 @@ def test_targets_of_invisible_characters_are_refused(fresh_ws: Ws, target):
 # -- 10. the lock: wait as long as the holder runs -------------------------------------------------
 def test_a_writer_waits_for_a_live_holder_and_says_so(fresh_ws: Ws):
     ws = fresh_ws
+    # the holder keeps the lock until the writer has said that it waits (then we let it go)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
+        import sys
         from mendctl.locking import WorkspaceLock
         with WorkspaceLock({str(ws.state_dir / 'lock')!r}, timeout=0, command="a long edit"):
             print("held", flush=True)
-            time.sleep(4)
-        """)], stdout=subprocess.PIPE, text=True, env=cli_env(ws.cache_dir))
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=cli_env(ws.cache_dir))
+    writer = None
     try:
         assert holder.stdout.readline().strip() == "held"
         # the default lock_timeout (null): no give-up time, only the holder's lifetime
-        r = ws.run("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], real_process=True)
+        writer = subprocess.Popen(cli_cmd("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1]),
+                                  cwd=ws.root, env=cli_env(ws.cache_dir), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        first = writer.stderr.readline()  # blocks until the writer says something
+        assert f"waiting for the workspace lock, held by process {holder.pid}" in first, first
+        assert "a long edit" in first
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        out, err = writer.communicate(timeout=300)
     finally:
-        holder.wait(timeout=60)
-    assert r.returncode == 0, str(r)
-    assert f"waiting for the workspace lock, held by process {holder.pid}" in r.stderr
-    assert "a long edit" in r.stderr and ws.ledger_count() == 1
+        holder.kill() if holder.poll() is None else None
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+    assert writer.returncode == 0, first + err
+    assert ws.ledger_count() == 1
 
 
 def test_lock_timeout_message_names_the_real_setting(fresh_ws: Ws):

@@ -30,7 +30,7 @@ def as_json(r):
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     d = tmp_path_factory.mktemp("real-ws")
-    run(d, "init", ".")
+    run(d, "init", "--weights", ".")  # plain weight edits (routed ones: test_routing.py)
     return d
 
 

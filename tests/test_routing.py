@@ -55,8 +55,10 @@ def _logits(w, prompts):
 def test_config_routing_defaults_are_the_chosen_gate_settings():
     s = config_mod.parse({"routing": True}, "x").routing
     assert (s["layer"], s["distinct"], s["tau"]) == (route.GATE_LAYER, route.DISTINCT, route.TAU)
-    assert config_mod.parse({}, "x").routing is None
-    assert config_mod.parse(yaml.safe_load(config_mod.TEMPLATE), "t").routing is None
+    assert config_mod.parse({}, "x").routing == s
+    # routed edits are the default engine; `routing: false` makes plain weight edits
+    assert config_mod.parse(yaml.safe_load(config_mod.TEMPLATE), "t").routing == s
+    assert config_mod.parse({"routing": False}, "x").routing is None
     assert config_mod.parse({"routing": {"tau": 0.8}}, "x").routing["tau"] == 0.8
     for bad, word in (({"tau": 1.5}, "tau"), ({"gate": 1}, "unknown"), ("yes", "routing")):
         with pytest.raises(config_mod.ConfigError, match=word):
