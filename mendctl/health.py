@@ -17,6 +17,7 @@ and records the figures with the entry (`notes.health`).
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def _ref_path(state_dir: Path, base_hash: str, fmt: str, audit_set: AuditSet) ->
 
 def _save_ref(ref: LocalityRef, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # per process: a cache two may write at once
     save_file({"input_ids": ref.batch.input_ids, "attention_mask": ref.batch.attention_mask,
                "labels": ref.batch.labels, "positions": ref.positions.to(torch.uint8),
                "base_top1": ref.base_top1, "owner": ref.owner}, str(tmp))

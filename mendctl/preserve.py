@@ -22,6 +22,7 @@ editors/mend/protect.py's.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import random
 import sys
@@ -71,7 +72,7 @@ def workspace_basis(ws, cut: float, progress=None) -> dict[str, torch.Tensor]:
     basis = preserved_basis(lm.model, lm.tokenizer, ws.specs, texts, cut, fmt=ws.fmt,
                             progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # per process: a cache two may write at once
     save_file({n: b.contiguous() for n, b in basis.items()}, str(tmp))
     tmp.replace(path)
     return basis

@@ -18,6 +18,7 @@ import getpass
 import json
 import math
 import os
+import re
 import shlex
 import socket
 import sys
@@ -418,7 +419,9 @@ class Workspace:
             save_file({n: t.contiguous() for n, t in w.items()}, str(tmp))
             tmp.replace(path)
         for stale in d.glob("*.tmp*"):  # left by a process killed while writing
-            if not stale.name.endswith(f".tmp{os.getpid()}"):
+            m = re.search(r"\.tmp(\d+)$", stale.name)
+            # (another live process may be writing its own right now: `ask` takes no lock)
+            if m is None or not _alive(int(m.group(1))):
                 stale.unlink(missing_ok=True)
         files = sorted(d.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in files[STATE_CACHE_KEEP:]:
@@ -1080,6 +1083,17 @@ def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
                "preserve": preserve, "apply": apply} if isinstance(ed, MendEditor) else {})
     return ed.edit(model, tokenizer, [c.input for c in cases], [c.target for c in cases], fmt,
                    locality=loc or None, **kwargs)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (this one's own included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _say_waiting(holder: dict | None) -> None:
