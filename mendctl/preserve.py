@@ -22,8 +22,8 @@ editors/mend/protect.py's.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import random
 import sys
 from pathlib import Path
