@@ -383,6 +383,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
 
     def on_input(module, args, kwargs):
         state.pop("open", None)  # gates belong to one forward pass
+        state.pop("any_open", None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (newer, older transformers)
         if cache is not None and (cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)):
             # a cached step sees only its new tokens: gates and words need the whole sequence
@@ -404,6 +405,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
 
     def on_output(module, args, output):
         state.pop("open", None)  # (returns None: the output stays as it is)
+        state.pop("any_open", None)
 
     def on_gate(module, args, output):
         opened = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau,
@@ -413,6 +415,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             if state.get("starts") is not None:
                 opened = off_target(opened, state["texts"], until, state["starts"])
         state["open"] = opened
+        state["any_open"] = opened.flatten(0, 1).any(0)  # (edits,)
 
     # per edited module: all edits' factor rows stacked, with the edit each row belongs to
     factors: dict[str, tuple] = {}
@@ -445,6 +448,13 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             if "open" not in state:
                 raise RuntimeError("routed edits need the model's full forward pass: the gate "
                                    "layer did not run before an edited layer (a prefix cache?)")
+            # only the rows of edits whose gate is open somewhere in this forward: a chain of
+            # a thousand routed edits costs what its open ones cost, not a thousand times one
+            live = state["any_open"].to(rows.device)[rows]
+            if not bool(live.any()):
+                return output
+            if not bool(live.all()):
+                u, d, rows = u[live], d[live], rows[live]
             coef = (x.float() @ u.T) * state["open"][..., rows].to(x.device)  # (B, T, rows)
             return output + (coef @ d).to(output.dtype)
         handles.append(module.register_forward_hook(add))

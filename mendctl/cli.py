@@ -755,6 +755,10 @@ def eval_(ctx, data_file, editor, batch_size, limit, max_steps, as_json):
     click.echo(f"  ppl drawdown        {fmt(s['ppl_drawdown'], '+.4f')}")
     click.echo(f"  fluency             {fmt(s['fluency'], '.3f')} (unedited {fmt(s['fluency_base'], '.3f')}; "
                f"n-gram entropy of the answer), repeats the target {fmt(s['repeats_target'], '.2f')}")
+    if s.get("gate_recall") is not None or s.get("gate_false_open") is not None:
+        click.echo(f"  gate                opens on {fmt(s.get('gate_recall'))} of paraphrases, on "
+                   f"{fmt(s.get('gate_false_open'))} of locality prompts; paraphrase success where "
+                   f"it opened {fmt(s.get('paraphrase_success_gate_open'))}")
     click.echo(f"  ms per edit         {fmt(s['seconds_per_edit'] * 1000, '.0f')}")
     for rel, v in r["relations"].items():
         click.echo(f"    {rel:<14} n={v['cases']:<4} ES {fmt(v['edit_success'], '.2f')}  "

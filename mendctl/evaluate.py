@@ -7,7 +7,10 @@ fluency of the edited model's answer to the input (n-gram entropy of a greedy co
 beside the unedited model's on the same prompt) and whether it repeats the target, and the
 editor's compute time. The model is put back after every edit, so cases do not accumulate.
 In a routed workspace (`routing`) a MEND edit is made and scored as `mendctl edit` would make
-it there: routed, behind its own gate, one fact at a time.
+it there: routed, behind its own gate, one fact at a time; and the gate is scored apart from the
+edit, so a miss can be attributed: its recall (the share of paraphrases at whose end the gate is
+open), its false openings (the share of locality prompts at whose end it is open), and the
+paraphrase success where the gate did open (the edit's own generalisation).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import time
 from .editors.data import generic_text_samples
 from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
                               perplexity, repeats_target, target_scores)
+from .editors.route import opens
 from .editors.weights import applied
 from .errors import InputError
 from .workspace import edit_with
@@ -64,9 +68,9 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         # (a state with routed edits installed generates without a KV cache: route.py)
         base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not ws.router.active)
         t0 = time.perf_counter()
-        apply = None
+        apply = gate = None
         if rs:  # steps and scores behind the edit's own gate (workspace._edit_locked)
-            _, apply = ws.router.stepper(batch[0].input, batch[0].target, rs, model, tok)
+            gate, apply = ws.router.stepper(batch[0].input, batch[0].target, rs, model, tok)
         delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
                           preserve=preserve, apply=apply)
         seconds = time.perf_counter() - t0
@@ -81,7 +85,16 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                 ps = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases), fmt)[0] \
                     if c.paraphrases else []
                 n_loc = len(c.locality)
-                rows.append({
+                g = {}
+                if gate is not None:  # (one case per batch when routed)
+                    space = ws.router.space(rs["layer"])
+                    gp = opens(model, tok, space, gate, c.paraphrases, rs["tau"], fmt) if c.paraphrases else []
+                    gl = opens(model, tok, space, gate, c.locality, rs["tau"], fmt) if c.locality else []
+                    inside = [float(x) for x, o in zip(ps, gp) if o]
+                    g = {"gate_recall": _mean([float(x) for x in gp]),
+                         "gate_false_open": _mean([float(x) for x in gl]),
+                         "paraphrase_success_gate_open": _mean(inside)}
+                rows.append(g | {
                     "input": c.input, "target": c.target,
                     "relation": c.meta.get("relation"),
                     "edit_success": float(es[j]),
@@ -99,6 +112,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                            loc=f"{_mean([r['locality'] for r in rows]) or 0:.3f}")
     keys = ["edit_success", "paraphrase_success", "locality", "locality_kl", "ppl_drawdown",
             "fluency", "fluency_base", "repeats_target", "seconds_per_edit"]
+    if rs:
+        keys += ["gate_recall", "gate_false_open", "paraphrase_success_gate_open"]
     summary = {k: _mean([r[k] for r in rows]) for k in keys}
     summary.update(cases=len(rows), batch_size=batch_size, editor=editor, max_steps=max_steps,
                    routed=bool(rs),

@@ -212,6 +212,12 @@ def test_eval_in_a_routed_workspace_makes_routed_edits(routed_ws):
     assert r["summary"]["routed"] and r["summary"]["cases"] == 2
     assert r["summary"]["max_steps"] == ROUTING.get("max_steps", config_mod.ROUTING_DEFAULTS["max_steps"])
     assert ws.ledger_count() == 1 and w.head().id == head.id  # nothing recorded
+    # each paraphrase starts with the edit's own prompt: the same states at the gate layer,
+    # so the gate opens on all of them, and the success inside the gate is the success
+    s = r["summary"]
+    assert s["gate_recall"] == 1.0 and 0.0 <= s["gate_false_open"] <= 1.0
+    assert s["paraphrase_success_gate_open"] == s["paraphrase_success"]
+    assert all(0.0 <= c["fluency"] and c["repeats_target"] in (0.0, 1.0) for c in r["cases"])
     w._loaded_state = None
     w.use_state(head)
     assert w.router.active  # the head is still the routed head

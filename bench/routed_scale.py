@@ -1,0 +1,104 @@
+"""Routed edits at scale: the cost of a forward pass on the default model with T = 0, 100 and
+1,000 routed edits installed, against the unedited model.
+
+The gates are real (each made from a distinct test/val-split prompt on the default model, as
+`mendctl edit` makes them); the deltas are random low-rank factors of a recorded routed edit's
+size (rows per weight: --rows, 24 as measured on a shipped-editor edit), since only their
+shapes cost time. Two kinds of input, each a right-padded batch of 16 prompts, timed as the
+median of --repeats forward passes:
+- unrelated: audit-set prompts that name no edited subject (the common case; gates closed);
+- edited: prompts of 16 of the installed edits (their gates open).
+
+Usage: python bench/routed_scale.py [--lengths 0,100,1000] [--rows 24] [--repeats 7]
+       [--out bench/results/routed_scale.json]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import peak_rss_mib, table, temp_workspace, write_json  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mendctl.editors.data import load_split  # noqa: E402
+from mendctl.editors.delta import Delta, LayerDelta  # noqa: E402
+from mendctl.editors.route import RoutedEdit, edit_gate, routed  # noqa: E402
+from mendctl.editors.text import encode_prompts  # noqa: E402
+from mendctl.workspace import Workspace  # noqa: E402
+
+
+def random_delta(specs, rows: int, gen: torch.Generator) -> Delta:
+    layers = {}
+    for s in specs:
+        out_f, in_f = s.out_features, s.in_features
+        layers[s.name] = LayerDelta(s.name, tuple(s.shape), u=torch.randn(rows, in_f, generator=gen) * 1e-2,
+                                    d=torch.randn(rows, out_f, generator=gen) * 1e-2,
+                                    alpha=torch.tensor(1e-3), transposed=s.transposed)
+    return Delta(layers, {})
+
+
+def timed(model, batch, repeats: int) -> float:
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="0,100,1000")
+    ap.add_argument("--rows", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default="bench/results/routed_scale.json")
+    a = ap.parse_args()
+    lengths = [int(x) for x in a.lengths.split(",")]
+    torch.set_num_threads(1)
+
+    ws = Workspace.open(str(temp_workspace()))
+    lm, s = ws.lm, ws.config.routing
+    model, tok = lm.model, lm.tokenizer
+    space = ws.router.space(s["layer"])
+    pool = load_split("test") + load_split("val")
+    seen, prompts = set(), []
+    for c in pool:
+        if c.meta.get("subject") not in seen:
+            seen.add(c.meta.get("subject"))
+            prompts.append(c.input)
+    prompts = prompts[:max(lengths)]
+    if len(prompts) < max(lengths):  # say so: the split has fewer distinct subjects
+        print(f"note: {len(prompts)} distinct subjects; edits past that reuse prompts", file=sys.stderr)
+        prompts = (prompts * (max(lengths) // len(prompts) + 1))[:max(lengths)]
+    gen = torch.Generator().manual_seed(0)
+    edits = []
+    for p in tqdm(prompts, desc="gates", file=sys.stderr):
+        gate = edit_gate(model, tok, space, p, ws.fmt, distinct=s["distinct"])
+        edits.append(RoutedEdit(random_delta(ws.specs, a.rows, gen), gate))
+    unrelated = [c.locality[-1] for c in load_split("test")[-16:]]
+    batches = {"unrelated": encode_prompts(tok, unrelated, ws.fmt),
+               "edited": encode_prompts(tok, prompts[:16], ws.fmt)}
+    base = {k: timed(model, b, a.repeats) for k, b in batches.items()}
+    rows, out = [], {"rows_per_weight": a.rows, "repeats": a.repeats, "base_seconds": base, "runs": []}
+    for n in lengths:
+        with routed(model, edits[:n], space, s["tau"], tok):
+            t = {k: timed(model, b, a.repeats) for k, b in batches.items()}
+        run = {"T": n, "seconds": t, "overhead": {k: t[k] / base[k] - 1 for k in t},
+               "peak_rss_mib": peak_rss_mib()}
+        out["runs"].append(run)
+        rows.append({"T": n, **{f"{k} overhead": f"{run['overhead'][k]:+.1%}" for k in t},
+                     "peak RSS MiB": f"{run['peak_rss_mib']:.0f}"})
+    print(table(rows, list(rows[0])))
+    write_json(a.out, out)
+
+
+if __name__ == "__main__":
+    main()
