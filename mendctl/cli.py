@@ -724,10 +724,14 @@ def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, max_steps, 
 @click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="MEND steps per edit (1: the paper's protocol; see `edit --max-steps`). "
                    "Default: the editor's operating point, else 1.")
+@click.option("--chain", type=click.IntRange(1), default=None, metavar="T",
+              help="The sequential protocol: the first T cases edited one after another from the "
+                   "base model (in a scratch workspace: the ledger is not touched), scored right "
+                   "after each edit and all together on the final model.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def eval_(ctx, data_file, editor, batch_size, limit, max_steps, as_json):
+def eval_(ctx, data_file, editor, batch_size, limit, max_steps, chain, as_json):
     """Score an editor: each case a fresh edit of the current model.
 
     \b
@@ -742,6 +746,8 @@ def eval_(ctx, data_file, editor, batch_size, limit, max_steps, as_json):
     cases, _ = load_cases(data_file, "test", ws.config.seed)
     if limit is not None:
         cases = cases[:limit]
+    if chain is not None:
+        return _eval_chain(ws, cases[:chain], editor, max_steps, as_json)
     r = evaluate(ws, cases, editor=editor, batch_size=batch_size, max_steps=max_steps,
                  progress=None if as_json else _progress(f"eval {editor}"))
     if as_json:
@@ -763,6 +769,28 @@ def eval_(ctx, data_file, editor, batch_size, limit, max_steps, as_json):
     for rel, v in r["relations"].items():
         click.echo(f"    {rel:<14} n={v['cases']:<4} ES {fmt(v['edit_success'], '.2f')}  "
                    f"para {fmt(v['paraphrase_success'], '.2f')}  loc {fmt(v['locality'], '.3f')}")
+
+
+def _eval_chain(ws, cases, editor, max_steps, as_json):
+    from .evaluate import evaluate_chain
+
+    r = evaluate_chain(ws, cases, editor=editor, max_steps=max_steps,
+                       progress=None if as_json else _progress(f"chain of {len(cases)}"))
+    if as_json:
+        return _print_json(r)
+    s = r["summary"]
+    fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
+    im, fi = s["immediate"], s["final"]
+    click.echo(f"{editor} chain of {s['chain']} edits ({'routed' if s['routed'] else 'weights'}, "
+               f"max steps {s['max_steps']}, {fmt(s['seconds_per_edit'], '.2f')} s per edit)")
+    click.echo(f"  {'':<20} {'immediate':>10} {'final':>10}")
+    click.echo(f"  {'edit success':<20} {fmt(im['edit_success']):>10} {fmt(fi['edit_success']):>10}")
+    click.echo(f"  {'paraphrase success':<20} {fmt(im['paraphrase_success']):>10} "
+               f"{fmt(fi['paraphrase_success']):>10}")
+    click.echo(f"  {'locality':<20} {fmt(im['locality']):>10} {fmt(fi['locality']):>10}  "
+               f"(final: against the base model, KL {fmt(fi['locality_kl'], '.4f')})")
+    click.echo(f"  fluency {fmt(fi['fluency'])} (unedited {fmt(fi['fluency_base'])}), answers "
+               f"repeating their target {fmt(fi['repeats_target'], '.2f')}")
 
 
 @main.command()

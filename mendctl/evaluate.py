@@ -15,6 +15,7 @@ paraphrase success where the gate did open (the edit's own generalisation).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .editors.data import generic_text_samples
 from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
@@ -125,3 +126,85 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     relations = {rel: {k: _mean([r[k] for r in rs]) for k in keys[:3]} | {"cases": len(rs)}
                  for rel, rs in sorted(by_rel.items())}
     return {"summary": summary, "relations": relations, "cases": rows}
+
+
+def scratch_workspace(ws, directory) -> "object":
+    """A new workspace in `directory` with `ws`'s settings (model, editor, edit engine...) and a
+    ledger and store of its own, starting from the base model: where `evaluate_chain` makes
+    its edits, so the user's ledger is never touched."""
+    import dataclasses
+
+    import yaml
+
+    from .workspace import Workspace
+
+    cfg = dataclasses.asdict(ws.config)
+    for key in ("model", "editor", "model_cache", "offload_folder"):  # paths: as the user meant them
+        v = cfg.get(key)
+        if isinstance(v, str) and v != "default" and (Path(v).exists() or (ws.root / v).exists()):
+            cfg[key] = str((ws.root / Path(v).expanduser()).resolve())
+    cfg.update(ledger=None, store=".mendctl/deltas", health_check=False, keep_failed=True)
+    root = Workspace.init(directory)
+    (root / "mendctl.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return Workspace.open(str(root))
+
+
+def evaluate_chain(ws, cases, editor: str = "mend", max_steps: int | None = None,
+                   progress=None) -> dict:
+    """The sequential-editing protocol: the cases' edits made one after another, each on the
+    state the previous ones left, from the base model, in a scratch workspace with `ws`'s
+    settings. Immediate scores are each edit's right after it (edit and paraphrase success,
+    locality against the state before it); final scores are every edit's on the last state
+    (reliability, generalisation, locality against the base model, the fluency of the answers
+    and whether they repeat their target). Edits that did not take stay in the chain, as a
+    chain of real edits would have them."""
+    import tempfile
+
+    if not cases:
+        raise InputError("no cases to evaluate")
+    with tempfile.TemporaryDirectory(prefix="mendctl-chain-") as tmp:
+        w = scratch_workspace(ws, Path(tmp) / "ws")
+        try:
+            return _chain(w, cases, editor, max_steps, progress)
+        finally:
+            w.ledger.close()
+
+
+def _chain(w, cases, editor, max_steps, progress) -> dict:
+    lm = w.lm
+    model, tok, fmt = lm.model, lm.tokenizer, w.fmt
+    if max_steps is None:
+        max_steps = w.max_steps_for(editor, 1)
+    w.use_state(None)
+    loc_prompts = [p for c in cases for p in c.locality]
+    ref = locality_reference(model, tok, loc_prompts, fmt) if loc_prompts else None
+    prompts = [c.input for c in cases]
+    base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS)
+    immediate, seconds = [], []
+    for c in (progress(cases) if progress else cases):
+        r = w.edit([c], editor=editor, max_steps=max_steps, command="mendctl eval --chain")
+        a = r["after"]
+        immediate.append({"edit_success": a["edit_success"], "paraphrase_success": a.get("paraphrase_success"),
+                          "locality": a.get("locality")})
+        seconds.append(r["seconds"])
+    w.use_state(w.head())
+    routed_now = w.router.active
+    es = target_scores(model, tok, prompts, [c.target for c in cases], fmt)[0]
+    para_p = [p for c in cases for p in c.paraphrases]
+    pok = target_scores(model, tok, para_p, [c.target for c in cases for _ in c.paraphrases], fmt)[0] \
+        if para_p else []
+    ag, kl = locality_scores(model, ref) if ref is not None else ([], [])
+    answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not routed_now)
+    final = {"edit_success": _mean([float(x) for x in es]),
+             "paraphrase_success": _mean([float(x) for x in pok]),
+             "locality": _mean(ag), "locality_kl": _mean(kl),
+             "fluency": _mean([ngram_entropy(x) for x in answers]),
+             "fluency_base": _mean([ngram_entropy(x) for x in base_answers]),
+             "repeats_target": _mean([float(repeats_target(x, c.target)) for x, c in zip(answers, cases)])}
+    imm = {k: _mean([r[k] for r in immediate]) for k in ("edit_success", "paraphrase_success", "locality")}
+    return {"summary": {"chain": len(cases), "editor": editor, "max_steps": max_steps,
+                        "routed": bool(w.config.routing), "immediate": imm, "final": final,
+                        "seconds_per_edit": _mean(seconds)},
+            "cases": [{"input": c.input, "target": c.target, "immediate": i,
+                       "final_edit_success": float(e), "answer": a}
+                      for c, i, e, a in zip(cases, immediate, es, answers)]}

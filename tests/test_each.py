@@ -54,3 +54,19 @@ def test_each_refuses_a_bad_file_whole_and_reports_edits_that_did_not_take(fresh
     assert ws.ledger_count() == len(recorded)
     assert r.returncode == (3 if failed else 0)
     assert all("did not take" in x["error"] for x in failed)
+
+
+def test_eval_chain_runs_the_sequential_protocol_in_a_scratch_workspace(fresh_ws: Ws):
+    ws = fresh_ws
+    data = ws.root / "cases.jsonl"
+    data.write_text("".join(json.dumps({"input": x, "target": y, "paraphrases": [x + " Answer:"],
+                                        "locality": ["Water is made of"]}) + "\n" for x, y in CHAIN))
+    r = ws.ok("eval", "--data", data, "--chain", "3", "--max-steps", "1", "--json").json()
+    s = r["summary"]
+    assert s["chain"] == 3 and len(r["cases"]) == 3 and s["routed"] is False
+    for part in ("immediate", "final"):
+        assert all(0.0 <= s[part][k] <= 1.0 for k in ("edit_success", "paraphrase_success", "locality"))
+    assert s["final"]["fluency"] >= 0 and s["final"]["locality_kl"] >= 0
+    assert ws.ledger_count() == 0 and ws.delta_files() == []  # the user's ledger is untouched
+    human = ws.ok("eval", "--data", data, "--chain", "2", "--max-steps", "1")
+    assert "chain of 2 edits" in human.stdout and "immediate" in human.stdout
