@@ -38,10 +38,13 @@ from .editors.data import EditCase, generic_text_samples, load_split
 from .editors.delta import apply_deltas, state_hash
 from .editors.mend.capture import capture_edit_gradients
 from .editors.mend.editor import MendEditor
-from .editors.metrics import locality_reference, locality_scores, perplexity, target_scores
+from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
+                              perplexity, repeats_target, target_scores)
 from .errors import EditorError, InputError, LedgerError
 from .ledger import MAX_ID
 
+#: Tokens of each edited prompt's answer the audit generates for its fluency measures (as eval).
+ANSWER_TOKENS = 24
 AUDIT_FORMAT = "mendctl.audit"
 AUDIT_FORMAT_VERSION = 1
 #: Flags are raised past these unless the caller gives others.
@@ -238,6 +241,8 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     ref_own = locality_reference(model, tok, [p for _, p in own_loc], fmt) if own_loc else None
     editor = _editor_stats(ws)
     stats_base = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
+    inputs = [e.inputs[0] for e in active if e.inputs]
+    base_answers = generate(model, tok, inputs, fmt, ANSWER_TOKENS) if inputs else []
 
     # -- the audited state -------------------------------------------------------------------
     w = ws.use_state(target)
@@ -251,6 +256,10 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     aud_ag, aud_kl = scorer.audit_locality()
     ppl = perplexity(model, tok, audit_set.passages) if audit_set.passages else None
     stats_head = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
+    # the edited answers: fluent, or an edit acting on its own output? (routed: no KV cache)
+    answers = dict(zip([e.id for e in active if e.inputs],
+                       generate(model, tok, inputs, fmt, ANSWER_TOKENS,
+                                use_cache=not ws.router.active) if inputs else []))
 
     drift, total_rel = weight_drift(w, ws._base)
 
@@ -265,6 +274,9 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
             "delta_norm": math.sqrt(sum(v * v for v in norms.values())) if norms else None,
             "delta_norms": norms,
             "edit_success_when_made": (e.metrics_after or {}).get("edit_success"),
+            "answer": answers.get(e.id),
+            "repeats_target": float(repeats_target(answers[e.id], e.targets[0]))
+            if e.id in answers and e.targets else None,
         })
 
     ppl_drawdown = (ppl / scorer.ppl_base - 1) if ppl is not None and scorer.ppl_base else None
@@ -276,6 +288,9 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
         "edit_locality": _mean(own_ag), "edit_locality_kl": _mean(own_kl),
         "audit_locality": aud_ag, "audit_kl": aud_kl,
         "ppl_before": scorer.ppl_base, "ppl_after": ppl, "ppl_drawdown": ppl_drawdown,
+        "fluency": _mean([ngram_entropy(a) for a in answers.values()]),
+        "fluency_base": _mean([ngram_entropy(a) for a in base_answers]),
+        "repeats_target": _mean([x["repeats_target"] for x in edits]),
         "relative_drift": total_rel,
         "max_relative_drift": max((d["relative"] or 0.0) for d in drift.values()),
     }

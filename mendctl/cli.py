@@ -865,6 +865,8 @@ def audit(ctx, range_, data_file, report_dir, fail_under, fail_over, locality_th
         click.echo(f"  locality, own prompts {fmt(s['edit_locality'])} (KL {fmt(s['edit_locality_kl'], '.4f')})")
         click.echo(f"  locality, audit set  {fmt(s['audit_locality'])} (KL {fmt(s['audit_kl'], '.4f')})")
         click.echo(f"  ppl drawdown         {fmt(s['ppl_drawdown'], '+.4f')}")
+        click.echo(f"  answers' fluency     {fmt(s.get('fluency'))} (unedited {fmt(s.get('fluency_base'))}); "
+                   f"repeating their target {fmt(s.get('repeats_target'), '.2f')}")
         click.echo(f"  drift ‖W−W0‖/‖W0‖     {fmt(s['relative_drift'], '.5f')} "
                    f"(max per weight {fmt(s['max_relative_drift'], '.5f')})")
         if "chain" in result:

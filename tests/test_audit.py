@@ -32,6 +32,10 @@ def test_reverted_edit_is_not_counted_and_unchanged_model_is_local(ws_chain):
     assert r["summary"]["active_edits"] == 3
     assert [e["entry"] for e in r["edits"]] == [1, 2, 3]
     assert all(0.0 <= e["edit_success"] <= 1.0 for e in r["edits"])
+    # each edited prompt's answer, its fluency beside the unedited model's, repeated targets
+    assert all(isinstance(e["answer"], str) and e["repeats_target"] in (0.0, 1.0) for e in r["edits"])
+    s = r["summary"]
+    assert s["fluency"] >= 0.0 and s["fluency_base"] >= 0.0 and 0.0 <= s["repeats_target"] <= 1.0
 
     w.revert(2)
     r = run_audit(w, matrix=False)
