@@ -1,4 +1,4 @@
-"""The README's comparison table: MEND vs FT vs FT+KL vs untrained MEND on the bundled test
+"""The comparison table of docs/results.md: MEND vs FT vs FT+KL vs untrained MEND on the bundled test
 split (unseen subjects, held-out paraphrase templates), single edits and batches, each case a
 fresh edit of the base model. Prints a Markdown table, writes JSON and a bar chart.
 

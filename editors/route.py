@@ -1,7 +1,7 @@
 """Routed edits: each edit's ΔW acts only on inputs that name what the edit is about.
 
 A chain of plain weight edits compounds every edit's side effects: if one MEND edit leaves
-96.6 % of unrelated answers alone, a hundred leave 0.966¹⁰⁰ ≈ 3 % (README, sequential edits).
+96.6 % of unrelated answers alone, a hundred leave 0.966¹⁰⁰ ≈ 3 % (docs/results.md, sequential edits).
 Routing (the idea of GRACE, Hartvigsen et al. 2023, and WISE, Wang et al. 2024, applied to MEND's
 low-rank deltas) keeps the deltas but gates each one per sequence: edit i's ΔW_i is added to its
 layers' outputs from the first token on which the sequence *mentions the edit's subject* on.
@@ -57,7 +57,7 @@ from .delta import Delta
 from .text import encode_prompts, render_prompt
 from .weights import _BLOCK, input_device
 
-#: defaults chosen on the validation split (bench/routed.py; README, routed edits)
+#: defaults chosen on the validation split (bench/routed.py; docs/results.md, routed edits)
 GATE_LAYER = 3
 DISTINCT = 0.7
 TAU = 0.7

@@ -112,7 +112,7 @@ seed: 0
 # Drift guard for MEND edits: an edit step whose ‖ΔW‖_F exceeds this many times the editor's
 # median single edit on the base model (its `delta_norm_reference`; times √n for a batch of n
 # facts) is scaled down to that size. Deep into a chain of edits MEND's updates otherwise grow without bound and wreck the
-# model (see the README's sequential-editing results). null turns the guard off.
+# model (see the sequential-editing results in docs/results.md). null turns the guard off.
 guard_norm: 3.0
 
 # Retention guard for MEND edits: each new edit's update is projected off the inputs the
@@ -123,7 +123,7 @@ protect_edits: true
 # MEND edits in small steps: each step is the editor's operating-point α times `step_factor`,
 # repeated until the fact holds, up to `max_steps` steps (null: the operating point's own
 # number; `mendctl edit --max-steps` overrides). Smaller steps overshoot less: in chains of
-# edits more facts land and hold and more unrelated answers stay (README, sequential edits).
+# edits more facts land and hold and more unrelated answers stay (docs/results.md, sequential edits).
 step_factor: 0.5
 max_steps: 20
 
@@ -138,7 +138,7 @@ preserve_keys: 0.01
 # base's answers are cached in .mendctl/health). false skips it.
 health_check: true
 
-# Routed edits (the default; README, routed edits): each new MEND edit's ΔW acts only on
+# Routed edits (the default; docs/results.md, routed edits): each new MEND edit's ΔW acts only on
 # inputs that mention what the edit is about (its subject's tokens, seen at an early layer, or
 # its distinctive words), instead of being added to the weights. Chains of 100 edits keep ~95 %
 # of unrelated answers this way, where plain weight edits keep almost none. One fact per edit
@@ -157,7 +157,7 @@ routing: true
 MAX_STEPS = 50  # MEND steps one edit may take
 
 #: `routing: true` in mendctl.yaml means these; a mapping there overrides any of them. The gate
-#: settings are the ones chosen on the validation split (README, routed edits); `alpha` is the
+#: settings are the ones chosen on the validation split (docs/results.md, routed edits); `alpha` is the
 #: edit step as a multiple of the editor's as-trained α (a routed edit needs no locality
 #: margin in its step size: the gate keeps it off unrelated inputs).
 #: The gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a test keeps them equal;

@@ -76,7 +76,7 @@ def chain_health(ws, w: dict[str, torch.Tensor], ref: LocalityRef,
     locality = float(sum(agree) / len(agree)) if agree else None
     _, drift = weight_drift(w, ws._base)
     # only locality warns: drift is the cause, not the harm, and a healthy 10-edit chain
-    # already passes the audit's 5 % drift flag (README, sequential edits)
+    # already passes the audit's 5 % drift flag (docs/results.md, sequential edits)
     low = locality is not None and locality < thresholds["locality"]
     return {"audit_locality": locality, "relative_drift": drift, "prompts": len(agree),
             "locality_threshold": thresholds["locality"], "below_threshold": low}

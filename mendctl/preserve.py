@@ -4,9 +4,9 @@ MEND edits in a workspace are kept off (`preserve_keys` in mendctl.yaml).
 MEND's update ΔW = −α Σ δ̃ ũᵀ changes what a weight does to an input x only through ũᵀx.
 Projecting every ũ off the directions in which ordinary text's keys carry most of their energy
 (AlphaEdit's null space of preserved knowledge, Fang et al. 2025) leaves those inputs' outputs
-nearly alone. On one edit of the base model this changed little (README: tried and dropped);
+nearly alone. On one edit of the base model this changed little (docs/results.md: tried and dropped);
 in a chain, where every edit's side effects add up, it keeps far more of the base model's
-answers (README, sequential edits).
+answers (docs/results.md, sequential edits).
 
 The text is fixed and none of it is ever scored: a sample of the bundled train split's prompts
 (edit inputs and neighbourhood prompts; their subjects are disjoint from the test split's and
