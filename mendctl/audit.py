@@ -376,10 +376,10 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
             elif prev_active is not None and list(e.active_ids) == prev_active:
                 w = prev_w
             elif prev_active is not None and list(e.active_ids[:-1]) == prev_active and e.active_ids:
-                w = apply_deltas(prev_w, [ws._delta(e.active_ids[-1])])
+                w = apply_deltas(prev_w, [ws.load_delta(e.active_ids[-1])])
                 cost["states_rebuilt"] += 1
             else:
-                w = apply_deltas(base, [ws._delta(i) for i in e.active_ids])
+                w = apply_deltas(base, [ws.load_delta(i) for i in e.active_ids])
                 cost["states_rebuilt"] += 1
             if ws._loaded_state != e.state_hash:  # (use_state checked a routed state's hash)
                 got = state_hash(w) if e.active_ids else ws._base_hash

@@ -111,7 +111,7 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
     lm = ws.lm
     seg_ids = [e.id for e in segment]
     cache: dict[int, Delta] = {}
-    seg_deltas = [ws._delta(i, cache) for i in seg_ids]
+    seg_deltas = [ws.load_delta(i, cache) for i in seg_ids]
     delta, errors = combine(seg_deltas, rank)
     delta.meta.update({"editor": EDITOR_NAME, "base_model_hash": lm.base_hash,
                        "squashed": json.dumps(seg_ids)})
@@ -130,7 +130,7 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
         # Built in the new active order from the base, exactly as `replay --verify` and
         # `weights_for` will rebuild it, so the recorded hash is the one they find.
         w_new = apply_deltas(ws.weights_for(before_slot),
-                             [delta] + [ws._delta(i, cache) for i in after_slot])
+                             [delta] + [ws.load_delta(i, cache) for i in after_slot])
         new_hash = state_hash(w_new)
         diff = max(float((w_new[n].float() - w_old[n].float()).abs().max()) for n in w_new)
         ws._set_weights(w_new, new_hash)

@@ -360,9 +360,6 @@ class Workspace:
     # -- states ---------------------------------------------------------------------------
     def load_delta(self, entry_id: int, cache: dict | None = None) -> Delta:
         """Entry `entry_id`'s delta from the store (memoised in `cache` when given)."""
-        return self._delta(entry_id, cache)
-
-    def _delta(self, entry_id: int, cache: dict | None = None) -> Delta:
         if cache is not None and entry_id in cache:
             return cache[entry_id]
         e = self.ledger.get(entry_id)
@@ -395,7 +392,7 @@ class Workspace:
                         return w  # checked: a cache hit costs one read and one hash
                 except Exception:  # a damaged cache file is just recomputed
                     pass
-            w = apply_deltas(self._base, [self._delta(i) for i in plain])
+            w = apply_deltas(self._base, [self.load_delta(i) for i in plain])
         if expect_hash:
             got = key(w)
             if got != expect_hash:
@@ -935,11 +932,11 @@ class Workspace:
             active, routed_ = self._split(e.active_ids)
             try:
                 if prev_active is not None and active[:-1] == prev_active and active:
-                    w = apply_deltas(w, [self._delta(active[-1], cache)])  # same sum, same order
+                    w = apply_deltas(w, [self.load_delta(active[-1], cache)])  # same sum, same order
                 elif prev_active is not None and active == prev_active:
                     pass
                 else:
-                    w = apply_deltas(self._base, [self._delta(i, cache) for i in active])
+                    w = apply_deltas(self._base, [self.load_delta(i, cache) for i in active])
                 h = self._state_key(w, active, self.router.edits(routed_)) if routed_ \
                     else state_hash(w)
             except (StoreError, LedgerError) as err:
@@ -1017,7 +1014,7 @@ class Workspace:
         elif fmt == "peft":
             from .export import write_peft_adapter
 
-            deltas = [self._delta(i) for i in (entry.active_ids if entry else [])]
+            deltas = [self.load_delta(i) for i in (entry.active_ids if entry else [])]
             if not deltas:
                 raise InputError("the state has no active edits: nothing to export as an adapter")
             self.use_state(None)

@@ -90,8 +90,12 @@ def test_routed_edits_are_hooks_recorded_with_their_gate(routed_ws):
     assert not w.router.active
     assert torch.equal(_logits(w, [p for p, _ in FACTS]), base_logits)
     space = w.router.space(1)
-    edits = [route.RoutedEdit(w._delta(i), w.router.gate(w.ledger.get(i).inputs[0], ROUTING | {
-        "distinct": route.DISTINCT, "words": True})) for i in (1, 2)]
+    from mendctl.routing import of
+
+    entries = [w.ledger.get(i) for i in (1, 2)]  # each gate as its entry recorded it
+    edits = [route.RoutedEdit(w.load_delta(e.id), w.router.gate(e.inputs[0], of(e), e.targets[0]))
+             for e in entries]
+    assert all(of(e)["stop"] and r.gate.until == e.targets[0] for e, r in zip(entries, edits))
     with route.routed(w.lm.model, edits, space, route.TAU, w.lm.tokenizer):
         want = _logits(w, [p for p, _ in FACTS])
     assert torch.equal(got, want) and not torch.equal(got, base_logits)
