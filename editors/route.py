@@ -46,7 +46,6 @@ import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from safetensors import safe_open
@@ -180,11 +179,33 @@ def gate_keys(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     return edit_gate(model, tokenizer, space, prompt, fmt, distinct).keys
 
 
-@lru_cache(maxsize=None)
-def _whole_word(word: str) -> re.Pattern:
-    """`word` from a word start, with the character after it seen (compiled once: every
-    forward of a routed model matches every edit's words)."""
-    return re.compile(rf"(?<!\w){re.escape(word)}(?=\W)")
+class WordIndex:
+    """The gate words of many edits, indexed by word: a text is read once, for its complete
+    words, and only the edits whose words it holds are looked at (a chain of a thousand
+    routed edits is not a thousand pattern searches per sequence per forward)."""
+
+    def __init__(self, words: list[tuple[str, ...]]):
+        self.words = [tuple(ws) for ws in words]
+        self.by_word: dict[str, list[int]] = {}
+        for i, ws in enumerate(self.words):
+            for w in set(ws):
+                self.by_word.setdefault(w, []).append(i)
+
+    def opened(self, text: str) -> dict[int, int]:
+        """{edit: the offset just past the last of its words' first whole occurrences} for
+        the edits all of whose words `text` holds. A whole occurrence is a maximal run of word
+        characters with a character after it (seen), so "Oran" is not in "Orange", and a text
+        that ends on a word has not shown its end yet."""
+        first_end: dict[str, int] = {}
+        for m in _WORD.finditer(text):
+            if m.end() < len(text) and m.group() in self.by_word:
+                first_end.setdefault(m.group(), m.end())
+        out = {}
+        for w in first_end:
+            for i in self.by_word[w]:
+                if i not in out and all(x in first_end for x in self.words[i]):
+                    out[i] = max(first_end[x] for x in self.words[i])
+        return out
 
 
 def token_texts(tokenizer, input_ids: torch.Tensor, cache: dict | None = None
@@ -214,21 +235,19 @@ def token_texts(tokenizer, input_ids: torch.Tensor, cache: dict | None = None
     return out
 
 
-def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]],
+def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]] | WordIndex,
                cache: dict | None = None, texts: list | None = None) -> torch.Tensor:
     """(batch, tokens, edits) bool: has the text up to each token held all of each edit's
     `words`, each as a whole word (the character after it seen, so "Oran" does not open on
     "Orange": the gate opens one token after the word's last)? `texts`: `token_texts` of
-    the ids, if already made."""
+    the ids, if already made; `words` may come indexed (`WordIndex`)."""
+    index = words if isinstance(words, WordIndex) else WordIndex(words)
     texts = token_texts(tokenizer, input_ids, cache) if texts is None else texts
-    pats = [[_whole_word(w) for w in ws] for ws in words]
-    out = torch.zeros(*input_ids.shape, len(words), dtype=torch.bool)
+    out = torch.zeros(*input_ids.shape, len(index.words), dtype=torch.bool)
     for b, (text, ends) in enumerate(texts):
-        for i, ps in enumerate(pats):
-            found = [m.end() for m in (p.search(text) for p in ps) if m is not None]
-            if ps and len(found) == len(ps):  # open at the token holding the character after
-                first = next(t for t, e in enumerate(ends) if e > max(found))  # the last word
-                out[b, max(first, 1):, i] = True  # the first token never opens a gate
+        for i, last in index.opened(text).items():  # open at the token holding the character
+            first = next(t for t, e in enumerate(ends) if e > last)  # after the last word
+            out[b, max(first, 1):, i] = True  # the first token never opens a gate
     return out
 
 
@@ -376,6 +395,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     state: dict[str, torch.Tensor] = {}
     keys = [e.gate.keys for e in edits]
     words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
+    index = WordIndex(words)
     until = [e.gate.until for e in edits] if tokenizer is not None else []
     if any(until) and tokenizer is None:
         raise ValueError("gates that close after their target need the tokenizer (to read it)")
@@ -400,7 +420,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         starts = _ANSWER_STARTS.get()
         state["starts"] = starts if starts is not None and ids is not None and \
             len(starts) == ids.shape[0] else None
-        state["words"] = (word_gates(tokenizer, ids.cpu(), words, decoded, texts)
+        state["words"] = (word_gates(tokenizer, ids.cpu(), index, decoded, texts)
                           if texts is not None and any(words) else None)
 
     def on_output(module, args, output):

@@ -63,3 +63,25 @@ def test_generated_answer_off_the_target_path_closes_the_gate():
         gen = out[0, len(prompt):, 0].tolist()
         assert out[0, 1:len(prompt), 0].all()  # the prompt (its last token predicts the answer)
         assert gen == [True] * open_until + [False] * (len(answer) - open_until), (answer, gen)
+
+
+def test_word_index_finds_what_whole_word_patterns_find():
+    """The indexed gate words (one pass over a text) open exactly where a search for each
+    word as a whole word, its next character seen, would (the rule before the index)."""
+    import random
+    import re
+
+    from mendctl.editors.route import WordIndex
+
+    rng = random.Random(0)
+    vocab = ["Oran", "Orange", "San", "Juan", "de", "Díaz", "PM", "India", "s", "é"]
+    for _ in range(300):
+        text = "".join(rng.choice(vocab) + rng.choice([" ", "'", ", ", "-", ""])
+                       for _ in range(rng.randint(1, 6)))
+        words = [tuple(rng.sample(vocab, rng.randint(1, 2))) for _ in range(5)]
+        want = {}
+        for i, ws in enumerate(words):
+            found = [m.end() for m in (re.search(rf"(?<!\w){re.escape(w)}(?=\W)", text) for w in ws) if m]
+            if len(found) == len(ws):
+                want[i] = max(found)
+        assert WordIndex(words).opened(text) == want, (text, words)
