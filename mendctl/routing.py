@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .editors.delta import Delta, state_hash
 from .editors.route import Gate, GateSpace, RoutedEdit, edit_gate, gate_space, routed
 from .editors.weights import _BLOCK
 from .errors import ConfigError
+from .models import default_cache_dir
 
 #: the gate-space bank: the first train-split prompts and paraphrases (never edited by a test)
 BANK_PROMPTS, BANK_PARAPHRASES = 600, 300
@@ -49,6 +51,17 @@ def gate_digest(gate: Gate) -> str:
     hash covers (gates made before gates closed hash as they always did)."""
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else [])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    """Copy `src` to `dest` under a per-process name, then rename (best effort: a cache)."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    except OSError:
+        pass
 
 
 class Router:
@@ -77,6 +90,13 @@ class Router:
         if layer in self._spaces:
             return self._spaces[layer]
         path = self._space_path(layer)
+        # the same file may exist in the user's cache, made by another workspace on this model
+        # (the name holds the base model's hash, the prompt format, layer and bank): copied in,
+        # it spares a new workspace the computation. The workspace keeps its own copy, which
+        # its routed states' hashes rely on wherever the workspace is moved.
+        shared = self._shared_path(path)
+        if not path.is_file() and shared.is_file():
+            _copy_atomic(shared, path)
         space = None
         if path.is_file():
             try:
@@ -97,8 +117,13 @@ class Router:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             space.save(tmp)
             tmp.replace(path)
+            _copy_atomic(path, shared)
         self._spaces[layer] = space
         return space
+
+    def _shared_path(self, path: Path) -> Path:
+        cache = self.ws.config.model_cache
+        return (Path(cache).expanduser() if cache else default_cache_dir()) / "gates" / path.name
 
     def space_digest(self, layer: int) -> str:
         """sha256 of the standardisation routing applies at `layer` (the bank itself only

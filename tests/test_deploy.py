@@ -60,3 +60,31 @@ def test_routed_state_exports_and_loads_as_a_transformers_model(fresh_ws, tmp_pa
     # the same float32 operations in the same order: equal up to a few roundings of the logits
     assert (got - ref).abs().max() <= 1e-5 * scale
     assert (plain - ref).abs().max() > 1e-3 * scale  # the routed edits are what made the difference
+
+
+def test_a_new_workspace_reuses_the_gate_space_another_one_computed(fresh_ws, tiny_assets, tmp_path,
+                                                                     monkeypatch):
+    """The gate space (one forward over the bank of ordinary prompts) is computed once per base
+    model on a machine: a second workspace copies it from the user's cache into its own
+    .mendctl/gates (which its states' hashes rely on wherever it goes)."""
+    from e2e_helpers import init_workspace_inprocess
+
+    from mendctl import routing
+    from mendctl.workspace import Workspace
+
+    fresh_ws.write_config(routing=ROUTING, health_check=False)
+    first = Workspace.open(str(fresh_ws.root))
+    a = first.router.space(1)
+    other = init_workspace_inprocess(tmp_path / "other", tiny_assets, fresh_ws.cache_dir,
+                                     routing=ROUTING, health_check=False)
+
+    def no_compute(*args, **kw):
+        raise AssertionError("the gate space was computed again")
+
+    monkeypatch.setattr(routing, "gate_space", no_compute)
+    second = Workspace.open(str(other.root))
+    b = second.router.space(1)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)
+    assert list((other.state_dir / "gates").glob("space-*.safetensors"))
+    first.ledger.close()
+    second.ledger.close()
