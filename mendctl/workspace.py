@@ -103,6 +103,7 @@ class Workspace:
         self._loaded_state: str | None = None
         self._editors: dict[str, object] = {}
         self._preserved: dict[float, dict] = {}
+        self._health: dict[str, dict] = {}
 
     # -- finding and creating ---------------------------------------------------------------
     @staticmethod
@@ -507,8 +508,9 @@ class Workspace:
                     + "): shorten it")
 
     # -- edit -----------------------------------------------------------------------------------
-    def _probe(self, cases: list[EditCase]) -> dict:
-        """What the current model says and scores on the edit's inputs and paraphrases."""
+    def _probe(self, cases: list[EditCase], answers: bool = True) -> dict:
+        """What the current model says and scores on the edit's inputs and paraphrases
+        (`answers=False`: the scores only, without generating answers)."""
         lm = self.lm
         prompts = [c.input for c in cases]
         targets = [c.target for c in cases]
@@ -516,21 +518,32 @@ class Workspace:
         para_p = [p for c in cases for p in c.paraphrases]
         para_t = [c.target for c in cases for _ in c.paraphrases]
         pok = target_scores(lm.model, lm.tokenizer, para_p, para_t, self.fmt)[0] if para_p else []
-        answers = self._generate(prompts + para_p, max(8, max(len(lm.tokenizer(t).input_ids)
+        out = {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp, "holds": list(ok),
+               "paraphrase_success": float(sum(pok) / len(pok)) if pok else None}
+        if answers:
+            gen = self._generate(prompts + para_p, max(8, max(len(lm.tokenizer(t).input_ids)
                                                               for t in targets) + 4))
-        own = answers[: len(prompts)]
-        return {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp, "holds": list(ok),
-                "fluency": sum(map(ngram_entropy, own)) / len(own),
-                "repeats_target": sum(repeats_target(a, t) for a, t in zip(own, targets)) / len(own),
-                "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
-                "answers": answers[: len(prompts)], "paraphrase_answers": answers[len(prompts):]}
+            own = gen[: len(prompts)]
+            out.update(answers=own, paraphrase_answers=gen[len(prompts):],
+                       fluency=sum(map(ngram_entropy, own)) / len(own),
+                       repeats_target=sum(repeats_target(a, t) for a, t in zip(own, targets)) / len(own))
+        return out
+
+    def _chain_health(self, w: dict[str, torch.Tensor], ref, state: str) -> dict:
+        """`chain_health` of the loaded state `state`, remembered by its hash: in a sequence of
+        edits the state before an edit is the one after the previous, measured already."""
+        if state not in self._health:
+            self._health = {state: chain_health(self, w, ref)}  # (the latest state only)
+        return self._health[state]
 
     def edit(self, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
-             command: str | None = None, max_steps: int = 1, keep_failed: bool | None = None) -> dict:
+             command: str | None = None, max_steps: int = 1, keep_failed: bool | None = None,
+             before_answers: bool = True) -> dict:
         """Make one edit of `cases` on the head and record it. An edit after which a target
         is not the model's answer (edit success < 1) is refused with EditFailed and nothing is
         recorded, unless `keep_failed` (default: the config's; then it is recorded with status
-        `failed`)."""
+        `failed`). `before_answers=False` skips generating the answers before the edit (the
+        report then has the scores only: `edit --each` shows no answers)."""
         keep_failed = self.config.keep_failed if keep_failed is None else keep_failed
         if not cases:
             raise InputError("nothing to edit: give --input and --target, or --batch FILE.jsonl")
@@ -556,7 +569,8 @@ class Workspace:
                           + [("locality prompt", q) for q in c.locality]],
                          [c.target for c in cases])
         with self.lock():
-            return self._edit_locked(cases, ed, dry_run, command, max_steps, keep_failed)
+            return self._edit_locked(cases, ed, dry_run, command, max_steps, keep_failed,
+                                     before_answers)
 
     def applied_facts(self) -> set[tuple[str, str]]:
         """The (input, target) pairs of the edits active in the head state."""
@@ -582,7 +596,7 @@ class Workspace:
             row = {"index": i, "input": c.input, "target": c.target}
             try:
                 r = self.edit([c], editor=editor, command=command, max_steps=max_steps,
-                              keep_failed=keep_failed)
+                              keep_failed=keep_failed, before_answers=False)
             except EditFailed as e:
                 results.append(row | {"status": "failed", "error": str(e)})
                 continue
@@ -595,7 +609,8 @@ class Workspace:
                   for k in ("recorded", "skipped", "failed", "failed-kept")}
         return {"facts": results, "counts": counts}
 
-    def _edit_locked(self, cases, ed, dry_run, command, max_steps=1, keep_failed=False) -> dict:
+    def _edit_locked(self, cases, ed, dry_run, command, max_steps=1, keep_failed=False,
+                     before_answers=True) -> dict:
         lm = self.lm
         head = self.head()
         head_ids = list(head.active_ids) if head else []
@@ -607,9 +622,9 @@ class Workspace:
         health_ref = base_reference(self) if self.config.health_check else None
         preserve = None if rs else self.preserved(ed)  # cached; computing it loads the base state too
         w_head = self.use_state(head)
-        before = self._probe(cases)
+        before = self._probe(cases, answers=before_answers)
         if health_ref is not None:
-            before["health"] = chain_health(self, w_head, health_ref)
+            before["health"] = self._chain_health(w_head, health_ref, self._loaded_state)
         loc_prompts = [p for c in cases for p in c.locality]
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
         if rs:
@@ -645,7 +660,7 @@ class Workspace:
                 after["locality"] = float(sum(ag) / len(ag))
                 after["locality_kl"] = float(sum(kl) / len(kl))
             if health_ref is not None:
-                after["health"] = chain_health(self, w_new, health_ref)
+                after["health"] = self._chain_health(w_new, health_ref, new_hash)
         finally:
             if dry_run:
                 self._loaded_state = None
