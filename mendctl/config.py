@@ -109,11 +109,34 @@ keep_failed: false
 # Seed for everything random (training, data sampling).
 seed: 0
 
+# Chain health after every edit: top-1 agreement with the base model on the standard audit set
+# and the edited weights' drift from the base, shown by `mendctl edit` and recorded with the
+# entry, with a warning under the audit's locality threshold. One forward pass per edit (the
+# base's answers are cached in .mendctl/health). false skips it.
+health_check: true
+
 # Drift guard for MEND edits: an edit step whose ‖ΔW‖_F exceeds this many times the editor's
 # median single edit on the base model (its `delta_norm_reference`; times √n for a batch of n
 # facts) is scaled down to that size. Deep into a chain of edits MEND's updates otherwise grow without bound and wreck the
 # model (see the sequential-editing results in docs/results.md). null turns the guard off.
 guard_norm: 3.0
+
+# Routed edits (the default; docs/results.md, routed edits): each new MEND edit's ΔW acts only on
+# inputs that mention what the edit is about (its subject's tokens, seen at an early layer, or
+# its distinctive words), instead of being added to the weights. Chains of 100 edits keep ~95 %
+# of unrelated answers this way, where plain weight edits keep almost none. One fact per edit
+# (`mendctl edit --each` for many); `ask` generates without a KV cache; a routed state exports
+# as a checkpoint plus its routes (`mendctl.load_edited`), not as a PEFT adapter, and is not
+# squashed. false makes plain weight edits (the settings below then apply).
+# true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
+# margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true} (margin: open only the
+# gates scoring within it of the best; alpha: the step as a multiple of the editor's
+# as-trained α; stop: an edit stops acting once its answer is written, so it does not repeat
+# it). Entries keep the settings they were made with.
+routing: true
+
+# -- Plain weight edits only (`routing: false`, `mendctl init --weights`): each edit's ΔW is
+# added to the weights, for every input. Routed edits ignore these settings.
 
 # Retention guard for MEND edits: each new edit's update is projected off the inputs the
 # edited layers see on the chain's active edits (their prompts and targets, on the model as it
@@ -131,26 +154,6 @@ max_steps: 20
 # ordinary text's inputs to the edited layers have eigenvalues above this fraction of the
 # largest (train-split prompts and generic text, computed once per workspace). null: off.
 preserve_keys: 0.01
-
-# Chain health after every edit: top-1 agreement with the base model on the standard audit set
-# and the edited weights' drift from the base, shown by `mendctl edit` and recorded with the
-# entry, with a warning under the audit's locality threshold. One forward pass per edit (the
-# base's answers are cached in .mendctl/health). false skips it.
-health_check: true
-
-# Routed edits (the default; docs/results.md, routed edits): each new MEND edit's ΔW acts only on
-# inputs that mention what the edit is about (its subject's tokens, seen at an early layer, or
-# its distinctive words), instead of being added to the weights. Chains of 100 edits keep ~95 %
-# of unrelated answers this way, where plain weight edits keep almost none. One fact per edit
-# (`mendctl edit --each` for many); `ask` generates without a KV cache; a routed state exports
-# as a checkpoint plus its routes (`mendctl.load_edited`), not as a PEFT adapter, and is not
-# squashed. false makes plain weight edits (the settings above then apply).
-# true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
-# margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true} (margin: open only the
-# gates scoring within it of the best; alpha: the step as a multiple of the editor's
-# as-trained α; stop: an edit stops acting once its answer is written, so it does not repeat
-# it). Entries keep the settings they were made with.
-routing: true
 """
 
 
