@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -396,7 +396,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     keys = [e.gate.keys for e in edits]
     words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
     index = WordIndex(words)
-    until = [e.gate.until for e in edits] if tokenizer is not None else []
+    until = [e.gate.until for e in edits]
     if any(until) and tokenizer is None:
         raise ValueError("gates that close after their target need the tokenizer (to read it)")
     decoded: dict = {}
@@ -484,3 +484,21 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         for h in handles:
             h.remove()
         state.clear()
+
+
+def route_all(model: nn.Module, edits: list[tuple[RoutedEdit, dict]], space_of,
+              tokenizer=None) -> ExitStack:
+    """`routed` for edits made with different settings: one routing per (gate layer, τ,
+    margin) of each edit's settings `s` (`space_of(layer)` gives that layer's gate space), so
+    every edit keeps the settings it was made with. The hooks stay until the stack closes."""
+    groups: dict[tuple, list[RoutedEdit]] = {}
+    for r, s in edits:
+        groups.setdefault((s["layer"], s["tau"], s.get("margin")), []).append(r)
+    stack = ExitStack()
+    try:
+        for (layer, tau, margin), rs in groups.items():
+            stack.enter_context(routed(model, rs, space_of(layer), tau, tokenizer, margin))
+    except BaseException:
+        stack.close()
+        raise
+    return stack

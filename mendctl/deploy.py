@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .editors.delta import Delta
-from .editors.route import Gate, GateSpace, RoutedEdit, mark_answer_starts, routed
+from .editors.route import Gate, GateSpace, RoutedEdit, mark_answer_starts, route_all
 from .errors import ModelError
 
 ROUTES_FILE = "mendctl-routes.safetensors"
@@ -89,12 +89,7 @@ def install_routes(model, tokenizer, edits: list[tuple[RoutedEdit, dict]]) -> Ex
     KV cache every step runs the whole sequence, one token longer than the step before, so a
     forward that extends the previous one by a token continues its answer; any other starts
     anew (its every token is prompt)."""
-    stack = ExitStack()
-    groups: dict[tuple, list[RoutedEdit]] = {}
-    spaces = {}
-    for r, s in edits:
-        groups.setdefault((s["layer"], s["tau"], s.get("margin")), []).append(r)
-        spaces[s["layer"]] = s["space"]
+    spaces = {s["layer"]: s["space"] for _, s in edits}
     seen: dict[str, torch.Tensor | list[int] | None] = {"ids": None, "starts": None}
 
     def track(module, args, kwargs):
@@ -108,27 +103,14 @@ def install_routes(model, tokenizer, edits: list[tuple[RoutedEdit, dict]]) -> Ex
         seen["ids"] = ids.detach().cpu()
         mark_answer_starts(seen["starts"])
 
+    stack = ExitStack()
     try:
-        stack.enter_context(_hook(model.register_forward_pre_hook(track, with_kwargs=True)))
-        for (layer, tau, margin), rs in groups.items():
-            stack.enter_context(routed(model, rs, spaces[layer], tau, tokenizer, margin))
+        stack.callback(model.register_forward_pre_hook(track, with_kwargs=True).remove)
+        stack.enter_context(route_all(model, edits, spaces.__getitem__, tokenizer))
     except BaseException:
         stack.close()
         raise
     return stack
-
-
-class _hook:
-    """A hook handle as a context manager (removed on exit)."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    def __enter__(self):
-        return self.handle
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def load_edited(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):

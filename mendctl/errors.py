@@ -32,6 +32,12 @@ class InputError(MendctlError):
     """Bad input from the user: empty text, a malformed data line, an unknown id..."""
 
 
+class EditFailed(MendctlError):
+    """An edit after which a target is still not the model's answer: not recorded by default."""
+
+    exit_code = 3
+
+
 class LedgerError(MendctlError):
     """The ledger cannot be opened, is from a newer schema, or is inconsistent."""
 

@@ -28,7 +28,7 @@ import torch
 from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
 from .editors.data.build import load_split
 from .editors.delta import Delta, state_hash
-from .editors.route import Gate, GateSpace, RoutedEdit, edit_gate, gate_space, routed
+from .editors.route import Gate, GateSpace, RoutedEdit, edit_gate, gate_space, route_all, routed
 from .editors.weights import _BLOCK
 from .errors import ConfigError
 from .models import default_cache_dir
@@ -197,17 +197,7 @@ class Router:
         if not edits:
             return
         lm = self.ws.lm
-        groups: dict[tuple, list[RoutedEdit]] = {}
-        for r, s in edits:
-            groups.setdefault((s["layer"], s["tau"], s.get("margin")), []).append(r)
-        stack = ExitStack()
-        try:
-            for (layer, tau, margin), rs in groups.items():
-                stack.enter_context(routed(lm.model, rs, self.space(layer), tau, lm.tokenizer, margin))
-        except BaseException:
-            stack.close()
-            raise
-        self._installed = stack
+        self._installed = route_all(lm.model, edits, self.space, lm.tokenizer)
 
     def remove(self) -> None:
         if self._installed is not None:

@@ -42,7 +42,7 @@ from .editors.metrics import (generate, locality_reference, locality_scores, ngr
                                repeats_target, target_scores)
 from .editors.route import RoutedEdit
 from .editors.weights import read_weights, select_weights, write_weights
-from .errors import (EditorError, InputError, LedgerError, MendctlError, StoreError,
+from .errors import (EditFailed, EditorError, InputError, LedgerError, StoreError,
                      WorkspaceError)
 from .health import base_reference, chain_health
 from .ledger import Entry, Ledger, sqlite_url
@@ -84,12 +84,6 @@ def context_length(model) -> int | None:
         if isinstance(n, int) and n > 0:
             return n
     return None
-
-
-class EditFailed(MendctlError):
-    """An edit after which a target is still not the model's answer: not recorded by default."""
-
-    exit_code = 3
 
 
 class Workspace:
