@@ -29,7 +29,7 @@ from mendctl.editors.data.build import SPLITS
 from mendctl.editors.data.templates import RELATIONS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "summary.json")
+FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "heldout.jsonl", "summary.json")
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,7 @@ def test_same_seed_byte_identical_and_other_seed_differs(built, tmp_path):
     build_dataset(other, seed=1)
     assert (out0 / "train.jsonl").read_bytes() != (other / "train.jsonl").read_bytes()
     assert (out0 / "test.jsonl").read_bytes() != (other / "test.jsonl").read_bytes()
+    assert (out0 / "heldout.jsonl").read_bytes() != (other / "heldout.jsonl").read_bytes()
 
 
 def test_summary_counts_and_hashes(built):
@@ -149,33 +150,117 @@ def test_summary_counts_and_hashes(built):
 
 
 def test_size_and_relations(built):
+    from mendctl.editors.data.templates import HELDOUT_RELATIONS, SUBJECT_KINDS
+
     _, summary, splits = built
-    relations = {c.meta["relation"] for c in splits["train"]}
-    assert len(relations) >= 8
-    assert len(splits["train"]) >= 5000
-    for s in SPLITS:  # every relation is present in every split
-        assert {c.meta["relation"] for c in splits[s]} == relations
-    n = sum(len(v) for v in splits.values())
-    assert 0.7 <= len(splits["train"]) / n <= 0.9
+    assert len(RELATIONS) >= 30
+    assert len(SUBJECT_KINDS) >= 6
+    seen = {c.meta["relation"] for s in ("train", "val", "test") for c in splits[s]}
+    held = {c.meta["relation"] for c in splits["heldout"]}
+    assert seen | held == set(RELATIONS)
+    assert held == set(HELDOUT_RELATIONS) and 5 <= len(held) <= 10
+    assert not seen & held  # heldout relations never appear in train/val/test
+    assert summary["heldout"]["relations"] == list(HELDOUT_RELATIONS)
+    kind = summary["heldout"]["subject_kind"]
+    assert {c.meta["subject_kind"] for c in splits["heldout"]} > {kind}
+    assert not any(c.meta["subject_kind"] == kind for s in ("train", "val", "test") for c in splits[s])
+    assert len({c.meta["subject_kind"] for c in splits["train"]}) >= 6
+    assert len(splits["train"]) >= 8000
+    assert len(splits["heldout"]) >= 500
+    n = sum(len(splits[s]) for s in ("train", "val", "test"))
     for s in ("val", "test"):
-        assert 0.05 <= len(splits[s]) / n <= 0.15
+        assert len(splits[s]) >= 300
+        assert 0.07 <= len(splits[s]) / n <= 0.13
+    for s in SPLITS:  # balance: no relation dominates a split
+        for r in RELATIONS:
+            assert summary["counts"][s][r] <= 500
+    # Every seen relation is in val and test unless all its subjects are one big group.
+    for s in ("val", "test"):
+        missing = seen - {c.meta["relation"] for c in splits[s]}
+        assert all(len({c.meta["group"] for c in splits["train"] if c.meta["relation"] == r}) == 1
+                   for r in missing), missing
+
+
+def test_templates_have_question_forms():
+    from mendctl.editors.data.templates import is_question
+
+    for name, rel in RELATIONS.items():
+        assert len(rel.templates) >= 10, name
+        share = sum(is_question(t) for t in rel.templates) / len(rel.templates)
+        assert 0.35 <= share <= 0.65, (name, share)
+        assert 2 <= len(rel.held_out) <= 4, name
+    forms = ["Who is", "What is", "Which", "Where is", "When was"]
+    everything = [t for rel in RELATIONS.values() for t in rel.templates]
+    for form in forms:
+        assert any(t.startswith(form) and t.endswith("?") for t in everything), form
+
+
+def test_inputs_mix_questions_and_statements(built):
+    from mendctl.editors.data.templates import is_question
+
+    _, _, splits = built
+    for s in SPLITS:
+        share = sum(is_question(c.input) for c in splits[s]) / len(splits[s])
+        assert 0.4 <= share <= 0.6, (s, share)
+        ids = {c.meta["template_id"] for c in splits[s]}
+        assert len(ids) >= 5
 
 
 def test_cases_are_well_formed(built):
     _, _, splits = built
+    required = {"case_id", "group", "relation", "subject", "subject_kind", "true_target",
+                "template_id", "paraphrase_template_ids", "locality_kinds"}
     for s, cases in splits.items():
         for c in cases:
             m = c.meta
+            assert required <= set(m), c
             assert c.target != m["true_target"], c
             assert c.target.strip() == c.target and c.target
             assert 2 <= len(c.paraphrases) <= 3
-            assert 3 <= len(c.locality) <= 4
+            assert 4 <= len(c.locality) <= 5, c
             assert c.input not in c.paraphrases
             assert c.input not in c.locality
-            assert m["subject"] in c.input
             rel = RELATIONS[m["relation"]]
+            assert m["subject_kind"] == rel.subject_kind
+            assert m["template_id"] not in rel.held_out
             assert c.input == rel.render(m["template_id"], m["subject"])
             assert c.paraphrases == [rel.render(i, m["subject"]) for i in m["paraphrase_template_ids"]]
+            assert m["template_id"] not in m["paraphrase_template_ids"]
+
+
+def test_locality_kinds(built):
+    from mendctl.editors.data.facts import load_facts
+
+    _, _, splits = built
+    relations_of: dict[str, set[str]] = {}
+    for f in load_facts().facts:
+        relations_of.setdefault(f.subject, set()).add(f.relation)
+    for s, cases in splits.items():
+        # the prompts each subject/relation pair of this split can give
+        prompts: dict[str, tuple[str, str]] = {}
+        for c in cases:
+            for p in [c.input, *c.paraphrases]:
+                prompts[p] = (c.meta["relation"], c.meta["subject"])
+        n_same = 0
+        for c in cases:
+            kinds = c.meta["locality_kinds"]
+            assert len(kinds) == len(c.locality)
+            assert set(kinds) <= {"neighbour", "other", "same_subject"}
+            assert 1 <= kinds.count("neighbour") <= 2 and 1 <= kinds.count("other") <= 3
+            assert kinds.count("same_subject") <= 1
+            for p, k in zip(c.locality, kinds):
+                if k == "same_subject":
+                    assert c.meta["subject"].lower() in p.lower()
+                if p in prompts:  # a prompt that is another case's wording: check its roles
+                    r, subj = prompts[p]
+                    if k == "neighbour":
+                        assert r == c.meta["relation"] and subj != c.meta["subject"]
+                    elif k == "other":
+                        assert r != c.meta["relation"] and subj != c.meta["subject"]
+                    else:
+                        assert r != c.meta["relation"] and subj == c.meta["subject"]
+            n_same += "same_subject" in kinds
+        assert n_same >= 0.3 * len(cases), (s, n_same)
 
 
 def test_counterfactual_never_any_true_value(built):
@@ -184,42 +269,45 @@ def test_counterfactual_never_any_true_value(built):
     from mendctl.editors.data.templates import country_mid
 
     _, _, splits = built
-    truth = {(f.relation, f.subject): f.true_values for f in load_facts().facts}
+    data = load_facts()
+    truth = {(f.relation, f.subject): f.true_values for f in data.facts}
     for cases in splits.values():
         for c in cases:
-            values = truth[(c.meta["relation"], c.meta["subject"])]
+            r = c.meta["relation"]
+            values = truth[(r, c.meta["subject"])]
             assert c.target not in values | {country_mid(v) for v in values}, c
+            # of the right type: a value of the same relation's pool
+            assert c.target in set(data.pools[r]) | {country_mid(v) for v in data.pools[r]}, c
 
 
-def test_split_by_subject_and_country(built):
+def test_split_by_subject_and_group(built):
     _, summary, splits = built
-    subj = {s: {c.meta["subject"] for c in splits[s]} for s in SPLITS}
-    groups = {s: {c.meta["group"] for c in splits[s]} for s in SPLITS}
-    assert not subj["train"] & subj["test"]
-    assert not subj["train"] & subj["val"]
-    assert not subj["val"] & subj["test"]
-    assert not groups["train"] & groups["test"]
-    assert not groups["train"] & groups["val"]
-    # Locality prompts are main-template prompts about other subjects of the same split,
-    # i.e. exactly the inputs of other cases there: a test subject never appears in any
-    # training prompt, not even as a locality probe.
-    for s in SPLITS:
-        inputs = {c.input for c in splits[s]}
-        for c in splits[s]:
-            assert set(c.locality) <= inputs - {c.input}, c
+    seen = ("train", "val", "test")
+    subj = {s: {c.meta["subject"] for c in splits[s]} for s in seen}
+    groups = {s: {c.meta["group"] for c in splits[s]} for s in seen}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not subj[a] & subj[b], (a, b)
+        assert not groups[a] & groups[b], (a, b)
+    # Locality prompts name only subjects of their own split: no test subject ever appears in
+    # a training prompt, not even as a locality probe.
+    for s in ("val", "test"):
+        wordings = {RELATIONS[r].render(i, c.meta["subject"]) for c in splits[s]
+                    for r in RELATIONS for i in range(len(RELATIONS[r].templates))}
+        train_prompts = {p for c in splits["train"] for p in [c.input, *c.paraphrases, *c.locality]}
+        assert not wordings & train_prompts, s
 
 
 def test_templates_and_held_out(built):
     _, summary, splits = built
     for name, rel in RELATIONS.items():
-        assert len(rel.templates) >= 8
+        assert len(rel.templates) >= 10
         assert len(rel.held_out) >= 2 and 0 not in rel.held_out
         assert summary["relations"][name]["held_out_template_ids"] == list(rel.held_out)
     for s in SPLITS:
         for c in splits[s]:
             held = set(RELATIONS[c.meta["relation"]].held_out)
             ids = set(c.meta["paraphrase_template_ids"])
-            if s == "test":
+            if s in ("test", "heldout"):
                 assert ids <= held, c
             else:
                 assert not ids & held, c
@@ -228,6 +316,22 @@ def test_templates_and_held_out(built):
                     for c in splits["train"] for i in RELATIONS[c.meta["relation"]].held_out}
     seen = {p for c in splits["train"] + splits["val"] for p in [c.input, *c.paraphrases, *c.locality]}
     assert not held_prompts & seen
+
+
+def test_sources_recorded(built):
+    from importlib import resources
+
+    _, summary, _ = built
+    notes = resources.files("mendctl.editors.data").joinpath("resources", "SOURCES.md").read_text(encoding="utf-8")
+    used = {RELATIONS[r].source for r in RELATIONS}
+    for dist, info in summary["sources"].items():
+        if dist == "city_min_population":
+            continue
+        assert info["version"] != "unknown" and info["license"], dist
+        assert dist in notes, dist
+    for src in used:
+        for part in src.split("+"):
+            assert part in summary["sources"], part
 
 
 def test_load_split_caches(tmp_path, built):
@@ -241,6 +345,7 @@ def test_load_split_caches(tmp_path, built):
     assert (d / "summary.json").stat().st_mtime_ns == mtime  # not rebuilt
     (d / "val.jsonl").write_text("corrupt\n", encoding="utf-8")
     assert load_split("val", cache_dir=d) == splits["val"]  # a damaged cache is rebuilt
+    assert load_split("heldout", cache_dir=d) == splits["heldout"]
     with pytest.raises(ValueError, match="unknown split"):
         load_split("dev", cache_dir=d)
 
