@@ -148,6 +148,30 @@ class PrefixCache:
             out[i, : lengths[i]] = self.memo[k].to(param.device, param.dtype)
         return out, self._as_tuple
 
+    @torch.no_grad()
+    def remember(self, seqs: list[list[int]], pad: int, chunk: int = 64, progress=None) -> int:
+        """Compute and keep the hidden state of every token sequence not yet remembered, in
+        batches of similar length (much faster than one step's few sequences at a time).
+        `progress(k)` is called after each batch with the number of sequences done. Returns
+        how many were computed."""
+        if not self.memo_enabled:
+            raise RuntimeError("remember() needs enable_memo(): the base model must be fixed")
+        todo = sorted({tuple(s) for s in seqs if torch.tensor(s).numpy().tobytes() not in self.memo},
+                      key=lambda s: (len(s), s))
+        for b in range(0, len(todo), chunk):
+            part = todo[b: b + chunk]
+            width = len(part[-1])
+            ids = torch.full((len(part), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, s in enumerate(part):
+                ids[j, : len(s)] = torch.tensor(s)
+                mask[j, : len(s)] = 1
+            dev = next(self.model.parameters()).device
+            self.hidden(Batch(ids.to(dev), mask.to(dev), torch.full_like(ids, -100).to(dev)))
+            if progress is not None:
+                progress(len(part))
+        return len(todo)
+
     @contextmanager
     def skipping(self, hidden: torch.Tensor, as_tuple: bool):
         """Inside, the model's lower blocks return `hidden` instead of computing."""
@@ -164,3 +188,48 @@ class PrefixCache:
 
 class _Stop(Exception):
     """Raised from a hook to end a forward pass early once the wanted activation is seen."""
+
+
+@contextmanager
+def low_rank_rows(model: nn.Module, specs: list[WeightSpec], factors: dict,
+                  token_edit: torch.Tensor, row_edit: torch.Tensor, mask: torch.Tensor | None = None):
+    """Inside, row r of a batch runs with its own edit's weights W − α Σ δ̃ ũᵀ (the sum over the
+    token rows t with ``token_edit[t] == row_edit[r]``), in one forward for all rows.
+
+    The third saving: several edits of different weights are scored in one pass instead of one
+    functional pass each. Each edited module's output gets the low-rank term added,
+    ``−α (x ũ_eᵀ) δ̃_e`` for the rows of edit e, which is what multiplying by W̃_e gives without
+    materialising it; differentiable w.r.t. the factors. `factors` is {name: (ũ, δ̃, α)} as
+    `MendEditor.factors` returns; a row whose edit is negative runs on the unedited weights.
+    `mask` (rows × positions, 0/1) keeps the term only at the positions where it is 1: a routed
+    edit acts from where its gate opens on."""
+    by_module = {s.module_name: s for s in specs}
+    edits = sorted(set(row_edit.tolist()) - {-1})
+    rows_of = {e: torch.nonzero(row_edit == e)[:, 0] for e in edits}
+    toks_of = {e: token_edit == e for e in edits}
+    handles = []
+
+    def hook(module, args, output, spec):
+        # per edit, its rows times its own token rows: a quarter of the work of one product
+        # of every row with every edit's tokens under a 0/1 ownership mask (measured 8 % of a
+        # training step faster on the real model)
+        x = args[0]
+        pu, pd, a = factors[spec.name]
+        add = torch.zeros_like(output)
+        for e in edits:
+            r = rows_of[e].to(x.device)
+            t = toks_of[e].to(pu.device)
+            term = -(a * ((x[r] @ pu[t].T.to(x.dtype)) @ pd[t].to(x.dtype)))
+            if mask is not None:
+                term = term * mask[r].to(term.dtype)[..., None]
+            add = add.index_add(0, r, term)
+        return output + add
+
+    try:
+        for name, s in by_module.items():
+            mod = model.get_submodule(name)
+            handles.append(mod.register_forward_hook(lambda m, a, o, s=s: hook(m, a, o, s)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -77,13 +77,19 @@ def encode_pairs(tokenizer, prompts: list[str], targets: list[str], fmt: str = "
     the same whatever the prompt (what the metrics count as "the target")."""
     seqs, labels = [], []
     for p, t in zip(prompts, targets):
-        p_ids = tokenizer(render_prompt(tokenizer, p, fmt)).input_ids
-        t_ids = tokenizer(target_text(t, fmt), add_special_tokens=False).input_ids
-        if not t_ids:
-            raise ValueError(f"target {t!r} has no tokens")
+        p_ids, t_ids = pair_ids(tokenizer, p, t, fmt)
         seqs.append(p_ids + t_ids)
         labels.append([-100] * len(p_ids) + t_ids)
     return _pad(seqs, labels, _pad_id(tokenizer))
+
+
+def pair_ids(tokenizer, prompt: str, target: str, fmt: str = "raw") -> tuple[list[int], list[int]]:
+    """(prompt tokens, target tokens) exactly as `encode_pairs` lays them out."""
+    p_ids = tokenizer(render_prompt(tokenizer, prompt, fmt)).input_ids
+    t_ids = tokenizer(target_text(target, fmt), add_special_tokens=False).input_ids
+    if not t_ids:
+        raise ValueError(f"target {target!r} has no tokens")
+    return p_ids, t_ids
 
 
 def encode_prompts(tokenizer, prompts: list[str], fmt: str = "raw") -> Batch:

@@ -622,6 +622,11 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
           chain_length, locality_target, edit_batch, no_resume, num_processes):
     """Train a MEND editor for the workspace's model (Algorithm 1).
 
+    The editor learns the edits the workspace makes: routed edits (the default; each training
+    edit acts from its subject on, and locality is scored on other text that names it), or
+    plain weight edits in a workspace made with `mendctl init --weights` (and with
+    --chain-length).
+
     With --num-processes N, N local processes train one editor (gloo on CPU); each step's
     --edits-per-step edits are split between them. `accelerate launch` or `torchrun` can
     start the processes instead (on a CPU-only machine: `accelerate launch --multi_gpu
@@ -645,6 +650,7 @@ def train(ctx, out, train_data, val_data, rank, steps, max_minutes, edits_per_st
                  patience=patience, seed=cfg.seed, init_from=init_from,
                  loc_per_edit=loc_per_edit, c_edit=c_edit, chain_length=chain_length,
                  edit_batch=edit_batch, locality_target=locality_target,
+                 gated=cfg.routing is not None and not chain_length > 1,
                  num_processes=num_processes, command=_command_line())
     from .editors.mend.distributed import join
 

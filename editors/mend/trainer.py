@@ -41,6 +41,7 @@ import json
 import math
 import random
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,8 +51,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..forward import PrefixCache, selected_logits
-from ..text import Batch, encode_pairs, encode_sequences, render_prompt
+from ..forward import PrefixCache, low_rank_rows, selected_logits
+from ..text import Batch, encode_pairs, encode_sequences, pair_ids, render_prompt
 from ..weights import WeightSpec, input_device
 from .capture import capture_edit_gradients, label_positions, per_example_nll
 from .distributed import Replicas, digest
@@ -88,6 +89,13 @@ class TrainConfig:
     # fact of the chain per edit. The chain restarts from the base model when full (and on
     # resume). 0 or 1: every step edits the base model.
     chain_length: int = 0
+    # train routed edits, as `mendctl edit` makes them by default (editors/route.py): an edit
+    # acts from the first token of its subject (meta "subject") on and not at all on text
+    # that does not name it. Locality is then scored where a routed edit can still do harm:
+    # other prompts about the same subject (the case's locality prompts that name it) and
+    # ordinary text that names it (a generic passage after the subject); prompts about other
+    # subjects never see the edit. Cases without a subject are trained as weight edits.
+    gated: bool = False
 
 
 @dataclass
@@ -157,6 +165,8 @@ class Trainer:
             if config.loc_per_edit < 1 or no_loc:
                 raise ValueError("data-parallel training needs locality inputs for every edit: "
                                  "`locality` prompts in every case, or generic text passages")
+        if config.gated and config.chain_length > 1:
+            raise ValueError("gated (routed) training edits the base model: chain_length must be 0 or 1")
         self.t_start = time.time()
         self.specs = editor.specs
         self.rng = random.Random(config.seed)
@@ -179,6 +189,7 @@ class Trainer:
         self.prefix.enable_memo()  # the base model is fixed for the whole run
         # locality prompt → (prompt + base greedy continuation, prompt length)
         self._continuations: dict[str, tuple[list[int], int]] = {}
+        self._gates: dict[tuple[str, str, bool], int] = {}  # gated training: (text, subject) → token
         self._val_refs: dict = {}
         # chain training: the weights after the current chain's edits (None: the base model),
         # the chain's facts, and the next state (this step's first edit added)
@@ -292,45 +303,47 @@ class Trainer:
         pos_row = pos_row[sel_loc[3 * n:end]]
 
         # each group of `group` edits is one edit W̃ of its facts only (group 1: single edits,
-        # as they are made and evaluated); its equivalent and locality rows see that W̃
-        nll, hits, per_seq, same = [], [], [], []
-        for g0 in range(lo - lo % group, hi, group):
-            mine = [i - lo for i in range(max(g0, lo), min(g0 + group, hi))]
-            k = len(mine)
-            w_new = edited_weights(self.specs, w_cur, factors,
-                                   (owner >= g0) & (owner < g0 + group))
-            loc_rows = [3 * n + j for j in range(m) if int(loc_edit[j]) in mine]
-            idx = torch.tensor([n + i for i in mine] + [2 * n + i for i in mine] + loc_rows,
-                               device=allb.input_ids.device)
-            sub = rows(idx)
-            sel_eq, lab_eq, own_eq = label_positions(sub)
-            sel_eq[2 * k:] = False
-            lab_eq, own_eq = lab_eq[own_eq < 2 * k], own_eq[own_eq < 2 * k]
-            sel_l = sel_loc[idx]
-            with skip(idx):
-                logits = selected_logits(self.model, sub, sel_eq | sel_l, w_new)
-            is_eq = sel_eq[sel_eq | sel_l]
-            nll.append(per_example_nll(logits[is_eq], lab_eq, own_eq, 2 * k))
-            with torch.no_grad():
-                hit = (logits[is_eq].argmax(-1) == lab_eq).float()
-                hits.append(torch.ones(2 * k, device=hit.device).scatter_reduce(
-                    0, own_eq, hit, "amin")[:k])
-            if loc_rows:
-                lr = torch.tensor(loc_rows, device=pos_row.device)
-                here = torch.isin(pos_row, lr)
-                lp_new = torch.log_softmax(logits[~is_eq].float(), -1)
-                kl = (lp_base[here].exp() * (lp_base[here] - lp_new)).sum(-1)
-                # mean over each sequence's counted positions, then over sequences, so a long
-                # generic passage weighs as much as one neighbouring fact
-                seq = torch.searchsorted(lr, pos_row[here])
-                s = torch.zeros(len(loc_rows), device=kl.device).index_add(0, seq, kl)
-                per_seq.append(s / torch.bincount(seq, minlength=len(loc_rows)).clamp(min=1))
-                with torch.no_grad():
-                    same.append((lp_new.argmax(-1) == lp_base[here].argmax(-1)).float())
-        l_edit = _share(torch.cat(nll), 2 * n_all)
-        l_loc = _share(torch.cat(per_seq), m_all)
+        # as they are made and evaluated); its equivalent and locality rows see that W̃. All
+        # groups are scored in one forward: each row adds its own edit's low-rank term
+        # (forward.low_rank_rows) instead of one functional pass per edit.
+        eq_edit = [(lo + i) // group for i in range(n)]
+        row_edit = torch.tensor(eq_edit + eq_edit + [(lo + int(j)) // group for j in loc_edit],
+                                device=allb.input_ids.device)
+        idx = torch.arange(n, end, device=allb.input_ids.device)
+        sub = rows(idx)
+        sel_eq, lab_eq, own_eq = label_positions(sub)
+        sel_eq[2 * n:] = False
+        lab_eq, own_eq = lab_eq[own_eq < 2 * n], own_eq[own_eq < 2 * n]
+        sel_l = sel_loc[idx]
+        mask = None
+        if self.cfg.gated:
+            subj = [self._subject(c) for c in cases]
+            starts = ([self._gate_start(p, subj[i]) for i, p in enumerate(prompts)]
+                      + [self._gate_start(p, subj[i]) for i, p in enumerate(eq_all[lo:hi])]
+                      + [self._gate_start(t, subj[int(j)], rendered=not g)
+                         for (g, t), j in zip(loc_inputs, loc_edit.tolist())])
+            mask = self._gate_mask(starts, sub.input_ids.shape[1])
+        with skip(idx), low_rank_rows(self.model, self.specs, factors, owner // group, row_edit,
+                                      mask):
+            logits = selected_logits(self.model, sub, sel_eq | sel_l, w_arg)
+        is_eq = sel_eq[sel_eq | sel_l]
+        nll = per_example_nll(logits[is_eq], lab_eq, own_eq, 2 * n)
+        with torch.no_grad():
+            hit = (logits[is_eq].argmax(-1) == lab_eq).float()
+            hits = torch.ones(2 * n, device=hit.device).scatter_reduce(0, own_eq, hit, "amin")[:n]
+        lp_new = torch.log_softmax(logits[~is_eq].float(), -1)
+        kl = (lp_base.exp() * (lp_base - lp_new)).sum(-1)
+        # mean over each sequence's counted positions, then over sequences, so a long generic
+        # passage weighs as much as one neighbouring fact
+        seq = pos_row - 3 * n
+        s = torch.zeros(m, device=kl.device).index_add(0, seq, kl)
+        per_seq = s / torch.bincount(seq, minlength=m).clamp(min=1)
+        with torch.no_grad():
+            agree = (lp_new.argmax(-1) == lp_base.argmax(-1)).float()
+        l_edit = _share(nll, 2 * n_all)
+        l_loc = _share(per_seq, m_all)
         loss = self.cfg.c_edit * l_edit + self.cfg.c_loc * l_loc
-        es, agree = torch.cat(hits).mean(), torch.cat(same)
+        es = hits.mean()
         return loss, {"loss": float(loss.detach()), "l_edit": float(l_edit.detach()),
                       "l_loc": float(l_loc.detach()), "es": float(es), "loc": float(agree.mean()),
                       "n": n, "loc_n": agree.numel()}
@@ -354,7 +367,15 @@ class Trainer:
     def _loc_prompts(self, case) -> list[tuple[bool, str]]:
         """(is a generic passage, text) for each locality input of this edit."""
         out = []
-        pool = list(case.locality)
+        pool = self._loc_pool(case)
+        subject = self._subject(case)
+        if subject is not None:
+            for _ in range(self.cfg.loc_per_edit):
+                if self.generic and (not pool or self.rng.random() < self.generic_loc):
+                    out.append((True, self._subject_passage(subject)))
+                elif pool:
+                    out.append((False, self.rng.choice(pool)))
+            return out
         for _ in range(self.cfg.loc_per_edit):
             # a case without locality prompts (users' data) falls back on generic text, or on
             # no locality term at all if there is none
@@ -363,6 +384,48 @@ class Trainer:
             elif pool:
                 out.append((False, self.rng.choice(pool)))
         return out
+
+    def _loc_pool(self, case) -> list[str]:
+        """The case's locality prompts a step draws from: all of them, or for a gated case
+        those that name its subject (the others never see a routed edit)."""
+        subject = self._subject(case)
+        return [p for p in case.locality if subject is None or subject in p]
+
+    def _subject(self, case) -> str | None:
+        """The subject a gated edit is routed on; None trains the case as a weight edit."""
+        if not self.cfg.gated:
+            return None
+        subject = case.meta.get("subject")
+        return subject if isinstance(subject, str) and subject and subject in case.input else None
+
+    def _subject_passage(self, subject: str) -> str:
+        """Ordinary text that names the subject: one generic passage per subject (fixed, so
+        its lower-block states are computed once, up front), after the subject's name."""
+        # 12 words: every position of a passage is scored, and the output projection at each
+        # costs more than the edited blocks' work for it
+        passage = self.generic[zlib.crc32(subject.encode()) % len(self.generic)]
+        return f"{subject}: {' '.join(passage.split()[:12])}"
+
+    def _gate_start(self, text: str, subject: str | None, rendered: bool = True) -> int:
+        """Index of the first token of `text` (as the step tokenises it: rendered as a prompt,
+        or raw for a generic passage) that overlaps the subject's first mention; 0 for an
+        ungated case (acts everywhere), a huge index when the text does not name the subject."""
+        if subject is None:
+            return 0
+        key = (text, subject, rendered)
+        if key not in self._gates:
+            full = render_prompt(self.tok, text, self.fmt) if rendered else text
+            at = full.find(subject)
+            start = 1 << 30
+            if at >= 0:
+                spans = self.tok(full, return_offsets_mapping=True)["offset_mapping"]
+                start = next((i for i, (a, b) in enumerate(spans) if b > at and b > a), start)
+            self._gates[key] = start
+        return self._gates[key]
+
+    def _gate_mask(self, starts: list[int], width: int) -> torch.Tensor:
+        pos = torch.arange(width)[None, :]
+        return (pos >= torch.tensor(starts)[:, None]).float().to(self.device)
 
     @torch.no_grad()
     def _locality_batch(self, prompts: list[tuple[bool, str]]) -> Batch:
@@ -414,7 +477,7 @@ class Trainer:
         Data parallel, the processes take turns over the same blocks of prompts and then
         exchange their results: each block is computed exactly as one process computes it
         (generation batches are formed within a block), so the continuations are the same."""
-        prompts = sorted({p for c in self.train_cases for p in c.locality} - set(self._continuations))
+        prompts = sorted({p for c in self.train_cases for p in self._loc_pool(c)} - set(self._continuations))
         if not prompts:
             return
         chunk = 64
@@ -432,6 +495,34 @@ class Trainer:
         bar.close()
         for d in rep.gather_objects(done):
             self._continuations.update(d)
+
+    @torch.no_grad()
+    def prepare_prefixes(self) -> None:
+        """Compute the lower blocks' output for every sequence a step can draw (each case's
+        input and paraphrases with its target, every locality sequence, every generic
+        passage) once, up front, in large batches of similar length. Drawn inside the steps,
+        most sequences were new and a step's handful of them ran the 27 frozen blocks at a
+        small batch size: most of a step's time (docs/results.md, training throughput).
+
+        One process only: data-parallel replicas keep computing what they draw (each would
+        otherwise compute the whole set)."""
+        if not self.prefix.enabled or self.replicas.parallel:
+            return
+        seqs = []
+        for c in self.train_cases:
+            for p in [c.input, *c.paraphrases]:
+                p_ids, t_ids = pair_ids(self.tok, p, c.target, self.fmt)
+                seqs.append(p_ids + t_ids)
+        seqs.extend(self._continuations[p][0] for c in self.train_cases for p in self._loc_pool(c))
+        seqs.extend(self.tok(p).input_ids for p in self.generic)
+        if self.cfg.gated and self.generic:
+            subjects = {self._subject(c) for c in self.train_cases} - {None}
+            seqs.extend(self.tok(self._subject_passage(x)).input_ids for x in sorted(subjects))
+        seqs = sorted({tuple(s) for s in seqs})
+        bar = tqdm(total=len(seqs), disable=not self.progress, desc="lower-block states",
+                   dynamic_ncols=True)
+        self.prefix.remember([list(s) for s in seqs], self.pad, progress=bar.update)
+        bar.close()
 
     def warm_up_normaliser(self) -> None:
         self.editor.train()
@@ -469,7 +560,9 @@ class Trainer:
         checkpoint is the one that keeps chains healthy, not the best at one edit."""
         self.editor.eval()
         cases = self.val_cases[: self.cfg.val_cases]
-        if self.cfg.chain_length > 1:
+        if self.cfg.gated:
+            r = self._validate_gated(cases)
+        elif self.cfg.chain_length > 1:
             r = self.editor.sweep_chain(self.model, self.tok, cases, self.cfg.chain_length,
                                         self.fmt, references=self._val_refs)
         else:
@@ -482,6 +575,55 @@ class Trainer:
             out["immediate_edit_success"] = r["immediate_edit_success"]
         out["alpha_mean"] = float(self.editor.alpha.detach().mean())
         return out
+
+    @torch.no_grad()
+    def _validate_gated(self, cases, chunk: int = 8) -> dict:
+        """Single routed edits of the validation cases at the trained α, scored as they act:
+        edit success on the input, paraphrase success on every paraphrase, and top-1
+        agreement with the base model on the locality prompts that name the subject (the
+        others never see a routed edit), each from the subject's first token on."""
+        es, para, agree = [], [], []
+        for b in range(0, len(cases), chunk):
+            part = cases[b: b + chunk]
+            edit = encode_pairs(self.tok, [c.input for c in part], [c.target for c in part],
+                                self.fmt).to(self.device)
+            pairs, _ = capture_edit_gradients(self.model, self.specs, edit)
+            factors = self.editor.factors(pairs)
+            owner = torch.nonzero(edit.attention_mask)[:, 0]
+            eq, eq_edit, loc, loc_edit, starts = [], [], [], [], []
+            for i, c in enumerate(part):
+                subject = self._subject(c)
+                for p in [c.input, *c.paraphrases]:
+                    eq.append((p, c.target))
+                    eq_edit.append(i)
+                    starts.append(self._gate_start(p, subject))
+            for i, c in enumerate(part):
+                for p in self._loc_pool(c):
+                    loc.append((False, p))
+                    loc_edit.append(i)
+                    starts.append(self._gate_start(p, self._subject(c)))
+            batch = encode_pairs(self.tok, [p for p, _ in eq], [t for _, t in eq], self.fmt)
+            if loc:
+                batch = _cat_batches(batch, self._locality_batch(loc), self.pad)
+            batch = batch.to(self.device)
+            select, labels, own = label_positions(batch)
+            row_edit = torch.tensor(eq_edit + loc_edit, device=self.device)
+            with low_rank_rows(self.model, self.specs, factors, owner, row_edit,
+                               self._gate_mask(starts, batch.input_ids.shape[1])):
+                top = selected_logits(self.model, batch, select).argmax(-1)
+            hit = torch.ones(len(row_edit), device=self.device).scatter_reduce(
+                0, own, (top == labels).float(), "amin")
+            k = len(eq)
+            for i in range(len(part)):
+                rows = [j for j in range(k) if eq_edit[j] == i]
+                es.append(float(hit[rows[0]]))
+                if len(rows) > 1:
+                    para.append(float(hit[rows[1:]].mean()))
+            if loc:
+                base = selected_logits(self.model, batch, select).argmax(-1)
+                agree.extend((top == base)[own >= k].float().tolist())
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        return {"edit_success": mean(es), "paraphrase_success": mean(para), "locality": mean(agree)}
 
     @staticmethod
     def score(v: dict) -> float:
@@ -496,6 +638,7 @@ class Trainer:
         # replicas start from the main process's editor, however each one built or loaded it
         rep.broadcast_(list(self.editor.state_dict().values()))
         self.prepare_locality()
+        self.prepare_prefixes()
         if self.step == 0:
             self.warm_up_normaliser()
         self.editor.train()

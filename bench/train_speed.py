@@ -1,0 +1,94 @@
+"""Editor-training throughput on the real model: edits per second of the training step.
+
+Measures, in one run on one training set (the first `--cases` cases of the bundled train split):
+- cold: steps as a run's first pass meets them, each new sequence's frozen lower blocks
+  computed inside the step (what training did before `Trainer.prepare_prefixes`);
+- the up-front pass over every sequence the steps can draw (`prepare_prefixes`): seconds and
+  sequences per second;
+- warm: steps once every sequence is remembered (the steady state of a run after that pass);
+- a whole run of `--run-edits` edits: precompute plus that many edits at the warm rate.
+
+A step is `Trainer.losses` + backward + Adam step on 4 single edits (the default). Prints a
+table and writes JSON (default bench/results/train_speed.json).
+
+    python bench/train_speed.py [--cases 1000] [--steps 25] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mib, table, write_json  # noqa: E402
+
+from mendctl.editors.data import generic_text_samples, load_split  # noqa: E402
+from mendctl.editors.mend.editor import MendEditor  # noqa: E402
+from mendctl.editors.mend.trainer import TrainConfig, Trainer  # noqa: E402
+from mendctl.editors.weights import select_weights  # noqa: E402
+from mendctl.models import load_model  # noqa: E402
+
+
+def steps_per_second(trainer: Trainer, steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = trainer.losses(trainer._sample(trainer.cfg.edits_per_step))
+        trainer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.opt.step()
+    return steps / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--run-edits", type=int, default=40_000)
+    ap.add_argument("--out", default="bench/results/train_speed.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    lm = load_model("smollm2-135m")
+    model, tok = lm.model, lm.tokenizer
+    specs = select_weights(model, ["auto"])
+    train = load_split("train")[: a.cases]
+    cfg = TrainConfig(steps=10**6, norm_warmup=2)
+    trainer = Trainer(MendEditor(specs), model, tok, train, [], cfg, progress=False,
+                      generic_texts=generic_text_samples(), generic_loc=0.25)
+    trainer.prepare_locality()
+    trainer.warm_up_normaliser()
+    n = cfg.edits_per_step
+    cold = steps_per_second(trainer, a.steps) * n
+    t = time.perf_counter()
+    before = len(trainer.prefix.memo)
+    trainer.prepare_prefixes()
+    prep_s = time.perf_counter() - t
+    computed = len(trainer.prefix.memo) - before
+    warm = steps_per_second(trainer, a.steps) * n
+    run_s = prep_s + a.run_edits / warm
+    res = {
+        "cases": a.cases, "steps": a.steps, "edits_per_step": n, "threads": a.threads,
+        "cold_edits_per_second": round(cold, 2), "warm_edits_per_second": round(warm, 2),
+        "precompute_seconds": round(prep_s, 1), "precompute_sequences": computed,
+        "precompute_sequences_per_second": round(computed / prep_s, 1) if prep_s else None,
+        "run_edits": a.run_edits, "run_edits_per_second": round(a.run_edits / run_s, 2),
+        "run_edits_per_second_cold": round(cold, 2),
+        "peak_rss_mib": round(peak_rss_mib()),
+    }
+    print(table([
+        {"phase": "cold steps (lower blocks inside the step)", "edits/s": f"{cold:.2f}"},
+        {"phase": f"precompute {computed} sequences", "edits/s": "",
+         "seconds": f"{prep_s:.0f}"},
+        {"phase": "warm steps (every sequence remembered)", "edits/s": f"{warm:.2f}"},
+        {"phase": f"run of {a.run_edits} edits incl. precompute", "edits/s": f"{a.run_edits / run_s:.2f}",
+         "seconds": f"{run_s:.0f}"},
+    ], ["phase", "edits/s", "seconds"]))
+    print(f"warm ÷ cold: {warm / cold:.2f}×; peak RSS {res['peak_rss_mib']} MiB")
+    write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    main()
