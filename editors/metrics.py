@@ -36,9 +36,12 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def target_scores(model, tokenizer, prompts, targets, fmt="raw", chunk: int = 32):
-    """Per example: (success: bool, sum of target log-probs)."""
-    ok, lp = [], []
+def target_scores(model, tokenizer, prompts, targets, fmt="raw", chunk: int = 32,
+                  token_accuracy: bool = False):
+    """Per example: (success: bool, sum of target log-probs); with `token_accuracy` also the
+    share of target tokens that are the argmax (EasyEdit's rewrite_acc / rephrase_acc, which
+    the published tables report; success is the stricter exact match: every token)."""
+    ok, lp, acc = [], [], []
     for i in range(0, len(prompts), chunk):
         batch = encode_pairs(tokenizer, prompts[i:i + chunk], targets[i:i + chunk], fmt)
         logits = _logits(model, batch)[:, :-1]
@@ -46,9 +49,10 @@ def target_scores(model, tokenizer, prompts, targets, fmt="raw", chunk: int = 32
         mask = labels != -100
         hit = (logits.argmax(-1) == labels) | ~mask
         ok += hit.all(1).tolist()
+        acc += ((hit & mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
         logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
         lp += (logp * mask).sum(1).tolist()
-    return ok, lp
+    return (ok, lp, acc) if token_accuracy else (ok, lp)
 
 
 def edit_success(model, tokenizer, prompts, targets, fmt="raw") -> list[bool]:
@@ -135,15 +139,40 @@ def perplexity(model, tokenizer, texts: list[str], chunk: int = 8, max_tokens: i
     return math.exp(nll / max(count, 1))
 
 
+class _NoEmptyAnswer:
+    """A logits processor that forbids the end of text (any special token) while a row's
+    answer is still blank, so an answer shown to a user says something: SmolLM2 ends "Who is the prime
+    minister of India?" at once, and '' → '' tells the user nothing about the edit."""
+
+    def __init__(self, tokenizer, start: int):
+        self.tok, self.start = tokenizer, start
+
+    def blank(self, ids: list[int]) -> bool:
+        return not self.tok.decode(ids, skip_special_tokens=True).strip()
+
+    def forbid(self, scores: torch.Tensor) -> None:
+        """Rule out, in one row's scores, every special token (the end of text and its kin,
+        which decode to nothing)."""
+        ids = [i for i in self.tok.all_special_ids if i < scores.shape[-1]]
+        scores[ids] = -float("inf")
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for r in range(input_ids.shape[0]):
+            if self.blank(input_ids[r, self.start:].tolist()):
+                self.forbid(scores[r])
+        return scores
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
-             chunk: int = 16, use_cache: bool = True) -> list[str]:
+             chunk: int = 16, use_cache: bool = True, say_something: bool = False) -> list[str]:
     """Greedy answers, several prompts per call: left padding, so every prompt's new tokens
     start at the same position (the model's generate takes positions from the mask).
     `use_cache=False` runs the whole sequences at every step instead, right-padded (what
-    routed edits need: see `greedy_uncached`)."""
+    routed edits need: see `greedy_uncached`). `say_something`: the end of text is not taken
+    while an answer is still blank (answers shown to users; the metrics leave it off)."""
     if not use_cache:
-        return greedy_uncached(model, tokenizer, prompts, fmt, max_new_tokens, chunk)
+        return greedy_uncached(model, tokenizer, prompts, fmt, max_new_tokens, chunk, say_something)
     out = []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
@@ -153,15 +182,20 @@ def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: in
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=_device(model))
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=_device(model))
+        extra = {}
+        if say_something:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([_NoEmptyAnswer(tokenizer, width)])
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+                             do_sample=False, pad_token_id=pad, **extra)
         out += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
     return out
 
 
 @torch.no_grad()
 def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
-                    chunk: int = 16) -> list[str]:
+                    chunk: int = 16, say_something: bool = False) -> list[str]:
     """Greedy answers without a KV cache: each step runs the whole right-padded sequences (a
     real position's logits are then as they are alone) and extends each row at its own end,
     until it emits the end-of-sequence token."""
@@ -178,7 +212,13 @@ def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tok
             with answering([starts[j] for j in live]):  # (routed edits read where answers start)
                 logits = _logits(model, encode_sequences(part, tokenizer, [len(x) for x in part]))
             last = torch.tensor([len(x) - 1 for x in part], device=logits.device)
-            nxt = logits[torch.arange(len(part), device=logits.device), last].argmax(-1).tolist()
+            scores = logits[torch.arange(len(part), device=logits.device), last]
+            if say_something:
+                blank = _NoEmptyAnswer(tokenizer, 0)
+                for r, j in enumerate(live):
+                    if blank.blank(rows[j][starts[j]:]):
+                        blank.forbid(scores[r])
+            nxt = scores.argmax(-1).tolist()
             for j, t in zip(list(live), nxt):
                 rows[j] = rows[j] + [t]
                 if t == eos:

@@ -726,6 +726,10 @@ def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, max_steps, 
               help="Edit cases (JSONL, zsRE or CounterFact; default: the bundled test split).")
 @click.option("--editor", type=click.Choice(["mend", "ft", "ft_kl", "identity"]), default="mend", show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--split", type=click.Choice(["test", "val", "heldout"]), default="test",
+              show_default=True,
+              help="Bundled split when --data is not given: test (unseen subjects, held-out "
+                   "wordings) or heldout (relations and a subject kind never trained on).")
 @click.option("--limit", type=int, default=None, help="Only the first N cases.")
 @click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="MEND steps per edit (1: the paper's protocol; see `edit --max-steps`). "
@@ -737,19 +741,21 @@ def calibrate(ctx, editor_dir, locality_target, val_data, val_cases, max_steps, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def eval_(ctx, data_file, editor, batch_size, limit, max_steps, chain, as_json):
+def eval_(ctx, data_file, split, editor, batch_size, limit, max_steps, chain, as_json):
     """Score an editor: each case a fresh edit of the current model.
 
     \b
     Example:
       mendctl eval --limit 100
+      mendctl eval --split heldout --limit 100
+      mendctl eval --data zsre_eval.json --limit 200
       mendctl eval --editor ft_kl --batch-size 5 --json
     """
     from .evaluate import evaluate
     from .training import load_cases
 
     ws = _ws(ctx)
-    cases, _ = load_cases(data_file, "test", ws.config.seed)
+    cases, _ = load_cases(data_file, split, ws.config.seed)
     if limit is not None:
         cases = cases[:limit]
     if chain is not None:
@@ -761,9 +767,16 @@ def eval_(ctx, data_file, editor, batch_size, limit, max_steps, chain, as_json):
     s = r["summary"]
     fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
     click.echo(f"{editor}, {s['cases']} cases, batch {s['batch_size']}, max steps {s['max_steps']}")
-    click.echo(f"  edit success        {fmt(s['edit_success'])}")
-    click.echo(f"  paraphrase success  {fmt(s['paraphrase_success'])}")
+    click.echo(f"  edit success        {fmt(s['edit_success'])} (reliability; token accuracy "
+               f"{fmt(s['edit_token_accuracy'])})")
+    click.echo(f"  paraphrase success  {fmt(s['paraphrase_success'])} (generalisation; token accuracy "
+               f"{fmt(s['paraphrase_token_accuracy'])})")
     click.echo(f"  locality            {fmt(s['locality'])} (KL {fmt(s['locality_kl'], '.4f')})")
+    kinds = {k[len("locality_"):]: v for k, v in s.items()
+             if k.startswith("locality_") and k != "locality_kl" and v is not None}
+    if kinds:
+        click.echo("    by prompt kind    " + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}"
+                                                       for k, v in kinds.items()))
     click.echo(f"  ppl drawdown        {fmt(s['ppl_drawdown'], '+.4f')}")
     click.echo(f"  fluency             {fmt(s['fluency'], '.3f')} (unedited {fmt(s['fluency_base'], '.3f')}; "
                f"n-gram entropy of the answer), repeats the target {fmt(s['repeats_target'], '.2f')}")

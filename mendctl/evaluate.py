@@ -76,16 +76,22 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                           preserve=preserve, apply=apply)
         seconds = time.perf_counter() - t0
         with (apply(delta) if rs else applied(model, delta)):
-            es = target_scores(model, tok, [c.input for c in batch], [c.target for c in batch], fmt)[0]
+            es, _, es_tok = target_scores(model, tok, [c.input for c in batch],
+                                          [c.target for c in batch], fmt, token_accuracy=True)
             ag, kl = locality_scores(model, ref) if ref else ([], [])
             ppl_after = perplexity(model, tok, texts) if texts else None
             answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS,
                                use_cache=not (rs or ws.router.active))
             k = 0
             for j, c in enumerate(batch):
-                ps = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases), fmt)[0] \
-                    if c.paraphrases else []
+                ps, _, ps_tok = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases),
+                                              fmt, token_accuracy=True) if c.paraphrases else ([], [], [])
                 n_loc = len(c.locality)
+                kinds = c.meta.get("locality_kinds")
+                by_kind = {}
+                if isinstance(kinds, list) and len(kinds) == n_loc:  # the bundled data says
+                    for kind, x in zip(kinds, ag[k:k + n_loc]):
+                        by_kind.setdefault(f"locality_{kind}", []).append(x)
                 g = {}
                 if gate is not None:  # (one case per batch when routed)
                     space = ws.router.space(rs["layer"])
@@ -100,22 +106,34 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                     "relation": c.meta.get("relation"),
                     "edit_success": float(es[j]),
                     "paraphrase_success": _mean([float(x) for x in ps]),
+                    "edit_token_accuracy": float(es_tok[j]),
+                    "paraphrase_token_accuracy": _mean(ps_tok),
                     "locality": _mean(ag[k:k + n_loc]), "locality_kl": _mean(kl[k:k + n_loc]),
                     "ppl_drawdown": (ppl_after / ppl_before - 1) if texts else None,
                     "answer": answers[j], "fluency": ngram_entropy(answers[j]),
                     "fluency_base": ngram_entropy(base_answers[j]),
                     "repeats_target": float(repeats_target(answers[j], c.target)),
                     "seconds_per_edit": seconds / len(batch),
-                })
+                } | {key: _mean(v) for key, v in by_kind.items()})
                 k += n_loc
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(es=f"{_mean([r['edit_success'] for r in rows]):.2f}",
                            loc=f"{_mean([r['locality'] for r in rows]) or 0:.3f}")
     keys = ["edit_success", "paraphrase_success", "locality", "locality_kl", "ppl_drawdown",
-            "fluency", "fluency_base", "repeats_target", "seconds_per_edit"]
+            "fluency", "fluency_base", "repeats_target", "seconds_per_edit",
+            "edit_token_accuracy", "paraphrase_token_accuracy"]
     if rs:
         keys += ["gate_recall", "gate_false_open", "paraphrase_success_gate_open"]
-    summary = {k: _mean([r[k] for r in rows]) for k in keys}
+    # locality by kind of prompt where the data labels them (meta locality_kinds): neighbours
+    # (same relation, other subject), other relations, the same subject's other facts
+    keys += sorted({k for r in rows for k in r if k.startswith("locality_") and k != "locality_kl"})
+    summary = {k: _mean([r.get(k) for r in rows]) for k in keys}
+    # the names the field's tables use (WISE, EasyEdit), beside ours
+    summary["field"] = {"reliability": summary["edit_success"],
+                        "generalisation": summary["paraphrase_success"],
+                        "locality": summary["locality"], "fluency": summary["fluency"],
+                        "rewrite_acc": summary["edit_token_accuracy"],
+                        "rephrase_acc": summary["paraphrase_token_accuracy"]}
     summary.update(cases=len(rows), batch_size=batch_size, editor=editor, max_steps=max_steps,
                    routed=bool(rs),
                    guard_max_norm=ws.guard_limit(ed, batch_size),

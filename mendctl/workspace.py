@@ -442,11 +442,12 @@ class Workspace:
         self._loaded_state, self._current = h, w
 
     def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers in the loaded state; with routed edits installed, without a KV
-        cache (gates need every token's states) and right-padded."""
+        """Greedy answers in the loaded state, as shown to users (never blank: see
+        metrics.generate); with routed edits installed, without a KV cache (gates need every
+        token's states) and right-padded."""
         lm = self.lm
         return generate(lm.model, lm.tokenizer, prompts, self.fmt, max_new_tokens,
-                        use_cache=not self.router.active)
+                        use_cache=not self.router.active, say_something=True)
 
     def head(self) -> Entry | None:
         return self.ledger.head()
