@@ -417,6 +417,32 @@ def test_reader_errors_name_record(tmp_path):
         read_cases(p)
 
 
+REAL_ZSRE = Path(__file__).parent.parent / "bench" / "data" / "zsre_real.json"
+
+
+def test_real_world_zsre_file():
+    # bench/data/zsre_real.json: hand-written real-world edits in MEND's zsRE format.
+    cases = read_zsre(REAL_ZSRE)
+    assert read_cases(REAL_ZSRE) == cases  # sniffed as zsRE
+    assert len(cases) == 80
+    kinds = {"office", "company", "sport", "work", "science", "place", "date", "language"}
+    for c in cases:
+        subject = c.meta["subject"]
+        assert c.meta["source_format"] == "zsre"
+        assert c.meta["kind"] in kinds, c.input
+        assert len(c.paraphrases) >= 2, c.input
+        assert len(set(c.paraphrases)) == len(c.paraphrases) and c.input not in c.paraphrases
+        assert len(c.locality) == 1 and not c.locality[0].lower().startswith("nq question:"), c.input
+        assert subject in c.input, c.input
+        assert all(subject in p for p in c.paraphrases), c.input
+        assert c.target != c.meta["true_target"], c.input
+        assert c.meta["loc_ans"]
+    inputs = [c.input for c in cases]
+    assert len(set(inputs)) == len(inputs)
+    assert len({c.meta["kind"] for c in cases}) >= 6
+    assert {c.meta["kind"] for c in cases} == kinds
+
+
 # --- generic text -------------------------------------------------------------------------------
 
 
