@@ -70,6 +70,22 @@ class LocalityRef:
     base_top1: torch.Tensor  # (N,)
     owner: torch.Tensor  # (N,) which prompt each counted position belongs to
 
+    def rows(self, idx: list[int]) -> "LocalityRef":
+        """The reference of prompts `idx` only (in that order)."""
+        keep = torch.isin(self.owner, torch.tensor(idx, dtype=self.owner.dtype))
+        renum = torch.full((int(self.owner.max()) + 1 if len(self.owner) else 0,), -1,
+                           dtype=self.owner.dtype)
+        renum[torch.tensor(idx, dtype=torch.long)] = torch.arange(len(idx), dtype=self.owner.dtype)
+        b = self.batch
+        sel = torch.tensor(idx, dtype=torch.long)
+        # positions are flattened row-major: a subset of rows in ascending order keeps them in
+        # step with base_top1; other orders are sorted first
+        if idx != sorted(idx):
+            raise ValueError("rows() takes ascending prompt indices")
+        return LocalityRef(Batch(b.input_ids[sel], b.attention_mask[sel], b.labels[sel]),
+                           self.positions[sel], None if self.base_logp is None else self.base_logp[keep],
+                           self.base_top1[keep], renum[self.owner[keep].long()])
+
 
 @torch.no_grad()
 def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: int = 4,

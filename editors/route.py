@@ -376,6 +376,35 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     return out
 
 
+class _Stop(Exception):
+    """Ends a forward pass once the gate layer's states are seen."""
+
+
+@torch.no_grad()
+def open_rows(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor, tau: float = TAU) -> list[bool]:
+    """Per row of a right-padded batch: does `gate` open at any of its tokens? A row where it
+    never opens is never touched by the edit (the gate layer comes before the edited ones, so
+    no other edit changes the states it reads); only the blocks up to the gate layer run."""
+    got = {}
+
+    def grab(module, args, output):
+        got["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    handle = block_module(model, space.layer).register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids.to(input_device(model)),
+              attention_mask=attention_mask.to(input_device(model)))
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    words = word_gates(tokenizer, input_ids.cpu(), [gate.words]) if gate.words else None
+    g = gates(space, got["h"].float().cpu(), [gate.keys], tau, words)[..., 0]
+    return (g & attention_mask.cpu().bool()).any(1).tolist()
+
+
 def opens(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, prompts: list[str],
           tau: float = TAU, fmt: str = "raw") -> list[bool]:  # (one gate: no margin to keep)
     """Per prompt: is `gate` open at its last token?"""

@@ -68,15 +68,27 @@ def base_reference(ws, audit_set: AuditSet | None = None) -> LocalityRef:
 
 
 def chain_health(ws, w: dict[str, torch.Tensor], ref: LocalityRef,
-                 thresholds: dict | None = None) -> dict:
+                 thresholds: dict | None = None, previous: list[float] | None = None,
+                 changed: list[int] | None = None) -> tuple[dict, list[float]]:
     """Health of the state whose edited tensors are `w`, loaded in the model now: audit-set
-    agreement with the base, relative drift, and whether agreement is under the threshold."""
+    agreement with the base, relative drift, and whether agreement is under the threshold;
+    and the per-prompt agreement it was computed from.
+
+    `previous` (the per-prompt agreement of the state before) with `changed` (the prompts
+    the new state answers differently from it can only be among these: a routed edit's gate
+    opens on them) recomputes those prompts only; the others keep their previous figure."""
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
-    agree = top1_agreement(ws.lm.model, ref)
+    if previous is not None and changed is not None:
+        agree = list(previous)
+        if changed:
+            for i, a in zip(changed, top1_agreement(ws.lm.model, ref.rows(changed))):
+                agree[i] = a
+    else:
+        agree = top1_agreement(ws.lm.model, ref)
     locality = float(sum(agree) / len(agree)) if agree else None
     _, drift = weight_drift(w, ws._base)
     # only locality warns: drift is the cause, not the harm, and a healthy 10-edit chain
     # already passes the audit's 5 % drift flag (docs/results.md, sequential edits)
     low = locality is not None and locality < thresholds["locality"]
-    return {"audit_locality": locality, "relative_drift": drift, "prompts": len(agree),
-            "locality_threshold": thresholds["locality"], "below_threshold": low}
+    return ({"audit_locality": locality, "relative_drift": drift, "prompts": len(agree),
+             "locality_threshold": thresholds["locality"], "below_threshold": low}, agree)

@@ -40,7 +40,7 @@ from .editors.ft import FTEditor
 from .editors.mend.editor import EditorMismatch, MendEditor
 from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
                                repeats_target, target_scores)
-from .editors.route import RoutedEdit
+from .editors.route import RoutedEdit, open_rows
 from .editors.weights import read_weights, select_weights, write_weights
 from .errors import (EditFailed, EditorError, InputError, LedgerError, StoreError,
                      WorkspaceError)
@@ -524,12 +524,18 @@ class Workspace:
                        repeats_target=sum(repeats_target(a, t) for a, t in zip(own, targets)) / len(own))
         return out
 
-    def _chain_health(self, w: dict[str, torch.Tensor], ref, state: str) -> dict:
+    def _chain_health(self, w: dict[str, torch.Tensor], ref, state: str,
+                      after: tuple[str, list[int]] | None = None) -> dict:
         """`chain_health` of the loaded state `state`, remembered by its hash: in a sequence of
-        edits the state before an edit is the one after the previous, measured already."""
+        edits the state before an edit is the one after the previous, measured already.
+        `after` = (the state before, the prompts the new routed edit opens on): only those
+        are scored again, when the state before was measured."""
         if state not in self._health:
-            self._health = {state: chain_health(self, w, ref)}  # (the latest state only)
-        return self._health[state]
+            prev = self._health.get(after[0]) if after else None
+            h, agree = chain_health(self, w, ref, previous=prev[1] if prev else None,
+                                    changed=after[1] if prev else None)
+            self._health = {state: (h, agree)}  # (the latest state only)
+        return self._health[state][0]
 
     def edit(self, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
              command: str | None = None, max_steps: int = 1, keep_failed: bool | None = None,
@@ -618,8 +624,9 @@ class Workspace:
         preserve = None if rs else self.preserved(ed)  # cached; computing it loads the base state too
         w_head = self.use_state(head)
         before = self._probe(cases, answers=before_answers)
+        before_state = self._loaded_state
         if health_ref is not None:
-            before["health"] = self._chain_health(w_head, health_ref, self._loaded_state)
+            before["health"] = self._chain_health(w_head, health_ref, before_state)
         loc_prompts = [p for c in cases for p in c.locality]
         ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, self.fmt) if loc_prompts else None
         if rs:
@@ -655,7 +662,13 @@ class Workspace:
                 after["locality"] = float(sum(ag) / len(ag))
                 after["locality_kl"] = float(sum(kl) / len(kl))
             if health_ref is not None:
-                after["health"] = self._chain_health(w_new, health_ref, new_hash)
+                touched = None
+                if rs and rs.get("margin") is None:  # (a margin lets a gate close others)
+                    b = health_ref.batch
+                    touched = (before_state, [i for i, o in enumerate(open_rows(
+                        lm.model, lm.tokenizer, self.router.space(rs["layer"]), gate,
+                        b.input_ids, b.attention_mask, rs["tau"])) if o])
+                after["health"] = self._chain_health(w_new, health_ref, new_hash, touched)
         finally:
             if dry_run:
                 self._loaded_state = None

@@ -144,3 +144,19 @@ def test_remember_needs_a_fixed_model(tiny_llama):
     cache.enable_memo()
     assert cache.remember([[3, 4, 5], [3, 4, 5], [6, 7]], pad=0) == 2
     assert cache.remember([[3, 4, 5]], pad=0) == 0  # already known
+
+
+def test_locality_reference_rows_is_the_reference_of_those_prompts(tiny_llama, tiny_tokenizer):
+    """`LocalityRef.rows` (the routed health check re-scores only some audit prompts): the
+    subset's agreement is the full reference's for those prompts, computed on the same rows."""
+    from mendctl.editors.metrics import locality_reference, top1_agreement
+
+    prompts = [fact_prompt(f"s{i}") for i in range(5)] + list(LOCALITY_PROMPTS[:3])
+    ref = locality_reference(tiny_llama, tiny_tokenizer, prompts)
+    sub = ref.rows([1, 4, 6])
+    assert sub.batch.input_ids.shape[0] == 3 and sorted(set(sub.owner.tolist())) == [0, 1, 2]
+    assert torch.equal(sub.base_top1, ref.base_top1[torch.isin(ref.owner, torch.tensor([1, 4, 6]))])
+    # the base model agrees with itself everywhere, and the subset has its own positions
+    assert top1_agreement(tiny_llama, sub) == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        ref.rows([4, 1])

@@ -257,3 +257,26 @@ def test_margin_opens_the_best_matching_subjects_only():
     words = torch.zeros(1, 3, 3, dtype=torch.bool)
     words[0, 2, 2] = True  # the third edit's words appear at the last token: it opens there too
     assert gates(space, hidden, keys, tau=0.7, words=words, margin=0.1)[0, 2].tolist() == [True, True, True]
+
+
+def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):
+    """`open_rows` (what the routed health check uses to re-score only the prompts a new edit
+    can touch) agrees with `routed` itself: a row it calls closed is unchanged bit for bit."""
+    from mendctl.editors.route import open_rows
+    from mendctl.editors.text import encode_prompts
+
+    space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
+    gate = edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3"))
+    prompts = [fact_prompt("s3"), "water is cold and snow is", "tell me about s3 please",
+               fact_prompt("s5")]
+    b = encode_prompts(tiny_tokenizer, prompts)
+    rows = open_rows(tiny_llama, tiny_tokenizer, space, gate, b.input_ids, b.attention_mask)
+    assert rows[0] and rows[2] and not rows[1] and not rows[3]
+    delta = _edit(tiny_llama, tiny_tokenizer, "auto")
+    base, _ = _logits(tiny_llama, tiny_tokenizer, prompts)
+    with routed(tiny_llama, [RoutedEdit(delta, gate)], space, tokenizer=tiny_tokenizer):
+        edited, _ = _logits(tiny_llama, tiny_tokenizer, prompts)
+    for i, o in enumerate(rows):
+        if not o:
+            assert torch.equal(edited[i], base[i])
+    assert not torch.equal(edited[0], base[0])

@@ -295,3 +295,26 @@ def test_routed_edits_on_the_real_model(tmp_path):
     answers = ask(*[p for p, _ in facts])
     assert not answers[0].strip().startswith("Angela") and answers[1].strip().startswith("Rome")
     assert "all hashes match" in run("replay", "--verify")
+
+
+def test_routed_health_rescores_only_prompts_the_new_gate_opens_on(fresh_ws):
+    """After a routed edit the chain-health check re-scores only the audit prompts on which the
+    new gate opens (the others cannot change); what it records is what a full re-score of the
+    new state gives."""
+    from mendctl.health import base_reference, chain_health
+    from mendctl.workspace import Workspace
+
+    fresh_ws.write_config(routing=ROUTING, health_check=True)
+    w = Workspace.open(str(fresh_ws.root))
+    try:
+        for prompt, target in FACTS:
+            r = _edit(w, prompt, target)
+            recorded = r["after"]["health"]["audit_locality"]
+            w.use_state(w.head())
+            ref = base_reference(w)
+            full, agree = chain_health(w, w._current, ref)
+            # the same prompts scored in a smaller batch: equal but for a near-tie argmax
+            # flipping under another summation order (at most 2 prompts allowed)
+            assert abs(recorded - full["audit_locality"]) <= 2 / len(agree)
+    finally:
+        w.ledger.close()

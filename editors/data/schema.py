@@ -85,7 +85,9 @@ def visible(text: str) -> bool:
 # ("paraphrase" for "paraphrases") is not silently ignored.
 KNOWN_META = ("case_id", "group", "relation", "subject", "true_target", "template_id",
               "paraphrase_template_ids", "subject_kind", "locality_kinds", "source_format", "generation_prompts",
-              "attribute_prompts")
+              "attribute_prompts",
+              # zsRE's own keys (the reader keeps them), and a kind label for a user's own sets
+              "answers", "loc_ans", "pred", "cond", "kind")
 
 
 def unknown_keys(case: "EditCase") -> list[str]:

@@ -1,0 +1,71 @@
+"""Does the editor generalise beyond what it was trained on? Single edits at the default
+settings (routed), each a fresh edit of the base model, scored as `mendctl eval` scores them,
+for one or more editors on three sets:
+
+- heldout: the bundled split of relations (and a whole subject kind) never trained on;
+- test: the bundled test split (unseen subjects, held-out wordings);
+- real: bench/data/zsre_real.json, real-world edits written by hand in zsRE format (people,
+  organisations, offices, works, science; questions as users type them), never trained or
+  tuned on.
+
+Prints one table (reliability = edit success, generalisation = paraphrase success, locality,
+fluency beside the unedited model's, token accuracies, seconds per edit) and writes JSON.
+
+Usage: python bench/general_editor.py [--editor default --editor DIR ...] [--cases 60]
+           [--sets heldout,test,real] [--out bench/results/general_editor.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, temp_workspace, write_json  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from mendctl.editors.data import load_split, read_cases  # noqa: E402
+from mendctl.evaluate import evaluate  # noqa: E402
+from mendctl.workspace import Workspace  # noqa: E402
+
+REAL = Path(__file__).parent / "data" / "zsre_real.json"
+KEYS = ["edit_success", "paraphrase_success", "locality", "locality_neighbour", "locality_other",
+        "locality_same_subject", "fluency", "fluency_base", "edit_token_accuracy",
+        "paraphrase_token_accuracy", "seconds_per_edit"]
+
+
+def cases_of(name: str, n: int):
+    if name == "real":
+        return read_cases(REAL)[:n]
+    return load_split(name)[:n]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--editor", action="append", default=None,
+                    help="editor directory, or `default` (the shipped one); repeatable")
+    ap.add_argument("--cases", type=int, default=60, help="first N cases of each set")
+    ap.add_argument("--sets", default="heldout,test,real")
+    ap.add_argument("--out", default="bench/results/general_editor.json")
+    a = ap.parse_args()
+    editors = a.editor or ["default"]
+    out = {"cases": a.cases, "runs": []}
+    rows = []
+    for ed in editors:
+        ws = Workspace.open(str(temp_workspace(None if ed == "default" else ed)))
+        for name in a.sets.split(","):
+            cases = cases_of(name, a.cases)
+            r = evaluate(ws, cases, progress=lambda xs, d=f"{ed} {name}": tqdm(xs, desc=d, file=sys.stderr))
+            s = r["summary"]
+            out["runs"].append({"editor": ed, "set": name, "summary": s, "relations": r["relations"],
+                                "answers": [(c["input"], c["target"], c["answer"]) for c in r["cases"]]})
+            rows.append({"editor": ed, "set": f"{name} ({s['cases']})",
+                         **{k: "-" if s.get(k) is None else f"{s[k]:.3f}" for k in KEYS}})
+        ws.ledger.close()
+    print(table(rows, ["editor", "set"] + KEYS))
+    write_json(a.out, out)
+
+
+if __name__ == "__main__":
+    main()
