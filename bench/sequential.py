@@ -70,7 +70,7 @@ def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None
         "alpha_factor": ((ws.editor(editor).info.get("operating_point") or {})
                          .get("alpha_factor_total", 1.0)) if editor == "mend" else None,
         # routed edits (routing: true) take their own step and skip preserved keys and the
-        # retention guard (workspace._edit_locked)
+        # retention guard (as `Workspace.edit` makes them)
         "routing": ws.config.routing if editor == "mend" else None,
         "step_factor": (ws.routed_step_factor() if ws.config.routing else ws.config.step_factor)
         if editor == "mend" else None,

@@ -198,8 +198,7 @@ def _ud_shift(ws, editor: MendEditor, batch) -> dict:
     pairs, _ = capture_edit_gradients(ws.lm.model, ws.specs, batch)
     out = {}
     for s in ws.specs:
-        key, _ = editor._where[s.name]
-        net = editor.nets[key]
+        net = editor.net_for(s.name)
         row = {}
         for part, x, norm in (("u", pairs[s.name][0], net.norm_u), ("delta", pairs[s.name][1], net.norm_d)):
             x = x.detach().double().cpu()
@@ -261,7 +260,7 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
                        generate(model, tok, inputs, fmt, ANSWER_TOKENS,
                                 use_cache=not ws.router.active) if inputs else []))
 
-    drift, total_rel = weight_drift(w, ws._base)
+    drift, total_rel = weight_drift(w, ws.base_weights)
 
     edits = []
     for e in active:
@@ -326,7 +325,7 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     if matrix:
         result["chain"] = _chain(ws, scorer, chain, by_id, audit_set, progress)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
-    ws._loaded_state = None  # the audit moved the model through other states
+    ws.forget_loaded_state()  # the audit moved the model through other states
     return result
 
 
@@ -348,7 +347,7 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
     """The retention matrix and per-state series along the chain (see the module docstring)."""
     rows = [e.id for e in chain if e.delta_sha256]
     cached_ret, cached_loc = _cached_cells(ws, audit_set.sha256)
-    base = ws._base
+    base = ws.base_weights
     cells: dict[int, dict[int, float]] = {}
     series = []
     cost = {"states": len(chain), "states_rebuilt": 0, "cells": 0, "cells_from_ledger": 0,
@@ -381,12 +380,12 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
             else:
                 w = apply_deltas(base, [ws.load_delta(i) for i in e.active_ids])
                 cost["states_rebuilt"] += 1
-            if ws._loaded_state != e.state_hash:  # (use_state checked a routed state's hash)
-                got = state_hash(w) if e.active_ids else ws._base_hash
+            if ws.loaded_state != e.state_hash:  # (use_state checked a routed state's hash)
+                got = state_hash(w) if e.active_ids else ws.base_state_hash
                 if got != e.state_hash:
                     raise LedgerError(f"entry {e.id}: rebuilt state {got[:12]} differs from the "
                                       f"recorded {e.state_hash[:12]}; run `mendctl replay --verify`")
-                ws._set_weights(w, e.state_hash)
+                ws.set_weights(w, e.state_hash)
             if missing:
                 known.update(scorer.retention([by_id[i] for i in missing]))
                 cost["cells_computed"] += len(missing)

@@ -70,7 +70,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not ws.router.active)
         t0 = time.perf_counter()
         apply = gate = None
-        if rs:  # steps and scores behind the edit's own gate (workspace._edit_locked)
+        if rs:  # steps and scores behind the edit's own gate (as `Workspace.edit` makes them)
             gate, apply = ws.router.stepper(batch[0].input, batch[0].target, rs, model, tok)
         delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
                           preserve=preserve, apply=apply)

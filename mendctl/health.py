@@ -86,7 +86,7 @@ def chain_health(ws, w: dict[str, torch.Tensor], ref: LocalityRef,
     else:
         agree = top1_agreement(ws.lm.model, ref)
     locality = float(sum(agree) / len(agree)) if agree else None
-    _, drift = weight_drift(w, ws._base)
+    _, drift = weight_drift(w, ws.base_weights)
     # only locality warns: drift is the cause, not the harm, and a healthy 10-edit chain
     # already passes the audit's 5 % drift flag (docs/results.md, sequential edits)
     low = locality is not None and locality < thresholds["locality"]

@@ -16,7 +16,7 @@ file size and the per-edit cost of later states at the price of a measured error
 
 History is not rewritten: the squashed entries stay in the ledger and their delta files stay
 in the store; only the active list of the new head changes. The recording follows the edit's
-crash rules (see `Workspace._edit_locked`): the file is staged, the ledger row and the file's
+crash rules (see `Workspace.edit`): the file is staged, the ledger row and the file's
 rename land in one transaction, and a failure leaves no row and discards the staged file.
 """
 from __future__ import annotations
@@ -133,10 +133,10 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
                              [delta] + [ws.load_delta(i, cache) for i in after_slot])
         new_hash = state_hash(w_new)
         diff = max(float((w_new[n].float() - w_old[n].float()).abs().max()) for n in w_new)
-        ws._set_weights(w_new, new_hash)
+        ws.set_weights(w_new, new_hash)
         retention_after = _success(ws, prompts, targets)
     except BaseException:
-        ws._loaded_state = None  # the model may hold a state no entry records
+        ws.forget_loaded_state()  # the model may hold a state no entry records
         raise
 
     max_err = max(errors.values())
@@ -150,9 +150,9 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
             if now_head is None or now_head.id != head.id:
                 raise LedgerError("the ledger moved while squashing (another writer without "
                                   "the lock?); nothing was recorded, try again")
-            ws._record_base_model(s)
+            ws.record_base_model(s)
             entry = ws.ledger.add_entry(
-                session=s, kind="squash", parent_id=head.id, **ws._provenance(command),
+                session=s, kind="squash", parent_id=head.id, **ws.provenance(command),
                 inputs=prompts, targets=targets, request=request, editor_name=EDITOR_NAME,
                 base_model_id=lm.model_id, base_model_hash=lm.base_hash,
                 weight_names=delta.names(), delta_sha256=staged.sha256,
@@ -166,10 +166,10 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
             ws.store.commit(staged)
     except BaseException:
         ws.store.discard(staged)
-        ws._drop_unrecorded(staged.sha256)
-        ws._loaded_state = None
+        ws.drop_unrecorded(staged.sha256)
+        ws.forget_loaded_state()
         raise
-    ws._remember_state(w_new, new_hash)
+    ws.remember_state(w_new, new_hash)
     return {
         "entry": entry.id, "parent": head.id, "squashed": seg_ids, "skipped": skipped,
         "rank": rank, "ranks": {n: (l.rank if l.is_lowrank else None)

@@ -210,6 +210,27 @@ class Workspace:
             self._check_base_model()
         return self._lm
 
+    @property
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The edited weights as the base model has them (read once, when the model loads)."""
+        _ = self.lm
+        return self._base
+
+    @property
+    def base_state_hash(self) -> str:
+        _ = self.lm
+        return self._base_hash
+
+    @property
+    def loaded_state(self) -> str | None:
+        """The hash of the state the model holds now (None: unknown, reload before use)."""
+        return self._loaded_state
+
+    def forget_loaded_state(self) -> None:
+        """Say the model may hold a state no entry records (after moving it through others),
+        so the next `use_state` loads its state again instead of trusting the cache."""
+        self._loaded_state = None
+
     def _check_base_model(self) -> None:
         recorded = self.ledger.get_meta("base_model_hash")
         if recorded and recorded != self._lm.base_hash:
@@ -220,7 +241,7 @@ class Workspace:
                 f"`model: {rid}` back, or replay the edits onto the new model into a new "
                 f"workspace: `mendctl replay --onto-model {self._lm.spec} --out DIR`")
 
-    def _record_base_model(self, session) -> None:
+    def record_base_model(self, session) -> None:
         if self.ledger.get_meta("base_model_hash", session=session) is None:
             self.ledger.set_meta("base_model_hash", self.lm.base_hash, session=session)
             self.ledger.set_meta("base_model_id", self.lm.model_id, session=session)
@@ -395,7 +416,7 @@ class Workspace:
                                   f"{expect_hash[:12]}; run `mendctl replay --verify` and `mendctl verify`")
         return w
 
-    def _remember_state(self, w: dict[str, torch.Tensor], h: str) -> None:
+    def remember_state(self, w: dict[str, torch.Tensor], h: str) -> None:
         """Cache the state's tensors (best effort: a read-only workspace just loads slower)."""
         try:
             self._write_state_cache(w, h)
@@ -427,15 +448,15 @@ class Workspace:
             return self._current
         ids = list(entry.active_ids) if entry else []
         w = self.weights_for(ids, h)
-        self._set_weights(w, h)
+        self.set_weights(w, h)
         plain, routed_ = self._split(ids)
         if routed_:
             self.router.install(self.router.edits(routed_))
         if plain:  # (routed entries alone leave the base's weights: nothing to cache)
-            self._remember_state(w, h)
+            self.remember_state(w, h)
         return w
 
-    def _set_weights(self, w: dict[str, torch.Tensor], h: str) -> None:
+    def set_weights(self, w: dict[str, torch.Tensor], h: str) -> None:
         """Load plain weights `w` as state `h`, with no routed edit installed."""
         self.router.remove()
         write_weights(self.lm.model, w)
@@ -649,12 +670,12 @@ class Workspace:
             edits = self.router.edits(head_routed) + [(RoutedEdit(delta, gate), rs)]
             w_new = w_head
             new_hash = self._state_key(w_new, head_plain, edits)
-            self._set_weights(w_new, new_hash)
+            self.set_weights(w_new, new_hash)
             self.router.install(edits)
         else:
             w_new = apply_deltas(w_head, [delta])
             new_hash = state_hash(w_new)
-            self._set_weights(w_new, new_hash)
+            self.set_weights(w_new, new_hash)
         try:
             after = self._probe(cases)
             if ref is not None:
@@ -713,10 +734,10 @@ class Workspace:
                 if (now_head.id if now_head else None) != (head.id if head else None):
                     raise LedgerError("the ledger moved while editing (another writer without "
                                       "the lock?); nothing was recorded, try again")
-                self._record_base_model(s)
+                self.record_base_model(s)
                 entry = self.ledger.add_entry(
                     session=s, kind="edit", parent_id=head.id if head else None,
-                    **self._provenance(command), inputs=[c.input for c in cases],
+                    **self.provenance(command), inputs=[c.input for c in cases],
                     targets=[c.target for c in cases], request=[c.to_dict() for c in cases],
                     editor_name=ed.name, editor_sha256=ed.sha256,
                     base_model_id=lm.model_id, base_model_hash=lm.base_hash,
@@ -741,11 +762,11 @@ class Workspace:
                 self.store.commit(staged)
         except BaseException:
             self.store.discard(staged)
-            self._drop_unrecorded(staged.sha256)
+            self.drop_unrecorded(staged.sha256)
             self._loaded_state = None  # the model holds an unrecorded state
             raise
         if not rs or head_plain:
-            self._remember_state(w_new, new_hash)
+            self.remember_state(w_new, new_hash)
         report["entry"] = entry.id
         return report
 
@@ -760,7 +781,7 @@ class Workspace:
             return None
         return [pair for i in active_ids for pair in self._pairs_of(i)]
 
-    def _drop_unrecorded(self, sha256: str) -> None:
+    def drop_unrecorded(self, sha256: str) -> None:
         """After a failed commit: remove the object if the rename happened but no row refers
         to it (objects are content-addressed, so another entry may legitimately share it)."""
         try:
@@ -769,7 +790,7 @@ class Workspace:
         except Exception:  # best effort: `verify` reports and `gc` removes what is left
             pass
 
-    def _provenance(self, command: str | None) -> dict:
+    def provenance(self, command: str | None) -> dict:
         try:
             user = getpass.getuser()
         except Exception:  # no passwd entry in some containers
@@ -816,7 +837,7 @@ class Workspace:
             with self.ledger.transaction() as s:
                 rev = self.ledger.add_entry(
                     session=s, kind="revert", parent_id=head.id, reverts_id=entry_id,
-                    **self._provenance(command), inputs=list(target.inputs),
+                    **self.provenance(command), inputs=list(target.inputs),
                     targets=list(target.targets), base_model_id=self.lm.model_id,
                     base_model_hash=self.lm.base_hash, weight_names=list(target.weight_names),
                     state_hash=exact_hash if not replay else state_hash(self.weights_for(keep)),
@@ -857,7 +878,7 @@ class Workspace:
                 if name == "mend" else self.editor(name)
             cut = notes.get("preserve_keys") if by_mend else self.config.preserve_keys
             preserve = self.preserved(ed, cut)
-            self._set_weights(w, state_hash(w))
+            self.set_weights(w, state_hash(w))
             cases = old.cases()
             steps = int((old.notes or {}).get("max_steps", 1))
             # the guard's limit as recorded: a replay must make the same delta even if the
@@ -897,7 +918,7 @@ class Workspace:
                 old = r["entry"]
                 e = self.ledger.add_entry(
                     session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
-                    **self._provenance(command), inputs=list(old.inputs),
+                    **self.provenance(command), inputs=list(old.inputs),
                     targets=list(old.targets), request=old.request,
                     editor_name=r["delta"].meta.get("editor"), editor_sha256=r["editor_sha256"],
                     base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
@@ -929,10 +950,10 @@ class Workspace:
         loc = [p for e in entries for c in (e.request or []) for p in c.get("locality", [])]
         loc = loc or [" ".join(t.split()[:24]) for t in generic_text_samples(4)]
         lm = self.lm
-        self._set_weights(w_exact, state_hash(w_exact))
+        self.set_weights(w_exact, state_hash(w_exact))
         es_exact = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
         ref = locality_reference(lm.model, lm.tokenizer, loc, self.fmt)
-        self._set_weights(w_replay, state_hash(w_replay))
+        self.set_weights(w_replay, state_hash(w_replay))
         es_replay = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
         ag, kl = locality_scores(lm.model, ref)
         self._loaded_state = None

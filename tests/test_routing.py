@@ -310,9 +310,10 @@ def test_routed_health_rescores_only_prompts_the_new_gate_opens_on(fresh_ws):
         for prompt, target in FACTS:
             r = _edit(w, prompt, target)
             recorded = r["after"]["health"]["audit_locality"]
-            w.use_state(w.head())
+            state = w.use_state(w.head())
             ref = base_reference(w)
-            full, agree = chain_health(w, w._current, ref)
+            w.use_state(w.head())  # (computing the reference may load the base state)
+            full, agree = chain_health(w, state, ref)
             # the same prompts scored in a smaller batch: equal but for a near-tie argmax
             # flipping under another summation order (at most 2 prompts allowed)
             assert abs(recorded - full["audit_locality"]) <= 2 / len(agree)

@@ -75,6 +75,10 @@ class MendEditor(nn.Module):
         #: sha256 of the editor.safetensors bytes this editor was loaded from (None: built here)
         self.weights_sha256: str | None = None
 
+    def net_for(self, name: str) -> nn.Module:
+        """The network (with its normalisation statistics) that serves weight `name`."""
+        return self.nets[self._where[name][0]]
+
     # -- the edit ---------------------------------------------------------------------------
     def factors(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """{name: (ũ, δ̃, α)} from {name: (u, δ)}; differentiable w.r.t. the editor."""

@@ -536,8 +536,7 @@ class Trainer:
                 pairs, _ = capture_edit_gradients(self.model, self.specs, edit)
                 pairs = self._all_pairs(pairs)  # ... and observe every process's tokens
                 for s in self.specs:
-                    key, _ = self.editor._where[s.name]
-                    self.editor.nets[key].observe(*pairs[s.name])
+                    self.editor.net_for(s.name).observe(*pairs[s.name])
 
     def progress_fraction(self) -> float:
         """How far along the run is: by steps, or by wall clock when a time limit is set,
