@@ -56,7 +56,10 @@ def main():
         ws = Workspace.open(str(temp_workspace(None if ed == "default" else ed)))
         for name in a.sets.split(","):
             cases = cases_of(name, a.cases)
-            r = evaluate(ws, cases, progress=lambda xs, d=f"{ed} {name}": tqdm(xs, desc=d, file=sys.stderr))
+            # (no perplexity: generic text names no edited subject, so a routed edit never acts
+            # on it; `mendctl eval` measures it)
+            r = evaluate(ws, cases, ppl_passages=0,
+                         progress=lambda xs, d=f"{ed} {name}": tqdm(xs, desc=d, file=sys.stderr))
             s = r["summary"]
             out["runs"].append({"editor": ed, "set": name, "summary": s, "relations": r["relations"],
                                 "answers": [(c["input"], c["target"], c["answer"]) for c in r["cases"]]})
