@@ -96,13 +96,13 @@ def main():
     prep_s = time.perf_counter() - t
     trainer.warm_up_normaliser()
     for _ in range(3):
-        loss, _ = trainer.losses(trainer._sample(4)); loss.backward()
+        loss, _ = trainer.losses(trainer.sample(4)); loss.backward()
     state = trainer.rng.getstate()
 
     def steps():
         t = time.perf_counter()
         for _ in range(a.train_steps):
-            loss, _ = trainer.losses(trainer._sample(4))
+            loss, _ = trainer.losses(trainer.sample(4))
             trainer.opt.zero_grad(); loss.backward(); trainer.opt.step()
         return a.train_steps * 4 / (time.perf_counter() - t)
 

@@ -198,7 +198,7 @@ class Trainer:
         self._chain_next: dict | None = None
 
     # -- one step -----------------------------------------------------------------------------
-    def _sample(self, k: int):
+    def sample(self, k: int):
         return [self.train_cases[self.rng.randrange(len(self.train_cases))] for _ in range(k)]
 
     def _part(self, n: int) -> tuple[int, int]:
@@ -528,7 +528,7 @@ class Trainer:
         self.editor.train()
         with torch.no_grad():
             for _ in range(self.cfg.norm_warmup):
-                cases = self._sample(self.cfg.edits_per_step)
+                cases = self.sample(self.cfg.edits_per_step)
                 lo, hi = self._part(len(cases))  # data parallel: capture this process's share
                 cases = cases[lo:hi]
                 edit = encode_pairs(self.tok, [c.input for c in cases], [c.target for c in cases],
@@ -651,7 +651,7 @@ class Trainer:
             lr_factor = self.lr_factor()
             for g, base_lr in zip(self.opt.param_groups, (cfg.lr, cfg.alpha_lr)):
                 g["lr"] = base_lr * lr_factor
-            cases = self._sample(cfg.edits_per_step)
+            cases = self.sample(cfg.edits_per_step)
             loss, stats = self.losses(cases, self._part(len(cases)) if rep.parallel else None)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
