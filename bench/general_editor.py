@@ -47,8 +47,13 @@ def main():
                     help="editor directory, or `default` (the shipped one); repeatable")
     ap.add_argument("--cases", type=int, default=60, help="first N cases of each set")
     ap.add_argument("--sets", default="heldout,test,real")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench/results/general_editor.json")
     a = ap.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     editors = a.editor or ["default"]
     out = {"cases": a.cases, "runs": []}
     rows = []
