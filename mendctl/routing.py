@@ -77,12 +77,30 @@ class Router:
         self._deltas: dict[int, Delta] = {}
         self._delta_digests: dict[int, tuple[Delta, str]] = {}
         self._installed: ExitStack | None = None
+        self._bank_digest: str | None = None
 
     # -- gate space ---------------------------------------------------------------------------
+    def _bank(self) -> list[str]:
+        """The ordinary prompts a gate space is computed from: openings of the bundled train
+        split's inputs and paraphrases (many relations, questions and statements alike)."""
+        train = load_split("train")
+        return [c.input for c in train[:BANK_PROMPTS]] + \
+            [c.paraphrases[0] for c in train[:BANK_PARAPHRASES] if c.paraphrases]
+
     def _space_path(self, layer: int) -> Path:
         lm = self.ws.lm
-        return (self.ws.state_dir / "gates" /
-                f"space-{lm.base_hash[:16]}-{self.ws.fmt}-L{layer}-{BANK_PROMPTS}-{BANK_PARAPHRASES}.safetensors")
+        d = self.ws.state_dir / "gates"
+        stem = f"space-{lm.base_hash[:16]}-{self.ws.fmt}-L{layer}-{BANK_PROMPTS}-{BANK_PARAPHRASES}"
+        legacy = d / f"{stem}.safetensors"
+        if legacy.is_file():
+            # made before the file name held the bank's digest (when the bundled data was
+            # geography only): the workspace's routed states were made with it and keep it
+            return legacy
+        # the bank's digest in the name: a new bundled dataset makes a new space, and a shared
+        # copy made from another bank is never taken for this one
+        if self._bank_digest is None:
+            self._bank_digest = hashlib.sha256("\n".join(self._bank()).encode()).hexdigest()[:12]
+        return d / f"{stem}-{self._bank_digest}.safetensors"
 
     def space(self, layer: int) -> GateSpace:
         """The gate space at `layer`, from the cache file or computed (~20 s on a CPU for the
@@ -107,10 +125,7 @@ class Router:
             lm = self.ws.lm
             # any loaded state will do: no edited weight lies at or below the gate layer
             self._check_layer(layer)
-            train = load_split("train")
-            prompts = [c.input for c in train[:BANK_PROMPTS]] + \
-                [c.paraphrases[0] for c in train[:BANK_PARAPHRASES] if c.paraphrases]
-            space = gate_space(lm.model, lm.tokenizer, prompts, layer, self.ws.fmt)
+            space = gate_space(lm.model, lm.tokenizer, self._bank(), layer, self.ws.fmt)
             path.parent.mkdir(parents=True, exist_ok=True)
             # written under a per-process name and renamed: another process (an `ask` needs no
             # lock) may be writing the same cache

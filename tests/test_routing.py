@@ -319,3 +319,25 @@ def test_routed_health_rescores_only_prompts_the_new_gate_opens_on(fresh_ws):
             assert abs(recorded - full["audit_locality"]) <= 2 / len(agree)
     finally:
         w.ledger.close()
+
+
+def test_gate_space_file_names_its_bank_and_old_workspaces_keep_theirs(routed_ws):
+    """A gate space is cached under a name holding its bank's digest (a new bundled dataset
+    makes a new space; a shared copy from another bank is never taken); a workspace whose space
+    file predates that (no digest in the name) keeps using it, and its states still verify."""
+    from mendctl.workspace import Workspace
+
+    ws, w = routed_ws
+    _edit(w, *FACTS[0])
+    gates = ws.root / ".mendctl" / "gates"
+    (made,) = list(gates.glob("space-*.safetensors"))
+    stem, digest = made.stem.rsplit("-", 1)
+    assert len(digest) == 12 and all(c in "0123456789abcdef" for c in digest)
+    legacy = gates / f"{stem}.safetensors"
+    made.rename(legacy)  # as the previous release named it
+    w2 = Workspace.open(str(ws.root))
+    try:
+        assert w2.replay_verify()["ok"]  # read from the legacy file, not recomputed
+        assert sorted(p.name for p in gates.glob("space-*.safetensors")) == [legacy.name]
+    finally:
+        w2.ledger.close()
