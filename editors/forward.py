@@ -1,12 +1,14 @@
 """Forward passes that compute only what editing needs.
 
-Two savings, both exact (the same numbers as a full forward, up to float rounding order):
+Three savings, all exact (the same numbers as a full forward, up to float rounding order):
 - `PrefixCache`: an edit changes weights in the last few blocks only, so everything below the
   first edited block is the same for the base and the edited model. One no-grad pass stores the
   hidden state entering that block; later passes swap the lower blocks for stubs that return
   it, so only the edited blocks run (with gradients where needed).
 - `selected_logits`: the output projection is applied only at the positions a loss reads (for
   a 49k vocabulary it costs more than three blocks per position).
+- `low_rank_rows`: rows edited by different low-rank edits run in one forward, each adding its
+  own edit's term, instead of one pass per edit with its weights materialised.
 
 Both work on any model whose blocks sit in one ``nn.ModuleList`` and whose base model
 (``model.base_model``) returns ``last_hidden_state`` after the final norm; anything else falls
