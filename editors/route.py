@@ -381,11 +381,12 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def open_rows(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor, tau: float = TAU) -> list[bool]:
-    """Per row of a right-padded batch: does `gate` open at any of its tokens? A row where it
-    never opens is never touched by the edit (the gate layer comes before the edited ones, so
-    no other edit changes the states it reads); only the blocks up to the gate layer run."""
+def open_rows(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
+              input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float = TAU) -> list[bool]:
+    """Per row of a right-padded batch: does one of `gates_` open at any of its tokens? A row
+    where none opens is never touched by their edits (the gate layer comes before the edited
+    ones, so no other edit changes the states it reads); only the blocks up to the gate layer
+    run."""
     got = {}
 
     def grab(module, args, output):
@@ -400,8 +401,9 @@ def open_rows(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, input_i
         pass
     finally:
         handle.remove()
-    words = word_gates(tokenizer, input_ids.cpu(), [gate.words]) if gate.words else None
-    g = gates(space, got["h"].float().cpu(), [gate.keys], tau, words)[..., 0]
+    words = [g.words for g in gates_]
+    words = word_gates(tokenizer, input_ids.cpu(), words) if any(words) else None
+    g = gates(space, got["h"].float().cpu(), [g.keys for g in gates_], tau, words).any(-1)
     return (g & attention_mask.cpu().bool()).any(1).tolist()
 
 

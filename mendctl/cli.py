@@ -223,18 +223,25 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
                    f"model's answer; {what}", err=True)
     if as_json:
         return _print_json(r)
-    head = "dry run (not recorded)" if dry_run else f"entry {r['entry']}"
+    head = "dry run (not recorded)" if dry_run else (
+        f"entries {r['entries'][0]}–{r['entries'][-1]}" if "entries" in r else f"entry {r['entry']}")
     steps = f", {r['edit_steps']} step(s)" if r["editor"] in ("mend", "identity") else ""
     if r.get("step_factor") not in (None, 1.0):
         steps += f" of α × {r['step_factor']:g}"
     click.echo(f"{head}: {r['editor']} edit of {len(cases)} fact(s) in {r['seconds'] * 1000:.0f} ms{steps}")
     b, a = r["before"], r["after"]
     for i, c in enumerate(cases):
+        if "answers" not in a:  # a routed batch is scored, not read out
+            entry = f"entry {r['facts'][i]['entry']}: " if "entry" in r["facts"][i] else ""
+            click.echo(f"  {entry}{c.input!r} → {c.target!r}: log p(target) "
+                       f"{b['target_logprob'][i]:.2f} → {a['target_logprob'][i]:.2f}"
+                       + ("" if a["holds"][i] else " (did not take)"))
+            continue
         click.echo(f"  {c.input!r} → {c.target!r}")
         click.echo(f"    before: {b['answers'][i]!r}  (log p(target) {b['target_logprob'][i]:.2f})")
         click.echo(f"    after:  {a['answers'][i]!r}  (log p(target) {a['target_logprob'][i]:.2f})")
     pa = [p for c in cases for p in c.paraphrases]
-    for j, p in enumerate(pa):
+    for j, p in enumerate(pa if "paraphrase_answers" in a else []):
         click.echo(f"    paraphrase {p!r}: {b['paraphrase_answers'][j]!r} → {a['paraphrase_answers'][j]!r}")
     click.echo(f"  edit success {b['edit_success']:.2f} → {a['edit_success']:.2f}" +
                (f", paraphrase success {b['paraphrase_success']:.2f} → {a['paraphrase_success']:.2f}"
@@ -261,9 +268,13 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
                    f"{'s' if pr['pairs'] != 1 else ''} (up to {pr['rank']} directions per weight)")
     rt = r.get("routing")
     if rt:
-        words = ", ".join(rt["gate_words"]) or "none"
-        click.echo(f"  routed: acts only where the input mentions the subject ({rt['gate_keys']} gate "
-                   f"key(s) at layer {rt['layer']}, τ {rt['tau']:g}; gate words: {words})")
+        if "gates" in rt:
+            click.echo(f"  routed: each fact is its own entry, acting only where the input "
+                       f"mentions its subject ({rt['gates']} gates at layer {rt['layer']}, τ {rt['tau']:g})")
+        else:
+            words = ", ".join(rt["gate_words"]) or "none"
+            click.echo(f"  routed: acts only where the input mentions the subject ({rt['gate_keys']} "
+                       f"gate key(s) at layer {rt['layer']}, τ {rt['tau']:g}; gate words: {words})")
     hb, ha = b.get("health"), a.get("health")
     if ha:
         click.echo(f"  chain vs base model: audit-set agreement {hb['audit_locality']:.3f} → "
@@ -331,6 +342,9 @@ def log(ctx, limit, as_json):
             extra = f" replays {e.replay_of_id}"
         elif e.kind == "squash":
             extra = " of " + ",".join(map(str, (e.notes or {}).get("squashed", [])))
+        b = (e.notes or {}).get("batch")
+        if b:
+            extra += f" (batch of {b['size']} from {b['first']})"
         if e.status and e.status != "ok":
             extra += f" [{e.status}]"
         es = (e.metrics_after or {}).get("edit_success")
@@ -396,7 +410,8 @@ def revert(ctx, entry_id, replay, as_json):
     g = r["gap"]
     if g.get("routed"):
         click.echo(f"  {g['later_edits']} later edit(s) kept as made: the state routes edits, "
-                   f"each behind its own gate (no replay to compare with)")
+                   f"each behind its own gate (no replay to compare with); their success "
+                   f"{g['es_before']:.2f} before the revert, {g['es_exact']:.2f} after")
     elif g["later_edits"]:
         click.echo(f"  gap exact vs replay over {g['later_edits']} later edit(s): KL {g['kl']:.4f}, "
                    f"top-1 agreement {g['top1_agreement']:.3f}, later edits' success "

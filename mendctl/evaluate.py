@@ -7,8 +7,8 @@ fluency of the edited model's answer to the input (n-gram entropy of a greedy co
 beside the unedited model's on the same prompt) and whether it repeats the target, and the
 editor's compute time. The model is put back after every edit, so cases do not accumulate.
 In a routed workspace (`routing`) a MEND edit is made and scored as `mendctl edit` would make
-it there: routed, behind its own gate, one fact at a time; and the gate is scored apart from the
-edit, so a miss can be attributed: its recall (the share of paraphrases at whose end the gate is
+it there: routed, each fact behind its own gate (a batch's facts made together); and each gate
+is scored apart from its edit, so a miss can be attributed: its recall (the share of paraphrases at whose end the gate is
 open), its false openings (the share of locality prompts at whose end it is open), and the
 paraphrase success where the gate did open (the edit's own generalisation).
 """
@@ -46,9 +46,6 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     model, tok, fmt = lm.model, lm.tokenizer, ws.fmt
     head = ws.head()
     rs = ws.config.routing if editor == "mend" else None
-    if rs and batch_size != 1:
-        raise InputError("with routing on, an edit is one fact: use --batch-size 1 (or set "
-                         "`routing: false` to evaluate batched weight edits)")
     ed = ws.editor(editor, step_factor=ws.routed_step_factor()) if rs else ws.editor(editor)
     # as `mendctl edit` edits (computing the preserved keys loads the base state)
     preserve = None if rs else ws.preserved(ed)
@@ -69,13 +66,20 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         # (a state with routed edits installed generates without a KV cache: route.py)
         base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not ws.router.active)
         t0 = time.perf_counter()
-        apply = gate = None
-        if rs:  # steps and scores behind the edit's own gate (as `Workspace.edit` makes them)
-            gate, apply = ws.router.stepper(batch[0].input, batch[0].target, rs, model, tok)
-        delta = edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
-                          preserve=preserve, apply=apply)
+        gates = []
+        if rs:  # each fact behind its own gate, made together (as `Workspace.edit` makes them)
+            gates, apply = ws.router.steppers(batch, rs, model, tok)
+            deltas = ed.edit_apart(model, tok, prompts, [c.target for c in batch], fmt, max_steps,
+                                   ws.guard_limit(ed, 1), apply)
+            ctx = apply(list(enumerate(deltas)))
+        else:
+            deltas = [edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
+                                preserve=preserve)]
+            ctx = applied(model, deltas[0])
         seconds = time.perf_counter() - t0
-        with (apply(delta) if rs else applied(model, delta)):
+        # stored bytes per fact, as a share of the dense weights one fact's delta touches
+        stored = sum(d.nbytes() for d in deltas) / len(batch) / deltas[0].dense_nbytes()
+        with ctx:
             es, _, es_tok = target_scores(model, tok, [c.input for c in batch],
                                           [c.target for c in batch], fmt, token_accuracy=True)
             ag, kl = locality_scores(model, ref) if ref else ([], [])
@@ -93,8 +97,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                     for kind, x in zip(kinds, ag[k:k + n_loc]):
                         by_kind.setdefault(f"locality_{kind}", []).append(x)
                 g = {}
-                if gate is not None:  # (one case per batch when routed)
-                    space = ws.router.space(rs["layer"])
+                if gates:  # the fact's own gate, scored apart from its edit
+                    gate, space = gates[j], ws.router.space(rs["layer"])
                     gp = opens(model, tok, space, gate, c.paraphrases, rs["tau"], fmt) if c.paraphrases else []
                     gl = opens(model, tok, space, gate, c.locality, rs["tau"], fmt) if c.locality else []
                     inside = [float(x) for x, o in zip(ps, gp) if o]
@@ -113,14 +117,14 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                     "answer": answers[j], "fluency": ngram_entropy(answers[j]),
                     "fluency_base": ngram_entropy(base_answers[j]),
                     "repeats_target": float(repeats_target(answers[j], c.target)),
-                    "seconds_per_edit": seconds / len(batch),
+                    "seconds_per_edit": seconds / len(batch), "stored_share": stored,
                 } | {key: _mean(v) for key, v in by_kind.items()})
                 k += n_loc
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(es=f"{_mean([r['edit_success'] for r in rows]):.2f}",
                            loc=f"{_mean([r['locality'] for r in rows]) or 0:.3f}")
     keys = ["edit_success", "paraphrase_success", "locality", "locality_kl", "ppl_drawdown",
-            "fluency", "fluency_base", "repeats_target", "seconds_per_edit",
+            "fluency", "fluency_base", "repeats_target", "seconds_per_edit", "stored_share",
             "edit_token_accuracy", "paraphrase_token_accuracy"]
     if rs:
         keys += ["gate_recall", "gate_false_open", "paraphrase_success_gate_open"]

@@ -180,12 +180,13 @@ class Router:
             out.append((RoutedEdit(self.ws.load_delta(e.id, self._deltas), gate), s))
         return out
 
-    def stepper(self, prompt: str, target: str, s: dict, model, tokenizer):
-        """(gate, apply) for a new routed edit of `prompt` → `target`: its gate, and the
-        context in which its steps so far act while it takes the next one (MendEditor.edit's
-        `apply`): behind its own gate, alone, as it will be used."""
-        gate, space = self.gate(prompt, s, target), self.space(s["layer"])
-        return gate, lambda d: routed(model, [RoutedEdit(d, gate)], space, s["tau"], tokenizer)
+    def steppers(self, cases, s: dict, model, tokenizer):
+        """(gates, apply) for new routed edits of `cases` made together: their gates, and the
+        context in which their steps so far act while they take the next one
+        (MendEditor.edit_apart's `apply`): each behind its own gate, as they will be used."""
+        gates, space = [self.gate(c.input, s, c.target) for c in cases], self.space(s["layer"])
+        return gates, lambda items: routed(model, [RoutedEdit(d, gates[i]) for i, d in items],
+                                           space, s["tau"], tokenizer)
 
     def _delta_digest(self, delta: Delta) -> str:
         if id(delta) not in self._delta_digests:  # (the entry keeps the delta, and so its id)
@@ -196,14 +197,24 @@ class Router:
     def state_hash(self, weights_hash: str, edits: list[tuple[RoutedEdit, dict]]) -> str:
         """The hash of a state whose plain weights hash to `weights_hash` and that routes
         `edits` in order: the weights' hash itself when it routes none."""
+        return self.state_hashes(weights_hash, edits, len(edits))[-1]
+
+    def state_hashes(self, weights_hash: str, edits: list[tuple[RoutedEdit, dict]],
+                     last: int) -> list[str]:
+        """`state_hash` of the states routing the first k of `edits`, for each of the `last`
+        largest k (in order): the states a batch of routed entries passes through, hashed in
+        one walk."""
         if not edits:
-            return weights_hash
+            return [weights_hash]
+        out = []
         h = hashlib.sha256(b"mendctl routed state\0" + weights_hash.encode())
-        for r, s in edits:
+        for k, (r, s) in enumerate(edits, start=1):
             h.update(json.dumps({"delta": self._delta_digest(r.delta), "gate": gate_digest(r.gate),
                                  "layer": s["layer"], "tau": s["tau"], "margin": s.get("margin"),
                                  "space": self.space_digest(s["layer"])}, sort_keys=True).encode())
-        return h.hexdigest()
+            if k > len(edits) - last:
+                out.append(h.hexdigest())
+        return out
 
     def install(self, edits: list[tuple[RoutedEdit, dict]]) -> None:
         """Route `edits` on the workspace's model until `remove` (one routing per gate layer,

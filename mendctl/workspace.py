@@ -367,6 +367,12 @@ class Workspace:
         wh = state_hash(w) if plain_ids else self._base_hash
         return self.router.state_hash(wh, routed_edits) if routed_edits else wh
 
+    def _state_keys(self, w, plain_ids, routed_edits, last: int) -> list[str]:
+        """`_state_key` of the states routing the first k of `routed_edits`, for the `last`
+        largest k: the states a batch of routed entries passes through."""
+        wh = state_hash(w) if plain_ids else self._base_hash
+        return self.router.state_hashes(wh, routed_edits, last)
+
     def routed_step_factor(self) -> float:
         """The step factor of a routed edit: routing's `alpha` × the editor's as-trained α,
         undoing the operating point's scale (chosen for plain edits' locality)."""
@@ -535,7 +541,8 @@ class Workspace:
         para_t = [c.target for c in cases for _ in c.paraphrases]
         pok = target_scores(lm.model, lm.tokenizer, para_p, para_t, self.fmt)[0] if para_p else []
         out = {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp, "holds": list(ok),
-               "paraphrase_success": float(sum(pok) / len(pok)) if pok else None}
+               "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
+               "paraphrase_holds": _per_case(cases, pok, attr="paraphrases")}
         if answers:
             gen = self._generate(prompts + para_p, max(8, max(len(lm.tokenizer(t).input_ids)
                                                               for t in targets) + 4))
@@ -565,24 +572,30 @@ class Workspace:
         is not the model's answer (edit success < 1) is refused with EditFailed and nothing is
         recorded, unless `keep_failed` (default: the config's; then it is recorded with status
         `failed`). `before_answers=False` skips generating the answers before the edit (the
-        report then has the scores only: `edit --each` shows no answers)."""
+        report then has the scores only: `edit --each` shows no answers).
+
+        Several cases make one batched edit. A plain weight edit of them is one delta and one
+        entry. Routed (the default), each fact needs its own gate and so its own delta: they
+        are computed together (`MendEditor.edit_apart`) and recorded as one entry each, in one
+        transaction (all or none), linked by `notes.batch`; each can be reverted exactly on
+        its own. A batch is scored, without generated answers."""
         keep_failed = self.config.keep_failed if keep_failed is None else keep_failed
         if not cases:
             raise InputError("nothing to edit: give --input and --target, or --batch FILE.jsonl")
-        for c in cases:
+        seen = {}
+        for i, c in enumerate(cases, start=1):
             check_text(c.input, "input")
             check_text(c.target, "target")
+            if c.input in seen:
+                raise InputError(f"facts {seen[c.input]} and {i} of the batch both edit "
+                                 f"{_clip(c.input)}: keep one of them")
+            seen[c.input] = i
         if max_steps < 1:
             raise InputError("--max-steps must be ≥ 1")
         if self.config.routing:
             if editor != "mend":
                 raise InputError(f"routing (mendctl.yaml) applies MEND's low-rank deltas; edit "
                                  f"with --editor mend, or set `routing: false` to edit with {editor}")
-            if len(cases) > 1:
-                raise InputError(f"with routing on (the default), an edit is one fact (its gate is "
-                                 f"its subject); {len(cases)} were given: `mendctl edit --each "
-                                 f"FILE.jsonl` makes them one after another, each its own entry "
-                                 f"(or set `routing: false` for one batched weight edit)")
             ed = self.editor(editor, step_factor=self.routed_step_factor())
         else:
             ed = self.editor(editor)
@@ -644,7 +657,10 @@ class Workspace:
         health_ref = base_reference(self) if self.config.health_check else None
         preserve = None if rs else self.preserved(ed)  # cached; computing it loads the base state too
         w_head = self.use_state(head)
-        before = self._probe(cases, answers=before_answers)
+        # a batch is scored, not read out: generating answers for a hundred facts (without a KV
+        # cache once routed edits are installed) would take longer than editing them
+        answers = before_answers and (len(cases) == 1 or not rs)
+        before = self._probe(cases, answers=answers)
         before_state = self._loaded_state
         if health_ref is not None:
             before["health"] = self._chain_health(w_head, health_ref, before_state)
@@ -653,41 +669,52 @@ class Workspace:
         if rs:
             self.router.space(rs["layer"])  # computed once per workspace (cached), not timed
         t0 = time.perf_counter()
-        max_norm = self.guard_limit(ed, len(cases))
-        protect = None if rs else self._protected(head_ids, ed)
-        apply = gate = None
-        if rs:  # the edit takes its steps behind its own gate, as it will be used
-            gate, apply = self.router.stepper(cases[0].input, cases[0].target, rs, lm.model,
-                                              lm.tokenizer)
-        delta = edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt, max_steps, max_norm, protect,
-                          preserve, apply)
+        if rs:
+            # each fact its own delta behind its own gate (its subject), all computed together:
+            # their steps act behind their gates, as they will be used
+            gates, apply = self.router.steppers(cases, rs, lm.model, lm.tokenizer)
+            max_norm = self.guard_limit(ed, 1)  # each fact's step is a single edit's
+            protect = None
+            deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
+                                   [c.target for c in cases], self.fmt, max_steps, max_norm, apply)
+            parts = [([i], d) for i, d in enumerate(deltas)]
+        else:
+            gates = []
+            max_norm = self.guard_limit(ed, len(cases))
+            protect = self._protected(head_ids, ed)
+            parts = [(list(range(len(cases))), edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt,
+                                                         max_steps, max_norm, protect, preserve))]
         seconds = time.perf_counter() - t0
-        if not delta.is_finite():
+        if not all(d.is_finite() for _, d in parts):
             raise EditorError("the editor produced non-finite values (NaN or inf); nothing was "
                               "recorded. Check the editor checkpoint with the same input in "
                               "`mendctl edit --dry-run`")
         if rs:
-            edits = self.router.edits(head_routed) + [(RoutedEdit(delta, gate), rs)]
+            new = [(RoutedEdit(d, g), rs) for (_, d), g in zip(parts, gates)]
+            edits = self.router.edits(head_routed) + new
             w_new = w_head
-            new_hash = self._state_key(w_new, head_plain, edits)
+            hashes = self._state_keys(w_new, head_plain, edits, len(new))
+            new_hash = hashes[-1]
             self.set_weights(w_new, new_hash)
             self.router.install(edits)
         else:
-            w_new = apply_deltas(w_head, [delta])
+            w_new = apply_deltas(w_head, [parts[0][1]])
             new_hash = state_hash(w_new)
+            hashes = [new_hash]
             self.set_weights(w_new, new_hash)
         try:
-            after = self._probe(cases)
+            after = self._probe(cases, answers=answers)
             if ref is not None:
                 ag, kl = locality_scores(lm.model, ref)
                 after["locality"] = float(sum(ag) / len(ag))
                 after["locality_kl"] = float(sum(kl) / len(kl))
+                after["locality_each"] = _per_case(cases, ag, kl)
             if health_ref is not None:
                 touched = None
                 if rs and rs.get("margin") is None:  # (a margin lets a gate close others)
                     b = health_ref.batch
                     touched = (before_state, [i for i, o in enumerate(open_rows(
-                        lm.model, lm.tokenizer, self.router.space(rs["layer"]), gate,
+                        lm.model, lm.tokenizer, self.router.space(rs["layer"]), gates,
                         b.input_ids, b.attention_mask, rs["tau"])) if o])
                 after["health"] = self._chain_health(w_new, health_ref, new_hash, touched)
         finally:
@@ -695,79 +722,116 @@ class Workspace:
                 self._loaded_state = None
                 self.use_state(head)
         failed = [i for i, ok in enumerate(after["holds"]) if not ok]
+        steps_of = [int(d.meta.get("edit_steps", 1)) for _, d in parts]
         if failed and not dry_run and not keep_failed:
             self._loaded_state = None  # the model holds the unrecorded edit
-            steps = int(delta.meta.get("edit_steps", 1))
-            shown = "; ".join(f"{cases[i].input!r} → {after['answers'][i]!r} (wanted "
-                              f"{cases[i].target!r})" for i in failed[:3])
+            shown = "; ".join(f"{cases[i].input!r} → "
+                              + (f"{after['answers'][i]!r}" if "answers" in after else
+                                 f"log p(target) {after['target_logprob'][i]:.2f}")
+                              + f" (wanted {cases[i].target!r})" for i in failed[:3])
             raise EditFailed(
-                f"the edit did not take: after {steps} step(s) {len(failed)} of {len(cases)} "
-                f"target(s) are still not the model's answer ({shown}); nothing was recorded. "
-                f"Try more steps (--max-steps), another wording, or record it anyway with "
-                f"--keep-failed")
-        norms = delta.norms()
+                f"the edit did not take: after {max(steps_of)} step(s) {len(failed)} of "
+                f"{len(cases)} target(s) are still not the model's answer ({shown}); nothing was "
+                f"recorded. Try more steps (--max-steps), another wording, or record it anyway "
+                f"with --keep-failed")
+        norms = _largest([d.norms() for _, d in parts])
+        scales = [float(d.meta["norm_scale"]) for _, d in parts if "norm_scale" in d.meta]
+        routing_of = [{**rs, "gate_words": list(g.words), "gate_keys": len(g.keys),
+                       "gate_sha256": routing.gate_digest(g)} for g in gates] if rs else [None]
+        delta0 = parts[0][1]
         report = {
             "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
             "failed": [cases[i].input for i in failed],
             "cases": [c.to_dict() for c in cases], "before": before, "after": after,
-            "delta_norms": norms, "delta_bytes": delta.nbytes(),
-            "dense_bytes": delta.dense_nbytes(), "state_hash": new_hash,
+            "delta_norms": norms, "delta_bytes": sum(d.nbytes() for _, d in parts),
+            "dense_bytes": sum(d.dense_nbytes() for _, d in parts), "state_hash": new_hash,
             "parent": head.id if head else None,
-            "edit_steps": int(delta.meta.get("edit_steps", 1)),
-            "guard": {"max_norm": max_norm, "norm_scale": float(delta.meta["norm_scale"])
-                      if "norm_scale" in delta.meta else None},
+            "edit_steps": max(steps_of),
+            "guard": {"max_norm": max_norm, "norm_scale": min(scales) if scales else None},
             "protect": {"on": protect is not None, "pairs": len(protect or []),
-                        "rank": int(delta.meta["protected_rank"]) if "protected_rank" in delta.meta else None},
+                        "rank": int(delta0.meta["protected_rank"]) if "protected_rank" in delta0.meta else None},
             "step_factor": getattr(ed, "step_factor", None),
             "preserve": {"cut": self.config.preserve_keys if preserve is not None else None,
                          "rank": max(b.shape[1] for b in preserve.values()) if preserve else None},
-            "routing": {**rs, "gate_words": list(gate.words), "gate_keys": len(gate.keys),
-                        "gate_sha256": routing.gate_digest(gate)} if rs else None,
+            "routing": routing_of[0] if len(parts) == 1 else ({**rs, "gates": len(gates)} if rs else None),
         }
+        if len(parts) > 1:  # routed facts made together: one entry each
+            report["facts"] = [{"input": cases[i].input, "target": cases[i].target,
+                                "holds": after["holds"][i], "edit_steps": steps_of[k],
+                                "delta_bytes": d.nbytes(), "gate_words": routing_of[k]["gate_words"]}
+                               for k, ([i], d) in enumerate(parts)]
         if dry_run:
             return report
-        delta.meta.update({"editor": ed.name, "base_model_hash": lm.base_hash})
-        staged = self.store.stage(delta)
+        staged = []
+        for _, d in parts:
+            d.meta.update({"editor": ed.name, "base_model_hash": lm.base_hash})
         try:
+            for _, d in parts:
+                staged.append(self.store.stage(d))
+            ids = []
             with self.ledger.transaction() as s:
                 now_head = self.ledger.head(session=s)
                 if (now_head.id if now_head else None) != (head.id if head else None):
                     raise LedgerError("the ledger moved while editing (another writer without "
                                       "the lock?); nothing was recorded, try again")
                 self.record_base_model(s)
-                entry = self.ledger.add_entry(
-                    session=s, kind="edit", parent_id=head.id if head else None,
-                    **self.provenance(command), inputs=[c.input for c in cases],
-                    targets=[c.target for c in cases], request=[c.to_dict() for c in cases],
-                    editor_name=ed.name, editor_sha256=ed.sha256,
-                    base_model_id=lm.model_id, base_model_hash=lm.base_hash,
-                    weight_names=delta.names(), delta_sha256=staged.sha256,
-                    delta_path=staged.rel_path, delta_size=staged.size, delta_norms=norms,
-                    metrics_before=_metrics(before), metrics_after=_metrics(after, seconds),
-                    state_hash=new_hash, status="failed" if failed else "ok",
-                    active_ids=list(head.active_ids) if head else [],  # own id appended below
-                    notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
-                           "max_steps": max_steps, "max_norm": max_norm,
-                           "norm_scale": report["guard"]["norm_scale"],
-                           "protect": protect is not None, "protected_pairs": len(protect or []),
-                           "protected_rank": report["protect"]["rank"],
-                           "health": after.get("health"),
-                           "step_factor": report["step_factor"],
-                           "preserve_keys": report["preserve"]["cut"],
-                           "edit_steps": int(delta.meta.get("edit_steps", 1)),
-                           **({"routing": report["routing"]} if rs else {})},
-                )
-                entry.active_ids = list(entry.active_ids) + [entry.id]
-                s.flush()
-                self.store.commit(staged)
+                parent, active = (head.id if head else None), list(head_ids)
+                for k, ((idx, d), st) in enumerate(zip(parts, staged)):
+                    mine = [cases[i] for i in idx]
+                    last = k == len(parts) - 1
+                    sub_b, sub_a = _part(before, idx, len(cases)), _part(after, idx, len(cases))
+                    entry = self.ledger.add_entry(
+                        session=s, kind="edit", parent_id=parent,
+                        **self.provenance(command), inputs=[c.input for c in mine],
+                        targets=[c.target for c in mine], request=[c.to_dict() for c in mine],
+                        editor_name=ed.name, editor_sha256=ed.sha256,
+                        base_model_id=lm.model_id, base_model_hash=lm.base_hash,
+                        weight_names=d.names(), delta_sha256=st.sha256,
+                        delta_path=st.rel_path, delta_size=st.size, delta_norms=d.norms(),
+                        metrics_before=_metrics(sub_b),
+                        metrics_after=_metrics(sub_a, seconds * len(idx) / len(cases)),
+                        state_hash=hashes[k], status="failed" if any(i in failed for i in idx) else "ok",
+                        active_ids=active,  # own id appended below
+                        notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
+                               "max_steps": max_steps, "max_norm": max_norm,
+                               "norm_scale": float(d.meta["norm_scale"]) if "norm_scale" in d.meta else None,
+                               "protect": protect is not None, "protected_pairs": len(protect or []),
+                               "protected_rank": report["protect"]["rank"],
+                               # the chain's health is measured once, on the state after all
+                               "health": after.get("health") if last else None,
+                               "step_factor": report["step_factor"],
+                               "preserve_keys": report["preserve"]["cut"],
+                               "edit_steps": steps_of[k],
+                               **({"routing": routing_of[k]} if rs else {}),
+                               **({"batch": {"index": k, "size": len(parts),
+                                             "first": ids[0] if ids else None,
+                                             "seconds": round(seconds, 4)}}
+                                  if len(parts) > 1 else {})},
+                    )
+                    active = active + [entry.id]
+                    entry.active_ids = active
+                    s.flush()
+                    if len(parts) > 1 and not ids:  # the batch is named by its first entry
+                        entry.notes = {**entry.notes,
+                                       "batch": {**entry.notes["batch"], "first": entry.id}}
+                        s.flush()
+                    parent = entry.id
+                    ids.append(entry.id)
+                for st in staged:
+                    self.store.commit(st)
         except BaseException:
-            self.store.discard(staged)
-            self.drop_unrecorded(staged.sha256)
+            for st in staged:
+                self.store.discard(st)
+                self.drop_unrecorded(st.sha256)
             self._loaded_state = None  # the model holds an unrecorded state
             raise
         if not rs or head_plain:
             self.remember_state(w_new, new_hash)
-        report["entry"] = entry.id
+        report["entry"] = ids[-1]
+        if len(ids) > 1:
+            report["entries"] = ids
+            for f, i in zip(report["facts"], ids):
+                f["entry"] = i
         return report
 
     def _pairs_of(self, entry_id: int) -> list[tuple[str, str]]:
@@ -831,9 +895,8 @@ class Workspace:
             # the replay alternative: every later edit recomputed on the state without entry_id
             # (not for routed states: see above)
             replayed = [] if routed_here else self._replay_entries(keep, later)
-            gap = {"later_edits": len(later), "kl": None, "top1_agreement": None, "es_exact": None,
-                   "es_replay": None, "routed": True} if routed_here and later else \
-                self._gap(w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
+            gap = self._routed_gap(w_exact, exact_hash, routed_, later) if routed_here and later \
+                else self._gap(w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
             with self.ledger.transaction() as s:
                 rev = self.ledger.add_entry(
                     session=s, kind="revert", parent_id=head.id, reverts_id=entry_id,
@@ -938,6 +1001,24 @@ class Workspace:
             parent = e.id
             ids.append(e.id)
         return ids
+
+    def _routed_gap(self, w_exact, exact_hash: str, routed_entries, later: list[int]) -> dict:
+        """What an exact revert of a routed edit does to the edits after it (there is no replay
+        alternative: see `revert`): the share of their facts that are still the model's answer
+        without it, beside the share before (an edit made together with the reverted one, in
+        a batch, took its steps with it installed)."""
+        entries = [self.ledger.get(i) for i in later]
+        prompts = [p for e in entries for p in e.inputs]
+        targets = [t for e in entries for t in e.targets]
+        lm = self.lm
+        self.use_state(self.head())
+        before = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
+        self.set_weights(w_exact, exact_hash)
+        self.router.install(self.router.edits(routed_entries))
+        after = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
+        return {"later_edits": len(later), "kl": None, "top1_agreement": None,
+                "es_before": float(sum(before) / len(before)),
+                "es_exact": float(sum(after) / len(after)), "es_replay": None, "routed": True}
 
     def _gap(self, w_exact, w_replay, later: list[int]) -> dict:
         """How far exact revert and revert-by-replay end apart: KL on locality prompts and the
@@ -1149,6 +1230,42 @@ def _say_waiting(holder: dict | None) -> None:
 def _clip(text: str, n: int = 40) -> str:
     """A long text as messages show it: its start, quoted."""
     return repr(text if len(text) <= n else text[:n] + "…")
+
+
+def _per_case(cases, values, kl=None, attr: str = "locality") -> list:
+    """Per case, its share of `values` (one per prompt in `attr`, in order): the values
+    themselves, or with `kl` the case's mean agreement and mean KL (None: it has none)."""
+    out, k = [], 0
+    for c in cases:
+        n = len(getattr(c, attr))
+        if kl is None:
+            out.append(list(values[k:k + n]))
+        else:
+            out.append([sum(values[k:k + n]) / n, sum(kl[k:k + n]) / n] if n else None)
+        k += n
+    return out
+
+
+def _part(probe: dict, idx: list[int], n: int) -> dict:
+    """The probe of an edit's cases `idx` out of its `n`: the whole probe when they are all."""
+    if len(idx) == n:
+        return probe
+    holds = [probe["holds"][i] for i in idx]
+    para = [x for i in idx for x in probe["paraphrase_holds"][i]]
+    out = {"edit_success": float(sum(holds) / len(holds)), "holds": holds,
+           "target_logprob": [probe["target_logprob"][i] for i in idx],
+           "paraphrase_success": float(sum(para) / len(para)) if para else None}
+    loc = [probe["locality_each"][i] for i in idx] if "locality_each" in probe else []
+    loc = [x for x in loc if x is not None]
+    if loc:
+        out["locality"] = sum(a for a, _ in loc) / len(loc)
+        out["locality_kl"] = sum(k for _, k in loc) / len(loc)
+    return out
+
+
+def _largest(norms: list[dict[str, float]]) -> dict[str, float]:
+    """Per weight, the largest of the deltas' ‖ΔW‖_F."""
+    return {k: max(n[k] for n in norms if k in n) for k in {k for n in norms for k in n}}
 
 
 def _metrics(probe: dict, seconds: float | None = None) -> dict:

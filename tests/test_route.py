@@ -270,7 +270,7 @@ def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):
     prompts = [fact_prompt("s3"), "water is cold and snow is", "tell me about s3 please",
                fact_prompt("s5")]
     b = encode_prompts(tiny_tokenizer, prompts)
-    rows = open_rows(tiny_llama, tiny_tokenizer, space, gate, b.input_ids, b.attention_mask)
+    rows = open_rows(tiny_llama, tiny_tokenizer, space, [gate], b.input_ids, b.attention_mask)
     assert rows[0] and rows[2] and not rows[1] and not rows[3]
     delta = _edit(tiny_llama, tiny_tokenizer, "auto")
     base, _ = _logits(tiny_llama, tiny_tokenizer, prompts)
@@ -280,3 +280,61 @@ def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):
         if not o:
             assert torch.equal(edited[i], base[i])
     assert not torch.equal(edited[0], base[0])
+
+
+def _routed_pair(tiny_llama, tiny_tokenizer, subjects, targets, init_alpha):
+    """An editor, and per fact its gate, for edits of `subjects` → `targets` behind gates."""
+    specs = select_weights(tiny_llama, ["auto"])
+    editor = MendEditor(specs, MendConfig(rank=4, norm=False, init_alpha=init_alpha))
+    space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
+    gates_ = [edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt(s)) for s in subjects]
+    return editor, space, gates_
+
+
+def test_edit_apart_of_one_fact_is_the_edit_step_for_step(tiny_llama, tiny_tokenizer):
+    """`edit_apart` with one fact takes exactly the steps `edit` takes (same forwards, same
+    rows): the routed single edit and the routed batch are one code path without a seam."""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.05)
+    one = editor.edit(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"], max_steps=4,
+                      apply=lambda d: routed(tiny_llama, [RoutedEdit(d, gate)], space,
+                                             tokenizer=tiny_tokenizer))
+    (apart,) = editor.edit_apart(
+        tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"], max_steps=4,
+        apply=lambda items: routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
+                                   tokenizer=tiny_tokenizer))
+    assert int(apart.meta["edit_steps"]) == int(one.meta["edit_steps"]) > 1
+    assert apart.meta["edit_loss_before"] == one.meta["edit_loss_before"]
+    for name, layer in one.layers.items():
+        assert torch.equal(apart.layers[name].u, layer.u) and torch.equal(apart.layers[name].d, layer.d)
+
+
+def test_edit_apart_gives_each_fact_the_delta_it_gets_alone(tiny_llama, tiny_tokenizer):
+    """Facts edited together, each behind its own gate: each fact's ΔW is the one it gets when
+    edited alone, up to float32 rounding of the padded batch (the reductions run over other
+    shapes: a few hundred ulps of the largest entry at most), and it holds as it does alone."""
+    subjects, targets = ["s3", "s5", "s9"], ["c7", "c2", "c4"]
+    editor, space, gates_ = _routed_pair(tiny_llama, tiny_tokenizer, subjects, targets, 1.0)
+    prompts = [fact_prompt(s) for s in subjects]
+
+    def apply(items):
+        return routed(tiny_llama, [RoutedEdit(d, gates_[i]) for i, d in items], space,
+                      tokenizer=tiny_tokenizer)
+
+    together = editor.edit_apart(tiny_llama, tiny_tokenizer, prompts, targets, max_steps=1, apply=apply)
+    assert len(together) == 3
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        alone = editor.edit(tiny_llama, tiny_tokenizer, [p], [t], max_steps=1)
+        for name, layer in alone.layers.items():
+            want, got = layer.to_dense(), together[i].layers[name].to_dense()
+            assert want.abs().max() > 0
+            assert (got - want).abs().max() <= 512 * EPS32 * want.abs().max()
+    # with all three installed, a fact whose prompt opens no other fact's gate scores as alone
+    crossed = open_at_end(tiny_llama, tiny_tokenizer, space, gates_, prompts)
+    with apply(list(enumerate(together))):
+        lp_together = target_scores(tiny_llama, tiny_tokenizer, prompts, targets)[1]
+    clean = [i for i in range(3) if crossed[i].sum() == 1 and crossed[i, i]]
+    assert clean, crossed
+    for i in clean:
+        with routed(tiny_llama, [RoutedEdit(together[i], gates_[i])], space, tokenizer=tiny_tokenizer):
+            lp = target_scores(tiny_llama, tiny_tokenizer, [prompts[i]], [targets[i]])[1][0]
+        assert abs(lp - lp_together[i]) <= 1e-4 * max(1.0, abs(lp))

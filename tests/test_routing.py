@@ -140,8 +140,8 @@ def test_routed_refusals_write_nothing(routed_ws):
     _edit(w, *FACTS[0])
     files, rows = ws.all_files(), ws.ledger_count()
     two = [EditCase(input=p, target=t) for p, t in FACTS]
-    with pytest.raises(InputError, match="one fact"):
-        w.edit(two)
+    with pytest.raises(InputError, match="both edit"):
+        w.edit(two + two[:1])
     with pytest.raises(InputError, match="--editor mend"):
         w.edit(two[:1], editor="ft")
     with pytest.raises(InputError, match="LoRA adapter cannot carry"):  # (hf: tests/test_deploy.py)
@@ -210,8 +210,10 @@ def test_eval_in_a_routed_workspace_makes_routed_edits(routed_ws):
     head = w.head()
     cases = [EditCase(input=p, target=t, paraphrases=[p + " Answer:"], locality=["Water boils at"])
              for p, t in FACTS]
-    with pytest.raises(InputError, match="batch-size 1"):
-        evaluate(w, cases, batch_size=2)
+    rb = evaluate(w, cases, ppl_passages=0, batch_size=2)  # the two facts made together
+    assert rb["summary"]["routed"] and rb["summary"]["batch_size"] == 2
+    # (the tiny model's weights are so small that factors can outweigh them: share > 0 only)
+    assert all(c["gate_recall"] == 1.0 and c["stored_share"] > 0 for c in rb["cases"])
     r = evaluate(w, cases, ppl_passages=1)
     assert r["summary"]["routed"] and r["summary"]["cases"] == 2
     assert r["summary"]["max_steps"] == ROUTING.get("max_steps", config_mod.ROUTING_DEFAULTS["max_steps"])
@@ -247,9 +249,56 @@ def test_cli_routed_workspace(tiny_assets, tmp_path, process):
     log = ws.ok("log").stdout
     assert "* R    1" in log and "R routed" in log
     ws.ok("ask", "--input", FACTS[0][0])
-    err = one_line_error(ws.run("edit", "--batch", str(_batch(tmp_path))))
-    assert "one fact" in err and ws.ledger_count() == 1
+    r = ws.ok("edit", "--batch", str(_batch(tmp_path)), "--keep-failed")  # one entry per fact
+    assert "entries 2–3" in r.stdout and "each fact is its own entry" in r.stdout
+    assert ws.ledger_count() == 3
+    ws.ok("revert", "2")  # one fact out of the batch, exactly
     assert "all hashes match" in ws.ok("replay", "--verify").stdout
+
+
+def test_a_routed_batch_is_one_entry_per_fact_recorded_together(routed_ws, monkeypatch):
+    """A routed batch: one delta, gate and entry per fact, made together and recorded in one
+    transaction, linked by notes.batch; each state rebuilds to its hash; one fact of the batch
+    reverts exactly; a batch that cannot be recorded whole leaves nothing behind."""
+    ws, w = routed_ws
+    facts = [("The capital of Peru is", "Oslo"), ("The capital of Chile is", "Cairo"),
+             ("The capital of Kenya is", "Lima")]
+    cases = [EditCase(input=p, target=t, locality=["Water boils at"]) for p, t in facts]
+    steps = w.max_steps_for("mend", 1)
+    with pytest.raises(InputError, match="both edit"):  # the same input twice: one must go
+        w.edit(cases + cases[:1], max_steps=steps)
+    assert ws.ledger_count() == 0
+    # all or nothing: the third entry fails to record, so none of the three may remain
+    real = w.ledger.add_entry
+    calls = []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk gone")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(w.ledger, "add_entry", flaky)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        w.edit(cases, max_steps=steps, keep_failed=True)
+    monkeypatch.setattr(w.ledger, "add_entry", real)
+    assert ws.ledger_count() == 0 and not list((ws.root / ".mendctl" / "deltas").rglob("*.safetensors"))
+    r = w.edit(cases, max_steps=steps, keep_failed=True)
+    assert r["entries"] == [1, 2, 3] and [f["entry"] for f in r["facts"]] == [1, 2, 3]
+    assert "answers" not in r["after"]  # a batch is scored, not read out
+    entries = [w.ledger.get(i) for i in r["entries"]]
+    for k, e in enumerate(entries):
+        assert e.inputs == [facts[k][0]] and e.targets == [facts[k][1]]
+        assert e.notes["batch"] == {"index": k, "size": 3, "first": 1,
+                                    "seconds": r["seconds"]}
+        assert e.active_ids == [1, 2, 3][:k + 1] and e.notes["routing"]["gate_sha256"]
+        assert e.metrics_after["edit_success"] == float(r["after"]["holds"][k])
+    assert entries[-1].state_hash == r["state_hash"]
+    assert len({e.state_hash for e in entries}) == 3
+    assert w.replay_verify()["ok"]
+    rev = w.revert(2)
+    assert rev["mode"] == "exact" and w.head().active_ids == [1, 3]
+    assert w.replay_verify()["ok"]
 
 
 def _batch(tmp_path):

@@ -117,15 +117,17 @@ def _loss_and_hits(model: nn.Module, batch: Batch, weights=None, hits: bool = Tr
     select, labels, owner = label_positions(batch)
     logits = selected_logits(model, batch, select, weights)
     n = batch.labels.shape[0]
-    loss = per_example_nll(logits, labels, owner, n).sum()
+    each = per_example_nll(logits, labels, owner, n)
+    loss = each.sum()
     if not hits:
-        return loss, None
+        return loss, None, each
     miss = torch.zeros(n, device=owner.device).index_add(0, owner, (logits.detach().argmax(-1) != labels).float())
-    return loss, (miss == 0).tolist()
+    return loss, (miss == 0).tolist(), each
 
 
 def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Batch, skip=None,
-                           weights: dict[str, torch.Tensor] | None = None, success: bool = False):
+                           weights: dict[str, torch.Tensor] | None = None, success: bool = False,
+                           per_example: bool = False):
     """Run forward+backward of the edit loss; return ({name: (u, δ)}, loss value).
 
     `skip` is an optional context (PrefixCache.skipping) that replaces the lower blocks by
@@ -135,18 +137,28 @@ def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Bat
 
     With `success`, returns (pairs, loss, ok): ok[i] says whether every target token of example
     i is already the argmax (the metrics' edit success, read off the logits the loss needs
-    anyway); when all are, the backward is skipped and pairs is None."""
+    anyway); when all are, the backward is skipped and pairs is None.
+
+    With `per_example`, the loss returned is each example's (a list) instead of their sum."""
     if weights is not None:
         # leaves that require grad, so the edited modules' outputs are on the loss path
         weights = {s.name: weights[s.name].detach().requires_grad_() for s in specs}
     with grad_only_on(model, [s.name for s in specs]), torch.enable_grad(), \
             GradCapture(model, specs) as cap, (skip if skip is not None else nullcontext()):
-        loss, ok = _loss_and_hits(model, batch, weights, hits=success)
+        loss, ok, each = _loss_and_hits(model, batch, weights, hits=success)
+        value = each.detach().tolist() if per_example else float(loss.detach())
         if success and all(ok):
             cap.outputs.clear()  # drop the graph
-            return None, float(loss.detach()), ok
+            return None, value, ok
         # gradients of the module outputs only: nothing is left in the weights' .grad and no
         # dense weight gradient is computed
         cap.backward(loss)
     pairs = cap.pairs(batch.attention_mask)
-    return (pairs, float(loss.detach()), ok) if success else (pairs, float(loss.detach()))
+    return (pairs, value, ok) if success else (pairs, value)
+
+
+def pair_owners(mask: torch.Tensor) -> torch.Tensor:
+    """The example each row of `GradCapture.pairs(mask)` comes from: a token's (u, δ) belong to
+    its own example alone (the loss is a sum over examples and no token attends across rows)."""
+    owner = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+    return owner.reshape(-1)[mask.reshape(-1).bool()]

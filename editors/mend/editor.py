@@ -23,7 +23,7 @@ from ..delta import Delta, LayerDelta
 from ..text import encode_pairs
 from ..metrics import edit_success, locality_reference, locality_scores
 from ..weights import WeightSpec, applied, input_device
-from .capture import capture_edit_gradients
+from .capture import capture_edit_gradients, pair_owners
 from .network import GradientTransform
 from .protect import key_basis, project_off, union
 
@@ -189,6 +189,85 @@ class MendEditor(nn.Module):
             delta.meta["protected_rank"] = str(protected_rank)
         delta.meta["compute_seconds"] = f"{time.perf_counter() - t0:.4f}"
         return delta
+
+    def edit_apart(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
+                   fmt: str = "raw", max_steps: int = 1, max_norm: float | None = None,
+                   apply=None) -> list[Delta]:
+        """Many facts edited together, each into a delta of its own (routed edits: each fact
+        goes behind its own gate, so each needs its own ΔW).
+
+        Every step is one forward and backward over the facts that do not hold yet; a token's
+        (u, δ) belong to its own fact (`pair_owners`), and the networks act on each row alone,
+        so fact i's step is the one `edit` would take for it alone. Fact i stops as soon as it
+        holds, as `edit` stops; the drift guard `max_norm` applies to each fact's step.
+        `apply([(i, delta_i), ...])` is the context in which the facts' steps so far act on
+        the model for the next step (routed edits: every delta behind its own gate, all
+        together, as they will be used); by default their sum is added to the weights.
+        With one fact this is `edit` without its guards for plain edits (protect, preserve),
+        step for step."""
+        t0 = time.perf_counter()
+        if apply is None:
+            def apply(items):
+                total = items[0][1]
+                for _, d in items[1:]:
+                    total = _stack(total, d)
+                return applied(model, total)
+        device = input_device(model)
+        n = len(prompts)
+        deltas: list[Delta | None] = [None] * n
+        first: list[float | None] = [None] * n
+        steps, scales = [0] * n, [[] for _ in range(n)]
+        todo = list(range(n))
+        for step in range(1, max_steps + 1):
+            batch = encode_pairs(tokenizer, [prompts[i] for i in todo], [targets[i] for i in todo],
+                                 fmt).to(device)
+            made = [(i, d) for i, d in enumerate(deltas) if d is not None]
+            with apply(made) if made else nullcontext():
+                # from the second step on the forward also says which facts hold already
+                pairs, losses, *ok = capture_edit_gradients(model, self.specs, batch,
+                                                            success=step > 1, per_example=True)
+            ok = ok[0] if ok else [False] * len(todo)
+            for i, loss in zip(todo, losses):
+                first[i] = loss if first[i] is None else first[i]
+            if pairs is None:  # every fact holds
+                break
+            owner = pair_owners(batch.attention_mask).to(self.alpha.device)
+            pairs = {name: (u.to(self.alpha.device), d.to(self.alpha.device))
+                     for name, (u, d) in pairs.items()}
+            factors = self._eval_factors(pairs)  # row by row: one call for all the facts
+            still = []
+            for row, i in enumerate(todo):
+                if ok[row]:
+                    continue
+                mine = owner == row
+                f = {name: (pu[mine], pd[mine], a) for name, (pu, pd, a) in factors.items()}
+                d = self.delta_from_factors(f, {"editor": self.name})
+                if max_norm is not None:
+                    size = _total_norm(d)
+                    if size > max_norm:
+                        for layer in d.layers.values():
+                            layer.d.mul_(max_norm / size)
+                        scales[i].append(max_norm / size)
+                deltas[i] = d if deltas[i] is None else _stack(deltas[i], d)
+                steps[i] += 1
+                still.append(i)
+            todo = still
+            if not todo:
+                break
+        seconds = time.perf_counter() - t0
+        out = []
+        for i, d in enumerate(deltas):
+            if d is None:  # (cannot happen: every fact takes a first step)
+                raise RuntimeError(f"fact {i} took no step")
+            if steps[i] > 1:
+                d = d.compacted()
+            d.meta.update({"edit_loss_before": f"{first[i]:.6g}", "edit_steps": str(steps[i]),
+                           # the batch's time, shared out evenly
+                           "compute_seconds": f"{seconds / n:.4f}"})
+            if scales[i]:
+                d.meta["norm_scale"] = f"{min(scales[i]):.6g}"
+            out.append(d)
+        return out
 
     @torch.no_grad()
     def calibrate(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
