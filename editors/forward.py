@@ -104,21 +104,9 @@ class PrefixCache:
 
     @torch.no_grad()
     def _compute(self, batch: Batch) -> tuple[torch.Tensor, bool]:
-        seen = {}
-
-        def grab(module, args, output):
-            seen["h"] = output[0] if isinstance(output, tuple) else output
-            seen["tuple"] = isinstance(output, tuple)
-            raise _Stop  # the blocks above are not needed
-
-        h = self.blocks[self.start - 1].register_forward_hook(grab)
-        try:
-            self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-        return seen["h"].detach(), seen["tuple"]
+        h, as_tuple = states_after(self.model, self.blocks[self.start - 1], batch.input_ids,
+                                   batch.attention_mask)
+        return h.detach(), as_tuple
 
     @torch.no_grad()
     def hidden(self, batch: Batch) -> tuple[torch.Tensor, bool]:
@@ -190,6 +178,29 @@ class PrefixCache:
 
 class _Stop(Exception):
     """Raised from a hook to end a forward pass early once the wanted activation is seen."""
+
+
+@torch.no_grad()
+def states_after(model: nn.Module, block: nn.Module, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The output of `block`, one of `model`'s transformer blocks, for a batch: only the blocks
+    up to it run (the forward stops there). Returns (hidden states, whether the block returns
+    a tuple)."""
+    seen = {}
+
+    def grab(module, args, output):
+        seen["h"] = output[0] if isinstance(output, tuple) else output
+        seen["tuple"] = isinstance(output, tuple)
+        raise _Stop  # the blocks above are not needed
+
+    handle = block.register_forward_hook(grab)
+    try:
+        getattr(model, "base_model", model)(input_ids=input_ids, attention_mask=attention_mask)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["h"], seen["tuple"]
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .forward import selected_logits
 from .route import answering
 from .text import Batch, encode_pairs, encode_sequences, render_prompt
 from .weights import input_device
@@ -36,6 +37,15 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _logits_at(model: nn.Module, batch: Batch, select: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (N, V) at the positions where `select` (B, T) holds, row-major: the output
+    projection runs there only (`forward.selected_logits`; over a 49k vocabulary it costs more
+    than the blocks at every other position)."""
+    batch = batch.to(_device(model))
+    return selected_logits(model, batch, select.to(batch.input_ids.device)).float()
+
+
+@torch.no_grad()
 def target_scores(model, tokenizer, prompts, targets, fmt="raw", chunk: int = 32,
                   token_accuracy: bool = False):
     """Per example: (success: bool, sum of target log-probs); with `token_accuracy` also the
@@ -44,14 +54,21 @@ def target_scores(model, tokenizer, prompts, targets, fmt="raw", chunk: int = 32
     ok, lp, acc = [], [], []
     for i in range(0, len(prompts), chunk):
         batch = encode_pairs(tokenizer, prompts[i:i + chunk], targets[i:i + chunk], fmt)
-        logits = _logits(model, batch)[:, :-1]
-        labels = batch.labels[:, 1:].to(logits.device)
+        labels = batch.labels[:, 1:]
         mask = labels != -100
-        hit = (logits.argmax(-1) == labels) | ~mask
-        ok += hit.all(1).tolist()
-        acc += ((hit & mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        lp += (logp * mask).sum(1).tolist()
+        select = torch.zeros_like(batch.labels, dtype=torch.bool)
+        select[:, :-1] = mask  # position t predicts token t + 1
+        logits = _logits_at(model, batch, select)
+        lab = labels[mask].to(logits.device)
+        n = len(labels)
+        owner = torch.arange(n)[:, None].expand_as(mask)[mask].to(logits.device)
+        hit = (logits.argmax(-1) == lab).float()
+        logp = torch.log_softmax(logits, -1).gather(-1, lab[:, None])[:, 0]
+        count = torch.zeros(n, device=logits.device).index_add(0, owner, torch.ones_like(hit))
+        hits = torch.zeros(n, device=logits.device).index_add(0, owner, hit)
+        ok += (hits == count).tolist()
+        acc += (hits / count.clamp(min=1)).tolist()
+        lp += torch.zeros(n, device=logits.device, dtype=logp.dtype).index_add(0, owner, logp).tolist()
     return (ok, lp, acc) if token_accuracy else (ok, lp)
 
 
@@ -98,9 +115,9 @@ def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: i
             # greedy continuation of all prompts at once: right padding leaves every real
             # position's logits as they are alone, and a few tokens need no cache
             batch = encode_sequences(part, tokenizer, [len(x) for x in part])
-            logits = _logits(model, batch)
-            last = torch.tensor([len(x) - 1 for x in part], device=logits.device)
-            nxt = logits[torch.arange(len(part), device=logits.device), last].argmax(-1).tolist()
+            last = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+            last[torch.arange(len(part)), torch.tensor([len(x) - 1 for x in part])] = True
+            nxt = _logits_at(model, batch, last).argmax(-1).tolist()
             part = [x + [t] for x, t in zip(part, nxt)]
         seqs[i:i + chunk] = part
     batch = encode_sequences(seqs, tokenizer, starts)
@@ -108,8 +125,7 @@ def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: i
     pos = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     for i, (s, k) in enumerate(zip(seqs, starts)):
         pos[i, k - 1: len(s) - 1] = True
-    logits = _logits(model, batch)
-    lp = torch.log_softmax(logits[pos.to(logits.device)], -1)
+    lp = torch.log_softmax(_logits_at(model, batch, pos), -1)
     owner = torch.arange(len(seqs))[:, None].expand_as(pos)[pos]
     return LocalityRef(batch, pos, lp.cpu(), lp.argmax(-1).cpu(), owner)
 
@@ -123,8 +139,7 @@ def _per_prompt(values: torch.Tensor, owner: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def locality_scores(model, ref: LocalityRef) -> tuple[list[float], list[float]]:
     """Per prompt: top-1 agreement with the base, and mean KL(base ‖ model)."""
-    logits = _logits(model, ref.batch)
-    lp = torch.log_softmax(logits[ref.positions.to(logits.device)], -1).cpu()
+    lp = torch.log_softmax(_logits_at(model, ref.batch, ref.positions), -1).cpu()
     agree = (lp.argmax(-1) == ref.base_top1).float()
     kl = (ref.base_logp.exp() * (ref.base_logp - lp)).sum(-1)
     return _per_prompt(agree, ref.owner), _per_prompt(kl, ref.owner)
@@ -134,8 +149,7 @@ def locality_scores(model, ref: LocalityRef) -> tuple[list[float], list[float]]:
 def top1_agreement(model, ref: LocalityRef) -> list[float]:
     """Per prompt: top-1 agreement with the base (what `locality_scores` gives without the KL,
     so a reference without log-probs will do)."""
-    logits = _logits(model, ref.batch)
-    agree = (logits[ref.positions.to(logits.device)].argmax(-1).cpu() == ref.base_top1).float()
+    agree = (_logits_at(model, ref.batch, ref.positions).argmax(-1).cpu() == ref.base_top1).float()
     return _per_prompt(agree, ref.owner)
 
 
@@ -225,10 +239,11 @@ def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tok
             if not live:
                 break
             part = [rows[j] for j in live]
+            batch = encode_sequences(part, tokenizer, [len(x) for x in part])
+            last = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+            last[torch.arange(len(part)), torch.tensor([len(x) - 1 for x in part])] = True
             with answering([starts[j] for j in live]):  # (routed edits read where answers start)
-                logits = _logits(model, encode_sequences(part, tokenizer, [len(x) for x in part]))
-            last = torch.tensor([len(x) - 1 for x in part], device=logits.device)
-            scores = logits[torch.arange(len(part), device=logits.device), last]
+                scores = _logits_at(model, batch, last)
             if say_something:
                 blank = _NoEmptyAnswer(tokenizer, 0)
                 for r, j in enumerate(live):

@@ -53,6 +53,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .delta import Delta
+from .forward import states_after
 from .text import encode_prompts, render_prompt
 from .weights import _BLOCK, input_device
 
@@ -80,18 +81,13 @@ def hidden_at(model: nn.Module, tokenizer, prompts: list[str], layer: int, fmt: 
     """Per prompt: (tokens − 1, hidden) fp32 states after `layer` blocks, the first token left
     out (a BOS token where the tokenizer adds one, else the first word; either way its state
     carries the model's attention-sink activations, unlike any later token's)."""
-    out, got = [], {}
-    handle = block_module(model, layer).register_forward_hook(
-        lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
-    try:
-        for i in range(0, len(prompts), chunk):
-            b = encode_prompts(tokenizer, prompts[i:i + chunk], fmt).to(input_device(model))
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-            for j in range(b.input_ids.shape[0]):
-                n = int(b.attention_mask[j].sum())
-                out.append(got["h"][j, 1:n].float().cpu())
-    finally:
-        handle.remove()
+    out, block = [], block_module(model, layer)
+    for i in range(0, len(prompts), chunk):
+        b = encode_prompts(tokenizer, prompts[i:i + chunk], fmt).to(input_device(model))
+        h = states_after(model, block, b.input_ids, b.attention_mask)[0]
+        for j in range(b.input_ids.shape[0]):
+            n = int(b.attention_mask[j].sum())
+            out.append(h[j, 1:n].float().cpu())
     return out
 
 
@@ -376,10 +372,6 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     return out
 
 
-class _Stop(Exception):
-    """Ends a forward pass once the gate layer's states are seen."""
-
-
 @torch.no_grad()
 def open_rows(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
               input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float = TAU) -> list[bool]:
@@ -387,23 +379,12 @@ def open_rows(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
     where none opens is never touched by their edits (the gate layer comes before the edited
     ones, so no other edit changes the states it reads); only the blocks up to the gate layer
     run."""
-    got = {}
-
-    def grab(module, args, output):
-        got["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = block_module(model, space.layer).register_forward_hook(grab)
-    try:
-        model(input_ids=input_ids.to(input_device(model)),
-              attention_mask=attention_mask.to(input_device(model)))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    dev = input_device(model)
+    h = states_after(model, block_module(model, space.layer), input_ids.to(dev),
+                     attention_mask.to(dev))[0]
     words = [g.words for g in gates_]
     words = word_gates(tokenizer, input_ids.cpu(), words) if any(words) else None
-    g = gates(space, got["h"].float().cpu(), [g.keys for g in gates_], tau, words).any(-1)
+    g = gates(space, h.float().cpu(), [g.keys for g in gates_], tau, words).any(-1)
     return (g & attention_mask.cpu().bool()).any(1).tolist()
 
 

@@ -124,8 +124,9 @@ guard_norm: 3.0
 # Routed edits (the default; docs/results.md, routed edits): each new MEND edit's ΔW acts only on
 # inputs that mention what the edit is about (its subject's tokens, seen at an early layer, or
 # its distinctive words), instead of being added to the weights. Chains of 100 edits keep ~95 %
-# of unrelated answers this way, where plain weight edits keep almost none. One fact per edit
-# (`mendctl edit --each` for many); `ask` generates without a KV cache; a routed state exports
+# of unrelated answers this way, where plain weight edits keep almost none. Each fact is its
+# own entry behind its own gate (`edit --batch` computes many together, `edit --each` one after
+# another); `ask` generates without a KV cache; a routed state exports
 # as a checkpoint plus its routes (`mendctl.load_edited`), not as a PEFT adapter, and is not
 # squashed. false makes plain weight edits (the settings below then apply).
 # true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
@@ -166,7 +167,7 @@ MAX_STEPS = 50  # MEND steps one edit may take
 #: The gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a test keeps them equal;
 #: this module stays free of torch).
 ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
-                    "alpha": 1.0, "max_steps": 5, "stop": True}
+                    "alpha": 1.0, "max_steps": 5, "stop": True, "rank_cut": None}
 
 
 def routing_settings(value) -> dict | None:
@@ -194,6 +195,7 @@ def routing_settings(value) -> dict | None:
         "alpha": _number(s["alpha"]) and s["alpha"] > 0,
         "max_steps": isinstance(s["max_steps"], int) and not isinstance(s["max_steps"], bool)
         and 1 <= s["max_steps"] <= MAX_STEPS,
+        "rank_cut": s["rank_cut"] is None or (_number(s["rank_cut"]) and 0 < s["rank_cut"] < 1),
     }
     for key, ok in checks.items():
         if not ok:
@@ -205,8 +207,9 @@ def routing_settings(value) -> dict | None:
                 "words": "use true or false",
                 "stop": "use true or false",
                 "alpha": "use a number > 0 (1: the editor's as-trained step)",
-                "max_steps": f"use 1 to {MAX_STEPS}"}[key])
-    for key in ("distinct", "tau", "alpha", "margin"):
+                "max_steps": f"use 1 to {MAX_STEPS}",
+                "rank_cut": "use a fraction in (0, 1), or null to keep every direction"}[key])
+    for key in ("distinct", "tau", "alpha", "margin", "rank_cut"):
         s[key] = None if s[key] is None else float(s[key])
     return s
 

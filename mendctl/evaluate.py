@@ -14,6 +14,7 @@ paraphrase success where the gate did open (the edit's own generalisation).
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -34,6 +35,18 @@ ANSWER_TOKENS = 24
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return float(sum(xs) / len(xs)) if xs else None
+
+
+def subject_pattern(cases) -> re.Pattern | None:
+    """What finds, in a prompt, a subject one of `cases` edits (whole words, any case), or None
+    when a case does not name its subject (meta `subject`). In a batch, one fact's locality
+    prompt may name another fact's subject, which that fact's edit may rightly change:
+    locality on the prompts naming none (`locality_unnamed`) tells such prompts apart."""
+    subjects = [c.meta.get("subject") for c in cases]
+    if not all(isinstance(x, str) and x.strip() for x in subjects):
+        return None
+    return re.compile("|".join(rf"(?<!\w){re.escape(x.strip())}(?!\w)" for x in subjects),
+                      re.IGNORECASE)
 
 
 def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages: int = 6,
@@ -65,12 +78,13 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         prompts = [c.input for c in batch]
         # (a state with routed edits installed generates without a KV cache: route.py)
         base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not ws.router.active)
+        named = subject_pattern(batch)
         t0 = time.perf_counter()
         gates = []
         if rs:  # each fact behind its own gate, made together (as `Workspace.edit` makes them)
             gates, apply = ws.router.steppers(batch, rs, model, tok)
             deltas = ed.edit_apart(model, tok, prompts, [c.target for c in batch], fmt, max_steps,
-                                   ws.guard_limit(ed, 1), apply)
+                                   ws.guard_limit(ed, 1), apply, rs.get("rank_cut"))
             ctx = apply(list(enumerate(deltas)))
         else:
             deltas = [edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
@@ -96,6 +110,9 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                 if isinstance(kinds, list) and len(kinds) == n_loc:  # the bundled data says
                     for kind, x in zip(kinds, ag[k:k + n_loc]):
                         by_kind.setdefault(f"locality_{kind}", []).append(x)
+                if named is not None:
+                    by_kind["locality_unnamed"] = [x for p, x in zip(c.locality, ag[k:k + n_loc])
+                                                   if not named.search(p)]
                 g = {}
                 if gates:  # the fact's own gate, scored apart from its edit
                     gate, space = gates[j], ws.router.space(rs["layer"])
@@ -129,7 +146,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     if rs:
         keys += ["gate_recall", "gate_false_open", "paraphrase_success_gate_open"]
     # locality by kind of prompt where the data labels them (meta locality_kinds): neighbours
-    # (same relation, other subject), other relations, the same subject's other facts
+    # (same relation, other subject), other relations, the same subject's other facts; and
+    # (`unnamed`) on the prompts that name none of the batch's subjects
     keys += sorted({k for r in rows for k in r if k.startswith("locality_") and k != "locality_kl"})
     summary = {k: _mean([r.get(k) for r in rows]) for k in keys}
     # the names the field's tables use (WISE, EasyEdit), beside ours

@@ -676,7 +676,8 @@ class Workspace:
             max_norm = self.guard_limit(ed, 1)  # each fact's step is a single edit's
             protect = None
             deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
-                                   [c.target for c in cases], self.fmt, max_steps, max_norm, apply)
+                                   [c.target for c in cases], self.fmt, max_steps, max_norm, apply,
+                                   rs.get("rank_cut"))
             parts = [([i], d) for i, d in enumerate(deltas)]
         else:
             gates = []

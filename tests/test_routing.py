@@ -390,3 +390,16 @@ def test_gate_space_file_names_its_bank_and_old_workspaces_keep_theirs(routed_ws
         assert sorted(p.name for p in gates.glob("space-*.safetensors")) == [legacy.name]
     finally:
         w2.ledger.close()
+
+
+def test_locality_prompts_naming_a_batch_subject_are_told_apart():
+    """`locality_unnamed` scores only prompts naming none of the batch's subjects: a whole-word,
+    any-case match, so "France" is found in "france is known for" but not in "Frances is"."""
+    from mendctl.evaluate import subject_pattern
+
+    cases = [EditCase(input="The capital of France is", target="Rome", meta={"subject": "France"}),
+             EditCase(input="Who leads C++?", target="Bjarne", meta={"subject": "C++"})]
+    named = subject_pattern(cases)
+    prompts = ["Water boils at", "france is known for", "Frances is", "I write C++ daily", "C+ is"]
+    assert [bool(named.search(p)) for p in prompts] == [False, True, False, True, False]
+    assert subject_pattern(cases + [EditCase(input="x is", target="y")]) is None

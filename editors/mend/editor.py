@@ -192,7 +192,7 @@ class MendEditor(nn.Module):
 
     def edit_apart(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
                    fmt: str = "raw", max_steps: int = 1, max_norm: float | None = None,
-                   apply=None) -> list[Delta]:
+                   apply=None, rank_cut: float | None = None) -> list[Delta]:
         """Many facts edited together, each into a delta of its own (routed edits: each fact
         goes behind its own gate, so each needs its own ΔW).
 
@@ -204,7 +204,11 @@ class MendEditor(nn.Module):
         the model for the next step (routed edits: every delta behind its own gate, all
         together, as they will be used); by default their sum is added to the weights.
         With one fact this is `edit` without its guards for plain edits (protect, preserve),
-        step for step."""
+        step for step.
+
+        `rank_cut` truncates each fact's ΔW after every step to the directions whose singular
+        values exceed that fraction of the largest (`Delta.compacted`), so the next step, and
+        the check whether the fact holds, see the delta that will be stored."""
         t0 = time.perf_counter()
         if apply is None:
             def apply(items):
@@ -249,6 +253,8 @@ class MendEditor(nn.Module):
                             layer.d.mul_(max_norm / size)
                         scales[i].append(max_norm / size)
                 deltas[i] = d if deltas[i] is None else _stack(deltas[i], d)
+                if rank_cut is not None:
+                    deltas[i] = deltas[i].compacted(rank_cut)
                 steps[i] += 1
                 still.append(i)
             todo = still
@@ -259,7 +265,7 @@ class MendEditor(nn.Module):
         for i, d in enumerate(deltas):
             if d is None:  # (cannot happen: every fact takes a first step)
                 raise RuntimeError(f"fact {i} took no step")
-            if steps[i] > 1:
+            if steps[i] > 1 and rank_cut is None:
                 d = d.compacted()
             d.meta.update({"edit_loss_before": f"{first[i]:.6g}", "edit_steps": str(steps[i]),
                            # the batch's time, shared out evenly
