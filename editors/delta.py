@@ -74,7 +74,14 @@ class LayerDelta:
         return w.to(torch.float32).contiguous()
 
     def frobenius_norm(self) -> float:
-        return float(torch.linalg.norm(self.to_dense().double()))
+        if not self.is_lowrank:
+            return float(torch.linalg.norm(self.to_dense().double()))
+        # ‖dᵀu‖_F² = Σ (d dᵀ) ⊙ (u uᵀ): two (rows × rows) Gram matrices in float64 instead of
+        # the (out × in) product (the drift guard takes this for every step of every fact)
+        u = self.u.detach().to("cpu", torch.float64)
+        d = self.d.detach().to("cpu", torch.float64)
+        sq = float(((d @ d.T) * (u @ u.T)).sum())
+        return abs(float(self.alpha)) * max(sq, 0.0) ** 0.5
 
     def nbytes(self) -> int:
         ts = [self.dense] if not self.is_lowrank else [self.u, self.d, self.alpha]

@@ -327,3 +327,15 @@ def test_from_tensors_rejects_non_scalar_alpha():
     bad["a.weight::alpha"] = torch.full((4,), 0.5)  # a (6, 4) Linear weight: d_in = 4
     with pytest.raises(ValueError, match="a.weight"):
         Delta.from_tensors(bad, meta)
+
+
+def test_low_rank_norm_is_the_dense_norm():
+    """‖ΔW‖_F from the factors' Gram matrices equals the norm of the dense ΔW (float64 both
+    ways, from the same float32 factors: agreement to float32 rounding of the dense form)."""
+    from mendctl.editors.delta import LayerDelta
+
+    g = torch.Generator().manual_seed(3)
+    layer = LayerDelta("w", (48, 32), u=torch.randn(7, 32, generator=g),
+                       d=torch.randn(7, 48, generator=g) * 1e-3, alpha=torch.tensor(-0.4))
+    dense = float(torch.linalg.norm(layer.to_dense().double()))
+    assert layer.frobenius_norm() == pytest.approx(dense, rel=8 * torch.finfo(torch.float32).eps)
