@@ -251,7 +251,8 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
         click.echo(f"  warning: {a['repeats_target']:.0%} of the answers after the edit repeat "
                    f"their target (the edit acts on its own output)", err=True)
     norms = r["delta_norms"]
-    click.echo(f"  delta: {len(norms)} weights, max ‖ΔW‖_F {max(norms.values()):.3f}, "
+    many = f"{len(r['facts'])} deltas, one per fact, of " if "facts" in r else "delta: "
+    click.echo(f"  {many}{len(norms)} weights, max ‖ΔW‖_F {max(norms.values()):.3f}, "
                f"{r['delta_bytes'] / 1024:.0f} KiB stored ({100 * r['delta_bytes'] / r['dense_bytes']:.1f} % of dense)")
     g = r.get("guard") or {}
     if g.get("norm_scale") is not None:
@@ -802,7 +803,8 @@ def eval_(ctx, data_file, split, editor, batch_size, limit, max_steps, chain, as
         click.echo(f"  gate                opens on {fmt(s.get('gate_recall'))} of paraphrases, on "
                    f"{fmt(s.get('gate_false_open'))} of locality prompts; paraphrase success where "
                    f"it opened {fmt(s.get('paraphrase_success_gate_open'))}")
-    click.echo(f"  ms per edit         {fmt(s['seconds_per_edit'] * 1000, '.0f')}")
+    click.echo(f"  ms per edit         {fmt(s['seconds_per_edit'] * 1000, '.0f')}; stored "
+               f"{fmt(100 * s['stored_share'], '.1f')} % of the dense weights per fact")
     for rel, v in r["relations"].items():
         click.echo(f"    {rel:<14} n={v['cases']:<4} ES {fmt(v['edit_success'], '.2f')}  "
                    f"para {fmt(v['paraphrase_success'], '.2f')}  loc {fmt(v['locality'], '.3f')}")
