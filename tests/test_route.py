@@ -338,3 +338,25 @@ def test_edit_apart_gives_each_fact_the_delta_it_gets_alone(tiny_llama, tiny_tok
         with routed(tiny_llama, [RoutedEdit(together[i], gates_[i])], space, tokenizer=tiny_tokenizer):
             lp = target_scores(tiny_llama, tiny_tokenizer, [prompts[i]], [targets[i]])[1][0]
         assert abs(lp - lp_together[i]) <= 1e-4 * max(1.0, abs(lp))
+
+
+def test_rank_cut_keeps_the_directions_above_the_cut(tiny_llama, tiny_tokenizer):
+    """`edit_apart(rank_cut=c)`: every stored ΔW has only singular values above c × its
+    largest (float64 SVD of float32 factors: a relative slack of a few float32 ulps), and no
+    more factor rows than the uncut edit; the steps see the cut delta, so it still steps until
+    it holds or runs out of steps."""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.2)
+
+    def apply(items):
+        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
+                      tokenizer=tiny_tokenizer)
+
+    args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
+    (full,) = editor.edit_apart(*args, max_steps=3, apply=apply)
+    (cut,) = editor.edit_apart(*args, max_steps=3, apply=apply, rank_cut=0.3)
+    assert any(layer.rank < full.layers[name].rank for name, layer in cut.layers.items())
+    for name, layer in cut.layers.items():
+        assert layer.rank <= full.layers[name].rank
+        sv = torch.linalg.svdvals(layer.to_dense().double())
+        kept = sv[: layer.rank]
+        assert bool((kept >= 0.3 * sv[0] * (1 - 64 * EPS32)).all()), (name, kept / sv[0])
