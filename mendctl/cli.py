@@ -828,6 +828,9 @@ def _eval_chain(ws, cases, editor, max_steps, as_json):
                f"{fmt(fi['paraphrase_success']):>10}")
     click.echo(f"  {'locality':<20} {fmt(im['locality']):>10} {fmt(fi['locality']):>10}  "
                f"(final: against the base model, KL {fmt(fi['locality_kl'], '.4f')})")
+    if fi.get("locality_unnamed") is not None:
+        click.echo(f"  {'':<20} {'':>10} {fmt(fi['locality_unnamed']):>10}  (on prompts naming "
+                   f"no edited subject)")
     click.echo(f"  fluency {fmt(fi['fluency'])} (unedited {fmt(fi['fluency_base'])}), answers "
                f"repeating their target {fmt(fi['repeats_target'], '.2f')}")
 

@@ -235,9 +235,12 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
         if para_p else []
     ag, kl = locality_scores(model, ref) if ref is not None else ([], [])
     answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not routed_now)
+    named = subject_pattern(cases)  # (a prompt naming an edited subject may rightly change)
     final = {"edit_success": _mean([float(x) for x in es]),
              "paraphrase_success": _mean([float(x) for x in pok]),
              "locality": _mean(ag), "locality_kl": _mean(kl),
+             "locality_unnamed": _mean([a for p, a in zip(loc_prompts, ag) if not named.search(p)])
+             if named is not None else None,
              "fluency": _mean([ngram_entropy(x) for x in answers]),
              "fluency_base": _mean([ngram_entropy(x) for x in base_answers]),
              "repeats_target": _mean([float(repeats_target(x, c.target)) for x, c in zip(answers, cases)])}

@@ -59,10 +59,14 @@ def test_each_refuses_a_bad_file_whole_and_reports_edits_that_did_not_take(fresh
 def test_eval_chain_runs_the_sequential_protocol_in_a_scratch_workspace(fresh_ws: Ws):
     ws = fresh_ws
     data = ws.root / "cases.jsonl"
+    subjects = ["France", "Eiffel Tower", "Water"]  # (the third's locality prompt names it)
     data.write_text("".join(json.dumps({"input": x, "target": y, "paraphrases": [x + " Answer:"],
-                                        "locality": ["Water is made of"]}) + "\n" for x, y in CHAIN))
+                                        "locality": ["Water is made of"], "subject": sub}) + "\n"
+                            for (x, y), sub in zip(CHAIN, subjects)))
     r = ws.ok("eval", "--data", data, "--chain", "3", "--max-steps", "1", "--json").json()
     s = r["summary"]
+    # no locality prompt names none of the edited subjects: nothing to score there
+    assert s["final"]["locality_unnamed"] is None
     assert s["chain"] == 3 and len(r["cases"]) == 3 and s["routed"] is False
     for part in ("immediate", "final"):
         assert all(0.0 <= s[part][k] <= 1.0 for k in ("edit_success", "paraphrase_success", "locality"))
