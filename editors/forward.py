@@ -10,7 +10,7 @@ Three savings, all exact (the same numbers as a full forward, up to float roundi
 - `low_rank_rows`: rows edited by different low-rank edits run in one forward, each adding its
   own edit's term, instead of one pass per edit with its weights materialised.
 
-Both work on any model whose blocks sit in one ``nn.ModuleList`` and whose base model
+They work on any model whose blocks sit in one ``nn.ModuleList`` and whose base model
 (``model.base_model``) returns ``last_hidden_state`` after the final norm; anything else falls
 back to full passes (`supported()` says which).
 """

@@ -166,8 +166,8 @@ MAX_STEPS = 50  # MEND steps one edit may take
 #: edit step as a multiple of the editor's as-trained α (a routed edit needs no locality
 #: margin in its step size: the gate keeps it off unrelated inputs); `rank_cut` was chosen on
 #: 30 test and 30 real-world edits (bench/routed_storage.py: the same scores as no cut at a
-#: third of the bytes). The gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a test keeps them equal;
-#: this module stays free of torch).
+#: third of the bytes). The gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a
+#: test keeps them equal; this module stays free of torch).
 ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
                     "alpha": 1.0, "max_steps": 5, "stop": True, "rank_cut": 0.05}
 

@@ -8,9 +8,10 @@ beside the unedited model's on the same prompt) and whether it repeats the targe
 editor's compute time. The model is put back after every edit, so cases do not accumulate.
 In a routed workspace (`routing`) a MEND edit is made and scored as `mendctl edit` would make
 it there: routed, each fact behind its own gate (a batch's facts made together); and each gate
-is scored apart from its edit, so a miss can be attributed: its recall (the share of paraphrases at whose end the gate is
-open), its false openings (the share of locality prompts at whose end it is open), and the
-paraphrase success where the gate did open (the edit's own generalisation).
+is scored apart from its edit, so a miss can be attributed: its recall (the share of
+paraphrases at whose end the gate is open), its false openings (the share of locality prompts
+at whose end it is open), and the paraphrase success where the gate did open (the edit's own
+generalisation).
 """
 from __future__ import annotations
 

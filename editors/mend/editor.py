@@ -236,9 +236,14 @@ class MendEditor(nn.Module):
             if pairs is None:  # every fact holds
                 break
             owner = pair_owners(batch.attention_mask).to(self.alpha.device)
-            pairs = {name: (u.to(self.alpha.device), d.to(self.alpha.device))
+            # the networks act row by row: one call for the facts still stepping, none for
+            # the rows of facts that hold already
+            keep = torch.isin(owner, torch.tensor([r for r, hit in enumerate(ok) if not hit],
+                                                  device=owner.device))
+            owner = owner[keep]
+            pairs = {name: (u.to(self.alpha.device)[keep], d.to(self.alpha.device)[keep])
                      for name, (u, d) in pairs.items()}
-            factors = self._eval_factors(pairs)  # row by row: one call for all the facts
+            factors = self._eval_factors(pairs)
             still = []
             for row, i in enumerate(todo):
                 if ok[row]:
