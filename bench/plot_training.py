@@ -1,6 +1,6 @@
 """Draw an editor's validation history (from its editor.json) against training steps.
 
-Usage: python bench/plot_training.py [editors/checkpoints/smollm2-135m/editor.json] [docs/training.png]
+Usage: python bench/plot_training.py [src/mendctl/editors/checkpoints/smollm2-135m/editor.json] [docs/training.png]
 """
 import json
 import sys
@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-src = sys.argv[1] if len(sys.argv) > 1 else "editors/checkpoints/smollm2-135m/editor.json"
+src = sys.argv[1] if len(sys.argv) > 1 else "src/mendctl/editors/checkpoints/smollm2-135m/editor.json"
 out = sys.argv[2] if len(sys.argv) > 2 else "docs/training.png"
 doc = json.load(open(src))
 hist = doc["training"]["history"]

@@ -38,7 +38,7 @@ from mendctl.editors.route import (DISTINCT, TAU, Gate, RoutedEdit, edit_gate, g
 from mendctl.editors.weights import applied, select_weights  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
 
-EDITOR = Path(__file__).resolve().parents[1] / "editors" / "checkpoints" / "smollm2-135m"
+EDITOR = Path(__file__).resolve().parents[1] / "src" / "mendctl" / "editors" / "checkpoints" / "smollm2-135m"
 
 
 def floats(s):

@@ -17,6 +17,27 @@ def test_repository_example_is_the_template_and_parses_to_defaults():
     assert config_mod.parse(yaml.safe_load(TEMPLATE), "mendctl.yaml") == Config()
 
 
+def test_every_key_is_declared_once_with_its_help_and_types():
+    """The template is written from Config's fields: each key appears once, under a comment,
+    and a value given to `template` is what the file then says."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(Config)]
+    lines = TEMPLATE.splitlines()
+    keys = [line.split(":")[0] for line in lines if line and not line.startswith("#")]
+    assert keys == names
+    assert dataclasses.fields(Config)[0].metadata["doc"]  # the first key opens a comment block
+    for f in dataclasses.fields(Config):
+        assert f.metadata["types"], f.name
+    text = config_mod.template(model="org/some model", routing=False)
+    cfg = config_mod.parse(yaml.safe_load(text), "t")
+    assert (cfg.model, cfg.routing) == ("org/some model", None)
+    assert text.replace('model: "org/some model"', "model: smollm2-135m").replace(
+        "\nrouting: false\n", "\nrouting: true\n") == TEMPLATE
+    with pytest.raises(ValueError, match="not config keys: modle"):
+        config_mod.template(modle="x")
+
+
 @pytest.mark.parametrize("data, words", [
     ({"modle": "x"}, ["unknown key `modle`", "known keys"]),
     ({"seed": "zero"}, ["`seed` must be int"]),

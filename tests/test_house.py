@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sources():
-    for d in ("mendctl", "editors", "bench"):
+    for d in ("src", "bench"):
         yield from sorted((ROOT / d).rglob("*.py"))
 
 

@@ -1,6 +1,6 @@
-"""The package installs as a wheel (non-editable) and works from any directory: the generic
-repository folders editors/ and migrations/ live inside the mendctl namespace, migrations and
-shipped files are found, and nothing named `editors` or `migrations` is put on sys.path."""
+"""The package installs as a wheel (non-editable) and works from any directory: the
+sub-packages editors and migrations live inside the mendctl namespace (src/mendctl/), migrations
+and shipped files are found, and nothing named `editors` or `migrations` is put on sys.path."""
 import json
 import os
 import subprocess

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from . import routing
-from .config import CONFIG_FILE, STATE_DIR, TEMPLATE, Config
+from .config import CONFIG_FILE, STATE_DIR, Config
 from .deploy import ROUTES_FILE, write_routes
 from .editors.data import EditCase, generic_text_samples, visible
 from .editors.delta import Delta, apply_deltas, state_hash
@@ -132,13 +132,11 @@ class Workspace:
         if cfg.exists() and not force:
             raise WorkspaceError(f"{cfg} already exists; use --force to overwrite the config "
                                  f"(the ledger and deltas in {STATE_DIR}/ are kept)")
-        text = TEMPLATE
-        if model:
-            if not model.strip():
-                raise InputError("--model is empty")
-            text = text.replace("\nmodel: smollm2-135m\n", f"\nmodel: {json.dumps(model)}\n")
-        if routing_ is not None:  # None: the template's default (routed edits)
-            text = text.replace("\nrouting: true\n", f"\nrouting: {json.dumps(routing_)}\n")
+        if model is not None and not model.strip():
+            raise InputError("--model is empty")
+        # None: the template's default (the embedded model; routed edits)
+        given = {k: v for k, v in (("model", model or None), ("routing", routing_)) if v is not None}
+        text = config_mod.template(**given)
         config_mod.parse(__import__("yaml").safe_load(text), str(cfg))  # the template is valid
         d.mkdir(parents=True, exist_ok=True)
         (d / STATE_DIR).mkdir(exist_ok=True)
