@@ -26,7 +26,7 @@ def run(cases, settings: dict) -> dict:
         ws.router.space(ws.config.routing["layer"])
         _ = ws.lm
         t = time.perf_counter()
-        r = ws.edit_each(cases, max_steps=ws.max_steps_for("mend", 1), command="bench")
+        r = ws.edit_each(cases, command="bench")
         wall = time.perf_counter() - t
     finally:
         ws.ledger.close()

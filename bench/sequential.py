@@ -43,8 +43,8 @@ def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None
     root = temp_workspace(config_editor, {"guard_norm": guard_norm, "protect_edits": protect,
                                           **(settings or {})})
     ws = Workspace.open(str(root))
-    if max_steps is None:  # the workspace's default, as `mendctl edit` takes it
-        max_steps = ws.max_steps_for(editor, 1)
+    policy = ws.policy(editor, 1, max_steps)  # the workspace's, as `mendctl edit` takes it
+    max_steps = policy.max_steps
     t0 = time.time()
     for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
         # keep_failed: the chain's failures are what this measures
@@ -72,9 +72,8 @@ def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None
         # routed edits (routing: true) take their own step and skip preserved keys and the
         # retention guard (as `Workspace.edit` makes them)
         "routing": ws.config.routing if editor == "mend" else None,
-        "step_factor": (ws.routed_step_factor() if ws.config.routing else ws.config.step_factor)
-        if editor == "mend" else None,
-        "preserve_keys": ws.config.preserve_keys if editor == "mend" and not ws.config.routing else None,
+        "step_factor": policy.step_factor,
+        "preserve_keys": policy.preserve_keys,
         "guard_clipped_edits": sum(1 for e in entries if (e.notes or {}).get("norm_scale") is not None),
         "immediate_edit_success": _mean([m.get("edit_success") for m in imm]),
         "immediate_paraphrase_success": _mean([m.get("paraphrase_success") for m in imm]),

@@ -47,7 +47,7 @@ def main():
     root = temp_workspace(a.editor_dir)
     ws = Workspace.open(str(root))
     ed = ws.editor("mend", step_factor=1.0)  # factors relative to the checkpoint's α
-    guard = ws.guard_limit(ed, 1)
+    guard = ws.policy("mend").max_norm
     if a.as_trained:  # the factors below are then relative to the trained α
         factor = (ed.info.get("operating_point") or {}).get("alpha_factor_total", 1.0)
         ed.rescale(1.0 / factor)

@@ -539,7 +539,7 @@ def test_drift_guard_scales_big_edits_and_replay_reproduces_them(tiny_assets, tm
     r3 = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1], "--json").json()
     assert r3["guard"] == {"max_norm": None, "norm_scale": None}
     shown = ws.ok("show", "1", "--json").json()
-    assert shown["notes"]["max_norm"] == pytest.approx(2e-4)
+    assert shown["notes"]["policy"]["max_norm"] == pytest.approx(2e-4)
     assert 0 < shown["notes"]["norm_scale"] < 1
     r = ws.run("replay", "--verify")
     assert r.returncode == 0, str(r)
@@ -561,15 +561,15 @@ def test_retention_guard_is_recorded_replayed_and_can_be_turned_off(tiny_assets,
     human = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1])
     assert "retention guard: update kept off the keys of 2 earlier edits" in human.stdout
     notes = ws.ok("show", "3", "--json").json()["notes"]
-    assert notes["protect"] is True and notes["protected_pairs"] == 2 and notes["protected_rank"] >= 1
+    assert notes["policy"]["protect"] is True and notes["protected_pairs"] == 2 and notes["protected_rank"] >= 1
     r = ws.ok("revert", "1", "--replay", "--json").json()
     replayed = [ws.ok("show", str(i), "--json").json() for i in r["entries"][1:]]
-    assert [e["notes"]["protect"] for e in replayed] == [True, True]
+    assert [e["notes"]["policy"]["protect"] for e in replayed] == [True, True]
     assert [e["notes"]["replay_of"] for e in replayed] == [2, 3]
     ws.write_config(protect_edits=False)
     r4 = ws.ok("edit", "--input", CHAIN[0][0], "--target", CHAIN[0][1], "--json").json()
     assert r4["protect"] == {"on": False, "pairs": 0, "rank": None}
-    assert ws.ok("show", str(r4["entry"]), "--json").json()["notes"]["protect"] is False
+    assert ws.ok("show", str(r4["entry"]), "--json").json()["notes"]["policy"]["protect"] is False
     r = ws.run("replay", "--verify")
     assert r.returncode == 0, str(r)
 
@@ -604,15 +604,15 @@ def test_small_steps_and_preserved_keys_are_recorded_and_replayed(tiny_assets, t
     assert len(list((ws.root / ".mendctl" / "preserve").glob("*.safetensors"))) == 1
     human = ws.ok("edit", "--input", CHAIN[1][0], "--target", CHAIN[1][1])
     assert "of α × 0.5" in human.stdout and "preserved keys: update kept off" in human.stdout
-    notes = ws.ok("show", "2", "--json").json()["notes"]
-    assert notes["step_factor"] == 0.5 and notes["preserve_keys"] == 0.01 and notes["max_steps"] == 20
+    policy = ws.ok("show", "2", "--json").json()["notes"]["policy"]
+    assert (policy["step_factor"], policy["preserve_keys"], policy["max_steps"]) == (0.5, 0.01, 20)
     ws.write_config(step_factor=1, preserve_keys=None)
     r3 = ws.ok("edit", "--input", CHAIN[2][0], "--target", CHAIN[2][1], "--json").json()
     assert r3["step_factor"] == 1.0 and r3["preserve"] == {"cut": None, "rank": None}
     r = ws.run("replay", "--verify")
     assert r.returncode == 0 and "3/3 states rebuilt" in r.stdout, str(r)
     r = ws.ok("revert", "1", "--replay", "--json").json()
-    replayed = [ws.ok("show", str(i), "--json").json()["notes"] for i in r["entries"][1:]]
+    replayed = [ws.ok("show", str(i), "--json").json()["notes"]["policy"] for i in r["entries"][1:]]
     assert [(n["step_factor"], n["preserve_keys"]) for n in replayed] == [(0.5, 0.01), (1.0, None)]
 
 

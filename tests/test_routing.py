@@ -43,7 +43,7 @@ def routed_ws(fresh_ws):
 
 
 def _edit(w, prompt, target, **kw):
-    return w.edit([EditCase(input=prompt, target=target)], max_steps=w.max_steps_for("mend", 1), **kw)
+    return w.edit([EditCase(input=prompt, target=target)], **kw)
 
 
 def _logits(w, prompts):
@@ -264,7 +264,7 @@ def test_a_routed_batch_is_one_entry_per_fact_recorded_together(routed_ws, monke
     facts = [("The capital of Peru is", "Oslo"), ("The capital of Chile is", "Cairo"),
              ("The capital of Kenya is", "Lima")]
     cases = [EditCase(input=p, target=t, locality=["Water boils at"]) for p, t in facts]
-    steps = w.max_steps_for("mend", 1)
+    steps = w.policy("mend").max_steps
     with pytest.raises(InputError, match="both edit"):  # the same input twice: one must go
         w.edit(cases + cases[:1], max_steps=steps)
     assert ws.ledger_count() == 0

@@ -188,7 +188,7 @@ def _editor_stats(ws) -> MendEditor | None:
         ed = ws.editor("mend")
     except (EditorError, InputError):
         return None
-    return ed if isinstance(ed, MendEditor) and ed.config.norm else None
+    return ed if ed.config.norm else None
 
 
 def _ud_shift(ws, editor: MendEditor, batch) -> dict:

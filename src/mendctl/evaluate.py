@@ -59,15 +59,15 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
     lm = ws.lm
     model, tok, fmt = lm.model, lm.tokenizer, ws.fmt
     head = ws.head()
-    rs = ws.config.routing if editor == "mend" else None
-    ed = ws.editor(editor, step_factor=ws.routed_step_factor()) if rs else ws.editor(editor)
-    # as `mendctl edit` edits (computing the preserved keys loads the base state)
-    preserve = None if rs else ws.preserved(ed)
+    # as `mendctl edit` edits: the workspace's policy, for each batch's number of facts
+    policy = ws.policy(editor, batch_size, max_steps)
+    rs, max_steps = policy.routing, policy.max_steps
+    ed = ws.editor_for(policy)
+    # (computing the preserved keys loads the base state)
+    preserve = ws.preserved(ed, policy.preserve_keys)
     ws.use_state(head)
     if rs:
         ws.router.space(rs["layer"])  # computed once per workspace (cached), not timed
-    if max_steps is None:  # the editor's operating point, else the paper's single step
-        max_steps = ws.max_steps_for(editor, 1)
     texts = generic_text_samples(ppl_passages) if ppl_passages else []
     ppl_before = perplexity(model, tok, texts) if texts else None
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
@@ -85,11 +85,11 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         if rs:  # each fact behind its own gate, made together (as `Workspace.edit` makes them)
             gates, apply = ws.router.steppers(batch, rs, model, tok)
             deltas = ed.edit_apart(model, tok, prompts, [c.target for c in batch], fmt, max_steps,
-                                   ws.guard_limit(ed, 1), apply, rs.get("rank_cut"))
+                                   policy.max_norm, apply, rs.get("rank_cut"))
             ctx = apply(list(enumerate(deltas)))
         else:
-            deltas = [edit_with(ed, model, tok, batch, fmt, max_steps, ws.guard_limit(ed, len(batch)),
-                                preserve=preserve)]
+            max_norm = ws.policy(editor, len(batch), max_steps).max_norm  # (a short last batch)
+            deltas = [edit_with(ed, model, tok, batch, fmt, max_steps, max_norm, preserve=preserve)]
             ctx = applied(model, deltas[0])
         seconds = time.perf_counter() - t0
         # stored bytes per fact, as a share of the dense weights one fact's delta touches
@@ -159,7 +159,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                         "rephrase_acc": summary["paraphrase_token_accuracy"]}
     summary.update(cases=len(rows), batch_size=batch_size, editor=editor, max_steps=max_steps,
                    routed=bool(rs),
-                   guard_max_norm=ws.guard_limit(ed, batch_size),
+                   guard_max_norm=policy.max_norm,
                    ppl_before=ppl_before, state=head.id if head else None)
     by_rel = {}
     for r in rows:
@@ -214,8 +214,7 @@ def evaluate_chain(ws, cases, editor: str = "mend", max_steps: int | None = None
 def _chain(w, cases, editor, max_steps, progress) -> dict:
     lm = w.lm
     model, tok, fmt = lm.model, lm.tokenizer, w.fmt
-    if max_steps is None:
-        max_steps = w.max_steps_for(editor, 1)
+    max_steps = w.policy(editor, 1, max_steps).max_steps
     w.use_state(None)
     loc_prompts = [p for c in cases for p in c.locality]
     ref = locality_reference(model, tok, loc_prompts, fmt) if loc_prompts else None

@@ -15,8 +15,8 @@ each weight keeps the top r singular triplets of its summed ΔW instead, which b
 file size and the per-edit cost of later states at the price of a measured error.
 
 History is not rewritten: the squashed entries stay in the ledger and their delta files stay
-in the store; only the active list of the new head changes. The recording follows the edit's
-crash rules (see `Workspace.edit`): the file is staged, the ledger row and the file's
+in the store; only the active list of the new head changes. The recording follows every
+operation's crash rules (recorder.py): the file is staged, the ledger row and the file's
 rename land in one transaction, and a failure leaves no row and discards the staged file.
 """
 from __future__ import annotations
@@ -143,13 +143,8 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
     notes = {"squashed": seg_ids, "rank": rank, "reconstruction_error": errors,
              "max_reconstruction_error": max_err}
     request = [c for e in segment for c in _request_of(e)]
-    staged = ws.store.stage(delta)
     try:
-        with ws.ledger.transaction() as s:
-            now_head = ws.ledger.head(session=s)
-            if now_head is None or now_head.id != head.id:
-                raise LedgerError("the ledger moved while squashing (another writer without "
-                                  "the lock?); nothing was recorded, try again")
+        with ws.recorder.recording([delta], head.id, "squashing") as (s, (staged,)):
             ws.record_base_model(s)
             entry = ws.ledger.add_entry(
                 session=s, kind="squash", parent_id=head.id, **ws.provenance(command),
@@ -163,10 +158,7 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
             active = before_slot + [entry.id] + after_slot
             entry.active_ids = active
             s.flush()
-            ws.store.commit(staged)
     except BaseException:
-        ws.store.discard(staged)
-        ws.drop_unrecorded(staged.sha256)
         ws.forget_loaded_state()
         raise
     ws.remember_state(w_new, new_hash)

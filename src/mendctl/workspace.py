@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import getpass
 import json
-import math
 import os
 import re
 import shlex
 import socket
 import sys
 import time
+from dataclasses import replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -48,11 +48,12 @@ from .health import base_reference, chain_health
 from .ledger import Entry, Ledger, sqlite_url
 from .locking import WorkspaceLock
 from .models import ALIASES, LoadedModel, load_model
+from .policy import EDITORS, EditPolicy, recorded, resolve
 from .preserve import workspace_basis
+from .recorder import Recorder
 from .store import DeltaStore
 
 ENV_WORKSPACE = "MENDCTL_WORKSPACE"
-EDITORS = ("mend", "identity", "ft", "ft_kl")
 DELTA_KINDS = ("edit", "replay", "squash")
 STATE_CACHE_KEEP = 4
 #: How long a ledger write waits for SQLite's lock when `lock_timeout` is null (wait for the
@@ -172,6 +173,11 @@ class Workspace:
     @cached_property
     def store(self) -> DeltaStore:
         return DeltaStore(self.root / self.config.store)
+
+    @cached_property
+    def recorder(self) -> Recorder:
+        """Where every operation records its deltas and ledger rows (all or nothing)."""
+        return Recorder(self.ledger, self.store)
 
     def lock(self) -> WorkspaceLock:
         """The workspace's write lock (every command that changes the workspace takes it
@@ -306,38 +312,28 @@ class Workspace:
         self._editors[name] = ed
         return ed
 
-    def max_steps_for(self, editor: str, fallback: int) -> int:
-        """MEND steps per edit when the user gives none: the `max_steps` of the editor's
-        operating point (`mendctl calibrate --max-steps`: its α was scaled for edits made in
-        that many steps at most), else `fallback`. Other editors: `fallback` (ignored)."""
-        if editor != "mend":
-            return fallback
-        if self.config.routing:
-            return int(self.config.routing["max_steps"])
-        if self.config.max_steps is not None:
-            return int(self.config.max_steps)
-        op = (self.editor("mend").info or {}).get("operating_point") or {}
-        return int(op.get("max_steps") or fallback)
+    def policy(self, editor: str = "mend", n_facts: int = 1, max_steps: int | None = None,
+               keep_failed: bool | None = None) -> EditPolicy:
+        """How an edit of `n_facts` facts by `editor` is made here (policy.resolve: this
+        workspace's mendctl.yaml, the given overrides, the editor checkpoint's operating point)."""
+        if editor not in EDITORS:
+            raise InputError(f"unknown editor {editor!r}; choose one of {', '.join(EDITORS)}")
+        info = self._load_editor(editor).info if editor in ("mend", "identity") else None
+        return resolve(self.config, info, editor, n_facts, max_steps, keep_failed)
 
-    def preserved(self, ed, cut: float | None = "config") -> dict | None:
-        """The preserved-key basis a MEND edit is kept off (`preserve_keys`; preserve.py), or
-        None when it is off or the editor is not MEND. Computing it loads the base state."""
-        cut = self.config.preserve_keys if cut == "config" else cut
-        if cut is None or not isinstance(ed, MendEditor):
+    def editor_for(self, policy: EditPolicy):
+        """The editor a policy edits with (MEND at the policy's step size)."""
+        return self.editor(policy.editor, step_factor=policy.step_factor)
+
+    def preserved(self, ed, cut: float | None) -> dict | None:
+        """The preserved-key basis a MEND edit is kept off (the policy's `preserve_keys`, which
+        is None for routed edits and FT; preserve.py), or None when off. Computing it loads
+        the base state."""
+        if cut is None:
             return None
         if cut not in self._preserved:
             self._preserved[cut] = workspace_basis(self, cut)
         return self._preserved[cut]
-
-    def guard_limit(self, ed, n_cases: int = 1) -> float | None:
-        """The drift guard's limit on one MEND edit step's total ‖ΔW‖_F: `guard_norm` times the
-        editor's median single edit on the base model, times √n for a batched edit of n facts
-        (the size of a sum of n independent single edits). None (no guard) when it is off,
-        for other editors, and for checkpoints without a `delta_norm_reference`."""
-        if self.config.guard_norm is None or not isinstance(ed, MendEditor):
-            return None
-        ref = (ed.info or {}).get("delta_norm_reference")
-        return self.config.guard_norm * float(ref["median"]) * math.sqrt(max(n_cases, 1)) if ref else None
 
     # -- routed entries -------------------------------------------------------------------
     @cached_property
@@ -370,12 +366,6 @@ class Workspace:
         largest k: the states a batch of routed entries passes through."""
         wh = state_hash(w) if plain_ids else self._base_hash
         return self.router.state_hashes(wh, routed_edits, last)
-
-    def routed_step_factor(self) -> float:
-        """The step factor of a routed edit: routing's `alpha` × the editor's as-trained α,
-        undoing the operating point's scale (chosen for plain edits' locality)."""
-        op = (self._load_editor("mend").info or {}).get("operating_point") or {}
-        return float(self.config.routing["alpha"]) / float(op.get("alpha_factor_total") or 1.0)
 
     # -- states ---------------------------------------------------------------------------
     def load_delta(self, entry_id: int, cache: dict | None = None) -> Delta:
@@ -564,12 +554,12 @@ class Workspace:
         return self._health[state][0]
 
     def edit(self, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
-             command: str | None = None, max_steps: int = 1, keep_failed: bool | None = None,
-             before_answers: bool = True) -> dict:
+             command: str | None = None, max_steps: int | None = None,
+             keep_failed: bool | None = None, before_answers: bool = True) -> dict:
         """Make one edit of `cases` on the head and record it. An edit after which a target
         is not the model's answer (edit success < 1) is refused with EditFailed and nothing is
-        recorded, unless `keep_failed` (default: the config's; then it is recorded with status
-        `failed`). `before_answers=False` skips generating the answers before the edit (the
+        recorded, unless `keep_failed` (then it is recorded with status `failed`). `max_steps`
+        and `keep_failed` override the workspace's policy (`policy`: None keeps it). `before_answers=False` skips generating the answers before the edit (the
         report then has the scores only: `edit --each` shows no answers).
 
         Several cases make one batched edit. A plain weight edit of them is one delta and one
@@ -577,7 +567,6 @@ class Workspace:
         are computed together (`MendEditor.edit_apart`) and recorded as one entry each, in one
         transaction (all or none), linked by `notes.batch`; each can be reverted exactly on
         its own. A batch is scored, without generated answers."""
-        keep_failed = self.config.keep_failed if keep_failed is None else keep_failed
         if not cases:
             raise InputError("nothing to edit: give --input and --target, or --batch FILE.jsonl")
         seen = {}
@@ -588,22 +577,17 @@ class Workspace:
                 raise InputError(f"facts {seen[c.input]} and {i} of the batch both edit "
                                  f"{_clip(c.input)}: keep one of them")
             seen[c.input] = i
-        if max_steps < 1:
-            raise InputError("--max-steps must be ≥ 1")
-        if self.config.routing:
-            if editor != "mend":
-                raise InputError(f"routing (mendctl.yaml) applies MEND's low-rank deltas; edit "
-                                 f"with --editor mend, or set `routing: false` to edit with {editor}")
-            ed = self.editor(editor, step_factor=self.routed_step_factor())
-        else:
-            ed = self.editor(editor)
+        if self.config.routing and editor != "mend":
+            raise InputError(f"routing (mendctl.yaml) applies MEND's low-rank deltas; edit with "
+                             f"--editor mend, or set `routing: false` to edit with {editor}")
+        policy = self.policy(editor, len(cases), max_steps, keep_failed)
+        ed = self.editor_for(policy)
         self.check_sizes([(what, p) for c in cases for what, p in
                           [("input", c.input)] + [("paraphrase", q) for q in c.paraphrases]
                           + [("locality prompt", q) for q in c.locality]],
                          [c.target for c in cases])
         with self.lock():
-            return self._edit_locked(cases, ed, dry_run, command, max_steps, keep_failed,
-                                     before_answers)
+            return self._edit_locked(cases, ed, policy, dry_run, command, before_answers)
 
     def applied_facts(self) -> set[tuple[str, str]]:
         """The (input, target) pairs of the edits active in the head state."""
@@ -611,7 +595,8 @@ class Workspace:
         return {pair for i in (head.active_ids if head else []) for pair in self._pairs_of(i)}
 
     def edit_each(self, cases: list[EditCase], editor: str = "mend", command: str | None = None,
-                  max_steps: int = 1, keep_failed: bool | None = None, progress=None) -> dict:
+                  max_steps: int | None = None, keep_failed: bool | None = None,
+                  progress=None) -> dict:
         """Sequential edits: each case its own edit and ledger entry, in order, in this process
         (one model load). Each entry lands whole or not at all; a case already applied on this
         chain (an active edit with the same input and target) is skipped, so a rerun after an
@@ -642,7 +627,7 @@ class Workspace:
                   for k in ("recorded", "skipped", "failed", "failed-kept")}
         return {"facts": results, "counts": counts}
 
-    def _edit_locked(self, cases, ed, dry_run, command, max_steps=1, keep_failed=False,
+    def _edit_locked(self, cases, ed, policy: EditPolicy, dry_run, command,
                      before_answers=True) -> dict:
         lm = self.lm
         head = self.head()
@@ -650,10 +635,12 @@ class Workspace:
         head_plain, head_routed = self._split(head_ids)
         # a routed edit (routing.py) needs neither preserved keys nor the retention guard: its
         # gate keeps it off other inputs, the earlier edits' prompts included
-        rs = self.config.routing if isinstance(ed, MendEditor) else None
+        rs = policy.routing
+        max_steps, max_norm = policy.max_steps, policy.max_norm
         # the base's audit-set answers (cached; computing them loads the base state first)
         health_ref = base_reference(self) if self.config.health_check else None
-        preserve = None if rs else self.preserved(ed)  # cached; computing it loads the base state too
+        # (cached; computing it loads the base state too)
+        preserve = self.preserved(ed, policy.preserve_keys)
         w_head = self.use_state(head)
         # a batch is scored, not read out: generating answers for a hundred facts (without a KV
         # cache once routed edits are installed) would take longer than editing them
@@ -671,7 +658,6 @@ class Workspace:
             # each fact its own delta behind its own gate (its subject), all computed together:
             # their steps act behind their gates, as they will be used
             gates, apply = self.router.steppers(cases, rs, lm.model, lm.tokenizer)
-            max_norm = self.guard_limit(ed, 1)  # each fact's step is a single edit's
             protect = None
             deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
                                    [c.target for c in cases], self.fmt, max_steps, max_norm, apply,
@@ -679,8 +665,7 @@ class Workspace:
             parts = [([i], d) for i, d in enumerate(deltas)]
         else:
             gates = []
-            max_norm = self.guard_limit(ed, len(cases))
-            protect = self._protected(head_ids, ed)
+            protect = [pair for i in head_ids for pair in self._pairs_of(i)] if policy.protect else None
             parts = [(list(range(len(cases))), edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt,
                                                          max_steps, max_norm, protect, preserve))]
         seconds = time.perf_counter() - t0
@@ -722,7 +707,7 @@ class Workspace:
                 self.use_state(head)
         failed = [i for i, ok in enumerate(after["holds"]) if not ok]
         steps_of = [int(d.meta.get("edit_steps", 1)) for _, d in parts]
-        if failed and not dry_run and not keep_failed:
+        if failed and not dry_run and not policy.keep_failed:
             self._loaded_state = None  # the model holds the unrecorded edit
             shown = "; ".join(f"{cases[i].input!r} → "
                               + (f"{after['answers'][i]!r}" if "answers" in after else
@@ -750,7 +735,7 @@ class Workspace:
             "protect": {"on": protect is not None, "pairs": len(protect or []),
                         "rank": int(delta0.meta["protected_rank"]) if "protected_rank" in delta0.meta else None},
             "step_factor": getattr(ed, "step_factor", None),
-            "preserve": {"cut": self.config.preserve_keys if preserve is not None else None,
+            "preserve": {"cut": policy.preserve_keys if preserve is not None else None,
                          "rank": max(b.shape[1] for b in preserve.values()) if preserve else None},
             "routing": routing_of[0] if len(parts) == 1 else ({**rs, "gates": len(gates)} if rs else None),
         }
@@ -761,18 +746,11 @@ class Workspace:
                                for k, ([i], d) in enumerate(parts)]
         if dry_run:
             return report
-        staged = []
         for _, d in parts:
             d.meta.update({"editor": ed.name, "base_model_hash": lm.base_hash})
+        ids = []
         try:
-            for _, d in parts:
-                staged.append(self.store.stage(d))
-            ids = []
-            with self.ledger.transaction() as s:
-                now_head = self.ledger.head(session=s)
-                if (now_head.id if now_head else None) != (head.id if head else None):
-                    raise LedgerError("the ledger moved while editing (another writer without "
-                                      "the lock?); nothing was recorded, try again")
+            with self.recorder.recording([d for _, d in parts], head.id if head else None) as (s, staged):
                 self.record_base_model(s)
                 parent, active = (head.id if head else None), list(head_ids)
                 for k, ((idx, d), st) in enumerate(zip(parts, staged)):
@@ -792,14 +770,13 @@ class Workspace:
                         state_hash=hashes[k], status="failed" if any(i in failed for i in idx) else "ok",
                         active_ids=active,  # own id appended below
                         notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
-                               "max_steps": max_steps, "max_norm": max_norm,
+                               # how it was made, as replay re-reads it (policy.recorded)
+                               "policy": policy.to_dict(),
                                "norm_scale": float(d.meta["norm_scale"]) if "norm_scale" in d.meta else None,
-                               "protect": protect is not None, "protected_pairs": len(protect or []),
+                               "protected_pairs": len(protect or []),
                                "protected_rank": report["protect"]["rank"],
                                # the chain's health is measured once, on the state after all
                                "health": after.get("health") if last else None,
-                               "step_factor": report["step_factor"],
-                               "preserve_keys": report["preserve"]["cut"],
                                "edit_steps": steps_of[k],
                                **({"routing": routing_of[k]} if rs else {}),
                                **({"batch": {"index": k, "size": len(parts),
@@ -816,12 +793,7 @@ class Workspace:
                         s.flush()
                     parent = entry.id
                     ids.append(entry.id)
-                for st in staged:
-                    self.store.commit(st)
         except BaseException:
-            for st in staged:
-                self.store.discard(st)
-                self.drop_unrecorded(st.sha256)
             self._loaded_state = None  # the model holds an unrecorded state
             raise
         if not rs or head_plain:
@@ -836,22 +808,6 @@ class Workspace:
     def _pairs_of(self, entry_id: int) -> list[tuple[str, str]]:
         e = self.ledger.get(entry_id)
         return list(zip(e.inputs or [], e.targets or []))
-
-    def _protected(self, active_ids: list[int], ed) -> list[tuple[str, str]] | None:
-        """The (prompt, target) pairs of the active edits a new MEND edit must leave alone (the
-        retention guard, `protect_edits`), or None when the guard is off or does not apply."""
-        if not self.config.protect_edits or not isinstance(ed, MendEditor):
-            return None
-        return [pair for i in active_ids for pair in self._pairs_of(i)]
-
-    def drop_unrecorded(self, sha256: str) -> None:
-        """After a failed commit: remove the object if the rename happened but no row refers
-        to it (objects are content-addressed, so another entry may legitimately share it)."""
-        try:
-            if self.store.has(sha256) and sha256 not in self.ledger.known_delta_hashes():
-                self.store.path_for(sha256).unlink(missing_ok=True)
-        except Exception:  # best effort: `verify` reports and `gc` removes what is left
-            pass
 
     def provenance(self, command: str | None) -> dict:
         try:
@@ -896,7 +852,7 @@ class Workspace:
             replayed = [] if routed_here else self._replay_entries(keep, later)
             gap = self._routed_gap(w_exact, exact_hash, routed_, later) if routed_here and later \
                 else self._gap(w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
-            with self.ledger.transaction() as s:
+            with self.recorder.recording([r["delta"] for r in replayed]) as (s, staged):
                 rev = self.ledger.add_entry(
                     session=s, kind="revert", parent_id=head.id, reverts_id=entry_id,
                     **self.provenance(command), inputs=list(target.inputs),
@@ -907,7 +863,7 @@ class Workspace:
                     notes={"mode": "replay" if replay else "exact", "gap": gap})
                 ids = [rev.id]
                 if replay:
-                    ids += self._record_replays(s, rev.id, list(keep), replayed, command,
+                    ids += self._record_replays(s, rev.id, list(keep), replayed, staged, command,
                                                 {"reverted": entry_id})
         self._loaded_state = None
         return {"reverted": entry_id, "mode": "replay" if replay else "exact", "entries": ids,
@@ -930,34 +886,28 @@ class Workspace:
         done = [(p, t) for i in start_active for p, t in self._pairs_of(i)]
         for i in self._expand_squashes(ids):
             old = self.ledger.get(i)
-            name = editor or (old.editor_name if old.editor_name in EDITORS else "mend")
-            notes = old.notes or {}
-            # a MEND edit re-runs with its recorded step size and preserved keys (entries from
-            # before these settings existed were made at the editor's own α, without preserved
-            # keys); another editor's edit re-run by MEND takes the configured ones
-            by_mend = old.editor_name == "mend"
-            ed = self.editor(name, step_factor=(notes.get("step_factor") or 1.0) if by_mend else None) \
-                if name == "mend" else self.editor(name)
-            cut = notes.get("preserve_keys") if by_mend else self.config.preserve_keys
-            preserve = self.preserved(ed, cut)
+            # an edit re-runs with the policy it was made with (a replay must make the same
+            # delta even if the configuration has changed since); re-run by another editor, it
+            # keeps the recorded steps and guards and takes this workspace's step size and
+            # preserved keys
+            policy = recorded(old.notes, old.editor_name)
+            if editor and editor != policy.editor:
+                fresh = self.policy(editor, max(len(old.inputs or []), 1), policy.max_steps)
+                policy = replace(fresh, max_norm=policy.max_norm,
+                                 protect=policy.protect and editor in ("mend", "identity"))
+            ed = self.editor_for(policy)
+            preserve = self.preserved(ed, policy.preserve_keys)
             self.set_weights(w, state_hash(w))
             cases = old.cases()
-            steps = int((old.notes or {}).get("max_steps", 1))
-            # the guard's limit as recorded: a replay must make the same delta even if the
-            # configuration has changed since
-            max_norm = (old.notes or {}).get("max_norm")
-            # likewise the retention guard: on if it was on, over the edits active now
-            protect = list(done) if (old.notes or {}).get("protect") and isinstance(ed, MendEditor) else None
-            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt, steps, max_norm,
-                              protect, preserve)
+            # the retention guard, if it was on, over the edits active now
+            protect = list(done) if policy.protect else None
+            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt,
+                              policy.max_steps, policy.max_norm, protect, preserve)
             done += [(c.input, c.target) for c in cases]
             delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
             w = apply_deltas(w, [delta])
             out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
-                        "editor_sha256": ed.sha256, "cases": cases, "max_steps": steps,
-                        "max_norm": max_norm, "protect": protect is not None,
-                        "step_factor": getattr(ed, "step_factor", None),
-                        "preserve_keys": cut if preserve is not None else None})
+                        "editor_sha256": ed.sha256, "cases": cases, "policy": policy})
         self._loaded_state = None
         return out
 
@@ -970,33 +920,25 @@ class Workspace:
         return out
 
     def _record_replays(self, s, parent: int, active: list[int], replayed: list[dict],
-                        command: str | None, notes: dict) -> list[int]:
-        """Record recomputed edits as `replay` entries inside the caller's transaction, each
-        delta file committed with its row (see `_edit_locked`)."""
+                        staged: list, command: str | None, notes: dict) -> list[int]:
+        """Record recomputed edits as `replay` entries inside the caller's recording (their
+        delta files staged there, in order)."""
         ids = []
-        for r in replayed:
-            staged = self.store.stage(r["delta"])
-            try:
-                old = r["entry"]
-                e = self.ledger.add_entry(
-                    session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
-                    **self.provenance(command), inputs=list(old.inputs),
-                    targets=list(old.targets), request=old.request,
-                    editor_name=r["delta"].meta.get("editor"), editor_sha256=r["editor_sha256"],
-                    base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
-                    weight_names=r["delta"].names(), delta_sha256=staged.sha256,
-                    delta_path=staged.rel_path, delta_size=staged.size,
-                    delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
-                    notes={"replay_of": old.id, "max_steps": r["max_steps"],
-                           "max_norm": r["max_norm"], "protect": r["protect"],
-                           "step_factor": r["step_factor"], "preserve_keys": r["preserve_keys"], **notes})
-                active = active + [e.id]
-                e.active_ids = active
-                s.flush()
-                self.store.commit(staged)
-            except BaseException:
-                self.store.discard(staged)
-                raise
+        for r, st in zip(replayed, staged):
+            old = r["entry"]
+            e = self.ledger.add_entry(
+                session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
+                **self.provenance(command), inputs=list(old.inputs),
+                targets=list(old.targets), request=old.request,
+                editor_name=r["delta"].meta.get("editor"), editor_sha256=r["editor_sha256"],
+                base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
+                weight_names=r["delta"].names(), delta_sha256=st.sha256,
+                delta_path=st.rel_path, delta_size=st.size,
+                delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
+                notes={"replay_of": old.id, "policy": r["policy"].to_dict(), **notes})
+            active = active + [e.id]
+            e.active_ids = active
+            s.flush()
             parent = e.id
             ids.append(e.id)
         return ids
@@ -1097,8 +1039,7 @@ class Workspace:
             for e, cases in (progress(requests) if progress else requests):
                 # keep_failed: a replay carries the whole chain over and reports each edit's
                 # success on the new model, rather than stopping at the first that fails there
-                r = other.edit(cases, editor=editor or "mend", max_steps=other.max_steps_for(
-                               editor or "mend", 1) if other.config.routing else 1,
+                r = other.edit(cases, editor=editor or "mend",
                                command=command or f"replay of entry {e.id} from {self.root}",
                                keep_failed=True)
                 results.append({"from": e.id, "entry": r["entry"],
@@ -1106,8 +1047,8 @@ class Workspace:
             return {"workspace": str(target_dir), "replayed": results}
         with self.lock():
             replayed = self._replay_entries([], [e.id for e, _ in requests], editor=editor)
-            with self.ledger.transaction() as s:
-                ids = self._record_replays(s, head.id, [], replayed, command, {"editor": editor})
+            with self.recorder.recording([r["delta"] for r in replayed]) as (s, staged):
+                ids = self._record_replays(s, head.id, [], replayed, staged, command, {"editor": editor})
         self._loaded_state = None
         return {"entries": ids, "state_hash": replayed[-1]["hash"]}
 
@@ -1200,10 +1141,9 @@ def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
     drift guard's max_norm, the retention guard's protected pairs, the preserved keys and
     the context its steps so far act in (`apply`: a routed edit's own gate)."""
     loc = [p for c in cases for p in c.locality]
-    kwargs = ({"max_steps": max_steps, "max_norm": max_norm, "protect": protect,
-               "preserve": preserve, "apply": apply} if isinstance(ed, MendEditor) else {})
     return ed.edit(model, tokenizer, [c.input for c in cases], [c.target for c in cases], fmt,
-                   locality=loc or None, **kwargs)
+                   locality=loc or None, max_steps=max_steps, max_norm=max_norm, protect=protect,
+                   preserve=preserve, apply=apply)
 
 
 def _alive(pid: int) -> bool:

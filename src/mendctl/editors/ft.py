@@ -31,7 +31,10 @@ class FTEditor:
         self.info = {"editor": self.name, "steps": steps, "lr": lr, "kl_weight": kl_weight}
 
     def edit(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
-             fmt: str = "raw", locality: list[str] | None = None) -> Delta:
+             fmt: str = "raw", locality: list[str] | None = None, max_steps: int = 1,
+             max_norm: float | None = None, protect=None, preserve=None, apply=None) -> Delta:
+        """`self.steps` Adam steps on the edited weights (the editor contract's MEND settings,
+        `max_steps` to `apply`, do not apply to fine-tuning and are ignored)."""
         t0 = time.perf_counter()
         device = input_device(model)
         batch = encode_pairs(tokenizer, prompts, targets, fmt).to(device)

@@ -1,0 +1,120 @@
+"""The edit policy (mendctl/policy.py): every default of an edit decided in one place, recorded
+with the entry, and read back by replay, also from entries made before policies were recorded."""
+from __future__ import annotations
+
+import math
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from e2e_helpers import CHAIN, clone_workspace, init_workspace_inprocess, tiny_assets  # noqa: E402,F401
+
+from mendctl import config as config_mod  # noqa: E402
+from mendctl.errors import InputError  # noqa: E402
+from mendctl.policy import UNCALIBRATED_MAX_STEPS, EditPolicy, recorded, resolve  # noqa: E402
+
+INFO = {"operating_point": {"alpha_factor_total": 0.35, "max_steps": 5},
+        "delta_norm_reference": {"median": 2.0}}
+
+
+def _cfg(**kw):
+    return config_mod.parse(kw, "mendctl.yaml")
+
+
+def test_routed_default_takes_the_trained_step_and_no_plain_guards():
+    p = resolve(_cfg(), INFO, "mend", n_facts=25)
+    assert p.routed and p.max_steps == 5
+    assert p.step_factor == pytest.approx(1.0 / 0.35)  # routing alpha 1 undoes the operating point
+    assert p.max_norm == pytest.approx(3.0 * 2.0)  # each routed fact steps alone: no √n
+    assert not p.protect and p.preserve_keys is None and not p.keep_failed
+
+
+def test_plain_edits_take_the_config_and_a_batch_guard():
+    p = resolve(_cfg(routing=False), INFO, "mend", n_facts=4)
+    assert not p.routed and p.max_steps == 20 and p.step_factor == 0.5
+    assert p.max_norm == pytest.approx(3.0 * 2.0 * math.sqrt(4))
+    assert p.protect and p.preserve_keys == 0.01
+    # max_steps: null falls back to the operating point's, then to the uncalibrated default
+    assert resolve(_cfg(routing=False, max_steps=None), INFO).max_steps == 5
+    assert resolve(_cfg(routing=False, max_steps=None), {}).max_steps == UNCALIBRATED_MAX_STEPS
+    # the command line wins; guards off when configured off or without a yardstick
+    p = resolve(_cfg(routing=False, guard_norm=None, protect_edits=False), INFO, max_steps=2,
+                keep_failed=True)
+    assert (p.max_steps, p.max_norm, p.protect, p.keep_failed) == (2, None, False, True)
+    assert resolve(_cfg(routing=False), {}).max_norm is None
+
+
+def test_baselines_and_bad_requests():
+    ft = resolve(_cfg(), None, "ft")
+    assert ft == EditPolicy(editor="ft", max_steps=1)  # routing does not apply to FT
+    ident = resolve(_cfg(routing=False), INFO, "identity", n_facts=1)
+    assert ident.step_factor is None and ident.max_norm == pytest.approx(6.0) and ident.protect
+    assert ident.max_steps == UNCALIBRATED_MAX_STEPS
+    with pytest.raises(InputError, match="unknown editor"):
+        resolve(_cfg(), INFO, "rome")
+    with pytest.raises(InputError, match="max-steps"):
+        resolve(_cfg(), INFO, max_steps=0)
+
+
+def test_recorded_policy_round_trips_and_legacy_notes_are_read():
+    p = resolve(_cfg(routing=False), INFO, "mend", n_facts=2)
+    assert recorded({"policy": p.to_dict()}, "mend") == p
+    legacy = {"max_steps": 20, "max_norm": 1.5, "protect": True, "step_factor": 0.5,
+              "preserve_keys": 0.01, "edit_steps": 3}
+    assert recorded(legacy, "mend") == EditPolicy(editor="mend", max_steps=20, step_factor=0.5,
+                                                  max_norm=1.5, protect=True, preserve_keys=0.01)
+    # the oldest entries: one step at the editor's own α, no guards
+    assert recorded({}, "mend") == EditPolicy(editor="mend", max_steps=1, step_factor=1.0)
+    assert recorded({"max_steps": 3}, "ft").step_factor is None
+
+
+def _legacy_notes(db: Path) -> int:
+    """Rewrite every entry's notes as the main of 2026-12-06 wrote them (the settings one by
+    one, no `policy`): a workspace made before this change."""
+    import json
+
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT id, notes FROM entries").fetchall()
+    for i, notes in rows:
+        n = json.loads(notes)
+        p = n.pop("policy")
+        n.update(max_steps=p["max_steps"], max_norm=p["max_norm"], protect=p["protect"],
+                 step_factor=p["step_factor"], preserve_keys=p["preserve_keys"])
+        con.execute("UPDATE entries SET notes = ? WHERE id = ?", (json.dumps(n), i))
+    con.commit()
+    con.close()
+    return len(rows)
+
+
+def test_a_workspace_from_before_policies_replays_bit_exactly(tiny_assets, tmp_path):
+    """Entries recorded without `notes.policy` (older workspaces) replay to the same states as
+    entries that carry it, and the workspace takes new edits, recorded with their policy."""
+    from mendctl.editors.data import EditCase
+    from mendctl.workspace import Workspace
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache, health_check=False)
+    w = Workspace.open(str(ws.root))
+    for x, y in CHAIN:
+        w.edit([EditCase(input=x, target=y)])
+    w.ledger.close()
+    old = clone_workspace(ws, tmp_path / "old")
+    assert _legacy_notes(old.ledger_path) == 3
+    hashes = []
+    for copy in (ws, old):
+        w = Workspace.open(str(copy.root))
+        try:
+            r = w.revert(1, replay=True)
+            replays = [w.ledger.get(i) for i in r["entries"][1:]]
+            hashes.append([e.state_hash for e in replays])
+            assert all("policy" in e.notes for e in replays)
+            assert w.replay_verify()["ok"]
+            new = w.edit([EditCase(input="The sky is", target="green")])
+            assert w.ledger.get(new["entry"]).notes["policy"]["max_steps"] == 20
+        finally:
+            w.ledger.close()
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
