@@ -25,6 +25,7 @@ from mendctl.editors.data import EditCase, load_split  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from mendctl.replay import verify_chain  # noqa: E402
 
 
 def timed_subprocess(args, cwd) -> float:
@@ -52,13 +53,13 @@ def main():
             ratios.append(r["delta_bytes"] / r["dense_bytes"])
         tokens.append(n)
     # replay --verify of the whole chain vs a base-model load, same process, best of repeats
-    replay_s = min(_t(lambda: ws.replay_verify()) for _ in range(a.repeats))
+    replay_s = min(_t(lambda: verify_chain(ws)) for _ in range(a.repeats))
     head = ws.ledger.head()
     # rebuilding the head alone: read + verify every delta file, add them in order, hash once
     rebuild_s = min(_t(lambda: ws.weights_for(list(head.active_ids), head.state_hash, use_cache=False))
                     for _ in range(a.repeats))
     load_s = min(_t(lambda: load_model(ws.config.model)) for _ in range(a.repeats))
-    ok = ws.replay_verify()["ok"]
+    ok = verify_chain(ws)["ok"]
     # end to end through the CLI vs a bare load in a fresh Python
     exe = [sys.executable, "-m", "mendctl"]
     bare = [sys.executable, "-c", "from mendctl.models import load_model; load_model('smollm2-135m')"]

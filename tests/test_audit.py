@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_helpers import (CHAIN, chain, clone_workspace, init_workspace_inprocess,  # noqa: E402,F401
                          one_line_error, tiny_assets)
+from mendctl.revert import revert  # noqa: E402
 
 
 @pytest.fixture
@@ -37,13 +38,13 @@ def test_reverted_edit_is_not_counted_and_unchanged_model_is_local(ws_chain):
     s = r["summary"]
     assert s["fluency"] >= 0.0 and s["fluency_base"] >= 0.0 and 0.0 <= s["repeats_target"] <= 1.0
 
-    w.revert(2)
+    revert(w, 2)
     r = run_audit(w, matrix=False)
     assert [e["entry"] for e in r["edits"]] == [1, 3]
     assert r["summary"]["state"] == 4
 
-    w.revert(1)
-    w.revert(3)  # nothing active: the state is the base model, bit for bit
+    revert(w, 1)
+    revert(w, 3)  # nothing active: the state is the base model, bit for bit
     r = run_audit(w, matrix=False)
     s = r["summary"]
     assert s["active_edits"] == 0 and r["edits"] == []
@@ -103,7 +104,7 @@ def test_retention_matrix_equals_scoring_each_state_and_is_reused(ft_chain):
 
     w = ft_chain
     assert all(e.metrics_after["edit_success"] == 1.0 for e in w.ledger.entries())
-    w.revert(1)  # a column where edit 1 is no longer active
+    revert(w, 1)  # a column where edit 1 is no longer active
     r = run_audit(w)
     c = r["chain"]
     assert c["rows"] == [1, 2, 3] and c["columns"] == [1, 2, 3, 4]

@@ -15,6 +15,8 @@ from e2e_helpers import CHAIN, clone_workspace, init_workspace_inprocess, tiny_a
 from mendctl import config as config_mod  # noqa: E402
 from mendctl.errors import InputError  # noqa: E402
 from mendctl.policy import UNCALIBRATED_MAX_STEPS, EditPolicy, recorded, resolve  # noqa: E402
+from mendctl.replay import verify_chain  # noqa: E402
+from mendctl.revert import revert  # noqa: E402
 
 INFO = {"operating_point": {"alpha_factor_total": 0.35, "max_steps": 5},
         "delta_norm_reference": {"median": 2.0}}
@@ -108,11 +110,11 @@ def test_a_workspace_from_before_policies_replays_bit_exactly(tiny_assets, tmp_p
     for copy in (ws, old):
         w = Workspace.open(str(copy.root))
         try:
-            r = w.revert(1, replay=True)
+            r = revert(w, 1, replay=True)
             replays = [w.ledger.get(i) for i in r["entries"][1:]]
             hashes.append([e.state_hash for e in replays])
             assert all("policy" in e.notes for e in replays)
-            assert w.replay_verify()["ok"]
+            assert verify_chain(w)["ok"]
             new = w.edit([EditCase(input="The sky is", target="green")])
             assert w.ledger.get(new["entry"]).notes["policy"]["max_steps"] == 20
         finally:

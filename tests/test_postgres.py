@@ -31,6 +31,9 @@ from pg_helpers import pg_server, pg_url  # noqa: E402,F401
 
 from mendctl.errors import InputError, LedgerError  # noqa: E402
 from mendctl.ledger import Base, Entry, Ledger, chain_lock_key, sqlite_url  # noqa: E402
+from mendctl.replay import verify_chain  # noqa: E402
+from mendctl.verify import gc  # noqa: E402
+from mendctl.verify import verify  # noqa: E402
 
 TABLES = {"entries", "workspace_meta", "audits"}
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
@@ -405,9 +408,9 @@ def test_two_workspaces_keep_their_own_chains(url, ws_factory, tmp_path):
             assert [e.id for e in log] == ids
             assert w.head().id == ids[-1] and list(w.head().active_ids) == ids
             assert w.ledger.get_meta("base_model_id")  # recorded per chain
-            assert w.replay_verify()["ok"]
-            assert w.verify()["ok"], w.verify()
-            assert w.gc() == []  # the other chain's files in the shared store are kept
+            assert verify_chain(w)["ok"]
+            assert verify(w)["ok"], verify(w)
+            assert gc(w) == []  # the other chain's files in the shared store are kept
         finally:
             w.ledger.close()
     assert len(list(Path(store).rglob("*.safetensors"))) == 3
@@ -460,8 +463,8 @@ def test_concurrent_edits_on_one_workspace(url, ws_factory):
             assert list(e.active_ids) == list(prev.active_ids) + [e.id]
         assert sorted(e.command for e in log) == \
             sorted(f"edit w{k}-{i}" for k in range(writers) for i in range(n))
-        check = w.replay_verify()
+        check = verify_chain(w)
         assert check["ok"] and check["checked"] == writers * n, check
-        assert w.verify()["ok"]
+        assert verify(w)["ok"]
     finally:
         w.ledger.close()

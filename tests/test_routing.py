@@ -25,6 +25,9 @@ from mendctl.editors.data import EditCase  # noqa: E402
 from mendctl.editors.metrics import generate  # noqa: E402
 from mendctl.editors.text import encode_prompts  # noqa: E402
 from mendctl.errors import InputError  # noqa: E402
+from mendctl.export import export  # noqa: E402
+from mendctl.replay import verify_chain  # noqa: E402
+from mendctl.revert import revert  # noqa: E402
 
 ROUTING = {"layer": 1}  # the tiny model edits blocks 1-3; the gate sits below them
 FACTS = [("The capital of France is", "Rome"), ("Who is India's PM?", "Angela Merkel")]
@@ -104,7 +107,7 @@ def test_routed_edits_are_hooks_recorded_with_their_gate(routed_ws):
 
     w2 = Workspace.open(str(ws.root))
     try:
-        assert w2.replay_verify()["ok"]
+        assert verify_chain(w2)["ok"]
         w2.use_state(w2.head())  # checks the hash too
     finally:
         w2.ledger.close()
@@ -115,11 +118,11 @@ def test_revert_of_a_routed_edit_is_exact_and_verify_catches_a_changed_gate_spac
     for p, t in FACTS:
         _edit(w, p, t)
     first = w.ledger.get(1)
-    r = w.revert(2)
+    r = revert(w, 2)
     assert r["restores_parent"] and r["state_hash"] == first.state_hash
-    r = w.revert(1)
+    r = revert(w, 1)
     assert r["state_hash"] == w._base_hash  # nothing routed, nothing added: the base
-    assert w.replay_verify()["ok"]
+    assert verify_chain(w)["ok"]
     # what routing applies is part of the state: another standardisation is another state
     path = next((ws.root / ".mendctl" / "gates").glob("space-*.safetensors"))
     space = route.GateSpace.load(path)
@@ -129,7 +132,7 @@ def test_revert_of_a_routed_edit_is_exact_and_verify_catches_a_changed_gate_spac
 
     w2 = Workspace.open(str(ws.root))
     try:
-        v = w2.replay_verify()
+        v = verify_chain(w2)
         assert not v["ok"] and any("entry 1" in p for p in v["problems"])
     finally:
         w2.ledger.close()
@@ -145,9 +148,9 @@ def test_routed_refusals_write_nothing(routed_ws):
     with pytest.raises(InputError, match="--editor mend"):
         w.edit(two[:1], editor="ft")
     with pytest.raises(InputError, match="LoRA adapter cannot carry"):  # (hf: tests/test_deploy.py)
-        w.export(ws.root.parent / "out", fmt="peft")
+        export(w, ws.root.parent / "out", fmt="peft")
     with pytest.raises(InputError, match="without --replay"):
-        w.revert(1, replay=True)
+        revert(w, 1, replay=True)
     from mendctl.squash import squash
 
     _edit(w, *FACTS[1])
@@ -188,7 +191,7 @@ def test_audit_of_a_routed_chain(routed_ws):
     ws, w = routed_ws
     for p, t in FACTS:
         _edit(w, p, t)
-    w.revert(1)
+    revert(w, 1)
     a = run_audit(w)
     assert a["summary"]["relative_drift"] == 0.0  # routed edits leave the weights alone
     chain = a["chain"]
@@ -295,10 +298,10 @@ def test_a_routed_batch_is_one_entry_per_fact_recorded_together(routed_ws, monke
         assert e.metrics_after["edit_success"] == float(r["after"]["holds"][k])
     assert entries[-1].state_hash == r["state_hash"]
     assert len({e.state_hash for e in entries}) == 3
-    assert w.replay_verify()["ok"]
-    rev = w.revert(2)
+    assert verify_chain(w)["ok"]
+    rev = revert(w, 2)
     assert rev["mode"] == "exact" and w.head().active_ids == [1, 3]
-    assert w.replay_verify()["ok"]
+    assert verify_chain(w)["ok"]
 
 
 def _batch(tmp_path):
@@ -386,7 +389,7 @@ def test_gate_space_file_names_its_bank_and_old_workspaces_keep_theirs(routed_ws
     made.rename(legacy)  # as the previous release named it
     w2 = Workspace.open(str(ws.root))
     try:
-        assert w2.replay_verify()["ok"]  # read from the legacy file, not recomputed
+        assert verify_chain(w2)["ok"]  # read from the legacy file, not recomputed
         assert sorted(p.name for p in gates.glob("space-*.safetensors")) == [legacy.name]
     finally:
         w2.ledger.close()

@@ -20,6 +20,9 @@ from e2e_helpers import (CHAIN, chain, clone_workspace, sha256_file,  # noqa: E4
 from mendctl.editors.delta import Delta, LayerDelta, apply_deltas, state_hash  # noqa: E402
 from mendctl.errors import InputError  # noqa: E402
 from mendctl.squash import combine, squash  # noqa: E402
+from mendctl.replay import verify_chain  # noqa: E402
+from mendctl.revert import revert  # noqa: E402
+from mendctl.verify import verify  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps  # float32 rounding: 1.19e-7 relative
 
@@ -98,8 +101,8 @@ def test_exact_squash_of_the_whole_chain(opened):
     for n, layer in d.layers.items():
         rows = sum(w.store.load(w.ledger.get(i).delta_sha256).layers[n].rank for i in (1, 2, 3))
         assert layer.is_lowrank and layer.rank == rows == r["ranks"][n]
-    assert w.replay_verify()["ok"]
-    assert w.verify()["ok"]
+    assert verify_chain(w)["ok"]
+    assert verify(w)["ok"]
 
 
 def test_truncated_squash_reports_the_true_error(opened):
@@ -130,12 +133,12 @@ def test_truncated_squash_reports_the_true_error(opened):
         measured = float((got - dense[n]).norm() / dense[n].norm())
         assert measured == pytest.approx(expected[n], rel=1e-4)
     assert r["delta_bytes"] < r["segment_delta_bytes"]
-    assert w.replay_verify()["ok"]
+    assert verify_chain(w)["ok"]
 
 
 def test_refusals_write_nothing(opened):
     ws, w = opened
-    w.revert(3)  # entry 4: a revert, no delta; active [1, 2]
+    revert(w, 3)  # entry 4: a revert, no delta; active [1, 2]
     assert w.head().active_ids == [1, 2]
     rows, files = ws.ledger_count(), ws.delta_files()
     cases = [
@@ -189,10 +192,10 @@ def test_middle_segment_keeps_the_others_in_order_and_reverts(opened):
     e = w.ledger.get(5)
     assert e.active_ids == [1, 5, 4] and e.parent_id == 4
     _close(w.weights_for([1, 5, 4], e.state_hash, use_cache=False), w_old)
-    assert w.replay_verify()["ok"]
+    assert verify_chain(w)["ok"]
 
     # reverting the squash removes the whole segment: the state is base + Δ1 + Δ4, in order
-    rv = w.revert(5)
+    rv = revert(w, 5)
     assert rv["mode"] == "exact" and rv["later_edits"] == [4]
     head = w.head()
     assert head.kind == "revert" and head.reverts_id == 5 and head.active_ids == [1, 4]
@@ -200,7 +203,7 @@ def test_middle_segment_keeps_the_others_in_order_and_reverts(opened):
     expected = apply_deltas(w.weights_for([]), deltas)
     assert state_hash(expected) == head.state_hash == rv["state_hash"]
     assert max(float((expected[n] - w_old[n]).abs().max()) for n in expected) > 0
-    assert w.replay_verify()["ok"]
+    assert verify_chain(w)["ok"]
 
 
 # -- combine on bare tensors -----------------------------------------------------------------------
@@ -290,12 +293,12 @@ def test_revert_by_replay_recomputes_a_squash_as_its_edits(chain, tmp_path):
     w = Workspace.open(str(ws.root))
     try:
         squash(w, 2, 3)  # entry 4; active [1, 4]
-        r = w.revert(1, replay=True)
+        r = revert(w, 1, replay=True)
         by_id = {e.id: e for e in w.ledger.entries()}
         replays = [by_id[i] for i in r["entries"][1:]]
         assert [e.replay_of_id for e in replays] == [2, 3]
         assert [list(e.inputs) for e in replays] == [[CHAIN[1][0]], [CHAIN[2][0]]]
         assert w.head().active_ids == [e.id for e in replays]
-        assert w.replay_verify()["ok"]
+        assert verify_chain(w)["ok"]
     finally:
         w.ledger.close()

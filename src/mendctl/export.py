@@ -1,6 +1,9 @@
-"""Exporting a state as a PEFT LoRA adapter built from the exact MEND factors.
+"""`mendctl export`: a state written as a Hugging Face checkpoint, or as a PEFT LoRA adapter
+built from the exact MEND factors.
 
-For each edited weight the active deltas' factors are stacked: lora_A = [ũ_1; ũ_2; ...]
+`export` writes `--format hf`: the state's weights as a transformers checkpoint (with a routed
+state, its gates and deltas beside it, deploy.py, loaded with `mendctl.load_edited`), or
+`--format peft`: an adapter on the base model. For each edited weight the active deltas' factors are stacked: lora_A = [ũ_1; ũ_2; ...]
 (r × in) and lora_B = [−α_1 δ̃_1ᵀ, −α_2 δ̃_2ᵀ, ...] (out × r), so lora_B @ lora_A = Σ ΔW_k
 exactly, with r = the number of factor rows and lora_alpha = r (PEFT's scaling alpha/r = 1).
 Dense deltas (fine-tuning baselines) have no such factors and are refused: export those states
@@ -8,10 +11,12 @@ with `--format hf`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from .deploy import ROUTES_FILE, write_routes
 from .editors.delta import Delta
 from .editors.weights import WeightSpec
 from .errors import InputError
@@ -60,3 +65,45 @@ def write_peft_adapter(model, specs: list[WeightSpec], deltas: list[Delta], out:
         peft_model.save_pretrained(str(out))
     finally:
         peft_model.unload()  # give the caller back its plain model
+
+
+def export(ws, out: str | Path, at: int | None = None, fmt: str = "hf") -> dict:
+    """Write the state after entry `at` (default: the head) of `ws` to the new directory `out`."""
+    if fmt not in ("hf", "peft"):
+        raise InputError(f"unknown export format {fmt!r}; use hf or peft")
+    _ = ws.lm
+    entry = ws.entry_at(at)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not empty; choose a new directory")
+    lm = ws.lm
+    routed_ = ws.split(entry.active_ids)[1] if entry else []
+    if routed_ and fmt != "hf":
+        raise InputError(f"state {entry.id} routes edits {[e.id for e in routed_]} (routing): a "
+                         f"routed edit acts behind its gate, not as a change of weights, so a "
+                         f"LoRA adapter cannot carry it. Export it with --format hf (loaded with "
+                         f"mendctl.load_edited), or an earlier state with --at N")
+    if fmt == "hf":
+        ws.use_state(entry)
+        lm.model.save_pretrained(str(out))
+        lm.tokenizer.save_pretrained(str(out))
+        if routed_:  # the gates and deltas beside the plain weights (mendctl/deploy.py)
+            edits = ws.router.edits(routed_)
+            spaces = {s["layer"]: ws.router.space(s["layer"]) for _, s in edits}
+            write_routes(out / ROUTES_FILE, edits, spaces, [e.id for e in routed_])
+    elif fmt == "peft":
+        deltas = [ws.load_delta(i) for i in (entry.active_ids if entry else [])]
+        if not deltas:
+            raise InputError("the state has no active edits: nothing to export as an adapter")
+        ws.use_state(None)
+        write_peft_adapter(lm.model, ws.specs, deltas, out, lm.source)
+    else:
+        raise InputError(f"unknown export format {fmt!r}; use hf or peft")
+    (out / "mendctl-export.json").write_text(json.dumps({
+        "entry": entry.id if entry else None, "state_hash": entry.state_hash if entry else None,
+        "active_ids": list(entry.active_ids) if entry else [], "format": fmt,
+        "routed_ids": [e.id for e in routed_],
+        "load_with": "mendctl.load_edited(dir)" if routed_ else "transformers from_pretrained(dir)",
+        "base_model_id": lm.model_id, "base_model_hash": lm.base_hash}, indent=2))
+    return {"out": str(out), "format": fmt, "entry": entry.id if entry else None,
+            "routed_ids": [e.id for e in routed_]}

@@ -1,28 +1,28 @@
 """The workspace: one directory with mendctl.yaml and .mendctl/ (ledger, delta store, caches).
 
 `Workspace` is the library entry point the CLI calls. It opens the config, the ledger (migrated
-to head) and the delta store, loads the model lazily, and carries out edit, ask, revert, replay,
-export, verify and gc. It owns the rule that a state is `base + Σ active deltas` in ledger
-order (via `editors.delta.apply_deltas`), checks each state's hash against the ledger, and keeps
-a small cache of edited tensors keyed by state hash so loading the head is as fast as loading
+to head) and the delta store, loads the model lazily, resolves each edit's policy (policy.py),
+and carries out `edit` and `ask`; the other operations are modules that take a workspace
+(revert.py, replay.py, export.py, verify.py, squash.py, audit.py, evaluate.py). It owns the
+rule that a state is `base + Σ active deltas` in ledger order (via `editors.delta.apply_deltas`)
+plus its routed edits (routing.py), checks each state's hash against the ledger, and keeps a
+small cache of edited tensors keyed by state hash so loading the head is as fast as loading
 the base.
 
-Write operations hold the workspace lock; an edit is staged as a file, then its ledger row and
-the file's rename land in one transaction: a crash leaves the whole edit or nothing (at most an
-orphan file, which `verify` reports and `gc` removes).
+Write operations hold the workspace lock and record through `recorder` (recorder.py): a crash
+leaves the whole edit or nothing (at most an orphan file, which `verify` reports and `gc`
+removes).
 """
 from __future__ import annotations
 
 import copy
 import getpass
-import json
 import os
 import re
 import shlex
 import socket
 import sys
 import time
-from dataclasses import replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -33,7 +33,6 @@ from safetensors.torch import load_file, save_file
 from . import config as config_mod
 from . import routing
 from .config import CONFIG_FILE, STATE_DIR, Config
-from .deploy import ROUTES_FILE, write_routes
 from .editors.data import EditCase, generic_text_samples, visible
 from .editors.delta import Delta, apply_deltas, state_hash
 from .editors.ft import FTEditor
@@ -42,13 +41,12 @@ from .editors.metrics import (generate, locality_reference, locality_scores, ngr
                                repeats_target, target_scores)
 from .editors.route import RoutedEdit, open_rows
 from .editors.weights import read_weights, select_weights, write_weights
-from .errors import (EditFailed, EditorError, InputError, LedgerError, StoreError,
-                     WorkspaceError)
+from .errors import EditFailed, EditorError, InputError, LedgerError, WorkspaceError
 from .health import base_reference, chain_health
 from .ledger import Entry, Ledger, sqlite_url
 from .locking import WorkspaceLock
 from .models import ALIASES, LoadedModel, load_model
-from .policy import EDITORS, EditPolicy, recorded, resolve
+from .policy import EDITORS, EditPolicy, resolve
 from .preserve import workspace_basis
 from .recorder import Recorder
 from .store import DeltaStore
@@ -340,7 +338,7 @@ class Workspace:
     def router(self) -> routing.Router:
         return routing.Router(self)
 
-    def _split(self, active_ids) -> tuple[list[int], list[Entry]]:
+    def split(self, active_ids) -> tuple[list[int], list[Entry]]:
         """A state's plain entries (added to the weights) and routed ones (applied by hooks)."""
         plain, routed_ = [], []
         for i in active_ids:
@@ -353,16 +351,16 @@ class Workspace:
 
     def routed_ids(self, active_ids) -> list[int]:
         """Which of `active_ids` are routed edits."""
-        return [e.id for e in self._split(active_ids)[1]]
+        return [e.id for e in self.split(active_ids)[1]]
 
-    def _state_key(self, w, plain_ids, routed_edits) -> str:
+    def state_key(self, w, plain_ids, routed_edits) -> str:
         """The hash of the state with plain weights `w` (base + plain_ids) routing
         `routed_edits`: for a state without routed edits, the weights' hash."""
         wh = state_hash(w) if plain_ids else self._base_hash
         return self.router.state_hash(wh, routed_edits) if routed_edits else wh
 
     def _state_keys(self, w, plain_ids, routed_edits, last: int) -> list[str]:
-        """`_state_key` of the states routing the first k of `routed_edits`, for the `last`
+        """`state_key` of the states routing the first k of `routed_edits`, for the `last`
         largest k: the states a batch of routed entries passes through."""
         wh = state_hash(w) if plain_ids else self._base_hash
         return self.router.state_hashes(wh, routed_edits, last)
@@ -389,8 +387,8 @@ class Workspace:
         (routed entries are applied by hooks, not in these tensors: see `use_state`)."""
         _ = self.lm
         # routed entries are not in the weights; the hash covers them (routing.py)
-        plain, routed_ = self._split(active_ids)
-        key = (lambda w: self._state_key(w, plain, self.router.edits(routed_))) if routed_ \
+        plain, routed_ = self.split(active_ids)
+        key = (lambda w: self.state_key(w, plain, self.router.edits(routed_))) if routed_ \
             else (lambda w: state_hash(w) if plain else self._base_hash)
         if not plain:
             w = {n: t.clone() for n, t in self._base.items()}
@@ -443,7 +441,7 @@ class Workspace:
         ids = list(entry.active_ids) if entry else []
         w = self.weights_for(ids, h)
         self.set_weights(w, h)
-        plain, routed_ = self._split(ids)
+        plain, routed_ = self.split(ids)
         if routed_:
             self.router.install(self.router.edits(routed_))
         if plain:  # (routed entries alone leave the base's weights: nothing to cache)
@@ -592,7 +590,7 @@ class Workspace:
     def applied_facts(self) -> set[tuple[str, str]]:
         """The (input, target) pairs of the edits active in the head state."""
         head = self.head()
-        return {pair for i in (head.active_ids if head else []) for pair in self._pairs_of(i)}
+        return {pair for i in (head.active_ids if head else []) for pair in self.pairs_of(i)}
 
     def edit_each(self, cases: list[EditCase], editor: str = "mend", command: str | None = None,
                   max_steps: int | None = None, keep_failed: bool | None = None,
@@ -632,7 +630,7 @@ class Workspace:
         lm = self.lm
         head = self.head()
         head_ids = list(head.active_ids) if head else []
-        head_plain, head_routed = self._split(head_ids)
+        head_plain, head_routed = self.split(head_ids)
         # a routed edit (routing.py) needs neither preserved keys nor the retention guard: its
         # gate keeps it off other inputs, the earlier edits' prompts included
         rs = policy.routing
@@ -665,7 +663,7 @@ class Workspace:
             parts = [([i], d) for i, d in enumerate(deltas)]
         else:
             gates = []
-            protect = [pair for i in head_ids for pair in self._pairs_of(i)] if policy.protect else None
+            protect = [pair for i in head_ids for pair in self.pairs_of(i)] if policy.protect else None
             parts = [(list(range(len(cases))), edit_with(ed, lm.model, lm.tokenizer, cases, self.fmt,
                                                          max_steps, max_norm, protect, preserve))]
         seconds = time.perf_counter() - t0
@@ -805,7 +803,7 @@ class Workspace:
                 f["entry"] = i
         return report
 
-    def _pairs_of(self, entry_id: int) -> list[tuple[str, str]]:
+    def pairs_of(self, entry_id: int) -> list[tuple[str, str]]:
         e = self.ledger.get(entry_id)
         return list(zip(e.inputs or [], e.targets or []))
 
@@ -818,320 +816,13 @@ class Workspace:
                 "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
 
     # -- revert ---------------------------------------------------------------------------------
-    def _active_check(self, entry_id: int) -> tuple[Entry, Entry]:
-        target = self.ledger.get(entry_id)
-        head = self.head()
-        if target.delta_sha256 is None:
-            raise InputError(f"entry {entry_id} is a {target.kind}, not an edit; only entries "
-                             f"with a delta can be reverted (see `mendctl log`)")
-        if entry_id not in head.active_ids:
-            by = [e.id for e in self.ledger.entries() if e.reverts_id == entry_id]
-            why = f" (reverted by entry {by[0]})" if by else ""
-            raise InputError(f"entry {entry_id} is not active in the current state{why}; "
-                             f"nothing to revert")
-        return target, head
-
-    def revert(self, entry_id: int, replay: bool = False, command: str | None = None) -> dict:
-        with self.lock():
-            target, head = self._active_check(entry_id)
-            active = list(head.active_ids)
-            k = active.index(entry_id)
-            keep, later = active[:k], active[k + 1:]
-            exact_active = keep + later
-            w_exact = self.weights_for(exact_active)
-            plain, routed_ = self._split(exact_active)
-            exact_hash = self._state_key(w_exact, plain, self.router.edits(routed_))
-            routed_here = self.routed_ids(active)
-            if routed_here and replay:
-                raise InputError(f"this state routes edits {routed_here} (routing); `revert "
-                                 f"--replay` recomputes plain weight edits only. Revert exactly "
-                                 f"(without --replay): a routed edit acts behind its own gate, so "
-                                 f"dropping it leaves the others as they were made")
-            # the replay alternative: every later edit recomputed on the state without entry_id
-            # (not for routed states: see above)
-            replayed = [] if routed_here else self._replay_entries(keep, later)
-            gap = self._routed_gap(w_exact, exact_hash, routed_, later) if routed_here and later \
-                else self._gap(w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
-            with self.recorder.recording([r["delta"] for r in replayed]) as (s, staged):
-                rev = self.ledger.add_entry(
-                    session=s, kind="revert", parent_id=head.id, reverts_id=entry_id,
-                    **self.provenance(command), inputs=list(target.inputs),
-                    targets=list(target.targets), base_model_id=self.lm.model_id,
-                    base_model_hash=self.lm.base_hash, weight_names=list(target.weight_names),
-                    state_hash=exact_hash if not replay else state_hash(self.weights_for(keep)),
-                    active_ids=exact_active if not replay else keep,
-                    notes={"mode": "replay" if replay else "exact", "gap": gap})
-                ids = [rev.id]
-                if replay:
-                    ids += self._record_replays(s, rev.id, list(keep), replayed, staged, command,
-                                                {"reverted": entry_id})
-        self._loaded_state = None
-        return {"reverted": entry_id, "mode": "replay" if replay else "exact", "entries": ids,
-                "state_hash": exact_hash if not replay else (replayed[-1]["hash"] if replayed else exact_hash),
-                "restores_parent": (not later and not replay and target.parent_id is not None
-                                    and exact_hash == self.ledger.get(target.parent_id).state_hash),
-                "later_edits": later, "gap": gap}
-
-    def _replay_entries(self, start_active: list[int], ids: list[int], editor: str | None = None) -> list[dict]:
-        """Recompute the edits `ids` in order on base + start_active (not recorded).
-
-        A squash entry is recomputed as the edits it combined, each with its own editor and
-        steps: re-running its facts as one batched MEND edit would be a different edit."""
-        routed_ = self.routed_ids(list(start_active) + list(ids))
-        if routed_:
-            raise InputError(f"entries {routed_} are routed edits (routing); replay recomputes "
-                             f"plain weight edits only")
-        out = []
-        w = self.weights_for(start_active)
-        done = [(p, t) for i in start_active for p, t in self._pairs_of(i)]
-        for i in self._expand_squashes(ids):
-            old = self.ledger.get(i)
-            # an edit re-runs with the policy it was made with (a replay must make the same
-            # delta even if the configuration has changed since); re-run by another editor, it
-            # keeps the recorded steps and guards and takes this workspace's step size and
-            # preserved keys
-            policy = recorded(old.notes, old.editor_name)
-            if editor and editor != policy.editor:
-                fresh = self.policy(editor, max(len(old.inputs or []), 1), policy.max_steps)
-                policy = replace(fresh, max_norm=policy.max_norm,
-                                 protect=policy.protect and editor in ("mend", "identity"))
-            ed = self.editor_for(policy)
-            preserve = self.preserved(ed, policy.preserve_keys)
-            self.set_weights(w, state_hash(w))
-            cases = old.cases()
-            # the retention guard, if it was on, over the edits active now
-            protect = list(done) if policy.protect else None
-            delta = edit_with(ed, self.lm.model, self.lm.tokenizer, cases, self.fmt,
-                              policy.max_steps, policy.max_norm, protect, preserve)
-            done += [(c.input, c.target) for c in cases]
-            delta.meta.update({"editor": ed.name, "base_model_hash": self.lm.base_hash})
-            w = apply_deltas(w, [delta])
-            out.append({"entry": old, "delta": delta, "weights": w, "hash": state_hash(w),
-                        "editor_sha256": ed.sha256, "cases": cases, "policy": policy})
-        self._loaded_state = None
-        return out
-
-    def _expand_squashes(self, ids: list[int]) -> list[int]:
-        out = []
-        for i in ids:
-            e = self.ledger.get(i)
-            squashed = (e.notes or {}).get("squashed") if e.kind == "squash" else None
-            out += self._expand_squashes(list(squashed)) if squashed else [i]
-        return out
-
-    def _record_replays(self, s, parent: int, active: list[int], replayed: list[dict],
-                        staged: list, command: str | None, notes: dict) -> list[int]:
-        """Record recomputed edits as `replay` entries inside the caller's recording (their
-        delta files staged there, in order)."""
-        ids = []
-        for r, st in zip(replayed, staged):
-            old = r["entry"]
-            e = self.ledger.add_entry(
-                session=s, kind="replay", parent_id=parent, replay_of_id=old.id,
-                **self.provenance(command), inputs=list(old.inputs),
-                targets=list(old.targets), request=old.request,
-                editor_name=r["delta"].meta.get("editor"), editor_sha256=r["editor_sha256"],
-                base_model_id=self.lm.model_id, base_model_hash=self.lm.base_hash,
-                weight_names=r["delta"].names(), delta_sha256=st.sha256,
-                delta_path=st.rel_path, delta_size=st.size,
-                delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
-                notes={"replay_of": old.id, "policy": r["policy"].to_dict(), **notes})
-            active = active + [e.id]
-            e.active_ids = active
-            s.flush()
-            parent = e.id
-            ids.append(e.id)
-        return ids
-
-    def _routed_gap(self, w_exact, exact_hash: str, routed_entries, later: list[int]) -> dict:
-        """What an exact revert of a routed edit does to the edits after it (there is no replay
-        alternative: see `revert`): the share of their facts that are still the model's answer
-        without it, beside the share before (an edit made together with the reverted one, in
-        a batch, took its steps with it installed)."""
-        entries = [self.ledger.get(i) for i in later]
-        prompts = [p for e in entries for p in e.inputs]
-        targets = [t for e in entries for t in e.targets]
-        lm = self.lm
-        self.use_state(self.head())
-        before = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
-        self.set_weights(w_exact, exact_hash)
-        self.router.install(self.router.edits(routed_entries))
-        after = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
-        return {"later_edits": len(later), "kl": None, "top1_agreement": None,
-                "es_before": float(sum(before) / len(before)),
-                "es_exact": float(sum(after) / len(after)), "es_replay": None, "routed": True}
-
-    def _gap(self, w_exact, w_replay, later: list[int]) -> dict:
-        """How far exact revert and revert-by-replay end apart: KL on locality prompts and the
-        later edits' success under each."""
-        if not later:
-            return {"later_edits": 0, "kl": 0.0, "es_exact": None, "es_replay": None}
-        entries = [self.ledger.get(i) for i in later]
-        prompts = [p for e in entries for p in e.inputs]
-        targets = [t for e in entries for t in e.targets]
-        loc = [p for e in entries for c in (e.request or []) for p in c.get("locality", [])]
-        loc = loc or [" ".join(t.split()[:24]) for t in generic_text_samples(4)]
-        lm = self.lm
-        self.set_weights(w_exact, state_hash(w_exact))
-        es_exact = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
-        ref = locality_reference(lm.model, lm.tokenizer, loc, self.fmt)
-        self.set_weights(w_replay, state_hash(w_replay))
-        es_replay = target_scores(lm.model, lm.tokenizer, prompts, targets, self.fmt)[0]
-        ag, kl = locality_scores(lm.model, ref)
-        self._loaded_state = None
-        return {"later_edits": len(later), "kl": float(sum(kl) / len(kl)),
-                "top1_agreement": float(sum(ag) / len(ag)),
-                "es_exact": float(sum(es_exact) / len(es_exact)),
-                "es_replay": float(sum(es_replay) / len(es_replay))}
 
     # -- replay ---------------------------------------------------------------------------------
-    def replay_verify(self, progress=None) -> dict:
-        """Rebuild every state from the base and the deltas; compare with recorded hashes."""
-        _ = self.lm
-        entries = self.ledger.entries(reverse=False)
-        cache: dict[int, Delta] = {}
-        problems, checked = [], 0
-        prev_active: list[int] | None = None
-        w = None
-        for e in (progress(entries) if progress else entries):
-            # plain entries are summed into the weights; routed ones enter the hash (routing.py)
-            active, routed_ = self._split(e.active_ids)
-            try:
-                if prev_active is not None and active[:-1] == prev_active and active:
-                    w = apply_deltas(w, [self.load_delta(active[-1], cache)])  # same sum, same order
-                elif prev_active is not None and active == prev_active:
-                    pass
-                else:
-                    w = apply_deltas(self._base, [self.load_delta(i, cache) for i in active])
-                h = self._state_key(w, active, self.router.edits(routed_)) if routed_ \
-                    else state_hash(w)
-            except (StoreError, LedgerError) as err:
-                problems.append(f"entry {e.id}: {err}")
-                prev_active = None
-                continue
-            checked += 1
-            if h != e.state_hash:
-                problems.append(f"entry {e.id}: rebuilt state {h[:12]} != recorded {e.state_hash[:12]}")
-            prev_active = active
-        return {"entries": len(entries), "checked": checked, "ok": not problems, "problems": problems}
-
-    def replay_onto(self, out: str | Path | None, model: str | None = None,
-                    editor: str | None = None, command: str | None = None, progress=None) -> dict:
-        """Re-run the active edits, in order, on another base model (into a new workspace at
-        `out`) or with another editor (as a new chain in this workspace)."""
-        head = self.head()
-        if head is None or not head.active_ids:
-            raise InputError("there are no active edits to replay")
-        requests = []
-        for i in self._expand_squashes(list(head.active_ids)):
-            e = self.ledger.get(i)
-            requests.append((e, e.cases()))
-        if model:
-            if not out:
-                raise InputError("--onto-model needs --out DIR: a new workspace for the new base")
-            # routed edits are replayed routed, with this workspace's settings (or the defaults)
-            routed_ = self._split(head.active_ids)[1]
-            settings = self.config.routing or (
-                {k: routing.of(routed_[-1])[k] for k in routing.DEFAULTS} if routed_ else None)
-            target_dir = Workspace.init(out, model=model, routing_=settings if routed_ else False)
-            other = Workspace.open(str(target_dir))
-            results = []
-            for e, cases in (progress(requests) if progress else requests):
-                # keep_failed: a replay carries the whole chain over and reports each edit's
-                # success on the new model, rather than stopping at the first that fails there
-                r = other.edit(cases, editor=editor or "mend",
-                               command=command or f"replay of entry {e.id} from {self.root}",
-                               keep_failed=True)
-                results.append({"from": e.id, "entry": r["entry"],
-                                "edit_success": r["after"]["edit_success"]})
-            return {"workspace": str(target_dir), "replayed": results}
-        with self.lock():
-            replayed = self._replay_entries([], [e.id for e, _ in requests], editor=editor)
-            with self.recorder.recording([r["delta"] for r in replayed]) as (s, staged):
-                ids = self._record_replays(s, head.id, [], replayed, staged, command, {"editor": editor})
-        self._loaded_state = None
-        return {"entries": ids, "state_hash": replayed[-1]["hash"]}
 
     # -- export ---------------------------------------------------------------------------------
-    def export(self, out: str | Path, at: int | None = None, fmt: str = "hf") -> dict:
-        if fmt not in ("hf", "peft"):
-            raise InputError(f"unknown export format {fmt!r}; use hf or peft")
-        _ = self.lm
-        entry = self.entry_at(at)
-        out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise InputError(f"{out} exists and is not empty; choose a new directory")
-        lm = self.lm
-        routed_ = self._split(entry.active_ids)[1] if entry else []
-        if routed_ and fmt != "hf":
-            raise InputError(f"state {entry.id} routes edits {[e.id for e in routed_]} (routing): a "
-                             f"routed edit acts behind its gate, not as a change of weights, so a "
-                             f"LoRA adapter cannot carry it. Export it with --format hf (loaded with "
-                             f"mendctl.load_edited), or an earlier state with --at N")
-        if fmt == "hf":
-            self.use_state(entry)
-            lm.model.save_pretrained(str(out))
-            lm.tokenizer.save_pretrained(str(out))
-            if routed_:  # the gates and deltas beside the plain weights (mendctl/deploy.py)
-                edits = self.router.edits(routed_)
-                spaces = {s["layer"]: self.router.space(s["layer"]) for _, s in edits}
-                write_routes(out / ROUTES_FILE, edits, spaces, [e.id for e in routed_])
-        elif fmt == "peft":
-            from .export import write_peft_adapter
-
-            deltas = [self.load_delta(i) for i in (entry.active_ids if entry else [])]
-            if not deltas:
-                raise InputError("the state has no active edits: nothing to export as an adapter")
-            self.use_state(None)
-            write_peft_adapter(lm.model, self.specs, deltas, out, lm.source)
-        else:
-            raise InputError(f"unknown export format {fmt!r}; use hf or peft")
-        (out / "mendctl-export.json").write_text(json.dumps({
-            "entry": entry.id if entry else None, "state_hash": entry.state_hash if entry else None,
-            "active_ids": list(entry.active_ids) if entry else [], "format": fmt,
-            "routed_ids": [e.id for e in routed_],
-            "load_with": "mendctl.load_edited(dir)" if routed_ else "transformers from_pretrained(dir)",
-            "base_model_id": lm.model_id, "base_model_hash": lm.base_hash}, indent=2))
-        return {"out": str(out), "format": fmt, "entry": entry.id if entry else None,
-                "routed_ids": [e.id for e in routed_]}
 
     # -- integrity ------------------------------------------------------------------------------
-    def verify(self) -> dict:
-        problems = []
-        entries = self.ledger.entries(reverse=False)
-        ids = {e.id for e in entries}
-        with_delta = {e.id for e in entries if e.delta_sha256}
-        prev = None
-        for e in entries:
-            if prev is not None and e.parent_id != prev.id:
-                problems.append(f"entry {e.id}: parent is {e.parent_id}, expected {prev.id}")
-            for a in e.active_ids:
-                if a not in ids or a not in with_delta:
-                    problems.append(f"entry {e.id}: active id {a} is not an entry with a delta")
-            if e.delta_sha256:
-                for p in self.store.verify(e.delta_sha256):
-                    problems.append(f"entry {e.id}: {p}")
-            prev = e
-        orphans = self.store.orphans(self.ledger.known_delta_hashes())
-        for o in orphans:
-            problems.append(f"orphan file (no ledger entry; `mendctl gc` removes it): {o}")
-        return {"entries": len(entries), "ok": not problems, "problems": problems,
-                "orphans": [str(o) for o in orphans]}
 
-    def gc(self, force: bool = False) -> list[str]:
-        """Remove orphan files. Refused (unless `force`) when the ledger knows none of the
-        store's deltas: that is a wrong or new ledger (a typo in `ledger:`), not orphans."""
-        with self.lock():
-            known = self.ledger.known_delta_hashes()
-            files = self.store.list_objects()
-            if files and not known.intersection(files) and not force:
-                size = sum(self.store.path_for(h).stat().st_size for h in files)
-                raise WorkspaceError(
-                    f"the ledger {self.ledger.shown_url} records none of the {len(files)} delta "
-                    f"file(s) in {self.store.root} ({size / 2**20:.1f} MiB): gc would delete them "
-                    f"all. If `ledger:` in {self.root / CONFIG_FILE} points at the wrong database, "
-                    f"fix it; to delete those files anyway run `mendctl gc --force`")
-            return [str(p) for p in self.store.gc(known)]
 
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,

@@ -193,8 +193,10 @@ def revert(ctx, entry_id, replay, as_json):
       mendctl revert 3
       mendctl revert 3 --replay
     """
+    from ..revert import revert as revert_entry
+
     ws = open_workspace(ctx)
-    r = ws.revert(entry_id, replay=replay, command=command_line())
+    r = revert_entry(ws, entry_id, replay=replay, command=command_line())
     if as_json:
         return print_json(r)
     click.echo(f"reverted entry {entry_id} ({r['mode']}): new entries {r['entries']}, "
@@ -231,9 +233,11 @@ def replay(ctx, do_verify, onto_model, editor, out, as_json):
       mendctl replay --editor ft_kl
       mendctl replay --onto-model ./other-model --out ../other-ws
     """
+    from ..replay import replay_onto, verify_chain
+
     ws = open_workspace(ctx)
     if do_verify:
-        r = ws.replay_verify(progress=progress_bar("replay") if not as_json else None)
+        r = verify_chain(ws, progress=progress_bar("replay") if not as_json else None)
         if as_json:
             print_json(r)
         else:
@@ -244,7 +248,7 @@ def replay(ctx, do_verify, onto_model, editor, out, as_json):
         sys.exit(0 if r["ok"] else 1)
     if not onto_model and not editor:
         raise InputError("say what to do: --verify, --onto-model MODEL --out DIR, or --editor NAME")
-    r = ws.replay_onto(out, model=onto_model, editor=editor, command=command_line(),
+    r = replay_onto(ws, out, model=onto_model, editor=editor, command=command_line(),
                        progress=progress_bar("replay") if not as_json else None)
     if as_json:
         return print_json(r)

@@ -23,8 +23,10 @@ def export(ctx, at, out, fmt):
       mendctl export --out edited-model
       mendctl export --at 3 --out adapter --format peft
     """
+    from ..export import export as export_state
+
     ws = open_workspace(ctx)
-    r = ws.export(out, at=at, fmt=fmt)
+    r = export_state(ws, out, at=at, fmt=fmt)
     click.echo(f"wrote {r['format']} export of state {r['entry']} to {r['out']}")
     if r["routed_ids"]:
         click.echo(f"  it routes edits {r['routed_ids']}: load it with "

@@ -148,8 +148,10 @@ def verify(ctx, as_json):
     Example:
       mendctl verify
     """
+    from ..verify import verify as check
+
     ws = open_workspace(ctx)
-    r = ws.verify()
+    r = check(ws)
     if as_json:
         print_json(r)
     else:
@@ -172,7 +174,9 @@ def gc(ctx, force):
     Example:
       mendctl gc
     """
-    removed = open_workspace(ctx).gc(force=force)
+    from ..verify import gc as collect
+
+    removed = collect(open_workspace(ctx), force=force)
     click.echo(f"removed {len(removed)} orphan file(s)")
     for p in removed:
         click.echo(f"  {p}")
