@@ -65,7 +65,7 @@ def test_edit_time_health_is_what_the_audit_measures(ws_chain):
     entries = w.ledger.entries(reverse=False)
     assert len(entries) == 3 and all(e.id in series for e in entries)
     for e in entries:
-        h = e.notes["health"]
+        h = e.record.health
         assert h["audit_locality"] == pytest.approx(series[e.id]["audit_locality"], abs=1e-12)
         assert h["relative_drift"] == pytest.approx(series[e.id]["relative_drift"], rel=1e-9)
         assert h["below_threshold"] == (h["audit_locality"] < h["locality_threshold"])
@@ -76,7 +76,7 @@ def test_edit_time_health_is_what_the_audit_measures(ws_chain):
     assert load_config(copy.root / "mendctl.yaml").health_check is False
     w.config.health_check = False  # the open workspace read the file before
     r = w.edit([EditCase(input="Water boils at", target="ten degrees")])
-    assert "health" not in r["after"] and w.ledger.get(r["entry"]).notes["health"] is None
+    assert "health" not in r["after"] and w.ledger.get(r["entry"]).record.health is None
 
 
 @pytest.fixture

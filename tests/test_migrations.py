@@ -175,7 +175,7 @@ def test_0002_down_to_0001_gives_back_the_0001_schema(tmp_path):
     fresh, round_trip = tmp_path / "fresh.db", tmp_path / "round.db"
     Ledger(sqlite_url(fresh)).upgrade("0001")
     led = Ledger(sqlite_url(round_trip)).open()
-    assert led.current_revision() == "0002"
+    assert led.current_revision() == led.head_revision()
     led.downgrade("0001")
     led.close()
     assert _schema(round_trip) == _schema(fresh)

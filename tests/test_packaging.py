@@ -50,10 +50,10 @@ def test_wheel_install_works_from_any_directory(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["mendctl"].startswith(str(target))
     assert not out["top_level_editors"] and not out["top_level_migrations"]
-    assert {"0001_initial.py", "0002_chains.py"} <= set(out["versions"])
+    assert {"0001_initial.py", "0002_chains.py", "0003_typed_notes.py"} <= set(out["versions"])
     assert out["generic_text"]
     assert "smollm2-135m" in out["checkpoints"]
-    assert out["revision"] == "0002"  # the newest migration, found in the installed package
+    assert out["revision"] == "0003"  # the newest migration, found in the installed package
     # the wheel carries the shipped editor's files, not just the folder
     ck = target / "mendctl" / "editors" / "checkpoints" / "smollm2-135m"
     assert (ck / "editor.json").is_file() and (ck / "editor.safetensors").is_file()

@@ -90,7 +90,7 @@ def test_migrations_to_head_down_and_up(url):
     assert led.current_revision() is None
     led.open()
     head = led.head_revision()
-    assert head == "0002" and led.current_revision() == head
+    assert head == "0003" and led.current_revision() == head
     assert TABLES <= _tables(url)
     assert "chain" in _columns(url, "entries") and "chain" in _columns(url, "workspace_meta")
 
@@ -110,7 +110,23 @@ def test_migrations_to_head_down_and_up(url):
     finally:
         engine.dispose()
 
-    led.add_entry(kind="edit", state_hash="a" * 64)
+    # 0003 (data): a policy record down to the separate keys 0002 read, and back
+    policy = {"editor": "mend", "max_steps": 5, "step_factor": 0.5, "max_norm": None,
+              "protect": True, "preserve_keys": 0.01, "routing": None, "keep_failed": False}
+    led.add_entry(kind="edit", state_hash="a" * 64, editor_name="mend",
+                  notes={"schema": 2, "policy": policy, "edit_steps": 2})
+    led.downgrade("0002")
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            raw = conn.execute(sa.text("SELECT notes FROM entries")).scalar_one()
+    finally:
+        engine.dispose()
+    raw = json.loads(raw) if isinstance(raw, str) else raw
+    assert raw == {"edit_steps": 2, "max_steps": 5, "max_norm": None, "protect": True,
+                   "step_factor": 0.5, "preserve_keys": 0.01}
+    led.upgrade()
+    assert led.entries()[0].record.policy.to_dict() == policy
     led.downgrade("0001")
     assert led.current_revision() == "0001"
     assert "chain" not in _columns(url, "entries")
@@ -158,8 +174,8 @@ def test_existing_ledger_upgrades_in_place(url):
     finally:
         engine.dispose()
 
-    led.open()  # 0001 -> 0002, in place
-    assert led.current_revision() == "0002"
+    led.open()  # 0001 -> 0003, in place
+    assert led.current_revision() == "0003"
     assert [e.id for e in led.entries(reverse=False)] == [first, second]
     assert {e.chain for e in led.entries()} == {"main"}
     assert led.head().id == second and led.get(first).active_ids == [first]
@@ -191,7 +207,7 @@ def test_downgrade_refuses_to_merge_chains(url):
     led = Ledger(url)
     with pytest.raises(LedgerError, match=r"chains other than 'main' \(entries: a\).*nothing"):
         led.downgrade("0001")
-    assert led.current_revision() == "0002"
+    assert led.current_revision() == "0003"
     assert Ledger(url, chain="a").open().head().state_hash == H1
     led.close()
 

@@ -3,6 +3,8 @@ exactly as it is, an open gate adds exactly the delta, gates open on the edit's 
 stay closed elsewhere, and leaving the block restores the model."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -360,3 +362,60 @@ def test_rank_cut_keeps_the_directions_above_the_cut(tiny_llama, tiny_tokenizer)
         sv = torch.linalg.svdvals(layer.to_dense().double())
         kept = sv[: layer.rank]
         assert bool((kept >= 0.3 * sv[0] * (1 - 64 * EPS32)).all()), (name, kept / sv[0])
+
+
+def test_confidence_steps_on_until_the_target_is_probable(tiny_llama, tiny_tokenizer):
+    """`edit_apart(confidence=p)`: a fact holds only once every target token is the argmax
+    with probability ≥ p, so it takes at least the steps the argmax alone takes, and when it
+    stops before its step budget the target has that probability behind its gate."""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.05)
+
+    def apply(items):
+        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
+                      tokenizer=tiny_tokenizer)
+
+    args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
+    (argmax,) = editor.edit_apart(*args, max_steps=30, apply=apply)
+    (sure,) = editor.edit_apart(*args, max_steps=30, apply=apply, confidence=0.7)
+    steps, steps_sure = int(argmax.meta["edit_steps"]), int(sure.meta["edit_steps"])
+    assert steps_sure > steps
+    with apply([(0, argmax)]):
+        es, lp = target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[:2]
+    assert es == [1.0] and lp[0] < math.log(0.7)  # it stopped at the argmax, below p
+    assert steps_sure < 30
+    with apply([(0, sure)]):
+        es, lp = target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[:2]
+    assert es == [1.0] and lp[0] >= math.log(0.7) - 1e-5  # one token: its log p
+
+
+def test_confidence_keeps_the_last_argmax_delta_when_a_step_overshoots(tiny_llama, tiny_tokenizer):
+    """A fact whose steps run out before it is confident, and whose last step overshot (its
+    target no longer the argmax), keeps the delta under which its target was last the argmax:
+    a confident edit never loses a fact that the argmax stop would have kept."""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.5)
+
+    def apply(items):
+        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
+                      tokenizer=tiny_tokenizer)
+
+    args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
+    (one,) = editor.edit_apart(*args, max_steps=1, apply=apply)
+    with apply([(0, one)]):  # one step makes the argmax, short of 0.99
+        assert target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[0] == [True]
+    real, made = editor.delta_from_factors, []
+
+    def overshooting(factors, meta):  # the second step goes far the wrong way
+        d = real(factors, meta)
+        made.append(d)
+        if len(made) == 2:
+            for layer in d.layers.values():
+                layer.d.mul_(-50.0)
+        return d
+
+    editor.delta_from_factors = overshooting
+    (kept,) = editor.edit_apart(*args, max_steps=2, apply=apply, confidence=0.99)
+    assert len(made) == 2 and kept.meta["edit_steps"] == "1"
+    for name, layer in one.layers.items():
+        assert torch.equal(kept.layers[name].to_dense(), layer.to_dense())
+    with apply([(0, kept)]):
+        assert target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[0] == [True]

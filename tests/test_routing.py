@@ -76,7 +76,7 @@ def test_routed_edits_are_hooks_recorded_with_their_gate(routed_ws):
     head = w.head()
     assert head.active_ids == [1, 2] and w.routed_ids(head.active_ids) == [1, 2]
     for r, e in zip(reports, [w.ledger.get(1), w.ledger.get(2)]):
-        rt = e.notes["routing"]
+        rt = e.record.routing
         assert rt["layer"] == 1 and rt["tau"] == route.TAU and rt["gate_keys"] >= 1
         assert rt["gate_sha256"] == r["routing"]["gate_sha256"]
         assert r["protect"]["on"] is False and r["preserve"]["cut"] is None
@@ -292,9 +292,9 @@ def test_a_routed_batch_is_one_entry_per_fact_recorded_together(routed_ws, monke
     entries = [w.ledger.get(i) for i in r["entries"]]
     for k, e in enumerate(entries):
         assert e.inputs == [facts[k][0]] and e.targets == [facts[k][1]]
-        assert e.notes["batch"] == {"index": k, "size": 3, "first": 1,
+        assert e.record.batch == {"index": k, "size": 3, "first": 1,
                                     "seconds": r["seconds"]}
-        assert e.active_ids == [1, 2, 3][:k + 1] and e.notes["routing"]["gate_sha256"]
+        assert e.active_ids == [1, 2, 3][:k + 1] and e.record.routing["gate_sha256"]
         assert e.metrics_after["edit_success"] == float(r["after"]["holds"][k])
     assert entries[-1].state_hash == r["state_hash"]
     assert len({e.state_hash for e in entries}) == 3

@@ -80,8 +80,8 @@ def test_exact_squash_of_the_whole_chain(opened):
     assert e.editor_name == "squash" and e.state_hash == r["state_hash"]
     assert e.inputs == [x for x, _ in CHAIN] and e.targets == [y for _, y in CHAIN]
     assert [c["input"] for c in e.request] == e.inputs
-    assert e.notes["squashed"] == [1, 2, 3] and e.notes["rank"] is None
-    assert e.notes["max_reconstruction_error"] == r["max_reconstruction_error"]
+    assert e.record.squashed == [1, 2, 3] and e.record.rank is None
+    assert e.record.max_reconstruction_error == r["max_reconstruction_error"]
     assert e.metrics_after == {"edit_success": r["retention"]["after"]}
     assert e.command == "mendctl squash 1..3"
     # the squashed entries stay in history, untouched
@@ -123,8 +123,8 @@ def test_truncated_squash_reports_the_true_error(opened):
     assert r["max_reconstruction_error"] == pytest.approx(max(expected.values()), rel=1e-4)
     assert r["max_abs_state_diff"] > 0
     e = w.ledger.get(r["entry"])
-    assert e.notes["rank"] == 1
-    assert e.notes["reconstruction_error"] == r["reconstruction_error"]
+    assert e.record.rank == 1
+    assert e.record.reconstruction_error == r["reconstruction_error"]
     # the stored delta really is the rank-1 truncation: its error, measured on the file
     stored = w.store.load(e.delta_sha256)
     for n, layer in stored.layers.items():

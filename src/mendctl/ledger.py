@@ -52,6 +52,7 @@ from sqlalchemy.types import TypeDecorator
 from mendctl.config import CHAIN_MAX_LEN, DEFAULT_CHAIN, chain_problem
 from mendctl.editors.data import EditCase
 from mendctl.errors import InputError, LedgerError
+from mendctl.record import EntryNotes
 
 DEFAULT_BUSY_TIMEOUT = 30.0
 
@@ -116,6 +117,15 @@ def _json() -> JSON:
     return JSON(none_as_null=True)
 
 
+def _columns(row) -> dict[str, Any]:
+    """A row's columns, JSON-ready (datetimes as ISO 8601 with their UTC offset)."""
+    out = {}
+    for col in row.__table__.columns:
+        v = getattr(row, col.key)
+        out[col.key] = v.isoformat() if isinstance(v, datetime) else v
+    return out
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -161,6 +171,11 @@ class Entry(Base):
     status: Mapped[str] = mapped_column(String(32), default="ok")
     notes: Mapped[Any | None] = mapped_column(_json())
 
+    @property
+    def record(self) -> EntryNotes:
+        """How the entry was made, typed (`notes`; record.py)."""
+        return EntryNotes.from_json(self.notes)
+
     def cases(self) -> list[EditCase]:
         """The edit request this entry recorded (with paraphrases and locality prompts) or,
         for an entry recorded without one, one bare case per (input, target)."""
@@ -169,11 +184,7 @@ class Entry(Base):
 
     def to_dict(self) -> dict[str, Any]:
         """All columns, JSON-ready (created_at as ISO 8601 with its UTC offset)."""
-        out = {}
-        for col in self.__table__.columns:
-            v = getattr(self, col.key)
-            out[col.key] = v.isoformat() if isinstance(v, datetime) else v
-        return out
+        return _columns(self)
 
     def __repr__(self) -> str:
         return f"<Entry {self.id} {self.kind} state={str(self.state_hash)[:12]}>"
@@ -205,11 +216,7 @@ class Audit(Base):
     report_path: Mapped[str | None] = mapped_column(Text)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for col in self.__table__.columns:
-            v = getattr(self, col.key)
-            out[col.key] = v.isoformat() if isinstance(v, datetime) else v
-        return out
+        return _columns(self)
 
 
 _ENTRY_FIELDS = frozenset(c.key for c in Entry.__table__.columns) - {"id", "chain"}

@@ -6,7 +6,7 @@ An edit's settings come from three sources: mendctl.yaml, the command line (`--e
 once into a frozen `EditPolicy`; `mendctl edit`, `mendctl eval`, replays and the benchmarks all
 take their settings from it, and every entry records it (`notes.policy`), so that a replay
 re-makes an edit with the settings it was made with even after the configuration changed.
-`recorded` reads that record back, also from entries made before policies were recorded.
+(Ledgers made before policies were recorded were migrated: migration 0003.)
 """
 from __future__ import annotations
 
@@ -118,21 +118,3 @@ def _guard(config: Config, ref: dict | None, n_facts: int) -> float | None:
     if config.guard_norm is None or not ref:
         return None
     return config.guard_norm * float(ref["median"]) * math.sqrt(max(n_facts, 1))
-
-
-def recorded(notes: dict | None, editor_name: str | None) -> EditPolicy:
-    """The policy an entry was made with: `notes.policy`, or for entries made before policies
-    were recorded, the settings they noted one by one (made at the editor's own α and without
-    preserved keys when they predate those settings)."""
-    notes = notes or {}
-    if "policy" in notes:
-        fields = {f.name for f in dataclasses.fields(EditPolicy)}
-        return EditPolicy(**{k: v for k, v in notes["policy"].items() if k in fields})
-    mend = editor_name == "mend"
-    return EditPolicy(
-        editor=editor_name if editor_name in EDITORS else "mend",
-        max_steps=int(notes.get("max_steps") or 1),
-        step_factor=(notes.get("step_factor") or 1.0) if mend else None,
-        max_norm=notes.get("max_norm"), protect=bool(notes.get("protect")),
-        preserve_keys=notes.get("preserve_keys") if mend else None,
-        routing=notes.get("routing"), keep_failed=False)

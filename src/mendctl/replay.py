@@ -17,7 +17,7 @@ from pathlib import Path
 from . import routing
 from .editors.delta import Delta, apply_deltas, state_hash
 from .errors import InputError, LedgerError, StoreError
-from .policy import recorded
+from .record import EntryNotes
 from .workspace import Workspace, edit_with
 
 
@@ -39,7 +39,10 @@ def replay_entries(ws, start_active: list[int], ids: list[int], editor: str | No
         # delta even if the configuration has changed since); re-run by another editor, it
         # keeps the recorded steps and guards and takes this workspace's step size and
         # preserved keys
-        policy = recorded(old.notes, old.editor_name)
+        policy = old.record.policy
+        if policy is None:
+            raise LedgerError(f"entry {old.id} records no edit policy; upgrade the ledger "
+                              f"(`mendctl db upgrade`) and try again")
         if editor and editor != policy.editor:
             fresh = ws.policy(editor, max(len(old.inputs or []), 1), policy.max_steps)
             policy = replace(fresh, max_norm=policy.max_norm,
@@ -66,7 +69,7 @@ def expand_squashes(ws, ids: list[int]) -> list[int]:
     out = []
     for i in ids:
         e = ws.ledger.get(i)
-        squashed = (e.notes or {}).get("squashed") if e.kind == "squash" else None
+        squashed = e.record.squashed if e.kind == "squash" else None
         out += expand_squashes(ws, list(squashed)) if squashed else [i]
     return out
 
@@ -87,7 +90,7 @@ def record_replays(ws, s, parent: int, active: list[int], replayed: list[dict],
             weight_names=r["delta"].names(), delta_sha256=st.sha256,
             delta_path=st.rel_path, delta_size=st.size,
             delta_norms=r["delta"].norms(), state_hash=r["hash"], active_ids=active,
-            notes={"replay_of": old.id, "policy": r["policy"].to_dict(), **notes})
+            notes=EntryNotes(replay_of=old.id, policy=r["policy"], **notes).to_json())
         active = active + [e.id]
         e.active_ids = active
         s.flush()
@@ -144,7 +147,7 @@ def replay_onto(ws, out: str | Path | None, model: str | None = None,
         # routed edits are replayed routed, with this workspace's settings (or the defaults)
         routed_ = ws.split(head.active_ids)[1]
         settings = ws.config.routing or (
-            {k: routing.of(routed_[-1])[k] for k in routing.DEFAULTS} if routed_ else None)
+            {k: routing.of(routed_[-1]).get(k, v) for k, v in routing.DEFAULTS.items()} if routed_ else None)
         target_dir = Workspace.init(out, model=model, routing_=settings if routed_ else False)
         other = Workspace.open(str(target_dir))
         results = []

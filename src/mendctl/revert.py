@@ -14,6 +14,7 @@ from .editors.delta import state_hash
 from .editors.metrics import locality_reference, locality_scores, target_scores
 from .errors import InputError
 from .ledger import Entry
+from .record import EntryNotes
 from .replay import record_replays, replay_entries
 
 
@@ -62,7 +63,7 @@ def revert(ws, entry_id: int, replay: bool = False, command: str | None = None) 
                 base_model_hash=ws.lm.base_hash, weight_names=list(target.weight_names),
                 state_hash=exact_hash if not replay else state_hash(ws.weights_for(keep)),
                 active_ids=exact_active if not replay else keep,
-                notes={"mode": "replay" if replay else "exact", "gap": gap})
+                notes=EntryNotes(mode="replay" if replay else "exact", gap=gap).to_json())
             ids = [rev.id]
             if replay:
                 ids += record_replays(ws, s, rev.id, list(keep), replayed, staged, command,

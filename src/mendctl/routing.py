@@ -39,7 +39,7 @@ BANK_PROMPTS, BANK_PARAPHRASES = 600, 300
 
 def of(entry) -> dict | None:
     """The routing settings `entry` was made with (None: a plain weight edit)."""
-    return (entry.notes or {}).get("routing") if entry is not None else None
+    return entry.record.routing if entry is not None else None
 
 
 def _digest(t: torch.Tensor) -> str:

@@ -31,6 +31,7 @@ from .editors.delta import Delta, LayerDelta, apply_deltas, state_hash
 from .editors.metrics import target_scores
 from .errors import InputError, LedgerError
 from .ledger import Entry
+from .record import EntryNotes
 from .workspace import Workspace
 
 EDITOR_NAME = "squash"
@@ -140,8 +141,8 @@ def _squash_locked(ws: Workspace, head: Entry, segment: list[Entry], skipped: li
         raise
 
     max_err = max(errors.values())
-    notes = {"squashed": seg_ids, "rank": rank, "reconstruction_error": errors,
-             "max_reconstruction_error": max_err}
+    notes = EntryNotes(squashed=seg_ids, rank=rank, reconstruction_error=errors,
+                       max_reconstruction_error=max_err).to_json()
     request = [c for e in segment for c in _request_of(e)]
     try:
         with ws.recorder.recording([delta], head.id, "squashing") as (s, (staged,)):

@@ -23,6 +23,7 @@ import shlex
 import socket
 import sys
 import time
+from dataclasses import replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -48,6 +49,7 @@ from .locking import WorkspaceLock
 from .models import ALIASES, LoadedModel, load_model
 from .policy import EDITORS, EditPolicy, resolve
 from .preserve import workspace_basis
+from .record import EntryNotes
 from .recorder import Recorder
 from .store import DeltaStore
 
@@ -659,7 +661,7 @@ class Workspace:
             protect = None
             deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
                                    [c.target for c in cases], self.fmt, max_steps, max_norm, apply,
-                                   rs.get("rank_cut"))
+                                   rs.get("rank_cut"), rs.get("confidence"))
             parts = [([i], d) for i, d in enumerate(deltas)]
         else:
             gates = []
@@ -767,27 +769,25 @@ class Workspace:
                         metrics_after=_metrics(sub_a, seconds * len(idx) / len(cases)),
                         state_hash=hashes[k], status="failed" if any(i in failed for i in idx) else "ok",
                         active_ids=active,  # own id appended below
-                        notes={"editor_checkpoint": ed.checkpoint, "prompt_format": self.fmt,
-                               # how it was made, as replay re-reads it (policy.recorded)
-                               "policy": policy.to_dict(),
-                               "norm_scale": float(d.meta["norm_scale"]) if "norm_scale" in d.meta else None,
-                               "protected_pairs": len(protect or []),
-                               "protected_rank": report["protect"]["rank"],
-                               # the chain's health is measured once, on the state after all
-                               "health": after.get("health") if last else None,
-                               "edit_steps": steps_of[k],
-                               **({"routing": routing_of[k]} if rs else {}),
-                               **({"batch": {"index": k, "size": len(parts),
-                                             "first": ids[0] if ids else None,
-                                             "seconds": round(seconds, 4)}}
-                                  if len(parts) > 1 else {})},
+                        notes=EntryNotes(
+                            editor_checkpoint=ed.checkpoint, prompt_format=self.fmt,
+                            policy=policy,  # how it was made, as a replay re-makes it
+                            norm_scale=float(d.meta["norm_scale"]) if "norm_scale" in d.meta else None,
+                            protected_pairs=len(protect or []),
+                            protected_rank=report["protect"]["rank"],
+                            # the chain's health is measured once, on the state after all
+                            health=after.get("health") if last else None,
+                            edit_steps=steps_of[k], routing=routing_of[k] if rs else None,
+                            batch={"index": k, "size": len(parts), "first": ids[0] if ids else None,
+                                   "seconds": round(seconds, 4)} if len(parts) > 1 else None,
+                        ).to_json(),
                     )
                     active = active + [entry.id]
                     entry.active_ids = active
                     s.flush()
                     if len(parts) > 1 and not ids:  # the batch is named by its first entry
-                        entry.notes = {**entry.notes,
-                                       "batch": {**entry.notes["batch"], "first": entry.id}}
+                        rec = entry.record
+                        entry.notes = replace(rec, batch={**rec.batch, "first": entry.id}).to_json()
                         s.flush()
                     parent = entry.id
                     ids.append(entry.id)

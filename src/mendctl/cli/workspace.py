@@ -96,8 +96,9 @@ def log(ctx, limit, as_json):
         elif e.kind == "replay":
             extra = f" replays {e.replay_of_id}"
         elif e.kind == "squash":
-            extra = " of " + ",".join(map(str, (e.notes or {}).get("squashed", [])))
-        b = (e.notes or {}).get("batch")
+            extra = " of " + ",".join(map(str, e.record.squashed or []))
+        rec = e.record
+        b = rec.batch
         if b:
             extra += f" (batch of {b['size']} from {b['first']})"
         if e.status and e.status != "ok":
@@ -105,8 +106,8 @@ def log(ctx, limit, as_json):
         es = (e.metrics_after or {}).get("edit_success")
         size = f"{e.delta_size / 1024:.0f} KiB" if e.delta_size else "-"
         flags = ("*" if active else " ") + ("A" if e.id in audited else " ") + \
-            ("R" if (e.notes or {}).get("routing") else " ")
-        health = ((e.notes or {}).get("health") or {}).get("audit_locality")
+            ("R" if rec.routing else " ")
+        health = (rec.health or {}).get("audit_locality")
         health = f"  base-agree {health:.3f}" if health is not None else ""
         click.echo(f"{flags} {e.id:>4}  {e.created_at:%Y-%m-%d %H:%M:%S}  {e.kind:<7}{extra}  "
                    f"{what}  ES {es if es is None else f'{es:.2f}'}{health}  {size}")

@@ -8,6 +8,7 @@ attached to tensors or parameters.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -111,23 +112,31 @@ def edit_loss(model: nn.Module, batch: Batch, weights=None) -> torch.Tensor:
     return _loss_and_hits(model, batch, weights, hits=False)[0]
 
 
-def _loss_and_hits(model: nn.Module, batch: Batch, weights=None, hits: bool = True):
+def _loss_and_hits(model: nn.Module, batch: Batch, weights=None, hits: bool = True,
+                   confidence: float | None = None):
     """The edit loss and, with `hits`, per example whether every target token is already the
-    argmax (the metrics' edit success, read off the same logits)."""
+    argmax (the metrics' edit success, read off the same logits), and with `confidence`, also
+    has at least that probability; and per example whether every target token is the argmax
+    (with or without `confidence`)."""
     select, labels, owner = label_positions(batch)
     logits = selected_logits(model, batch, select, weights)
     n = batch.labels.shape[0]
     each = per_example_nll(logits, labels, owner, n)
     loss = each.sum()
     if not hits:
-        return loss, None, each
-    miss = torch.zeros(n, device=owner.device).index_add(0, owner, (logits.detach().argmax(-1) != labels).float())
-    return loss, (miss == 0).tolist(), each
+        return loss, None, each, None
+    wrong = logits.detach().argmax(-1) != labels
+    bad = wrong
+    if confidence is not None:
+        lp = torch.log_softmax(logits.detach().float(), -1).gather(-1, labels[:, None])[:, 0]
+        bad = wrong | (lp < math.log(confidence))
+    count = lambda x: torch.zeros(n, device=owner.device).index_add(0, owner, x.float())  # noqa: E731
+    return loss, (count(bad) == 0).tolist(), each, (count(wrong) == 0).tolist()
 
 
 def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Batch, skip=None,
                            weights: dict[str, torch.Tensor] | None = None, success: bool = False,
-                           per_example: bool = False):
+                           per_example: bool = False, confidence: float | None = None):
     """Run forward+backward of the edit loss; return ({name: (u, δ)}, loss value).
 
     `skip` is an optional context (PrefixCache.skipping) that replaces the lower blocks by
@@ -135,9 +144,11 @@ def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Bat
     parameters (functionally; the model is not touched): the edit is then computed at that
     state of the weights, e.g. deep in a chain of earlier edits.
 
-    With `success`, returns (pairs, loss, ok): ok[i] says whether every target token of example
-    i is already the argmax (the metrics' edit success, read off the logits the loss needs
-    anyway); when all are, the backward is skipped and pairs is None.
+    With `success`, returns (pairs, loss, ok, argmax): ok[i] says whether every target token of
+    example i is already the argmax (the metrics' edit success, read off the logits the loss
+    needs anyway); when all are, the backward is skipped and pairs is None. `confidence` raises
+    the bar of `ok` (every target token also has at least that probability); `argmax` is the
+    bare argmax test either way.
 
     With `per_example`, the loss returned is each example's (a list) instead of their sum."""
     if weights is not None:
@@ -145,16 +156,17 @@ def capture_edit_gradients(model: nn.Module, specs: list[WeightSpec], batch: Bat
         weights = {s.name: weights[s.name].detach().requires_grad_() for s in specs}
     with grad_only_on(model, [s.name for s in specs]), torch.enable_grad(), \
             GradCapture(model, specs) as cap, (skip if skip is not None else nullcontext()):
-        loss, ok, each = _loss_and_hits(model, batch, weights, hits=success)
+        loss, ok, each, argmax = _loss_and_hits(model, batch, weights, hits=success,
+                                                confidence=confidence)
         value = each.detach().tolist() if per_example else float(loss.detach())
         if success and all(ok):
             cap.outputs.clear()  # drop the graph
-            return None, value, ok
+            return None, value, ok, argmax
         # gradients of the module outputs only: nothing is left in the weights' .grad and no
         # dense weight gradient is computed
         cap.backward(loss)
     pairs = cap.pairs(batch.attention_mask)
-    return (pairs, value, ok) if success else (pairs, value)
+    return (pairs, value, ok, argmax) if success else (pairs, value)
 
 
 def pair_owners(mask: torch.Tensor) -> torch.Tensor:

@@ -192,7 +192,8 @@ class MendEditor(nn.Module):
 
     def edit_apart(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
                    fmt: str = "raw", max_steps: int = 1, max_norm: float | None = None,
-                   apply=None, rank_cut: float | None = None) -> list[Delta]:
+                   apply=None, rank_cut: float | None = None,
+                   confidence: float | None = None) -> list[Delta]:
         """Many facts edited together, each into a delta of its own (routed edits: each fact
         goes behind its own gate, so each needs its own ΔW).
 
@@ -208,7 +209,15 @@ class MendEditor(nn.Module):
 
         `rank_cut` truncates each fact's ΔW after every step to the directions whose singular
         values exceed that fraction of the largest (`Delta.compacted`), so the next step, and
-        the check whether the fact holds, see the delta that will be stored."""
+        the check whether the fact holds, see the delta that will be stored.
+
+        `confidence` raises the bar for holding: every target token is the argmax with at least
+        that probability. A fact that only just became the argmax on its own wording seldom
+        carries over to other wordings; a routed edit can afford the larger step, since its
+        gate keeps it off other inputs (docs/results.md, confident routed edits). A fact whose
+        steps run out before it is that sure, and whose last step overshot (its target no
+        longer the argmax), keeps the delta of its last step under which the target was the
+        argmax: a confident edit is never worse than one stopped at the argmax."""
         t0 = time.perf_counter()
         if apply is None:
             def apply(items):
@@ -221,16 +230,23 @@ class MendEditor(nn.Module):
         deltas: list[Delta | None] = [None] * n
         first: list[float | None] = [None] * n
         steps, scales = [0] * n, [[] for _ in range(n)]
-        todo = list(range(n))
+        # per fact, with `confidence`: (the last delta under which its target was the argmax,
+        # its steps, its guard scalings)
+        held: list[tuple[Delta, int, int] | None] = [None] * n
+        todo, back = list(range(n)), []
         for step in range(1, max_steps + 1):
             batch = encode_pairs(tokenizer, [prompts[i] for i in todo], [targets[i] for i in todo],
                                  fmt).to(device)
             made = [(i, d) for i, d in enumerate(deltas) if d is not None]
             with apply(made) if made else nullcontext():
                 # from the second step on the forward also says which facts hold already
-                pairs, losses, *ok = capture_edit_gradients(model, self.specs, batch,
-                                                            success=step > 1, per_example=True)
-            ok = ok[0] if ok else [False] * len(todo)
+                pairs, losses, *hits = capture_edit_gradients(model, self.specs, batch,
+                                                              success=step > 1, per_example=True,
+                                                              confidence=confidence)
+            ok, argmax = hits if hits else ([False] * len(todo), [False] * len(todo))
+            for row, i in enumerate(todo):
+                if argmax[row] and confidence is not None:
+                    held[i] = (deltas[i], steps[i], len(scales[i]))
             for i, loss in zip(todo, losses):
                 first[i] = loss if first[i] is None else first[i]
             if pairs is None:  # every fact holds
@@ -265,6 +281,16 @@ class MendEditor(nn.Module):
             todo = still
             if not todo:
                 break
+        else:  # the steps ran out: did the last step of a fact still stepping overshoot?
+            back = [i for i in todo if held[i] is not None]
+        if back:
+            with apply([(i, d) for i, d in enumerate(deltas)]):
+                hit = edit_success(model, tokenizer, [prompts[i] for i in back],
+                                   [targets[i] for i in back], fmt)
+            for i, h in zip(back, hit):
+                if not h:
+                    deltas[i], steps[i], k = held[i]
+                    scales[i] = scales[i][:k]
         seconds = time.perf_counter() - t0
         out = []
         for i, d in enumerate(deltas):
