@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .editors.data import EditCase, generic_text_samples, load_split
-from .editors.delta import apply_deltas, state_hash
+from .editors.delta import state_hash
 from .editors.mend.capture import capture_edit_gradients
 from .editors.mend.editor import MendEditor
 from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
@@ -372,14 +372,9 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
             if ws.routed_ids(e.active_ids):  # routed edits are hooks, not weights: load it whole
                 w = ws.use_state(e)
                 cost["states_rebuilt"] += 1
-            elif prev_active is not None and list(e.active_ids) == prev_active:
-                w = prev_w
-            elif prev_active is not None and list(e.active_ids[:-1]) == prev_active and e.active_ids:
-                w = apply_deltas(prev_w, [ws.load_delta(e.active_ids[-1])])
-                cost["states_rebuilt"] += 1
             else:
-                w = apply_deltas(base, [ws.load_delta(i) for i in e.active_ids])
-                cost["states_rebuilt"] += 1
+                w, added = ws.chain_weights(list(e.active_ids), prev_active, prev_w)
+                cost["states_rebuilt"] += added
             if ws.loaded_state != e.state_hash:  # (use_state checked a routed state's hash)
                 got = state_hash(w) if e.active_ids else ws.base_state_hash
                 if got != e.state_hash:

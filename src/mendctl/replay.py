@@ -111,12 +111,7 @@ def verify_chain(ws, progress=None) -> dict:
         # plain entries are summed into the weights; routed ones enter the hash (routing.py)
         active, routed_ = ws.split(e.active_ids)
         try:
-            if prev_active is not None and active[:-1] == prev_active and active:
-                w = apply_deltas(w, [ws.load_delta(active[-1], cache)])  # same sum, same order
-            elif prev_active is not None and active == prev_active:
-                pass
-            else:
-                w = apply_deltas(ws.base_weights, [ws.load_delta(i, cache) for i in active])
+            w, _ = ws.chain_weights(active, prev_active, w, cache)
             h = ws.state_key(w, active, ws.router.edits(routed_)) if routed_ \
                 else state_hash(w)
         except (StoreError, LedgerError) as err:

@@ -380,6 +380,19 @@ class Workspace:
             cache[entry_id] = d
         return d
 
+    def chain_weights(self, active: list[int], prev_active: list[int] | None = None,
+                      prev_w: dict[str, torch.Tensor] | None = None,
+                      cache: dict | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+        """(The plain weights of base + Σ deltas(`active`), whether anything was added.) Walking
+        a chain, each state usually extends the one before by a delta: given that state's
+        active ids and weights, only the new delta is added (the same sum in the same order,
+        so the same bits)."""
+        if prev_active is not None and list(active) == list(prev_active):
+            return prev_w, False
+        if prev_active is not None and active and list(active[:-1]) == list(prev_active):
+            return apply_deltas(prev_w, [self.load_delta(active[-1], cache)]), True
+        return apply_deltas(self.base_weights, [self.load_delta(i, cache) for i in active]), True
+
     def _state_cache(self, h: str) -> Path:
         return self.state_dir / "states" / f"{h}.safetensors"
 
@@ -814,15 +827,6 @@ class Workspace:
             user = os.environ.get("USER", "?")
         return {"user": user, "host": socket.gethostname(),
                 "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
-
-    # -- revert ---------------------------------------------------------------------------------
-
-    # -- replay ---------------------------------------------------------------------------------
-
-    # -- export ---------------------------------------------------------------------------------
-
-    # -- integrity ------------------------------------------------------------------------------
-
 
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,
