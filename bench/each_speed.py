@@ -18,6 +18,7 @@ from _common import table, temp_workspace, write_json  # noqa: E402
 
 from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
+from mendctl.edit import edit_each  # noqa: E402
 
 
 def run(cases, settings: dict) -> dict:
@@ -26,7 +27,7 @@ def run(cases, settings: dict) -> dict:
         ws.router.space(ws.config.routing["layer"])
         _ = ws.lm
         t = time.perf_counter()
-        r = ws.edit_each(cases, command="bench")
+        r = edit_each(ws, cases, command="bench")
         wall = time.perf_counter() - t
     finally:
         ws.ledger.close()

@@ -26,6 +26,7 @@ from mendctl.models import load_model  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from mendctl.replay import verify_chain  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 
 def timed_subprocess(args, cwd) -> float:
@@ -46,7 +47,7 @@ def main():
     cases = load_split("test")[: a.chain]
     ratios, tokens = [], []
     for c in tqdm(cases, desc="chain", file=sys.stderr):
-        r = ws.edit([EditCase(input=c.input, target=c.target)], command="bench/ledger.py",
+        r = edit(ws, [EditCase(input=c.input, target=c.target)], command="bench/ledger.py",
                     keep_failed=True)
         n = len(ws.lm.tokenizer(c.input).input_ids) + len(ws.lm.tokenizer(" " + c.target).input_ids)
         if n <= 12:

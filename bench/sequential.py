@@ -30,6 +30,7 @@ from mendctl.audit import record_audit, run_audit  # noqa: E402
 from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.report import write_report  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 
 def _mean(xs):
@@ -48,7 +49,7 @@ def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None
     t0 = time.time()
     for c in tqdm(cases, desc=f"{editor} T={len(cases)}", file=sys.stderr):
         # keep_failed: the chain's failures are what this measures
-        ws.edit([c], editor=editor, max_steps=max_steps, command=f"bench/sequential.py {editor}",
+        edit(ws, [c], editor=editor, max_steps=max_steps, command=f"bench/sequential.py {editor}",
                 keep_failed=True)
     edit_seconds = time.time() - t0
     entries = ws.ledger.entries(reverse=False)
@@ -70,7 +71,7 @@ def run_chain(editor: str, cases, max_steps: int | None, report_dir: Path | None
         "alpha_factor": ((ws.editor(editor).info.get("operating_point") or {})
                          .get("alpha_factor_total", 1.0)) if editor == "mend" else None,
         # routed edits (routing: true) take their own step and skip preserved keys and the
-        # retention guard (as `Workspace.edit` makes them)
+        # retention guard (as `edit.edit` makes them)
         "routing": ws.config.routing if editor == "mend" else None,
         "step_factor": policy.step_factor,
         "preserve_keys": policy.preserve_keys,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from mendctl.edit import edit  # noqa: E402
 
 # Keep the subprocesses (and this process) small: the machine may be shared.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -374,7 +375,7 @@ def chain(tiny_assets, tmp_path_factory) -> Chain:
     w = Workspace.open(str(ws.root))
     try:
         for x, y in CHAIN:
-            w.edit([EditCase(input=x, target=y)], command=f"mendctl edit --input {x!r} --target {y!r}")
+            edit(w, [EditCase(input=x, target=y)], command=f"mendctl edit --input {x!r} --target {y!r}")
         head = w.head()
         log = [e.to_dict() | {"active": e.id in head.active_ids}
                for e in w.ledger.entries(reverse=False)]

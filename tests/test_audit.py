@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_helpers import (CHAIN, chain, clone_workspace, init_workspace_inprocess,  # noqa: E402,F401
                          one_line_error, tiny_assets)
 from mendctl.revert import revert  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_edit_time_health_is_what_the_audit_measures(ws_chain):
     (copy.root / "mendctl.yaml").write_text(cfg + "health_check: false\n")
     assert load_config(copy.root / "mendctl.yaml").health_check is False
     w.config.health_check = False  # the open workspace read the file before
-    r = w.edit([EditCase(input="Water boils at", target="ten degrees")])
+    r = edit(w, [EditCase(input="Water boils at", target="ten degrees")])
     assert "health" not in r["after"] and w.ledger.get(r["entry"]).record.health is None
 
 
@@ -93,7 +94,7 @@ def ft_chain(tiny_assets, tmp_path):
     ft = w.editor("ft")
     ft.lr, ft.steps = 0.05, 60  # the tiny random model needs larger steps than a real one
     for x, y in CHAIN:
-        w.edit([EditCase(input=x, target=y)], editor="ft")
+        edit(w, [EditCase(input=x, target=y)], editor="ft")
     yield w
     w.ledger.close()
 

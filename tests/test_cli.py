@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_helpers import (CHAIN, Ws, chain, clone_workspace, cli_cmd, cli_env,  # noqa: E402,F401
                          fresh_ws, init_workspace_inprocess, one_line_error, run_cli,
                          sha256_file, tiny_assets)
+from mendctl.edit import edit  # noqa: E402
 
 
 def _commands():
@@ -504,7 +505,7 @@ def test_non_finite_delta_is_refused_before_anything_is_recorded(fresh_ws, monke
     monkeypatch.setenv("MENDCTL_CACHE", str(fresh_ws.cache_dir))
     ws = Workspace.open(str(fresh_ws.root))
     with pytest.raises(EditorError, match="non-finite"):
-        ws.edit([EditCase(input="a b", target="c")])
+        edit(ws, [EditCase(input="a b", target="c")])
     assert fresh_ws.ledger_count() == 0
     assert fresh_ws.delta_files() == []
     assert not fresh_ws.tmp_dir.exists() or not any(fresh_ws.tmp_dir.iterdir())

@@ -17,6 +17,7 @@ from mendctl.editors.weights import select_weights  # noqa: E402
 from mendctl.errors import ConfigError, ModelError  # noqa: E402
 from mendctl.models import load_model  # noqa: E402
 from mendctl.placement import main_device, placement_summary, plan_device_map  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 PROMPTS, TARGETS = [CHAIN[0][0], CHAIN[1][0]], [CHAIN[0][1], CHAIN[1][1]]
 
@@ -84,7 +85,7 @@ def test_edit_in_an_offloaded_workspace_records_the_plain_state(tiny_assets, tmp
                                                  "offload_folder": "offload"})]:
         w = init_workspace_inprocess(tmp_path / name, tiny_assets, cache, **extra)
         ws = Workspace.open(str(w.root))
-        r = ws.edit([EditCase(input=PROMPTS[0], target=TARGETS[0])], command="test")
+        r = edit(ws, [EditCase(input=PROMPTS[0], target=TARGETS[0])], command="test")
         hashes.append(r["state_hash"])
         if name == "big":
             assert (w.root / "offload").is_dir()

@@ -19,6 +19,7 @@ from mendctl.policy import UNCALIBRATED_MAX_STEPS, EditPolicy, resolve  # noqa: 
 from mendctl.record import NOTES_SCHEMA, EntryNotes  # noqa: E402
 from mendctl.replay import verify_chain  # noqa: E402
 from mendctl.revert import revert  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 INFO = {"operating_point": {"alpha_factor_total": 0.35, "max_steps": 5},
         "delta_norm_reference": {"median": 2.0}}
@@ -109,7 +110,7 @@ def test_a_ledger_from_before_policies_is_migrated_and_replays_bit_exactly(tiny_
     ws = init_workspace_inprocess(tmp_path / "ws", tiny_assets, cache, health_check=False)
     w = Workspace.open(str(ws.root))
     for x, y in CHAIN:
-        w.edit([EditCase(input=x, target=y)])
+        edit(w, [EditCase(input=x, target=y)])
     # (keep_failed was never recorded before 0003: the migration says False)
     policies = [replace(e.record.policy, keep_failed=False) for e in w.ledger.entries(reverse=False)]
     w.ledger.close()
@@ -129,7 +130,7 @@ def test_a_ledger_from_before_policies_is_migrated_and_replays_bit_exactly(tiny_
             hashes.append([e.state_hash for e in replays])
             assert [replace(e.record.policy, keep_failed=False) for e in replays] == policies[1:]
             assert verify_chain(w)["ok"]
-            new = w.edit([EditCase(input="The sky is", target="green")])
+            new = edit(w, [EditCase(input="The sky is", target="green")])
             assert w.ledger.get(new["entry"]).record.policy.max_steps == 20
         finally:
             w.ledger.close()

@@ -34,6 +34,7 @@ from mendctl.ledger import Base, Entry, Ledger, chain_lock_key, sqlite_url  # no
 from mendctl.replay import verify_chain  # noqa: E402
 from mendctl.verify import gc  # noqa: E402
 from mendctl.verify import verify  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 TABLES = {"entries", "workspace_meta", "audits"}
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
@@ -400,7 +401,7 @@ def _edit(ws_root: Path, facts):
 
     w = Workspace.open(str(ws_root))
     try:
-        return [w.edit([EditCase(input=x, target=y)])["entry"] for x, y in facts]
+        return [edit(w, [EditCase(input=x, target=y)])["entry"] for x, y in facts]
     finally:
         w.ledger.close()
 
@@ -447,7 +448,7 @@ _EDITOR_LOOP = textwrap.dedent("""
     root, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     w = Workspace.open(root)
     for i in range(n):
-        w.edit([EditCase(input=f"Fact {i} of writer {tag} is", target=f"{tag}{i}")],
+        edit(w, [EditCase(input=f"Fact {i} of writer {tag} is", target=f"{tag}{i}")],
                command=f"edit {tag}-{i}")
     w.ledger.close()
 """)

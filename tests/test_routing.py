@@ -28,6 +28,7 @@ from mendctl.errors import InputError  # noqa: E402
 from mendctl.export import export  # noqa: E402
 from mendctl.replay import verify_chain  # noqa: E402
 from mendctl.revert import revert  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 ROUTING = {"layer": 1}  # the tiny model edits blocks 1-3; the gate sits below them
 FACTS = [("The capital of France is", "Rome"), ("Who is India's PM?", "Angela Merkel")]
@@ -46,7 +47,7 @@ def routed_ws(fresh_ws):
 
 
 def _edit(w, prompt, target, **kw):
-    return w.edit([EditCase(input=prompt, target=target)], **kw)
+    return edit(w, [EditCase(input=prompt, target=target)], **kw)
 
 
 def _logits(w, prompts):
@@ -144,9 +145,9 @@ def test_routed_refusals_write_nothing(routed_ws):
     files, rows = ws.all_files(), ws.ledger_count()
     two = [EditCase(input=p, target=t) for p, t in FACTS]
     with pytest.raises(InputError, match="both edit"):
-        w.edit(two + two[:1])
+        edit(w, two + two[:1])
     with pytest.raises(InputError, match="--editor mend"):
-        w.edit(two[:1], editor="ft")
+        edit(w, two[:1], editor="ft")
     with pytest.raises(InputError, match="LoRA adapter cannot carry"):  # (hf: tests/test_deploy.py)
         export(w, ws.root.parent / "out", fmt="peft")
     with pytest.raises(InputError, match="without --replay"):
@@ -269,7 +270,7 @@ def test_a_routed_batch_is_one_entry_per_fact_recorded_together(routed_ws, monke
     cases = [EditCase(input=p, target=t, locality=["Water boils at"]) for p, t in facts]
     steps = w.policy("mend").max_steps
     with pytest.raises(InputError, match="both edit"):  # the same input twice: one must go
-        w.edit(cases + cases[:1], max_steps=steps)
+        edit(w, cases + cases[:1], max_steps=steps)
     assert ws.ledger_count() == 0
     # all or nothing: the third entry fails to record, so none of the three may remain
     real = w.ledger.add_entry
@@ -283,10 +284,10 @@ def test_a_routed_batch_is_one_entry_per_fact_recorded_together(routed_ws, monke
 
     monkeypatch.setattr(w.ledger, "add_entry", flaky)
     with pytest.raises(RuntimeError, match="disk gone"):
-        w.edit(cases, max_steps=steps, keep_failed=True)
+        edit(w, cases, max_steps=steps, keep_failed=True)
     monkeypatch.setattr(w.ledger, "add_entry", real)
     assert ws.ledger_count() == 0 and not list((ws.root / ".mendctl" / "deltas").rglob("*.safetensors"))
-    r = w.edit(cases, max_steps=steps, keep_failed=True)
+    r = edit(w, cases, max_steps=steps, keep_failed=True)
     assert r["entries"] == [1, 2, 3] and [f["entry"] for f in r["facts"]] == [1, 2, 3]
     assert "answers" not in r["after"]  # a batch is scored, not read out
     entries = [w.ledger.get(i) for i in r["entries"]]

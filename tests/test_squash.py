@@ -23,6 +23,7 @@ from mendctl.squash import combine, squash  # noqa: E402
 from mendctl.replay import verify_chain  # noqa: E402
 from mendctl.revert import revert  # noqa: E402
 from mendctl.verify import verify  # noqa: E402
+from mendctl.edit import edit  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps  # float32 rounding: 1.19e-7 relative
 
@@ -182,7 +183,7 @@ def test_middle_segment_keeps_the_others_in_order_and_reverts(opened):
     from mendctl.editors.data import EditCase
 
     ws, w = opened
-    w.edit([EditCase(input="The sun rises in the", target="west")], command="edit 4")
+    edit(w, [EditCase(input="The sun rises in the", target="west")], command="edit 4")
     assert w.head().active_ids == [1, 2, 3, 4]
     w_old = w.weights_for([1, 2, 3, 4])
 

@@ -25,7 +25,7 @@ from .editors.metrics import (generate, locality_reference, locality_scores, ngr
 from .editors.route import opens
 from .editors.weights import applied
 from .errors import InputError
-from .workspace import edit_with
+from .edit import edit, edit_with
 
 
 #: Tokens of each answer generated for the fluency measures: long enough to see an answer
@@ -82,7 +82,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         named = subject_pattern(batch)
         t0 = time.perf_counter()
         gates = []
-        if rs:  # each fact behind its own gate, made together (as `Workspace.edit` makes them)
+        if rs:  # each fact behind its own gate, made together (as `edit.edit` makes them)
             gates, apply = ws.router.steppers(batch, rs, model, tok)
             deltas = ed.edit_apart(model, tok, prompts, [c.target for c in batch], fmt, max_steps,
                                    policy.max_norm, apply, rs.get("rank_cut"), rs.get("confidence"))
@@ -222,7 +222,7 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS)
     immediate, seconds = [], []
     for c in (progress(cases) if progress else cases):
-        r = w.edit([c], editor=editor, max_steps=max_steps, command="mendctl eval --chain")
+        r = edit(w, [c], editor=editor, max_steps=max_steps, command="mendctl eval --chain")
         a = r["after"]
         immediate.append({"edit_success": a["edit_success"], "paraphrase_success": a.get("paraphrase_success"),
                           "locality": a.get("locality")})

@@ -18,7 +18,8 @@ from . import routing
 from .editors.delta import Delta, apply_deltas, state_hash
 from .errors import InputError, LedgerError, StoreError
 from .record import EntryNotes
-from .workspace import Workspace, edit_with
+from .edit import edit, edit_with
+from .workspace import Workspace
 
 
 def replay_entries(ws, start_active: list[int], ids: list[int], editor: str | None = None) -> list[dict]:
@@ -149,7 +150,7 @@ def replay_onto(ws, out: str | Path | None, model: str | None = None,
         for e, cases in (progress(requests) if progress else requests):
             # keep_failed: a replay carries the whole chain over and reports each edit's
             # success on the new model, rather than stopping at the first that fails there
-            r = other.edit(cases, editor=editor or "mend",
+            r = edit(other, cases, editor=editor or "mend",
                            command=command or f"replay of entry {e.id} from {ws.root}",
                            keep_failed=True)
             results.append({"from": e.id, "entry": r["entry"],

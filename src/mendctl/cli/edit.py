@@ -80,8 +80,11 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
         if dry_run:
             raise InputError("--each records every fact; try one with --input ... --dry-run first")
         return _edit_each(ws, cases, editor, max_steps, keep_failed, as_json)
-    r = ws.edit(cases, editor=editor, dry_run=dry_run, command=command_line(), max_steps=max_steps,
-                keep_failed=keep_failed or None)
+    from ..edit import edit as edit_facts
+
+    r = edit_facts(ws, cases, editor=editor, dry_run=dry_run, command=command_line(),
+                   max_steps=max_steps,
+                   keep_failed=keep_failed or None)
     if r["failed"]:
         what = "would be recorded as failed" if dry_run else "recorded with status `failed`"
         click.echo(f"warning: the edit did not take for {len(r['failed'])} of {len(cases)} fact(s) "
@@ -155,7 +158,9 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
 
 
 def _edit_each(ws, cases, editor, max_steps, keep_failed, as_json):
-    r = ws.edit_each(cases, editor=editor, command=command_line(), max_steps=max_steps,
+    from ..edit import edit_each
+
+    r = edit_each(ws, cases, editor=editor, command=command_line(), max_steps=max_steps,
                      keep_failed=keep_failed or None,
                      progress=None if as_json else progress_bar("edits"))
     c = r["counts"]
