@@ -41,8 +41,8 @@ def probe(ws, cases: list[EditCase], answers: bool = True) -> dict:
            "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
            "paraphrase_holds": _per_case(cases, pok, attr="paraphrases")}
     if answers:
-        gen = ws.generate_answers(prompts + para_p, max(8, max(len(lm.tokenizer(t).input_ids)
-                                                          for t in targets) + 4))
+        longest = max(len(lm.tokenizer(t).input_ids) for t in targets)
+        gen = ws.generate_answers(prompts + para_p, max(8, longest + 4))
         own = gen[: len(prompts)]
         out.update(answers=own, paraphrase_answers=gen[len(prompts):],
                    fluency=sum(map(ngram_entropy, own)) / len(own),
@@ -56,8 +56,9 @@ def edit(ws, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
     """Make one edit of `cases` on the head and record it. An edit after which a target
     is not the model's answer (edit success < 1) is refused with EditFailed and nothing is
     recorded, unless `keep_failed` (then it is recorded with status `failed`). `max_steps`
-    and `keep_failed` override the workspace's policy (`policy`: None keeps it). `before_answers=False` skips generating the answers before the edit (the
-    report then has the scores only: `edit --each` shows no answers).
+    and `keep_failed` override the workspace's policy (None keeps it). `before_answers=False`
+    skips generating the answers before the edit (the report then has the scores only:
+    `edit --each` shows no answers).
 
     Several cases make one batched edit. A plain weight edit of them is one delta and one
     entry. Routed (the default), each fact needs its own gate and so its own delta: they

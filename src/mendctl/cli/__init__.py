@@ -1,9 +1,9 @@
 """The `mendctl` command line: click only.
 
-Each command parses its options, calls the library (mostly `Workspace`), and prints a table or,
-with --json, one JSON object. Library errors (MendctlError, DataError) become one clear
-`error: ...` line on stderr and a non-zero exit; nothing else is caught, so bugs keep their
-traceback.
+Each command parses its options, opens the workspace, calls one operation of the library, and
+prints a table or, with --json, one JSON object. Library errors (MendctlError, DataError) become
+one clear `error: ...` line on stderr and a non-zero exit; nothing else is caught, so bugs keep
+their traceback.
 
 This package holds the `main` group; the commands live in modules by concern (workspace, edit,
 export, evaluate, train), and what they share (error handling, --json, --editor) in common.
