@@ -251,6 +251,18 @@ def test_ledger_from_a_newer_schema_is_refused(fresh_ws: Ws):
 
 
 # -- revert and replay ----------------------------------------------------------------------------
+def test_exact_revert_of_an_earlier_edit_writes_no_delta(chain, tmp_path):
+    """An exact revert with later edits recomputes them only to measure the gap: it records
+    one entry and no delta file (no orphan for `verify` to report)."""
+    ws = clone_workspace(chain.ws, tmp_path / "ws")
+    files = set(ws.delta_files())
+    r = ws.ok("revert", "1", "--json").json()
+    assert r["mode"] == "exact" and r["entries"] == [4] and r["gap"]["later_edits"] == 2
+    assert set(ws.delta_files()) == files
+    v = ws.ok("verify", "--json").json()
+    assert v["ok"] and v["orphans"] == []
+
+
 @IN_AND_OUT_OF_PROCESS
 def test_revert_exact_then_by_replay_and_replay_verify(chain, tmp_path, process):
     ws = clone_workspace(chain.ws, tmp_path / "ws")

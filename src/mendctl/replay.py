@@ -1,7 +1,7 @@
 """`mendctl replay`: re-making a chain's edits, and checking its states.
 
 - `replay_entries` recomputes recorded edits in order on another state, each with the policy it
-  was made with (policy.recorded), a squash as the edits it combined; `record_replays` records
+  was made with (its entry's `record.policy`), a squash as the edits it combined; `record_replays` records
   them as `replay` entries inside the caller's recording (revert --replay, replay --editor);
 - `verify_chain` (`replay --verify`) rebuilds every state from the base and the deltas, one
   delta at a time where the active list only grew, and compares each with its recorded hash;
@@ -15,10 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import routing
+from .edit import edit, edit_with
 from .editors.delta import Delta, apply_deltas, state_hash
 from .errors import InputError, LedgerError, StoreError
 from .record import EntryNotes
-from .edit import edit, edit_with
 from .workspace import Workspace
 
 

@@ -55,7 +55,8 @@ def revert(ws, entry_id: int, replay: bool = False, command: str | None = None) 
         replayed = [] if routed_here else replay_entries(ws, keep, later)
         gap = routed_gap(ws, w_exact, exact_hash, routed_, later) if routed_here and later \
             else exact_replay_gap(ws, w_exact, replayed[-1]["weights"] if replayed else w_exact, later)
-        with ws.recorder.recording([r["delta"] for r in replayed]) as (s, staged):
+        # (an exact revert records no delta: the replayed ones only measured the gap)
+        with ws.recorder.recording([r["delta"] for r in replayed] if replay else []) as (s, staged):
             rev = ws.ledger.add_entry(
                 session=s, kind="revert", parent_id=head.id, reverts_id=entry_id,
                 **ws.provenance(command), inputs=list(target.inputs),
@@ -67,7 +68,7 @@ def revert(ws, entry_id: int, replay: bool = False, command: str | None = None) 
             ids = [rev.id]
             if replay:
                 ids += record_replays(ws, s, rev.id, list(keep), replayed, staged, command,
-                                            {"reverted": entry_id})
+                                      {"reverted": entry_id})
     ws.forget_loaded_state()
     return {"reverted": entry_id, "mode": "replay" if replay else "exact", "entries": ids,
             "state_hash": exact_hash if not replay else (replayed[-1]["hash"] if replayed else exact_hash),
