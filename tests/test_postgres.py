@@ -443,13 +443,14 @@ _EDITOR_LOOP = textwrap.dedent("""
     import sys
     import torch
     torch.set_num_threads(1)
+    from mendctl.edit import edit
     from mendctl.editors.data import EditCase
     from mendctl.workspace import Workspace
     root, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     w = Workspace.open(root)
     for i in range(n):
         edit(w, [EditCase(input=f"Fact {i} of writer {tag} is", target=f"{tag}{i}")],
-               command=f"edit {tag}-{i}")
+             command=f"edit {tag}-{i}")
     w.ledger.close()
 """)
 
