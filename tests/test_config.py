@@ -49,6 +49,9 @@ def test_every_key_is_declared_once_with_its_help_and_types():
     ({"edit_weights": ["re:("]}, ["bad regular expression"]),
     ({"edit_weights": [3]}, ["list of strings"]),
     (["a", "b"], ["mapping"]),
+    ({"routing": {"confidence": 1.5}}, ["`routing`", "confidence", "probability in (0, 1)"]),
+    ({"routing": {"contexts": "The following is true. "}}, ["`routing`", "contexts", "list of"]),
+    ({"routing": {"contexts": ["  "]}}, ["`routing`", "contexts", "non-empty prefixes"]),
 ])
 def test_bad_config_names_key_and_file(data, words):
     with pytest.raises(ConfigError) as e:
@@ -64,6 +67,15 @@ def test_bad_yaml_names_line(tmp_path):
     p.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config_mod.load(p)
+
+
+def test_routing_contexts_default_and_none():
+    """`routing: true` learns each edit under the shipped contexts; `contexts: []` or null
+    under none (the prompt alone, as entries made before the setting were)."""
+    assert config_mod.parse({"routing": True}, "f").routing["contexts"] == \
+        config_mod.ROUTING_DEFAULTS["contexts"] != []
+    for none in ([], None):
+        assert config_mod.parse({"routing": {"contexts": none}}, "f").routing["contexts"] == []
 
 
 def test_edit_weights_accepts_a_single_string():

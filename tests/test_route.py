@@ -13,7 +13,7 @@ from mendctl.editors.mend.editor import MendConfig, MendEditor
 from mendctl.editors.metrics import target_scores
 from mendctl.editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_keys, gate_space, gates, open_at_end, opens,
                                    routed, word_gates)
-from mendctl.editors.text import encode_prompts
+from mendctl.editors.text import encode_pairs, encode_prompts
 from mendctl.editors.weights import applied, select_weights
 
 LAST_MLP_OUT = {"llama": "model.layers.3.mlp.down_proj.weight", "gpt2": "transformer.h.3.mlp.c_proj.weight"}
@@ -265,7 +265,7 @@ def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):
     """`open_rows` (what the routed health check uses to re-score only the prompts a new edit
     can touch) agrees with `routed` itself: a row it calls closed is unchanged bit for bit."""
     from mendctl.editors.route import open_rows
-    from mendctl.editors.text import encode_prompts
+    from mendctl.editors.text import encode_pairs, encode_prompts
 
     space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
     gate = edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3"))
@@ -418,4 +418,83 @@ def test_confidence_keeps_the_last_argmax_delta_when_a_step_overshoots(tiny_llam
     for name, layer in one.layers.items():
         assert torch.equal(kept.layers[name].to_dense(), layer.to_dense())
     with apply([(0, kept)]):
+        assert target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[0] == [True]
+
+
+def _gated_apply(tiny_llama, tiny_tokenizer, gate, space):
+    def apply(items):
+        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
+                      tokenizer=tiny_tokenizer)
+    return apply
+
+
+def test_contexts_add_each_wordings_first_step(tiny_llama, tiny_tokenizer):
+    """`edit_apart(contexts=[c])`: the first step takes the fact's gradient on the prompt and on
+    c + prompt, and the networks act on each token's row alone, so the step's ΔW is the sum of
+    the steps each wording takes alone (float32 rounding of the larger padded batch: a few
+    hundred ulps of the largest entry at most). (A step that makes the fact hold: one that
+    does not would be made again without contexts.)"""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.5)
+    apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
+    prompt, ctx = fact_prompt("s3"), "where the red tree is blue . "
+    (both,) = editor.edit_apart(tiny_llama, tiny_tokenizer, [prompt], ["c7"], max_steps=1,
+                                apply=apply, contexts=[ctx])
+    (alone,) = editor.edit_apart(tiny_llama, tiny_tokenizer, [prompt], ["c7"], max_steps=1, apply=apply)
+    (in_ctx,) = editor.edit_apart(tiny_llama, tiny_tokenizer, [ctx + prompt], ["c7"], max_steps=1,
+                                  apply=apply)
+    assert "contexts" not in both.meta  # it held: kept as made
+    assert both.meta["edit_loss_before"] == alone.meta["edit_loss_before"]  # the prompt's own
+    for name, layer in alone.layers.items():
+        want = layer.to_dense() + in_ctx.layers[name].to_dense()
+        got = both.layers[name].to_dense()
+        assert (in_ctx.layers[name].to_dense()).abs().max() > 0
+        assert (got - want).abs().max() <= 512 * EPS32 * want.abs().max()
+
+
+def test_contexts_act_in_the_first_step_only(tiny_llama, tiny_tokenizer):
+    """Later steps take the prompt alone: with the steps after the first made by a hook that
+    records the rows it is given, every later step has the prompt's rows only."""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.01)
+    apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
+    real, rows = editor._eval_factors, []
+
+    def counting(pairs):
+        rows.append(next(iter(pairs.values()))[0].shape[0])
+        return real(pairs)
+
+    editor._eval_factors = counting
+    prompt, target = fact_prompt("s3"), "c7 c2 c4"
+    editor.edit_apart(tiny_llama, tiny_tokenizer, [prompt], [target], max_steps=3, apply=apply,
+                      contexts=["where the red tree is blue . "])
+    ctx = "where the red tree is blue . "
+    n_alone, n_both = (int(encode_pairs(tiny_tokenizer, ps, [target] * len(ps)).attention_mask.sum())
+                       for ps in ([prompt], [prompt, ctx + prompt]))
+    assert len(rows) >= 2, rows
+    assert rows[0] == n_both and all(r == n_alone for r in rows[1:]), (rows, n_alone, n_both)
+
+
+def test_a_fact_that_fails_under_contexts_is_made_again_without(tiny_llama, tiny_tokenizer):
+    """A fact whose steps under contexts run out with its target not the argmax (and no step
+    under which it was) is made again without them: its delta is then the one the prompt
+    alone gives, bit for bit, and says so (`contexts: dropped`)."""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.5)
+    apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
+    args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
+    (plain,) = editor.edit_apart(*args, max_steps=1, apply=apply)
+    real, made = editor.delta_from_factors, []
+
+    def wrong_way(factors, meta):  # the (only) step under contexts ruins the fact
+        d = real(factors, meta)
+        made.append(d)
+        if len(made) == 1:
+            for layer in d.layers.values():
+                layer.d.mul_(-50.0)
+        return d
+
+    editor.delta_from_factors = wrong_way
+    (d,) = editor.edit_apart(*args, max_steps=1, apply=apply, contexts=["where the red tree is blue . "])
+    assert len(made) == 2 and d.meta["contexts"] == "dropped" and d.meta["edit_steps"] == "1"
+    for name, layer in plain.layers.items():
+        assert torch.equal(d.layers[name].to_dense(), layer.to_dense())
+    with apply([(0, d)]):
         assert target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[0] == [True]

@@ -52,12 +52,14 @@ as a checkpoint plus its routes (`mendctl.load_edited`), not as a PEFT adapter, 
 squashed. false makes plain weight edits (the settings below then apply).
 true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
 margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true, rank_cut: 0.05,
-confidence: 0.75} (margin: open only the gates scoring within it of the best; alpha: the step
-as a multiple of the editor's as-trained α; stop: an edit stops acting once its answer is
-written, so it does not repeat it; rank_cut: each edit's ΔW keeps the directions above that
-fraction of its largest, a third of the storage at the same scores; confidence: an edit steps
-until every target token has at least this probability, which carries it to more rephrasings;
-null stops at the argmax). Entries keep the settings they were made with."""
+confidence: 0.75, contexts: ["The following is true. ", "I read that "]} (margin: open only
+the gates scoring within it of the best; alpha: the step as a multiple of the editor's
+as-trained α; stop: an edit stops acting once its answer is written, so it does not repeat it;
+rank_cut: each edit's ΔW keeps the directions above that fraction of its largest, a third of
+the storage at the same scores; confidence: an edit steps until every target token has at
+least this probability, which carries it to more rephrasings; null stops at the argmax;
+contexts: prefixes under which an edit's first step also learns the fact, which carries it to
+far more rephrasings; [] for none). Entries keep the settings they were made with."""
 
 
 MAX_STEPS = 50  # MEND steps one edit may take
@@ -68,12 +70,13 @@ MAX_STEPS = 50  # MEND steps one edit may take
 #: margin in its step size: the gate keeps it off unrelated inputs); `rank_cut` was chosen on
 #: 30 test and 30 real-world edits (bench/routed_settings.py --key rank_cut: the same scores as
 #: no cut at a third of the bytes), `confidence` on 30 heldout, test and real-world edits each
-#: (bench/routed_settings.py --key confidence: more paraphrases at little locality cost). The
+#: (bench/routed_settings.py --key confidence: more paraphrases at little locality cost), and
+#: `contexts` the same way (--key contexts: paraphrase success 0.49 → 0.8+ on test). The
 #: gate values are editors.route's GATE_LAYER, DISTINCT and TAU (a test keeps them equal; this
 #: module stays free of torch).
 ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
                     "alpha": 1.0, "max_steps": 5, "stop": True, "rank_cut": 0.05,
-                    "confidence": 0.75}
+                    "confidence": 0.75, "contexts": ["The following is true. ", "I read that "]}
 
 
 def routing_settings(value) -> dict | None:
@@ -103,6 +106,9 @@ def routing_settings(value) -> dict | None:
         and 1 <= s["max_steps"] <= MAX_STEPS,
         "rank_cut": s["rank_cut"] is None or (_number(s["rank_cut"]) and 0 < s["rank_cut"] < 1),
         "confidence": s["confidence"] is None or (_number(s["confidence"]) and 0 < s["confidence"] < 1),
+        "contexts": s["contexts"] is None or (isinstance(s["contexts"], list) and len(s["contexts"]) <= 8
+                                              and all(isinstance(c, str) and c.strip() and len(c) <= 200
+                                                      for c in s["contexts"])),
     }
     for key, ok in checks.items():
         if not ok:
@@ -116,9 +122,12 @@ def routing_settings(value) -> dict | None:
                 "alpha": "use a number > 0 (1: the editor's as-trained step)",
                 "max_steps": f"use 1 to {MAX_STEPS}",
                 "rank_cut": "use a fraction in (0, 1), or null to keep every direction",
-                "confidence": "use a probability in (0, 1), or null to stop at the argmax"}[key])
+                "confidence": "use a probability in (0, 1), or null to stop at the argmax",
+                "contexts": "use a list of at most 8 non-empty prefixes of ≤ 200 characters, "
+                            "or [] for none"}[key])
     for key in ("distinct", "tau", "alpha", "margin", "rank_cut", "confidence"):
         s[key] = None if s[key] is None else float(s[key])
+    s["contexts"] = list(s["contexts"] or [])
     return s
 
 

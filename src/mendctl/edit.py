@@ -162,7 +162,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
         protect = None
         deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
                                [c.target for c in cases], ws.fmt, max_steps, max_norm, apply,
-                               rs.get("rank_cut"), rs.get("confidence"))
+                               rs.get("rank_cut"), rs.get("confidence"),
+                               rs.get("contexts"))
         parts = [([i], d) for i, d in enumerate(deltas)]
     else:
         gates = []

@@ -85,7 +85,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         if rs:  # each fact behind its own gate, made together (as `edit.edit` makes them)
             gates, apply = ws.router.steppers(batch, rs, model, tok)
             deltas = ed.edit_apart(model, tok, prompts, [c.target for c in batch], fmt, max_steps,
-                                   policy.max_norm, apply, rs.get("rank_cut"), rs.get("confidence"))
+                                   policy.max_norm, apply, rs.get("rank_cut"), rs.get("confidence"),
+                                   rs.get("contexts"))
             ctx = apply(list(enumerate(deltas)))
         else:
             max_norm = ws.policy(editor, len(batch), max_steps).max_norm  # (a short last batch)

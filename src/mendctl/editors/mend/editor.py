@@ -193,7 +193,8 @@ class MendEditor(nn.Module):
     def edit_apart(self, model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
                    fmt: str = "raw", max_steps: int = 1, max_norm: float | None = None,
                    apply=None, rank_cut: float | None = None,
-                   confidence: float | None = None) -> list[Delta]:
+                   confidence: float | None = None,
+                   contexts: list[str] | None = None) -> list[Delta]:
         """Many facts edited together, each into a delta of its own (routed edits: each fact
         goes behind its own gate, so each needs its own ΔW).
 
@@ -217,7 +218,17 @@ class MendEditor(nn.Module):
         gate keeps it off other inputs (docs/results.md, confident routed edits). A fact whose
         steps run out before it is that sure, and whose last step overshot (its target no
         longer the argmax), keeps the delta of its last step under which the target was the
-        argmax: a confident edit is never worse than one stopped at the argmax."""
+        argmax: a confident edit is never worse than one stopped at the argmax.
+
+        `contexts` are prefixes under which the first step also takes each fact's gradient
+        (the prompt behind each of them, besides the prompt alone: one row per wording, all
+        the fact's rows summed into its ΔW), as ROME, MEMIT and WISE average over random
+        prefixes: an edit learned from one wording keys on that wording's last position, and
+        one learned under several contexts carries to many more rephrasings (docs/results.md,
+        edits in context). Later steps take the prompt alone, which keeps the steps that
+        finish the edit from overshooting. A fact whose steps run out with its target not the
+        argmax (and no earlier step under which it was) is made again without contexts, so
+        an edit never fails that would have held without them."""
         t0 = time.perf_counter()
         if apply is None:
             def apply(items):
@@ -235,26 +246,31 @@ class MendEditor(nn.Module):
         held: list[tuple[Delta, int, int] | None] = [None] * n
         todo, back = list(range(n)), []
         for step in range(1, max_steps + 1):
-            batch = encode_pairs(tokenizer, [prompts[i] for i in todo], [targets[i] for i in todo],
-                                 fmt).to(device)
+            # the rows of this step: (fact, prefix); the first step also under the contexts
+            variants = [""] + list(contexts or []) if step == 1 else [""]
+            k = len(variants)
+            rows = [(i, c) for i in todo for c in variants]
+            batch = encode_pairs(tokenizer, [c + prompts[i] for i, c in rows],
+                                 [targets[i] for i, _ in rows], fmt).to(device)
             made = [(i, d) for i, d in enumerate(deltas) if d is not None]
             with apply(made) if made else nullcontext():
                 # from the second step on the forward also says which facts hold already
                 pairs, losses, *hits = capture_edit_gradients(model, self.specs, batch,
                                                               success=step > 1, per_example=True,
                                                               confidence=confidence)
-            ok, argmax = hits if hits else ([False] * len(todo), [False] * len(todo))
+            ok, argmax = hits if hits else ([False] * len(rows), [False] * len(rows))
             for row, i in enumerate(todo):
-                if argmax[row] and confidence is not None:
+                if argmax[row * k] and confidence is not None:
                     held[i] = (deltas[i], steps[i], len(scales[i]))
-            for i, loss in zip(todo, losses):
-                first[i] = loss if first[i] is None else first[i]
+                first[i] = losses[row * k] if first[i] is None else first[i]
             if pairs is None:  # every fact holds
                 break
-            owner = pair_owners(batch.attention_mask).to(self.alpha.device)
+            # the fact each (u, δ) row belongs to (a row per token of each of its wordings)
+            owner = torch.div(pair_owners(batch.attention_mask), k,
+                              rounding_mode="floor").to(self.alpha.device)
             # the networks act row by row: one call for the facts still stepping, none for
             # the rows of facts that hold already
-            keep = torch.isin(owner, torch.tensor([r for r, hit in enumerate(ok) if not hit],
+            keep = torch.isin(owner, torch.tensor([r for r, _ in enumerate(todo) if not ok[r * k]],
                                                   device=owner.device))
             owner = owner[keep]
             pairs = {name: (u.to(self.alpha.device)[keep], d.to(self.alpha.device)[keep])
@@ -262,7 +278,7 @@ class MendEditor(nn.Module):
             factors = self._eval_factors(pairs)
             still = []
             for row, i in enumerate(todo):
-                if ok[row]:
+                if ok[row * k]:
                     continue
                 mine = owner == row
                 f = {name: (pu[mine], pd[mine], a) for name, (pu, pd, a) in factors.items()}
@@ -282,15 +298,30 @@ class MendEditor(nn.Module):
             if not todo:
                 break
         else:  # the steps ran out: did the last step of a fact still stepping overshoot?
-            back = [i for i in todo if held[i] is not None]
+            back = [i for i in todo if held[i] is not None or contexts]
+        redo = []
         if back:
             with apply([(i, d) for i, d in enumerate(deltas)]):
                 hit = edit_success(model, tokenizer, [prompts[i] for i in back],
                                    [targets[i] for i in back], fmt)
             for i, h in zip(back, hit):
-                if not h:
-                    deltas[i], steps[i], k = held[i]
-                    scales[i] = scales[i][:k]
+                if h:
+                    continue
+                if held[i] is not None:
+                    deltas[i], steps[i], n_scales = held[i]
+                    scales[i] = scales[i][:n_scales]
+                elif contexts:
+                    redo.append(i)
+        if redo:  # made again without contexts, the other facts' deltas acting as they will
+            others = [(i, d) for i, d in enumerate(deltas) if i not in redo]
+            again = self.edit_apart(
+                model, tokenizer, [prompts[i] for i in redo], [targets[i] for i in redo], fmt,
+                max_steps, max_norm, lambda items: apply(others + [(redo[j], d) for j, d in items]),
+                rank_cut, confidence)
+            for i, d in zip(redo, again):
+                deltas[i], steps[i] = d, int(d.meta["edit_steps"])
+                scales[i] = [float(d.meta["norm_scale"])] if "norm_scale" in d.meta else []
+                d.meta["contexts"] = "dropped"
         seconds = time.perf_counter() - t0
         out = []
         for i, d in enumerate(deltas):
