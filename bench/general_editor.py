@@ -17,6 +17,7 @@ Usage: python bench/general_editor.py [--editor default --editor DIR ...] [--cas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -37,8 +38,28 @@ KEYS = ["edit_success", "paraphrase_success", "locality", "locality_neighbour", 
 
 def cases_of(name: str, n: int):
     if name == "real":
-        return read_cases(REAL)[:n]
+        return with_neighbours(read_cases(REAL))[:n]
     return load_split(name)[:n]
+
+
+def with_neighbours(cases):
+    """The real-world cases, each with a neighbour locality prompt besides its unrelated
+    question: its own input about the next case of the same kind whose subject it names
+    ("Who is the president of France?" → "... of Russia?"), which an edit must leave alone.
+    Locality kinds as the bundled data labels them: `neighbour`, and `other` for the file's
+    unrelated question."""
+    out = []
+    for i, c in enumerate(cases):
+        subject, kind = c.meta.get("subject"), c.meta.get("kind")
+        loc, kinds = list(c.locality), ["other"] * len(c.locality)
+        if subject and subject in c.input:
+            others = [x for x in cases[i + 1:] + cases[:i]
+                      if x.meta.get("kind") == kind and x.meta.get("subject") not in (None, subject)]
+            if others:
+                loc.append(c.input.replace(subject, others[0].meta["subject"]))
+                kinds.append("neighbour")
+        out.append(dataclasses.replace(c, locality=loc, meta={**c.meta, "locality_kinds": kinds}))
+    return out
 
 
 def main():

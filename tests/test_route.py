@@ -13,6 +13,7 @@ from mendctl.editors.mend.editor import MendConfig, MendEditor
 from mendctl.editors.metrics import target_scores
 from mendctl.editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_keys, gate_space, gates, open_at_end, opens,
                                    routed, word_gates)
+from mendctl.editors import route
 from mendctl.editors.text import encode_pairs, encode_prompts
 from mendctl.editors.weights import applied, select_weights
 
@@ -498,3 +499,41 @@ def test_a_fact_that_fails_under_contexts_is_made_again_without(tiny_llama, tiny
         assert torch.equal(d.layers[name].to_dense(), layer.to_dense())
     with apply([(0, d)]):
         assert target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[0] == [True]
+
+
+def _space_with_words(words: str) -> GateSpace:
+    return GateSpace(3, torch.zeros(4), torch.ones(4), torch.zeros(0, 4), frozenset(),
+                     frozenset(words.split()))
+
+
+@pytest.mark.parametrize("prompt, names", [
+    ("Who is the president of France?", ("France",)),   # not the relation's words
+    ("Who is India's PM?", ("India",)),                  # a lone acronym beside a name goes
+    ("Who is the CEO of Apple?", ("Apple",)),
+    ("What is MQL's file extension?", ("MQL",)),         # alone, it is the subject
+    ("APA Corporation is a member of the", ("APA", "Corporation")),  # part of a name
+    ("Hamlet was written by", ("Hamlet",)),              # the first word, alone: the subject
+    ("Geographers place Guatemala in", ("Guatemala",)),  # the first word beside a name goes
+    ("Q: Who wrote Hamlet? A:", ("Hamlet",)),            # one letter is never a name
+    ("The President of Sir Frank Burnet's country is", ("Sir", "Frank", "Burnet")),
+    ("What happened in 1969?", ("1969",)),
+    ("what is the capital of the country", ()),          # names nothing: the distinct gate
+])
+def test_subject_words_are_the_names_a_prompt_holds(prompt, names):
+    """`subject_words`: the capitalised (or numbered) words no bank prompt uses as an ordinary
+    lowercase word, without question words, single letters, and, beside another name, a lone
+    acronym or a lone first word."""
+    space = _space_with_words("the The of is was by who what a in president capital country "
+                              "member file extension wrote place written happened")
+    assert route.subject_words(prompt, space) == names
+
+
+def test_word_gates_of_a_folded_gate_match_in_any_case():
+    """A gate whose name opened its prompt ("Silver's symbol is") matches its words in any
+    case (`fold`: "the symbol of silver"); other gates match only as written, so an edit of
+    "Apple" does not open on "an apple"."""
+    index = route.WordIndex([("Silver",), ("Apple",)], [True, False])
+    assert set(index.opened("the symbol of silver is")) == {0}
+    assert set(index.opened("Silver and an apple are")) == {0}
+    assert set(index.opened("SILVER and Apple are")) == {0, 1}
+    assert route.WordIndex([("Silver",)]).opened("the symbol of silver is") == {}

@@ -78,7 +78,8 @@ def test_routed_edits_are_hooks_recorded_with_their_gate(routed_ws):
     assert head.active_ids == [1, 2] and w.routed_ids(head.active_ids) == [1, 2]
     for r, e in zip(reports, [w.ledger.get(1), w.ledger.get(2)]):
         rt = e.record.routing
-        assert rt["layer"] == 1 and rt["tau"] == route.TAU and rt["gate_keys"] >= 1
+        # (a subject the bank knows opens its gate by its words alone: no state key)
+        assert rt["layer"] == 1 and rt["tau"] == route.TAU and rt["gate_keys"] + len(rt["gate_words"]) >= 1
         assert rt["gate_sha256"] == r["routing"]["gate_sha256"]
         assert r["protect"]["on"] is False and r["preserve"]["cut"] is None
     # the weights are the base's; the state's hash is not (it covers the routed deltas)
@@ -335,14 +336,20 @@ def test_routed_edits_on_the_real_model(tmp_path):
         return [a["answer"] for a in out["answers"]]
 
     subprocess.run([sys.executable, "-m", "mendctl", "init", "--routed", str(tmp_path / "ws")], check=True)
-    base = ask(*UNRELATED)
+    # the same relation about other subjects: the gate keys on the subject ("India"), not on
+    # the relation's words, so these are left alone too
+    neighbours = ["Who is the prime minister of Canada?", "Who is Spain's PM?"]
+    base = ask(*UNRELATED, *neighbours)
     facts = [("Who is India's PM?", "Angela Merkel"), ("The Eiffel Tower is located in", "Rome")]
+    words = []
     for p, t in facts:
         r = run("edit", "--input", p, "--target", t, "--json")
         assert r["after"]["edit_success"] == 1.0 and r["routing"]["gate_words"], r
+        words.append(r["routing"]["gate_words"])
+    assert words[0] == ["India"] and words[1] == ["Eiffel", "Tower"], words
     answers = ask(*[p for p, _ in facts])
     assert answers[0].strip().startswith("Angela") and answers[1].strip().startswith("Rome")
-    assert ask(*UNRELATED) == base
+    assert ask(*UNRELATED, *neighbours) == base
     assert "R routed" in run("log")
     run("revert", "1")
     answers = ask(*[p for p, _ in facts])

@@ -52,8 +52,10 @@ as a checkpoint plus its routes (`mendctl.load_edited`), not as a PEFT adapter, 
 squashed. false makes plain weight edits (the settings below then apply).
 true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
 margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true, rank_cut: 0.05,
-confidence: 0.75, contexts: ["The following is true. ", "I read that "]} (margin: open only
-the gates scoring within it of the best; alpha: the step as a multiple of the editor's
+confidence: 0.75, contexts: ["The following is true. ", "I read that "], keys: subject}
+(keys: what opens an edit's gate: the names its prompt holds, `subject`, or its tokens least
+like ordinary prompts, `distinct`, which may be the relation's words; margin: open only the
+gates scoring within it of the best; alpha: the step as a multiple of the editor's
 as-trained α; stop: an edit stops acting once its answer is written, so it does not repeat it;
 rank_cut: each edit's ΔW keeps the directions above that fraction of its largest, a third of
 the storage at the same scores; confidence: an edit steps until every target token has at
@@ -76,7 +78,8 @@ MAX_STEPS = 50  # MEND steps one edit may take
 #: module stays free of torch).
 ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
                     "alpha": 1.0, "max_steps": 5, "stop": True, "rank_cut": 0.05,
-                    "confidence": 0.75, "contexts": ["The following is true. ", "I read that "]}
+                    "confidence": 0.75, "contexts": ["The following is true. ", "I read that "],
+                    "keys": "subject"}
 
 
 def routing_settings(value) -> dict | None:
@@ -106,6 +109,7 @@ def routing_settings(value) -> dict | None:
         and 1 <= s["max_steps"] <= MAX_STEPS,
         "rank_cut": s["rank_cut"] is None or (_number(s["rank_cut"]) and 0 < s["rank_cut"] < 1),
         "confidence": s["confidence"] is None or (_number(s["confidence"]) and 0 < s["confidence"] < 1),
+        "keys": s["keys"] in ("subject", "distinct"),
         "contexts": s["contexts"] is None or (isinstance(s["contexts"], list) and len(s["contexts"]) <= 8
                                               and all(isinstance(c, str) and c.strip() and len(c) <= 200
                                                       for c in s["contexts"])),
@@ -123,6 +127,8 @@ def routing_settings(value) -> dict | None:
                 "max_steps": f"use 1 to {MAX_STEPS}",
                 "rank_cut": "use a fraction in (0, 1), or null to keep every direction",
                 "confidence": "use a probability in (0, 1), or null to stop at the argmax",
+                "keys": "use subject (the names the prompt holds) or distinct (its tokens least "
+                        "like ordinary prompts)",
                 "contexts": "use a list of at most 8 non-empty prefixes of ≤ 200 characters, "
                             "or [] for none"}[key])
     for key in ("distinct", "tau", "alpha", "margin", "rank_cut", "confidence"):

@@ -49,7 +49,8 @@ def _digest(t: torch.Tensor) -> str:
 def gate_digest(gate: Gate) -> str:
     """sha256 over a gate's keys, words and closing text: what an entry records and a state's
     hash covers (gates made before gates closed hash as they always did)."""
-    parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else [])
+    parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
+        + (["fold"] if gate.fold else [])  # (gates made before `fold` hash as they did)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -162,13 +163,16 @@ class Router:
         process). With `stop` in the settings (entries made before it have none) the gate
         closes once the target has been written (editors.route)."""
         until = target if s.get("stop") else None
-        key = (prompt, s["layer"], s["distinct"], s["words"], until)
+        # entries made before `keys`: the distinct tokens; a subject gate needs its words (a
+        # name the bank knows has no state key), so without words it keys on distinct tokens
+        keys = s.get("keys", "distinct") if s["words"] else "distinct"
+        key = (prompt, s["layer"], s["distinct"], s["words"], until, keys)
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
-                          distinct=s["distinct"])
-            self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until)
+                          distinct=s["distinct"], keys=keys)
+            self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until, g.fold)
         return self._gates[key]
 
     def edits(self, entries) -> list[tuple[RoutedEdit, dict]]:

@@ -137,28 +137,93 @@ def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GAT
 
 @dataclass
 class Gate:
-    """What opens one edit's gate: states near `keys`, or all of `words` in the text; and
-    what closes it: `until`, the edit's target, once written after the opening (None: never)."""
+    """What opens one edit's gate: states near `keys`, or all of `words` in the text (in any
+    case with `fold`); and what closes it: `until`, the edit's target, once written after the opening (None: never)."""
 
     keys: torch.Tensor  # (k, hidden) unit keys
     words: tuple[str, ...] = ()
     until: str | None = None
+    fold: bool = False  # the words match in any case (a name that opened its prompt)
+
+
+#: Capitalised words that are part of how a question or instruction is put, never its subject
+#: (most are also caught by the bank's lowercase words; these are the ones a bank of statements
+#: may lack).
+_NOT_NAMES = frozenset("who whom whose what which where when why how tell name list give say "
+                       "describe explain is are was were do does did the a an in on of".split())
+
+
+def subject_words(prompt: str, space: GateSpace) -> tuple[str, ...]:
+    """The words of `prompt` that name something: the words with a capital letter or a digit
+    whose lowercase form no bank prompt uses as an ordinary word ("India", "Camp", "Nou",
+    "iPhone", "1969"; not "Who", "The", "People" or "President" where the bank has
+    "president"), longer than one character (not "Q", "A", "I").
+
+    Names next to each other (only spaces between) are one name. Where the prompt has several,
+    a lone acronym goes ("India's PM" is also "the prime minister of India": beside a name an
+    acronym is mostly the relation's; "APA Corporation" keeps it), and so does a lone word
+    that opens the prompt ("Geographers place Guatemala in": sentence case capitalises it
+    either way); alone, each is the subject ("MQL", "Hamlet was written by")."""
+    ordinary = {w for w in space.words if w.islower()}
+    runs: list[list[re.Match]] = []
+    for m in _WORD.finditer(prompt):
+        w = m.group()
+        if not (len(w) > 1 and any(ch.isupper() or ch.isdigit() for ch in w)
+                and w.lower() not in ordinary and w.lower() not in _NOT_NAMES):
+            continue
+        if runs and not prompt[runs[-1][-1].end():m.start()].strip():
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+    first = _WORD.search(prompt)
+
+    def minor(run):
+        return len(run) == 1 and (run[0].group().isupper() or run[0].start() == first.start())
+
+    kept = [r for r in runs if not minor(r)] or runs
+    out = []
+    for m in (m for r in kept for m in r):
+        if m.group() not in out:
+            out.append(m.group())
+    return tuple(out)
 
 
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
-              distinct: float = DISTINCT) -> Gate:
-    """An edit's gate (see the module doc): its prompt's tokens whose nearest bank token is less
-    than `distinct` alike (at least the one least like the bank, so every edit has a key), and
-    the words holding them."""
+              distinct: float = DISTINCT, keys: str = "distinct") -> Gate:
+    """An edit's gate (see the module doc).
+
+    `keys="distinct"` (entries made before `subject` keys): the prompt's tokens whose nearest
+    bank token is less than `distinct` alike (at least the one least like the bank, so every
+    edit has a key), and the words holding them, less the bank's words. Where the subject is a
+    word the bank knows ("India", "France") and the relation's words are not ("prime",
+    "minister"), such a gate keys on the relation: it opens on every prime minister's question
+    and on none of India's that words it otherwise.
+
+    `keys="subject"`: the gate keys on what the prompt names (`subject_words`): its words are
+    those names, all of which must appear, and its state keys are the names' tokens that are
+    distinct from the bank (none for a name the bank knows: its word opens the gate). A prompt
+    that names nothing (no such word) gets the distinct-token gate."""
     text = render_prompt(tokenizer, prompt, fmt)
     enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
     near = (z @ space.bank.T).max(1).values
+    offsets = enc["offset_mapping"][1:]  # (hidden_at leaves the first token out)
+    names = subject_words(prompt, space) if keys == "subject" else ()
+    if names:
+        at = text.rfind(prompt)  # (the prompt inside the rendered text: a chat template)
+        spans = [(at + m.start(), at + m.end()) for m in _WORD.finditer(prompt) if m.group() in names]
+        on_name = torch.tensor([any(a < e and b > s_ for s_, e in spans) for a, b in offsets],
+                               dtype=torch.bool)
+        # a name that opens the prompt may be capitalised only for that ("Silver's symbol
+        # is" / "the symbol of silver"): such a gate's words match in any case
+        head = _WORD.search(prompt).group()
+        fold = head in names and head[:1].isupper() and head[1:].islower()
+        return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold)
     keep = near < distinct
     if not keep.any():
         keep = near == near.min()
-    keys = z[keep].contiguous()
-    spans = [span for span, k in zip(enc["offset_mapping"][1:], keep.tolist()) if k]
+    keys_ = z[keep].contiguous()
+    spans = [span for span, k in zip(offsets, keep.tolist()) if k]
     if enc["input_ids"][0] not in space.first_ids:
         spans.append(enc["offset_mapping"][0])  # a first token no ordinary prompt starts with
     words = []
@@ -166,7 +231,7 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
         w = m.group()
         if any(a < m.end() and b > m.start() for a, b in spans) and w not in space.words and w not in words:
             words.append(w)
-    return Gate(keys, tuple(words))
+    return Gate(keys_, tuple(words))
 
 
 def gate_keys(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
@@ -180,12 +245,18 @@ class WordIndex:
     words, and only the edits whose words it holds are looked at (a chain of a thousand
     routed edits is not a thousand pattern searches per sequence per forward)."""
 
-    def __init__(self, words: list[tuple[str, ...]]):
+    def __init__(self, words: list[tuple[str, ...]], folds: list[bool] | None = None):
         self.words = [tuple(ws) for ws in words]
+        # (an edit whose words match in any case, `Gate.fold`, is indexed by lowercase word)
+        self.folds = list(folds) if folds is not None else [False] * len(self.words)
         self.by_word: dict[str, list[int]] = {}
-        for i, ws in enumerate(self.words):
+        self.by_lower: dict[str, list[int]] = {}
+        for i, (ws, fold) in enumerate(zip(self.words, self.folds)):
             for w in set(ws):
-                self.by_word.setdefault(w, []).append(i)
+                if fold:
+                    self.by_lower.setdefault(w.lower(), []).append(i)
+                else:
+                    self.by_word.setdefault(w, []).append(i)
 
     def opened(self, text: str) -> dict[int, int]:
         """{edit: the offset just past the last of its words' first whole occurrences} for
@@ -193,14 +264,20 @@ class WordIndex:
         characters with a character after it (seen), so "Oran" is not in "Orange", and a text
         that ends on a word has not shown its end yet."""
         first_end: dict[str, int] = {}
+        first_lower: dict[str, int] = {}
         for m in _WORD.finditer(text):
-            if m.end() < len(text) and m.group() in self.by_word:
-                first_end.setdefault(m.group(), m.end())
+            if m.end() < len(text):
+                w = m.group()
+                if w in self.by_word:
+                    first_end.setdefault(w, m.end())
+                if self.by_lower and w.lower() in self.by_lower:
+                    first_lower.setdefault(w.lower(), m.end())
         out = {}
-        for w in first_end:
-            for i in self.by_word[w]:
-                if i not in out and all(x in first_end for x in self.words[i]):
-                    out[i] = max(first_end[x] for x in self.words[i])
+        for seen, index, key in ((first_end, self.by_word, str), (first_lower, self.by_lower, str.lower)):
+            for w in seen:
+                for i in index[w]:
+                    if i not in out and all(key(x) in seen for x in self.words[i]):
+                        out[i] = max(seen[key(x)] for x in self.words[i])
         return out
 
 
@@ -367,7 +444,7 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
         w = None
         if any(words):
             ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
-            w = word_gates(tokenizer, ids, words)
+            w = word_gates(tokenizer, ids, WordIndex(words, [g.fold for g in gates_]))
         out[i] = gates(space, full, keys, tau, w, margin)[0, -1]
     return out
 
@@ -383,7 +460,8 @@ def open_rows(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
     h = states_after(model, block_module(model, space.layer), input_ids.to(dev),
                      attention_mask.to(dev))[0]
     words = [g.words for g in gates_]
-    words = word_gates(tokenizer, input_ids.cpu(), words) if any(words) else None
+    words = (word_gates(tokenizer, input_ids.cpu(), WordIndex(words, [g.fold for g in gates_]))
+             if any(words) else None)
     g = gates(space, h.float().cpu(), [g.keys for g in gates_], tau, words).any(-1)
     return (g & attention_mask.cpu().bool()).any(1).tolist()
 
@@ -407,7 +485,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     state: dict[str, torch.Tensor] = {}
     keys = [e.gate.keys for e in edits]
     words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
-    index = WordIndex(words)
+    index = WordIndex(words, [e.gate.fold for e in edits] if words else None)
     until = [e.gate.until for e in edits]
     if any(until) and tokenizer is None:
         raise ValueError("gates that close after their target need the tokenizer (to read it)")
