@@ -23,6 +23,10 @@ layers' outputs from the first token on which the sequence *mentions the edit's 
   has not shown its end yet).
   This catches what states miss: the subject as a sequence's first token, or tokenised
   differently ("Jamaica's capital" against "the capital of Jamaica").
+A *subject* gate (`edit_gate(keys="subject")`, the workspace default) keys both on what the
+prompt names instead (`subject_words`: "France", not the relation's "president", which is what
+the distinct tokens are when the bank knows the subject): its words are the names, and its
+state keys the names' tokens that are distinct from the bank.
 Once open, a gate stays open to the end of the sequence (causal: a token only sees what came
 before it, so scoring a prompt and generating from it see the same gates), or, for a gate with
 an `until` text (the edit's target), until that text has been written after the gate opened:
