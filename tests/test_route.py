@@ -294,6 +294,31 @@ def _routed_pair(tiny_llama, tiny_tokenizer, subjects, targets, init_alpha):
     return editor, space, gates_
 
 
+def _gated_apply(tiny_llama, tiny_tokenizer, gate, space):
+    """`edit_apart`'s `apply` for one fact behind `gate`."""
+    def apply(items):
+        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
+                      tokenizer=tiny_tokenizer)
+    return apply
+
+
+def _ruining_step(editor, n: int) -> list:
+    """Make the editor's `n`-th delta (1-based) go far the wrong way (its δ × −50); returns
+    the list of every delta it makes."""
+    real, made = editor.delta_from_factors, []
+
+    def ruined(factors, meta):
+        d = real(factors, meta)
+        made.append(d)
+        if len(made) == n:
+            for layer in d.layers.values():
+                layer.d.mul_(-50.0)
+        return d
+
+    editor.delta_from_factors = ruined
+    return made
+
+
 def test_edit_apart_of_one_fact_is_the_edit_step_for_step(tiny_llama, tiny_tokenizer):
     """`edit_apart` with one fact takes exactly the steps `edit` takes (same forwards, same
     rows): the routed single edit and the routed batch are one code path without a seam."""
@@ -350,9 +375,7 @@ def test_rank_cut_keeps_the_directions_above_the_cut(tiny_llama, tiny_tokenizer)
     it holds or runs out of steps."""
     editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.2)
 
-    def apply(items):
-        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
-                      tokenizer=tiny_tokenizer)
+    apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
 
     args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
     (full,) = editor.edit_apart(*args, max_steps=3, apply=apply)
@@ -371,9 +394,7 @@ def test_confidence_steps_on_until_the_target_is_probable(tiny_llama, tiny_token
     stops before its step budget the target has that probability behind its gate."""
     editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.05)
 
-    def apply(items):
-        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
-                      tokenizer=tiny_tokenizer)
+    apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
 
     args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
     (argmax,) = editor.edit_apart(*args, max_steps=30, apply=apply)
@@ -395,38 +416,19 @@ def test_confidence_keeps_the_last_argmax_delta_when_a_step_overshoots(tiny_llam
     a confident edit never loses a fact that the argmax stop would have kept."""
     editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.5)
 
-    def apply(items):
-        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
-                      tokenizer=tiny_tokenizer)
+    apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
 
     args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
     (one,) = editor.edit_apart(*args, max_steps=1, apply=apply)
     with apply([(0, one)]):  # one step makes the argmax, short of 0.99
         assert target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[0] == [True]
-    real, made = editor.delta_from_factors, []
-
-    def overshooting(factors, meta):  # the second step goes far the wrong way
-        d = real(factors, meta)
-        made.append(d)
-        if len(made) == 2:
-            for layer in d.layers.values():
-                layer.d.mul_(-50.0)
-        return d
-
-    editor.delta_from_factors = overshooting
+    made = _ruining_step(editor, 2)  # the second step goes far the wrong way
     (kept,) = editor.edit_apart(*args, max_steps=2, apply=apply, confidence=0.99)
     assert len(made) == 2 and kept.meta["edit_steps"] == "1"
     for name, layer in one.layers.items():
         assert torch.equal(kept.layers[name].to_dense(), layer.to_dense())
     with apply([(0, kept)]):
         assert target_scores(tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])[0] == [True]
-
-
-def _gated_apply(tiny_llama, tiny_tokenizer, gate, space):
-    def apply(items):
-        return routed(tiny_llama, [RoutedEdit(d, gate) for _, d in items], space,
-                      tokenizer=tiny_tokenizer)
-    return apply
 
 
 def test_contexts_add_each_wordings_first_step(tiny_llama, tiny_tokenizer):
@@ -482,17 +484,7 @@ def test_a_fact_that_fails_under_contexts_is_made_again_without(tiny_llama, tiny
     apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
     args = (tiny_llama, tiny_tokenizer, [fact_prompt("s3")], ["c7"])
     (plain,) = editor.edit_apart(*args, max_steps=1, apply=apply)
-    real, made = editor.delta_from_factors, []
-
-    def wrong_way(factors, meta):  # the (only) step under contexts ruins the fact
-        d = real(factors, meta)
-        made.append(d)
-        if len(made) == 1:
-            for layer in d.layers.values():
-                layer.d.mul_(-50.0)
-        return d
-
-    editor.delta_from_factors = wrong_way
+    made = _ruining_step(editor, 1)  # the (only) step under contexts ruins the fact
     (d,) = editor.edit_apart(*args, max_steps=1, apply=apply, contexts=["where the red tree is blue . "])
     assert len(made) == 2 and d.meta["contexts"] == "dropped" and d.meta["edit_steps"] == "1"
     for name, layer in plain.layers.items():

@@ -442,13 +442,14 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     answer is predicted)."""
     keys = [g.keys for g in gates_]
     words = [g.words for g in gates_]
+    index = WordIndex(words, [g.fold for g in gates_]) if any(words) else None
     out = torch.zeros(len(prompts), len(gates_), dtype=torch.bool)
     for i, (p, h) in enumerate(zip(prompts, hidden_at(model, tokenizer, prompts, space.layer, fmt))):
         full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
         w = None
-        if any(words):
+        if index is not None:
             ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
-            w = word_gates(tokenizer, ids, WordIndex(words, [g.fold for g in gates_]))
+            w = word_gates(tokenizer, ids, index)
         out[i] = gates(space, full, keys, tau, w, margin)[0, -1]
     return out
 
