@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import fact_prompt
-from mendctl.editors.metrics import generate, target_scores
+from mendctl.editors.metrics import fluency_answers, generate, target_scores
 
 
 @pytest.fixture
@@ -53,3 +53,12 @@ def test_token_accuracy_is_the_share_of_target_tokens_at_the_argmax(tiny_llama, 
                                token_accuracy=True)
     assert ok == [False] and acc[0] == pytest.approx(2 / 3)
     assert len(target_scores(tiny_llama, tiny_tokenizer, [prompt], [own])) == 2  # unchanged default
+
+
+def test_fluency_is_scored_on_an_answer_that_says_something(eos_first, tiny_tokenizer):
+    # a model that would end at once: the fluency measures still get words to score, for
+    # the unedited model as for the edited one (else a question's base fluency reads 0)
+    prompts = [fact_prompt("s1"), fact_prompt("s2")]
+    for use_cache in (True, False):
+        answers = fluency_answers(eos_first, tiny_tokenizer, prompts, use_cache=use_cache)
+        assert all(a.strip() for a in answers)

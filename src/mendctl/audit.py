@@ -38,13 +38,11 @@ from .editors.data import EditCase, generic_text_samples, load_split
 from .editors.delta import state_hash
 from .editors.mend.capture import capture_edit_gradients
 from .editors.mend.editor import MendEditor
-from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
+from .editors.metrics import (fluency_answers, locality_reference, locality_scores, ngram_entropy,
                               perplexity, repeats_target, target_scores)
 from .errors import EditorError, InputError, LedgerError
 from .ledger import MAX_ID
 
-#: Tokens of each edited prompt's answer the audit generates for its fluency measures (as eval).
-ANSWER_TOKENS = 24
 AUDIT_FORMAT = "mendctl.audit"
 AUDIT_FORMAT_VERSION = 1
 #: Flags are raised past these unless the caller gives others.
@@ -241,7 +239,7 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     editor = _editor_stats(ws)
     stats_base = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
     inputs = [e.inputs[0] for e in active if e.inputs]
-    base_answers = generate(model, tok, inputs, fmt, ANSWER_TOKENS) if inputs else []
+    base_answers = fluency_answers(model, tok, inputs, fmt) if inputs else []
 
     # -- the audited state -------------------------------------------------------------------
     w = ws.use_state(target)
@@ -257,8 +255,8 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     stats_head = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
     # the edited answers: fluent, or an edit acting on its own output? (routed: no KV cache)
     answers = dict(zip([e.id for e in active if e.inputs],
-                       generate(model, tok, inputs, fmt, ANSWER_TOKENS,
-                                use_cache=not ws.router.active) if inputs else []))
+                       fluency_answers(model, tok, inputs, fmt, use_cache=not ws.router.active)
+                       if inputs else []))
 
     drift, total_rel = weight_drift(w, ws.base_weights)
 

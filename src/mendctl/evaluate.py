@@ -20,17 +20,12 @@ import time
 from pathlib import Path
 
 from .editors.data import generic_text_samples
-from .editors.metrics import (generate, locality_reference, locality_scores, ngram_entropy,
+from .editors.metrics import (fluency_answers, locality_reference, locality_scores, ngram_entropy,
                               perplexity, repeats_target, target_scores)
 from .editors.route import opens
 from .editors.weights import applied
 from .errors import InputError
 from .edit import edit, edit_with
-
-
-#: Tokens of each answer generated for the fluency measures: long enough to see an answer
-#: repeat itself, short enough to stay about the prompt.
-ANSWER_TOKENS = 24
 
 
 def _mean(xs):
@@ -78,7 +73,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         ref = locality_reference(model, tok, loc, fmt) if loc else None
         prompts = [c.input for c in batch]
         # (a state with routed edits installed generates without a KV cache: route.py)
-        base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not ws.router.active)
+        base_answers = fluency_answers(model, tok, prompts, fmt, use_cache=not ws.router.active)
         named = subject_pattern(batch)
         t0 = time.perf_counter()
         gates = []
@@ -100,8 +95,8 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                                           [c.target for c in batch], fmt, token_accuracy=True)
             ag, kl = locality_scores(model, ref) if ref else ([], [])
             ppl_after = perplexity(model, tok, texts) if texts else None
-            answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS,
-                               use_cache=not (rs or ws.router.active))
+            answers = fluency_answers(model, tok, prompts, fmt,
+                                      use_cache=not (rs or ws.router.active))
             k = 0
             for j, c in enumerate(batch):
                 ps, _, ps_tok = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases),
@@ -220,7 +215,7 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     loc_prompts = [p for c in cases for p in c.locality]
     ref = locality_reference(model, tok, loc_prompts, fmt) if loc_prompts else None
     prompts = [c.input for c in cases]
-    base_answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS)
+    base_answers = fluency_answers(model, tok, prompts, fmt)
     immediate, seconds = [], []
     for c in (progress(cases) if progress else cases):
         r = edit(w, [c], editor=editor, max_steps=max_steps, command="mendctl eval --chain")
@@ -235,7 +230,7 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     pok = target_scores(model, tok, para_p, [c.target for c in cases for _ in c.paraphrases], fmt)[0] \
         if para_p else []
     ag, kl = locality_scores(model, ref) if ref is not None else ([], [])
-    answers = generate(model, tok, prompts, fmt, ANSWER_TOKENS, use_cache=not routed_now)
+    answers = fluency_answers(model, tok, prompts, fmt, use_cache=not routed_now)
     named = subject_pattern(cases)  # (a prompt naming an edited subject may rightly change)
     final = {"edit_success": _mean([float(x) for x in es]),
              "paraphrase_success": _mean([float(x) for x in pok]),

@@ -261,6 +261,21 @@ def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tok
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
+#: Tokens of each answer generated for the fluency measures: long enough to see an answer
+#: repeat itself, short enough to stay about the prompt.
+ANSWER_TOKENS = 24
+
+
+def fluency_answers(model, tokenizer, prompts: list[str], fmt="raw",
+                    use_cache: bool = True) -> list[str]:
+    """The continuations the fluency measures score: greedy, `ANSWER_TOKENS` long, and not
+    ended while still blank. SmolLM2 ends a question such as "Who is the prime minister of
+    India?" at once; scored as it comes, the unedited model's fluency would be 0 on questions
+    and any edit that makes it answer would look like a gain."""
+    return generate(model, tokenizer, prompts, fmt, ANSWER_TOKENS, use_cache=use_cache,
+                    say_something=True)
+
+
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3),
                   weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
     """Fluency: the mean over n of weight_n × the entropy (bits) of the text's n-gram
