@@ -24,12 +24,12 @@ def eos_first(tiny_llama, tiny_tokenizer):
     h.remove()
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_answers_shown_are_never_blank(eos_first, tiny_tokenizer, use_cache):
+@pytest.mark.parametrize("unpadded", [False, True])
+def test_answers_shown_are_never_blank(eos_first, tiny_tokenizer, unpadded):
     prompts = [fact_prompt("s1"), fact_prompt("s2")]
-    plain = generate(eos_first, tiny_tokenizer, prompts, max_new_tokens=4, use_cache=use_cache)
+    plain = generate(eos_first, tiny_tokenizer, prompts, max_new_tokens=4, unpadded=unpadded)
     assert plain == ["", ""]  # the model says nothing at all
-    shown = generate(eos_first, tiny_tokenizer, prompts, max_new_tokens=4, use_cache=use_cache,
+    shown = generate(eos_first, tiny_tokenizer, prompts, max_new_tokens=4, unpadded=unpadded,
                      say_something=True)
     # the first word the model has after the end of text; then the end of text is allowed
     for a in shown:
@@ -59,6 +59,6 @@ def test_fluency_is_scored_on_an_answer_that_says_something(eos_first, tiny_toke
     # a model that would end at once: the fluency measures still get words to score, for
     # the unedited model as for the edited one (else a question's base fluency reads 0)
     prompts = [fact_prompt("s1"), fact_prompt("s2")]
-    for use_cache in (True, False):
-        answers = fluency_answers(eos_first, tiny_tokenizer, prompts, use_cache=use_cache)
+    for unpadded in (False, True):
+        answers = fluency_answers(eos_first, tiny_tokenizer, prompts, unpadded=unpadded)
         assert all(a.strip() for a in answers)

@@ -163,7 +163,7 @@ def test_routed_refusals_write_nothing(routed_ws):
     assert not (ws.root.parent / "out").exists()
 
 
-def test_dry_run_puts_the_head_back_and_generation_runs_uncached(routed_ws):
+def test_dry_run_puts_the_head_back_and_generation_follows_the_gates(routed_ws):
     ws, w = routed_ws
     _edit(w, *FACTS[0])
     head = w.head()
@@ -172,31 +172,69 @@ def test_dry_run_puts_the_head_back_and_generation_runs_uncached(routed_ws):
     assert r["dry_run"] and ws.ledger_count() == 1
     assert w._loaded_state == head.state_hash and w.router.active
     assert w.ask([FACTS[0][0], "Water boils at"], max_new_tokens=4)["answers"] == before["answers"]
-    # hooks installed: a cached generation would see only each new token, so it is refused
-    with pytest.raises(RuntimeError, match="KV cache"):
-        generate(w.lm.model, w.lm.tokenizer, [FACTS[0][0]], w.fmt, 3)
     with pytest.raises(ValueError, match="right-padded"):  # (generate's batches: left-padded)
         generate(w.lm.model, w.lm.tokenizer, [FACTS[0][0], "Hi"], w.fmt, 3)
-    # uncached and right-padded, a batch answers as each prompt alone
+    # unpadded, a batch answers as each prompt alone
     prompts = [FACTS[0][0], "Hi", "Water boils at"]
-    together = generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5, use_cache=False)
-    assert together == [generate(w.lm.model, w.lm.tokenizer, [p], w.fmt, 5, use_cache=False)[0]
+    together = generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5, unpadded=True)
+    assert together == [generate(w.lm.model, w.lm.tokenizer, [p], w.fmt, 5, unpadded=True)[0]
                         for p in prompts]
     w.use_state(None)  # and on the base model, as the cached generate answers
-    assert generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5, use_cache=False) == \
+    assert generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5, unpadded=True) == \
         generate(w.lm.model, w.lm.tokenizer, prompts, w.fmt, 5)
 
 
-def test_audit_of_a_routed_chain(routed_ws):
-    from mendctl.audit import run_audit
+def test_routed_generation_with_a_kv_cache_is_generation_without(routed_ws):
+    """The hooks follow a KV cache from the forward that filled it: each cached step's gates
+    are those a whole forward of the sequence so far gives (gates are causal)."""
+    from mendctl.editors.text import render_prompt
 
     ws, w = routed_ws
     for p, t in FACTS:
+        _edit(w, p, t)
+    model, tok = w.lm.model, w.lm.tokenizer
+    prompts = [FACTS[0][0], FACTS[1][0], "Water boils at"]
+    cached = generate(model, tok, prompts, w.fmt, 6, unpadded=True)
+    w.use_state(None)
+    assert generate(model, tok, prompts, w.fmt, 6)[:2] != cached[:2]  # the edits act
+    w.use_state(w.head())
+    for p, answer in zip(prompts, cached):  # every step a whole forward, no cache
+        ids = tok(render_prompt(tok, p, w.fmt)).input_ids
+        start = len(ids)
+        with route.answering([start]), torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+                if ids[-1] == tok.eos_token_id:
+                    break
+        assert answer == tok.decode(ids[start:], skip_special_tokens=True)
+    with torch.no_grad():  # a cache filled where the hooks did not see it is refused
+        w.use_state(None)
+        filled = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
+        w.use_state(w.head())
+        with pytest.raises(RuntimeError, match="KV cache"):
+            model(input_ids=torch.tensor([[8]]), cache=filled, use_cache=True)
+
+
+def test_audit_of_a_routed_chain(routed_ws):
+    """The retention matrix and audit-set locality of every state equal scoring that state
+    directly, though a routed chain's audit carries over the cells and prompts on which no
+    gate that differs between two states opens (audit._Reach)."""
+    from mendctl.audit import run_audit, standard_audit_set
+    from mendctl.editors.metrics import locality_reference, locality_scores
+
+    ws, w = routed_ws
+    for p, t in FACTS + [("Water boils at", "ten degrees"), ("Einstein was born in", "Oslo")]:
         _edit(w, p, t)
     revert(w, 1)
     a = run_audit(w)
     assert a["summary"]["relative_drift"] == 0.0  # routed edits leave the weights alone
     chain = a["chain"]
+    cost = chain["cost"]
+    assert cost["cells_carried"] > 0 and cost["cells_computed"] + cost["cells_carried"] \
+        + cost["cells_from_ledger"] == cost["cells"]
+    prompts = standard_audit_set().prompts
+    w.use_state(None)
+    ref = locality_reference(w.lm.model, w.lm.tokenizer, prompts, w.fmt)
     checked = 0
     for k, e in enumerate(w.ledger.entries(reverse=False)):
         w.use_state(e)  # each state loaded directly, with its routed edits
@@ -204,7 +242,14 @@ def test_audit_of_a_routed_chain(routed_ws):
             if row[k] is not None:
                 assert row[k] == _success(w, w.ledger.get(j)), (j, e.id)
                 checked += 1
-    assert checked >= 3
+        # the same prompts scored whole rather than in part: equal but for a near-tie argmax
+        # flipping under another summation order (one prompt allowed), and KL to float32
+        # rounding of sums of log-probabilities (≲ 1e-4 of a nat)
+        ag, kl = locality_scores(w.lm.model, ref)
+        row = chain["series"][k]
+        assert abs(row["audit_locality"] - sum(ag) / len(ag)) <= 1 / len(ag) + 1e-12
+        assert row["audit_kl"] == pytest.approx(sum(kl) / len(kl), rel=1e-3, abs=1e-4)
+    assert checked >= 8
 
 
 def test_eval_in_a_routed_workspace_makes_routed_edits(routed_ws):

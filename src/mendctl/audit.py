@@ -34,12 +34,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import routing
 from .editors.data import EditCase, generic_text_samples, load_split
 from .editors.delta import state_hash
 from .editors.mend.capture import capture_edit_gradients
 from .editors.mend.editor import MendEditor
 from .editors.metrics import (fluency_answers, locality_reference, locality_scores, ngram_entropy,
                               perplexity, repeats_target, target_scores)
+from .editors.route import open_matrix
+from .editors.text import encode_pairs
 from .errors import EditorError, InputError, LedgerError
 from .ledger import MAX_ID
 
@@ -255,7 +258,7 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     stats_head = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
     # the edited answers: fluent, or an edit acting on its own output? (routed: no KV cache)
     answers = dict(zip([e.id for e in active if e.inputs],
-                       fluency_answers(model, tok, inputs, fmt, use_cache=not ws.router.active)
+                       fluency_answers(model, tok, inputs, fmt, unpadded=ws.router.active)
                        if inputs else []))
 
     drift, total_rel = weight_drift(w, ws.base_weights)
@@ -341,6 +344,58 @@ def _cached_cells(ws, audit_sha: str) -> tuple[dict, dict]:
     return ret, loc
 
 
+class _Reach:
+    """Which rows a chain's routed edits can touch: for each routed entry, the retention rows
+    (entry j's prompt + target sequences) and audit-set prompts on which its gate opens at
+    some token (`route.open_matrix`). Two states with the same plain weights whose routed
+    edits differ only by gates shut on a row compute that row alike, so its score is carried
+    over instead of re-scored: in a chain of routed edits most states change nothing but the
+    new edit's own rows."""
+
+    def __init__(self, ws, scorer: _Scorer, routed_entries, row_entries):
+        model, tok, fmt = scorer.model, scorer.tok, scorer.fmt
+        self.col = {e.id: c for c, e in enumerate(routed_entries)}
+        groups: dict[tuple, list] = {}
+        for e in routed_entries:
+            s = routing.of(e)
+            groups.setdefault((s["layer"], s["tau"]), []).append(e)
+        pairs = [(e.id, c.input, c.target) for e in row_entries for c in e.cases()]
+        ret = torch.zeros(len(pairs), len(routed_entries), dtype=torch.bool)
+        aud_batch = scorer.ref_audit.batch
+        aud = torch.zeros(aud_batch.input_ids.shape[0], len(routed_entries), dtype=torch.bool)
+        for (layer, tau), es in groups.items():
+            space = ws.router.space(layer)
+            gates_ = [ws.router.gate(e.inputs[0], routing.of(e), e.targets[0]) for e in es]
+            cols = torch.tensor([self.col[e.id] for e in es])
+            for i in range(0, len(pairs), 32):
+                b = encode_pairs(tok, [p for _, p, _ in pairs[i:i + 32]],
+                                 [t for _, _, t in pairs[i:i + 32]], fmt)
+                ret[i:i + len(b.input_ids), cols] = open_matrix(
+                    model, tok, space, gates_, b.input_ids, b.attention_mask, tau)
+            for i in range(0, len(aud), 32):
+                aud[i:i + 32, cols] = open_matrix(model, tok, space, gates_,
+                                                  aud_batch.input_ids[i:i + 32],
+                                                  aud_batch.attention_mask[i:i + 32], tau)
+        owner = torch.tensor([j for j, _, _ in pairs])
+        self.retention = {j: ret[owner == j] for j in {j for j, _, _ in pairs}}
+        self.audit = aud
+
+    def _cols(self, ids) -> torch.Tensor:
+        return torch.tensor(sorted(self.col[i] for i in ids), dtype=torch.long)
+
+    def touches(self, j: int, ids) -> bool:
+        """Does any of the routed entries `ids` open its gate on entry j's rows?"""
+        if not ids:
+            return False
+        return j not in self.retention or bool(self.retention[j][:, self._cols(ids)].any())
+
+    def audit_rows(self, ids) -> list[int]:
+        """The audit-set prompts on which one of the routed entries `ids` opens its gate."""
+        if not ids:
+            return []
+        return self.audit[:, self._cols(ids)].any(1).nonzero()[:, 0].tolist()
+
+
 def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None) -> dict:
     """The retention matrix and per-state series along the chain (see the module docstring)."""
     rows = [e.id for e in chain if e.delta_sha256]
@@ -349,13 +404,24 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
     cells: dict[int, dict[int, float]] = {}
     series = []
     cost = {"states": len(chain), "states_rebuilt": 0, "cells": 0, "cells_from_ledger": 0,
-            "cells_from_earlier_audits": 0, "cells_computed": 0}
+            "cells_from_earlier_audits": 0, "cells_carried": 0, "cells_computed": 0,
+            "audit_prompts_scored": 0}
     new_ret: dict = {}
     new_loc: dict = {}
     prev_active: list[int] | None = None
     prev_w = None
     t0 = time.perf_counter()
+    # each state's plain entries (in the weights) and routed ones (hooks)
+    split = {e.id: (tuple(i for i in e.active_ids if not routing.of(by_id[i])),
+                    frozenset(i for i in e.active_ids if routing.of(by_id[i]))) for e in chain}
+    routed_ids = sorted(set().union(*(r for _, r in split.values())))
+    reach = _Reach(ws, scorer, [by_id[i] for i in routed_ids], [by_id[i] for i in rows]) \
+        if routed_ids else None
+    last_cell: dict[int, tuple] = {}  # entry → (plain, routed, value) of the last state scored
+    last_loc: tuple | None = None  # (plain, routed, per-prompt agreement, per-prompt KL)
+    drift_of: dict[tuple, float] = {}  # plain entries → relative drift
     for e in (progress(chain) if progress else chain):
+        plain, routed_now = split[e.id]
         want = [i for i in e.active_ids if i in rows and i <= e.id]
         known = dict(cached_ret.get(e.state_hash, {}))
         cost["cells_from_earlier_audits"] += sum(1 for i in want if i in known)
@@ -363,11 +429,23 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
                 and (e.metrics_after or {}).get("edit_success") is not None:
             known[e.id] = float(e.metrics_after["edit_success"])
             cost["cells_from_ledger"] += 1
+        if reach is not None:  # unchanged unless a gate that differs opens on the rows
+            for i in want:
+                last = last_cell.get(i)
+                if i not in known and last is not None and last[0] == plain \
+                        and not reach.touches(i, last[1] ^ routed_now):
+                    known[i] = last[2]
+                    cost["cells_carried"] += 1
         missing = [i for i in want if i not in known]
         loc = cached_loc.get(e.state_hash)  # [agreement, kl, relative drift]
+        rescore = None  # audit prompts to re-score (None: all)
+        if loc is None and reach is not None and last_loc is not None and last_loc[0] == plain:
+            rescore = reach.audit_rows(last_loc[1] ^ routed_now)
+            if not rescore:
+                loc = [_mean(last_loc[2]), _mean(last_loc[3]), drift_of[plain]]
         if missing or loc is None:
             # states along a chain usually extend the previous one by one delta: add just that
-            if ws.routed_ids(e.active_ids):  # routed edits are hooks, not weights: load it whole
+            if routed_now:  # routed edits are hooks, not weights: load it whole
                 w = ws.use_state(e)
                 cost["states_rebuilt"] += 1
             else:
@@ -383,8 +461,21 @@ def _chain(ws, scorer: _Scorer, chain, by_id, audit_set: AuditSet, progress=None
                 known.update(scorer.retention([by_id[i] for i in missing]))
                 cost["cells_computed"] += len(missing)
             if loc is None:
-                loc = [*scorer.audit_locality(), weight_drift(w, base)[1]]
+                if plain not in drift_of:
+                    drift_of[plain] = weight_drift(w, base)[1]
+                if rescore is not None:  # the previous state's figures, but where gates differ
+                    ag, kl = list(last_loc[2]), list(last_loc[3])
+                    for p, a, k in zip(rescore, *locality_scores(scorer.model,
+                                                                 scorer.ref_audit.rows(rescore))):
+                        ag[p], kl[p] = a, k
+                else:
+                    ag, kl = locality_scores(scorer.model, scorer.ref_audit)
+                cost["audit_prompts_scored"] += len(ag) if rescore is None else len(rescore)
+                last_loc = (plain, routed_now, ag, kl)
+                loc = [_mean(ag), _mean(kl), drift_of[plain]]
             prev_active, prev_w = list(e.active_ids), w
+        for i in want:
+            last_cell[i] = (plain, routed_now, known[i])
         cost["cells"] += len(want)
         cells[e.id] = {i: known[i] for i in want}
         new_ret[e.state_hash] = {str(i): known[i] for i in want}

@@ -470,7 +470,7 @@ class Workspace:
         token's states) and right-padded."""
         lm = self.lm
         return generate(lm.model, lm.tokenizer, prompts, self.fmt, max_new_tokens,
-                        use_cache=not self.router.active, say_something=True)
+                        unpadded=self.router.active, say_something=True)
 
     def head(self) -> Entry | None:
         return self.ledger.head()

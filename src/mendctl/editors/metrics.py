@@ -195,14 +195,15 @@ class _NoEmptyAnswer:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
-             chunk: int = 16, use_cache: bool = True, say_something: bool = False) -> list[str]:
+             chunk: int = 16, unpadded: bool = False, say_something: bool = False) -> list[str]:
     """Greedy answers, several prompts per call: left padding, so every prompt's new tokens
     start at the same position (the model's generate takes positions from the mask).
-    `use_cache=False` runs the whole sequences at every step instead, right-padded (what
-    routed edits need: see `greedy_uncached`). `say_something`: the end of text is not taken
-    while an answer is still blank (answers shown to users; the metrics leave it off)."""
-    if not use_cache:
-        return greedy_uncached(model, tokenizer, prompts, fmt, max_new_tokens, chunk, say_something)
+    `unpadded=True` generates prompts of equal token length together instead, with no
+    padding at all (what routed edits need: see `greedy_unpadded`). `say_something`: the end
+    of text is not taken while an answer is still blank (answers shown to users; the metrics
+    leave it off)."""
+    if unpadded:
+        return greedy_unpadded(model, tokenizer, prompts, fmt, max_new_tokens, chunk, say_something)
     out = []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
@@ -224,37 +225,46 @@ def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: in
 
 
 @torch.no_grad()
-def greedy_uncached(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
+def greedy_unpadded(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
                     chunk: int = 16, say_something: bool = False) -> list[str]:
-    """Greedy answers without a KV cache: each step runs the whole right-padded sequences (a
-    real position's logits are then as they are alone) and extends each row at its own end,
-    until it emits the end-of-sequence token."""
+    """Greedy answers from batches that are never padded: prompts of the same token length
+    generate together, one token per step with a KV cache. Routed edits read the whole
+    sequence (route.py keeps each forward's tokens and gate-layer states to follow the cache)
+    and a padded first token would move their gates, so this is how a routed state
+    generates. A row stops at the end-of-sequence token (the batch runs on until all have)."""
     eos = tokenizer.eos_token_id
-    out = []
-    for i in range(0, len(prompts), chunk):
-        rows = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts[i:i + chunk]]
-        starts = [len(r) for r in rows]
-        live = list(range(len(rows)))
-        for _ in range(max_new_tokens):
-            if not live:
-                break
-            part = [rows[j] for j in live]
-            batch = encode_sequences(part, tokenizer, [len(x) for x in part])
-            last = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
-            last[torch.arange(len(part)), torch.tensor([len(x) - 1 for x in part])] = True
-            with answering([starts[j] for j in live]):  # (routed edits read where answers start)
-                scores = _logits_at(model, batch, last)
-            if say_something:
-                blank = _NoEmptyAnswer(tokenizer, 0)
-                for r, j in enumerate(live):
-                    if blank.blank(rows[j][starts[j]:]):
-                        blank.forbid(scores[r])
-            nxt = scores.argmax(-1).tolist()
-            for j, t in zip(list(live), nxt):
-                rows[j] = rows[j] + [t]
-                if t == eos:
-                    live.remove(j)
-        out += [tokenizer.decode(r[k:], skip_special_tokens=True) for r, k in zip(rows, starts)]
+    rows = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for j, r in enumerate(rows):
+        by_length.setdefault(len(r), []).append(j)
+    out: list[str | None] = [None] * len(rows)
+    blank = _NoEmptyAnswer(tokenizer, 0)
+    for width, members in by_length.items():
+        for i in range(0, len(members), chunk):
+            group = members[i:i + chunk]
+            answers: list[list[int]] = [[] for _ in group]
+            done = [False] * len(group)
+            step = torch.tensor([rows[j] for j in group], device=_device(model))
+            cache = None
+            with answering([width] * len(group)):  # (routed edits read where answers start)
+                for _ in range(max_new_tokens):
+                    o = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
+                    cache = o.past_key_values
+                    scores = o.logits[:, -1].float()
+                    if say_something:
+                        for r, a in enumerate(answers):
+                            if not done[r] and blank.blank(a):
+                                blank.forbid(scores[r])
+                    nxt = scores.argmax(-1)
+                    for r, t in enumerate(nxt.tolist()):
+                        if not done[r]:
+                            answers[r].append(t)
+                            done[r] = t == eos
+                    if all(done):
+                        break
+                    step = nxt[:, None]
+            for j, a in zip(group, answers):
+                out[j] = tokenizer.decode(a, skip_special_tokens=True)
     return out
 
 
@@ -267,12 +277,12 @@ ANSWER_TOKENS = 24
 
 
 def fluency_answers(model, tokenizer, prompts: list[str], fmt="raw",
-                    use_cache: bool = True) -> list[str]:
+                    unpadded: bool = False) -> list[str]:
     """The continuations the fluency measures score: greedy, `ANSWER_TOKENS` long, and not
     ended while still blank. SmolLM2 ends a question such as "Who is the prime minister of
     India?" at once; scored as it comes, the unedited model's fluency would be 0 on questions
     and any edit that makes it answer would look like a gain."""
-    return generate(model, tokenizer, prompts, fmt, ANSWER_TOKENS, use_cache=use_cache,
+    return generate(model, tokenizer, prompts, fmt, ANSWER_TOKENS, unpadded=unpadded,
                     say_something=True)
 
 

@@ -41,7 +41,9 @@ meant): the edit then gives way to the base model instead of pushing its target'
 an answer that took another turn.
 
 This module owns the gate space (bank statistics), gate keys, and the forward hooks that apply
-gated deltas. It needs full-sequence forwards (no KV cache); it knows nothing about ledgers.
+gated deltas. Gates read whole sequences: a forward with a KV cache is followed only from the
+forward that filled it (whose tokens and gate-layer states the hooks keep), and batches must
+not be left-padded. It knows nothing about ledgers.
 """
 from __future__ import annotations
 
@@ -455,20 +457,30 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
 
 
 @torch.no_grad()
-def open_rows(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
-              input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float = TAU) -> list[bool]:
-    """Per row of a right-padded batch: does one of `gates_` open at any of its tokens? A row
-    where none opens is never touched by their edits (the gate layer comes before the edited
-    ones, so no other edit changes the states it reads); only the blocks up to the gate layer
-    run."""
+def open_matrix(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
+                input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+    """(rows, gates) bool, for a right-padded batch: does each gate open at some token of each
+    row, by τ or by its words? The margin and the closing text are left out: both only ever
+    close a gate, so where this says False the gate is shut on every token of the row in any
+    chain, and its edit never touches the row (the gate layer comes before the edited ones, so
+    no other edit moves the states it reads; adding or removing a gate that stays shut cannot
+    change which others pass the margin either, since an open gate outscores it). Only the
+    blocks up to the gate layer run."""
     dev = input_device(model)
     h = states_after(model, block_module(model, space.layer), input_ids.to(dev),
                      attention_mask.to(dev))[0]
     words = [g.words for g in gates_]
     words = (word_gates(tokenizer, input_ids.cpu(), WordIndex(words, [g.fold for g in gates_]))
              if any(words) else None)
-    g = gates(space, h.float().cpu(), [g.keys for g in gates_], tau, words).any(-1)
-    return (g & attention_mask.cpu().bool()).any(1).tolist()
+    g = gates(space, h.float().cpu(), [g.keys for g in gates_], tau, words)
+    return (g & attention_mask.cpu().bool()[..., None]).any(1)
+
+
+def open_rows(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
+              input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float = TAU) -> list[bool]:
+    """Per row of a right-padded batch: does one of `gates_` open at any of its tokens (see
+    `open_matrix`)? A row where none opens is never touched by their edits."""
+    return open_matrix(model, tokenizer, space, gates_, input_ids, attention_mask, tau).any(1).tolist()
 
 
 def opens(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, prompts: list[str],
@@ -500,35 +512,54 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         state.pop("open", None)  # gates belong to one forward pass
         state.pop("any_open", None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (newer, older transformers)
-        if cache is not None and (cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)):
-            # a cached step sees only its new tokens: gates and words need the whole sequence
-            raise RuntimeError("routed edits need the model's full forward pass; run it without "
-                               "a KV cache (generate(..., use_cache=False))")
+        past = (cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)) \
+            if cache is not None else 0
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and bool((mask[:, 0] == 0).any()):
             # a gate never opens on the first token (the attention sink), which padding moves
             raise ValueError("routed edits need right-padded (or unpadded) batches")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        texts = (token_texts(tokenizer, ids.cpu(), decoded)
+        ids = ids.cpu() if ids is not None else None
+        if past:
+            # a cached step sees only its new tokens, but gates and words read the whole
+            # sequence: follow the cache from the tokens and gate-layer states of the steps
+            # before it, kept since the forward that started it
+            seen = state.get("seq")
+            if ids is None or seen is None or cache is not state.get("cache") \
+                    or seen.shape != (ids.shape[0], past):
+                raise RuntimeError("routed edits follow a KV cache only from the forward that "
+                                   "filled it; run it without a cache (use_cache=False)")
+            ids = torch.cat([seen, ids], 1)
+        else:
+            state["hidden"] = None  # a new sequence
+        state["seq"], state["new"] = ids, (ids.shape[1] - past if ids is not None else None)
+        texts = (token_texts(tokenizer, ids, decoded)
                  if ids is not None and (any(words) or any(until)) else None)
         state["texts"] = texts
         starts = _ANSWER_STARTS.get()
         state["starts"] = starts if starts is not None and ids is not None and \
             len(starts) == ids.shape[0] else None
-        state["words"] = (word_gates(tokenizer, ids.cpu(), index, decoded, texts)
+        state["words"] = (word_gates(tokenizer, ids, index, decoded, texts)
                           if texts is not None and any(words) else None)
 
     def on_output(module, args, output):
         state.pop("open", None)  # (returns None: the output stays as it is)
         state.pop("any_open", None)
+        # the cache this forward filled: the only one a later cached step may continue
+        state["cache"] = getattr(output, "past_key_values", None)
 
     def on_gate(module, args, output):
-        opened = gates(space, output[0] if isinstance(output, tuple) else output, keys, tau,
-                       state.get("words"), margin)
+        h = output[0] if isinstance(output, tuple) else output
+        if state.get("hidden") is not None:  # a cached step: the earlier tokens' states first
+            h = torch.cat([state["hidden"], h], 1)
+        state["hidden"] = h.detach()
+        opened = gates(space, h, keys, tau, state.get("words"), margin)
         if any(until) and state.get("texts") is not None:
             opened = close_after(opened, state["texts"], until)
             if state.get("starts") is not None:
                 opened = off_target(opened, state["texts"], until, state["starts"])
+        if state.get("new") is not None:  # (gates are causal: the new tokens' are as uncached)
+            opened = opened[:, opened.shape[1] - state["new"]:]
         state["open"] = opened
         state["any_open"] = opened.flatten(0, 1).any(0)  # (edits,)
 
