@@ -247,19 +247,17 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     # -- the audited state -------------------------------------------------------------------
     w = ws.use_state(target)
     retention = scorer.retention(active)
-    para: dict[int, float | None] = {}
-    for e in active:
-        ps = [(p, c.target) for c in e.cases() for p in c.paraphrases]
-        para[e.id] = _mean([float(x) for x in target_scores(model, tok, [p for p, _ in ps],
-                                                            [t for _, t in ps], fmt)[0]]) if ps else None
+    ps = [(e.id, p, c.target) for e in active for c in e.cases() for p in c.paraphrases]
+    ok = target_scores(model, tok, [p for _, p, _ in ps], [t for _, _, t in ps], fmt)[0] if ps else []
+    para: dict[int, float | None] = {
+        e.id: _mean([float(k) for (i, _, _), k in zip(ps, ok) if i == e.id]) for e in active}
     own_ag, own_kl = locality_scores(model, ref_own) if ref_own else ([], [])
     aud_ag, aud_kl = scorer.audit_locality()
     ppl = perplexity(model, tok, audit_set.passages) if audit_set.passages else None
     stats_head = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
-    # the edited answers: fluent, or an edit acting on its own output? (routed: no KV cache)
+    # the edited answers: fluent, or an edit acting on its own output?
     answers = dict(zip([e.id for e in active if e.inputs],
-                       fluency_answers(model, tok, inputs, fmt, unpadded=ws.router.active)
-                       if inputs else []))
+                       fluency_answers(model, tok, inputs, fmt) if inputs else []))
 
     drift, total_rel = weight_drift(w, ws.base_weights)
 

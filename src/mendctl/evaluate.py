@@ -73,7 +73,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         ref = locality_reference(model, tok, loc, fmt) if loc else None
         prompts = [c.input for c in batch]
         # (a state with routed edits installed generates without a KV cache: route.py)
-        base_answers = fluency_answers(model, tok, prompts, fmt, unpadded=ws.router.active)
+        base_answers = fluency_answers(model, tok, prompts, fmt)
         named = subject_pattern(batch)
         t0 = time.perf_counter()
         gates = []
@@ -95,8 +95,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                                           [c.target for c in batch], fmt, token_accuracy=True)
             ag, kl = locality_scores(model, ref) if ref else ([], [])
             ppl_after = perplexity(model, tok, texts) if texts else None
-            answers = fluency_answers(model, tok, prompts, fmt,
-                                      unpadded=bool(rs or ws.router.active))
+            answers = fluency_answers(model, tok, prompts, fmt)
             k = 0
             for j, c in enumerate(batch):
                 ps, _, ps_tok = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases),
@@ -224,13 +223,12 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
                           "locality": a.get("locality")})
         seconds.append(r["seconds"])
     w.use_state(w.head())
-    routed_now = w.router.active
     es = target_scores(model, tok, prompts, [c.target for c in cases], fmt)[0]
     para_p = [p for c in cases for p in c.paraphrases]
     pok = target_scores(model, tok, para_p, [c.target for c in cases for _ in c.paraphrases], fmt)[0] \
         if para_p else []
     ag, kl = locality_scores(model, ref) if ref is not None else ([], [])
-    answers = fluency_answers(model, tok, prompts, fmt, unpadded=routed_now)
+    answers = fluency_answers(model, tok, prompts, fmt)
     named = subject_pattern(cases)  # (a prompt naming an edited subject may rightly change)
     final = {"edit_success": _mean([float(x) for x in es]),
              "paraphrase_success": _mean([float(x) for x in pok]),

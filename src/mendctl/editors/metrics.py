@@ -109,17 +109,8 @@ def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: i
                        chunk: int = 32) -> LocalityRef:
     seqs = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts]
     starts = [len(ids) for ids in seqs]
-    for i in range(0, len(seqs), chunk):
-        part = seqs[i:i + chunk]
-        for _ in range(n_new):
-            # greedy continuation of all prompts at once: right padding leaves every real
-            # position's logits as they are alone, and a few tokens need no cache
-            batch = encode_sequences(part, tokenizer, [len(x) for x in part])
-            last = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
-            last[torch.arange(len(part)), torch.tensor([len(x) - 1 for x in part])] = True
-            nxt = _logits_at(model, batch, last).argmax(-1).tolist()
-            part = [x + [t] for x, t in zip(part, nxt)]
-        seqs[i:i + chunk] = part
+    # the base's greedy continuation (a few tokens, as the prompt goes on): cached, unpadded
+    seqs = [x + c for x, c in zip(seqs, greedy_ids(model, seqs, n_new, chunk))]
     batch = encode_sequences(seqs, tokenizer, starts)
     # position t predicts token t+1: count the last prompt position and the continuation
     pos = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
@@ -225,24 +216,22 @@ def generate(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: in
 
 
 @torch.no_grad()
-def greedy_unpadded(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
-                    chunk: int = 16, say_something: bool = False) -> list[str]:
-    """Greedy answers from batches that are never padded: prompts of the same token length
-    generate together, one token per step with a KV cache. Routed edits read the whole
-    sequence (route.py keeps each forward's tokens and gate-layer states to follow the cache)
-    and a padded first token would move their gates, so this is how a routed state
-    generates. A row stops at the end-of-sequence token (the batch runs on until all have)."""
-    eos = tokenizer.eos_token_id
-    rows = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts]
+def greedy_ids(model, rows: list[list[int]], max_new_tokens: int, chunk: int = 16,
+               eos: int | None = None, forbid=None) -> list[list[int]]:
+    """Greedy continuations (token ids) of token rows, from batches that are never padded:
+    rows of the same length generate together, one token per step with a KV cache. A row
+    stops at `eos` (its batch runs on until all have); `forbid(answer, scores)` may rule
+    tokens out of a row's scores. Routed edits read the whole sequence (route.py keeps each
+    forward's tokens and gate-layer states to follow the cache) and a padded first token would
+    move their gates, so this is how a routed state generates."""
     by_length: dict[int, list[int]] = {}
     for j, r in enumerate(rows):
         by_length.setdefault(len(r), []).append(j)
-    out: list[str | None] = [None] * len(rows)
-    blank = _NoEmptyAnswer(tokenizer, 0)
+    out: list[list[int]] = [[] for _ in rows]
     for width, members in by_length.items():
         for i in range(0, len(members), chunk):
             group = members[i:i + chunk]
-            answers: list[list[int]] = [[] for _ in group]
+            answers = [out[j] for j in group]
             done = [False] * len(group)
             step = torch.tensor([rows[j] for j in group], device=_device(model))
             cache = None
@@ -251,10 +240,10 @@ def greedy_unpadded(model, tokenizer, prompts: list[str], fmt="raw", max_new_tok
                     o = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
                     cache = o.past_key_values
                     scores = o.logits[:, -1].float()
-                    if say_something:
+                    if forbid is not None:
                         for r, a in enumerate(answers):
-                            if not done[r] and blank.blank(a):
-                                blank.forbid(scores[r])
+                            if not done[r]:
+                                forbid(a, scores[r])
                     nxt = scores.argmax(-1)
                     for r, t in enumerate(nxt.tolist()):
                         if not done[r]:
@@ -263,9 +252,22 @@ def greedy_unpadded(model, tokenizer, prompts: list[str], fmt="raw", max_new_tok
                     if all(done):
                         break
                     step = nxt[:, None]
-            for j, a in zip(group, answers):
-                out[j] = tokenizer.decode(a, skip_special_tokens=True)
     return out
+
+
+def greedy_unpadded(model, tokenizer, prompts: list[str], fmt="raw", max_new_tokens: int = 16,
+                    chunk: int = 16, say_something: bool = False) -> list[str]:
+    """Greedy answers by `greedy_ids`: what a routed state answers."""
+    rows = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts]
+    blank = _NoEmptyAnswer(tokenizer, 0)
+
+    def forbid(answer, scores):
+        if blank.blank(answer):
+            blank.forbid(scores)
+
+    new = greedy_ids(model, rows, max_new_tokens, chunk, tokenizer.eos_token_id,
+                     forbid if say_something else None)
+    return [tokenizer.decode(a, skip_special_tokens=True) for a in new]
 
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -276,14 +278,12 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 ANSWER_TOKENS = 24
 
 
-def fluency_answers(model, tokenizer, prompts: list[str], fmt="raw",
-                    unpadded: bool = False) -> list[str]:
+def fluency_answers(model, tokenizer, prompts: list[str], fmt="raw") -> list[str]:
     """The continuations the fluency measures score: greedy, `ANSWER_TOKENS` long, and not
     ended while still blank. SmolLM2 ends a question such as "Who is the prime minister of
     India?" at once; scored as it comes, the unedited model's fluency would be 0 on questions
     and any edit that makes it answer would look like a gain."""
-    return generate(model, tokenizer, prompts, fmt, ANSWER_TOKENS, unpadded=unpadded,
-                    say_something=True)
+    return greedy_unpadded(model, tokenizer, prompts, fmt, ANSWER_TOKENS, say_something=True)
 
 
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3),
