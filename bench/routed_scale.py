@@ -1,15 +1,17 @@
 """Routed edits at scale: the cost of a forward pass on the default model with T = 0, 100 and
 1,000 routed edits installed, against the unedited model.
 
-The gates are real (each made from a distinct test/val-split prompt on the default model, as
-`mendctl edit` makes them); the deltas are random low-rank factors of a recorded routed edit's
+The gates are real (each made from a distinct test/val-split fact on the default model, with
+the workspace's routing settings, as `mendctl edit` makes them: subject words, closing after
+the target); the deltas are random low-rank factors of a recorded routed edit's
 size (rows per weight: --rows, 24 as measured on a shipped-editor edit), since only their
 shapes cost time. Two kinds of input, each a right-padded batch of 16 prompts, timed as the
-median of --repeats forward passes:
+median of --repeats forward passes, the unedited model timed again before each T (so a
+drifting machine does not pass for overhead):
 - unrelated: audit-set prompts that name no edited subject (the common case; gates closed);
 - edited: prompts of 16 of the installed edits (their gates open).
 
-Usage: python bench/routed_scale.py [--lengths 0,100,1000] [--rows 24] [--repeats 7]
+Usage: python bench/routed_scale.py [--lengths 0,100,1000] [--rows 24] [--repeats 15]
        [--out bench/results/routed_scale.json]
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.editors.delta import Delta, LayerDelta  # noqa: E402
-from mendctl.editors.route import RoutedEdit, edit_gate, routed  # noqa: E402
+from mendctl.editors.route import RoutedEdit, routed  # noqa: E402
 from mendctl.editors.text import encode_prompts  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
 
@@ -58,7 +60,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="0,100,1000")
     ap.add_argument("--rows", type=int, default=24)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default="bench/results/routed_scale.json")
     a = ap.parse_args()
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -69,29 +71,30 @@ def main():
     model, tok = lm.model, lm.tokenizer
     space = ws.router.space(s["layer"])
     pool = load_split("test") + load_split("val")
-    seen, prompts = set(), []
+    seen, facts = set(), []
     for c in pool:
         if c.meta.get("subject") not in seen:
             seen.add(c.meta.get("subject"))
-            prompts.append(c.input)
-    prompts = prompts[:max(lengths)]
-    if len(prompts) < max(lengths):  # say so: the split has fewer distinct subjects
-        print(f"note: {len(prompts)} distinct subjects; edits past that reuse prompts", file=sys.stderr)
-        prompts = (prompts * (max(lengths) // len(prompts) + 1))[:max(lengths)]
+            facts.append(c)
+    facts = facts[:max(lengths)]
+    if len(facts) < max(lengths):  # say so: the split has fewer distinct subjects
+        print(f"note: {len(facts)} distinct subjects; edits past that reuse facts", file=sys.stderr)
+        facts = (facts * (max(lengths) // len(facts) + 1))[:max(lengths)]
+    prompts = [c.input for c in facts]
     gen = torch.Generator().manual_seed(0)
     edits = []
-    for p in tqdm(prompts, desc="gates", file=sys.stderr):
-        gate = edit_gate(model, tok, space, p, ws.fmt, distinct=s["distinct"])
+    for c in tqdm(facts, desc="gates", file=sys.stderr):
+        gate = ws.router.gate(c.input, s, c.target)
         edits.append(RoutedEdit(random_delta(ws.specs, a.rows, gen), gate))
     unrelated = [c.locality[-1] for c in load_split("test")[-16:]]
     batches = {"unrelated": encode_prompts(tok, unrelated, ws.fmt),
                "edited": encode_prompts(tok, prompts[:16], ws.fmt)}
-    base = {k: timed(model, b, a.repeats) for k, b in batches.items()}
-    rows, out = [], {"rows_per_weight": a.rows, "repeats": a.repeats, "base_seconds": base, "runs": []}
+    rows, out = [], {"rows_per_weight": a.rows, "repeats": a.repeats, "runs": []}
     for n in lengths:
-        with routed(model, edits[:n], space, s["tau"], tok):
+        base = {k: timed(model, b, a.repeats) for k, b in batches.items()}
+        with routed(model, edits[:n], space, s["tau"], tok, s.get("margin")):
             t = {k: timed(model, b, a.repeats) for k, b in batches.items()}
-        run = {"T": n, "seconds": t, "overhead": {k: t[k] / base[k] - 1 for k in t},
+        run = {"T": n, "seconds": t, "base_seconds": base, "overhead": {k: t[k] / base[k] - 1 for k in t},
                "peak_rss_mib": peak_rss_mib()}
         out["runs"].append(run)
         rows.append({"T": n, **{f"{k} overhead": f"{run['overhead'][k]:+.1%}" for k in t},
