@@ -6,9 +6,10 @@ the workspace's routing settings, as `mendctl edit` makes them: subject words, c
 the target); the deltas are random low-rank factors of a recorded routed edit's
 size (rows per weight: --rows, 24 as measured on a shipped-editor edit), since only their
 shapes cost time. Two kinds of input, each a right-padded batch of 16 prompts, timed as the
-median of --repeats forward passes, the unedited model timed again before each T (so a
+median of --repeats forward passes, each beside one of the unedited model (alternating, so a
 drifting machine does not pass for overhead):
-- unrelated: audit-set prompts that name no edited subject (the common case; gates closed);
+- unrelated: locality prompts of the bundled splits on which none of the T = max installed
+  gates opens (the common case; `route.open_matrix`);
 - edited: prompts of 16 of the installed edits (their gates open).
 
 Usage: python bench/routed_scale.py [--lengths 0,100,1000] [--rows 24] [--repeats 15]
@@ -30,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from mendctl.editors.data import load_split  # noqa: E402
 from mendctl.editors.delta import Delta, LayerDelta  # noqa: E402
-from mendctl.editors.route import RoutedEdit, routed  # noqa: E402
+from mendctl.editors.route import RoutedEdit, open_matrix, routed  # noqa: E402
 from mendctl.editors.text import encode_prompts  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
 
@@ -45,15 +46,23 @@ def random_delta(specs, rows: int, gen: torch.Generator) -> Delta:
     return Delta(layers, {})
 
 
-def timed(model, batch, repeats: int) -> float:
+def forward(model, batch) -> float:
+    t0 = time.perf_counter()
     with torch.no_grad():
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return time.perf_counter() - t0
+
+
+def paired(model, batch, install, repeats: int) -> tuple[float, float]:
+    """Median seconds of a forward of `batch` on the unedited model and with `install()`'s
+    hooks, the two alternating (so both see the same machine)."""
+    forward(model, batch)  # warm-up
+    base, edited = [], []
+    for _ in range(repeats):
+        base.append(forward(model, batch))
+        with install():
+            edited.append(forward(model, batch))
+    return statistics.median(base), statistics.median(edited)
 
 
 def main():
@@ -86,14 +95,25 @@ def main():
     for c in tqdm(facts, desc="gates", file=sys.stderr):
         gate = ws.router.gate(c.input, s, c.target)
         edits.append(RoutedEdit(random_delta(ws.specs, a.rows, gen), gate))
-    unrelated = [c.locality[-1] for c in load_split("test")[-16:]]
-    batches = {"unrelated": encode_prompts(tok, unrelated, ws.fmt),
+    # prompts no installed gate opens on, from the splits' locality prompts
+    pool_prompts = list(dict.fromkeys(p for c in pool for p in c.locality))
+    unrelated = []
+    for i in range(0, len(pool_prompts), 32):
+        part = pool_prompts[i:i + 32]
+        b = encode_prompts(tok, part, ws.fmt)
+        shut = ~open_matrix(model, tok, space, [e.gate for e in edits], b.input_ids,
+                            b.attention_mask, s["tau"]).any(1)
+        unrelated += [p for p, ok in zip(part, shut.tolist()) if ok]
+        if len(unrelated) >= 16:
+            break
+    batches = {"unrelated": encode_prompts(tok, unrelated[:16], ws.fmt),
                "edited": encode_prompts(tok, prompts[:16], ws.fmt)}
     rows, out = [], {"rows_per_weight": a.rows, "repeats": a.repeats, "runs": []}
     for n in lengths:
-        base = {k: timed(model, b, a.repeats) for k, b in batches.items()}
-        with routed(model, edits[:n], space, s["tau"], tok, s.get("margin")):
-            t = {k: timed(model, b, a.repeats) for k, b in batches.items()}
+        base, t = {}, {}
+        for k, b in batches.items():
+            base[k], t[k] = paired(model, b, lambda: routed(model, edits[:n], space, s["tau"], tok,
+                                                            s.get("margin")), a.repeats)
         run = {"T": n, "seconds": t, "base_seconds": base, "overhead": {k: t[k] / base[k] - 1 for k in t},
                "peak_rss_mib": peak_rss_mib()}
         out["runs"].append(run)

@@ -510,7 +510,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
 
     def on_input(module, args, kwargs):
         state.pop("open", None)  # gates belong to one forward pass
-        state.pop("any_open", None)
+        state.pop("open_ids", None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (newer, older transformers)
         past = (cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)) \
             if cache is not None else 0
@@ -544,7 +544,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
 
     def on_output(module, args, output):
         state.pop("open", None)  # (returns None: the output stays as it is)
-        state.pop("any_open", None)
+        state.pop("open_ids", None)
         # the cache this forward filled: the only one a later cached step may continue
         state["cache"] = getattr(output, "past_key_values", None)
 
@@ -561,10 +561,11 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         if state.get("new") is not None:  # (gates are causal: the new tokens' are as uncached)
             opened = opened[:, opened.shape[1] - state["new"]:]
         state["open"] = opened
-        state["any_open"] = opened.flatten(0, 1).any(0)  # (edits,)
+        state["open_ids"] = opened.flatten(0, 1).any(0).nonzero().flatten().tolist()
 
-    # per edited module: all edits' factor rows stacked, with the edit each row belongs to
-    factors: dict[str, tuple] = {}
+    # per edited module: all edits' factor rows stacked in edit order, with the edit each row
+    # belongs to and where each edit's rows start
+    parts: dict[str, list] = {}
     for i, e in enumerate(edits):
         for name, layer in e.delta.layers.items():
             if not layer.is_lowrank:
@@ -574,33 +575,44 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
                 # an edit there would move the gate layer's states, and with them the gates
                 raise ValueError(f"{name}: routing needs edited weights in blocks after the gate "
                                  f"layer {space.layer}; edit later layers or gate earlier")
-            u, d = layer.u.float(), layer.d.float() * -layer.alpha.float()
-            prev = factors.get(name)
-            rows = torch.full((len(u),), i)
-            factors[name] = (u, d, rows) if prev is None else (
-                torch.cat([prev[0], u]), torch.cat([prev[1], d]), torch.cat([prev[2], rows]))
+            parts.setdefault(name, []).append(
+                (i, layer.u.float(), layer.d.float() * -layer.alpha.float()))
+    factors: dict[str, tuple] = {}
+    for name, ps in parts.items():
+        counts = [0] * (len(edits) + 1)
+        for i, u, _ in ps:
+            counts[i + 1] = len(u)
+        first = [0]
+        for c in counts[1:]:
+            first.append(first[-1] + c)
+        rows = torch.cat([torch.full((len(u),), i) for i, u, _ in ps])
+        factors[name] = (torch.cat([u for _, u, _ in ps]), torch.cat([d for _, _, d in ps]),
+                         rows, first)
     # on the module that owns the blocks: a causal LM calls it with the input ids, and so do
     # the shortcuts that skip the LM head (forward.selected_logits)
     inner = getattr(model, "base_model", model)
     handles = [inner.register_forward_pre_hook(on_input, with_kwargs=True),
                inner.register_forward_hook(on_output),
                block_module(model, space.layer).register_forward_hook(on_gate)]
-    for name, (u, d, rows) in factors.items():
+    for name, (u, d, rows, first) in factors.items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         dev = module.weight.device
 
-        def add(module, args, output, u=u.to(dev), d=d.to(dev), rows=rows.to(dev)):
+        def add(module, args, output, u=u.to(dev), d=d.to(dev), rows=rows.to(dev), first=first):
             x = args[0]
             if "open" not in state:
                 raise RuntimeError("routed edits need the model's full forward pass: the gate "
                                    "layer did not run before an edited layer (a prefix cache?)")
-            # only the rows of edits whose gate is open somewhere in this forward: a chain of
-            # a thousand routed edits costs what its open ones cost, not a thousand times one
-            live = state["any_open"].to(rows.device)[rows]
-            if not bool(live.any()):
-                return output
-            if not bool(live.all()):
-                u, d, rows = u[live], d[live], rows[live]
+            # only the rows of edits whose gate is open somewhere in this forward, gathered by
+            # their spans: a chain of a thousand routed edits costs what its open ones cost,
+            # not a thousand times one
+            live = state["open_ids"]
+            if len(live) < len(edits):
+                spans = [torch.arange(first[i], first[i + 1]) for i in live if first[i + 1] > first[i]]
+                if not spans:
+                    return output
+                idx = torch.cat(spans).to(dev)
+                u, d, rows = u.index_select(0, idx), d.index_select(0, idx), rows.index_select(0, idx)
             coef = (x.float() @ u.T) * state["open"][..., rows].to(x.device)  # (B, T, rows)
             return output + (coef @ d).to(output.dtype)
         handles.append(module.register_forward_hook(add))
