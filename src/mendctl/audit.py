@@ -17,7 +17,10 @@ This module owns what an audit measures and the rules it flags by:
 - the retention matrix over the chain: success of edit j measured in the state after entry k
   (j ≤ k), rebuilt from the ledger's deltas. It is incremental: a cell the ledger already holds
   (an edit's own success right after it, `metrics_after`) or an earlier audit computed for the
-  same state hash is read back, and only states with missing cells are rebuilt;
+  same state hash is read back, and only states with missing cells are rebuilt. Routed edits
+  make most cells free: a cell (and an audit-set prompt) is carried over from the last state
+  that scored it when the two states share their plain weights and no gate that differs
+  between them opens on its prompts (`_Reach`);
 - flags (edits that no longer hold, locality under a threshold, drift over a threshold) and
   `--fail-under` / `--fail-over` checks for CI.
 
