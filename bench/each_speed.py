@@ -45,6 +45,7 @@ def run(cases, settings: dict, audit: bool = False) -> dict:
         out["audit_seconds"] = time.perf_counter() - t
         report = json.loads(a.stdout)
         out["audit"] = {k: v for k, v in report.items() if isinstance(v, (int, float, str, type(None)))}
+        out["audit"]["matrix_cost"] = report["chain"]["cost"]
     return out
 
 
