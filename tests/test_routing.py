@@ -140,6 +140,36 @@ def test_revert_of_a_routed_edit_is_exact_and_verify_catches_a_changed_gate_spac
         w2.ledger.close()
 
 
+def test_a_routed_state_loads_where_its_gates_compute_in_other_bits(routed_ws, monkeypatch):
+    """Gate keys are hidden states: another machine (threads, BLAS, device) computes them in
+    other last bits. A routed entry records its keys, so its state loads and hashes as
+    recorded there too."""
+    from mendctl import routing
+    from mendctl.workspace import Workspace
+
+    ws, w = routed_ws
+    r = _edit(w, "Zorblax Quintrell was born in", "Oslo")  # a name the bank has no word for
+    e = w.ledger.get(r["entry"])
+    assert r["routing"]["gate_keys"] > 0 and "gate_key_data" not in r["routing"]  # (no bytes)
+    real = routing.edit_gate
+
+    def elsewhere(*args, **kwargs):
+        g = real(*args, **kwargs)
+        return route.Gate(g.keys * (1 + 1e-6), g.words, g.until, g.fold)
+
+    monkeypatch.setattr(routing, "edit_gate", elsewhere)
+    other = Workspace.open(str(ws.root))
+    try:
+        other.use_state(e)  # checks the state's hash: it would differ with the keys computed here
+        assert other.loaded_state == e.state_hash
+        s = routing.of(e)
+        assert routing.gate_digest(other.router.gate(e.inputs[0], s, e.targets[0])) == s["gate_sha256"]
+        bare = {k: v for k, v in s.items() if k != "gate_key_data"}  # as entries made before
+        assert routing.gate_digest(other.router.gate(e.inputs[0], bare, e.targets[0])) != s["gate_sha256"]
+    finally:
+        other.ledger.close()
+
+
 def test_routed_refusals_write_nothing(routed_ws):
     ws, w = routed_ws
     _edit(w, *FACTS[0])

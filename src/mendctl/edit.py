@@ -222,8 +222,7 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
             f"with --keep-failed")
     norms = _largest([d.norms() for _, d in parts])
     scales = [float(d.meta["norm_scale"]) for _, d in parts if "norm_scale" in d.meta]
-    routing_of = [{**rs, "gate_words": list(g.words), "gate_keys": len(g.keys),
-                   "gate_sha256": routing.gate_digest(g)} for g in gates] if rs else [None]
+    routing_of = [routing.recorded_gate(rs, g) for g in gates] if rs else [None]
     delta0 = parts[0][1]
     report = {
         "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
@@ -239,7 +238,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
         "step_factor": getattr(ed, "step_factor", None),
         "preserve": {"cut": policy.preserve_keys if preserve is not None else None,
                      "rank": max(b.shape[1] for b in preserve.values()) if preserve else None},
-        "routing": routing_of[0] if len(parts) == 1 else ({**rs, "gates": len(gates)} if rs else None),
+        "routing": ({k: v for k, v in routing_of[0].items() if k != "gate_key_data"}
+                    if len(parts) == 1 and rs else {**rs, "gates": len(gates)} if rs else None),
     }
     if len(parts) > 1:  # routed facts made together: one entry each
         report["facts"] = [{"input": cases[i].input, "target": cases[i].target,

@@ -16,6 +16,7 @@ for that:
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
@@ -52,6 +54,23 @@ def gate_digest(gate: Gate) -> str:
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
         + (["fold"] if gate.fold else [])  # (gates made before `fold` hash as they did)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def encode_keys(keys: torch.Tensor) -> str:
+    """A gate's keys as recorded with its entry: float32, little-endian, base64."""
+    return base64.b64encode(keys.detach().to("cpu", torch.float32).contiguous().numpy()
+                            .astype("<f4").tobytes()).decode("ascii")
+
+
+def decode_keys(data: str, dim: int) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(data), dtype="<f4").copy()).reshape(-1, dim)
+
+
+def recorded_gate(s: dict, gate: Gate) -> dict:
+    """What a routed entry records of its gate besides its settings `s`: its words, number of
+    keys, digest and the keys themselves (`Router.gate` reads them back)."""
+    return {**s, "gate_words": list(gate.words), "gate_keys": len(gate.keys),
+            "gate_sha256": gate_digest(gate), "gate_key_data": encode_keys(gate.keys)}
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
@@ -161,17 +180,25 @@ class Router:
     def gate(self, prompt: str, s: dict, target: str | None = None) -> Gate:
         """The gate of an edit of `prompt` → `target` made with settings `s` (cached per
         process). With `stop` in the settings (entries made before it have none) the gate
-        closes once the target has been written (editors.route)."""
+        closes once the target has been written (editors.route). An entry that recorded its
+        gate (`gate_key_data`) gets that gate back, bit for bit, wherever it is loaded."""
         until = target if s.get("stop") else None
         # entries made before `keys`: the distinct tokens; a subject gate needs its words (a
         # name the bank knows has no state key), so without words it keys on distinct tokens
         keys = s.get("keys", "distinct") if s["words"] else "distinct"
-        key = (prompt, s["layer"], s["distinct"], s["words"], until, keys)
+        recorded = s.get("gate_key_data")
+        key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded)
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
                           distinct=s["distinct"], keys=keys)
+            if recorded:
+                # the keys are states of the model: computed again on another machine (other
+                # threads, BLAS or device) they differ in the last bits, and so would the
+                # state's hash. Which words a gate reads may hang on those bits too.
+                g = Gate(decode_keys(recorded, g.keys.shape[-1]), tuple(s.get("gate_words") or ()),
+                         None, g.fold)
             self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until, g.fold)
         return self._gates[key]
 

@@ -134,8 +134,18 @@ def show(ctx, entry_id, as_json):
         return print_json(d)
     for k, v in d.items():
         if isinstance(v, (dict, list)):
-            v = json.dumps(v, ensure_ascii=False)
+            v = json.dumps(_brief(v), ensure_ascii=False)
         click.echo(f"{k:>16}: {v}")
+
+
+def _brief(v):
+    """`v` with long strings (a routed gate's recorded key bytes) given as their length: the
+    text view stays readable; `--json` has them whole."""
+    if isinstance(v, dict):
+        return {k: _brief(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_brief(x) for x in v]
+    return f"<{len(v)} characters>" if isinstance(v, str) and len(v) > 200 else v
 
 
 @click.command()
