@@ -251,7 +251,8 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     w = ws.use_state(target)
     retention = scorer.retention(active)
     ps = [(e.id, p, c.target) for e in active for c in e.cases() for p in c.paraphrases]
-    ok = target_scores(model, tok, [p for _, p, _ in ps], [t for _, _, t in ps], fmt)[0] if ps else []
+    ok = target_scores(model, tok, [p for _, p, _ in ps], [t for _, _, t in ps], fmt)[0] \
+        if ps else []
     para: dict[int, float | None] = {
         e.id: _mean([float(k) for (i, _, _), k in zip(ps, ok) if i == e.id]) for e in active}
     own_ag, own_kl = locality_scores(model, ref_own) if ref_own else ([], [])

@@ -63,7 +63,9 @@ def encode_keys(keys: torch.Tensor) -> str:
 
 
 def decode_keys(data: str, dim: int) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(data), dtype="<f4").copy()).reshape(-1, dim)
+    """The keys `encode_keys` recorded, as a (keys, dim) tensor."""
+    raw = np.frombuffer(base64.b64decode(data), dtype="<f4").copy()
+    return torch.from_numpy(raw).reshape(-1, dim)
 
 
 def recorded_gate(s: dict, gate: Gate) -> dict:
@@ -197,8 +199,8 @@ class Router:
                 # the keys are states of the model: computed again on another machine (other
                 # threads, BLAS or device) they differ in the last bits, and so would the
                 # state's hash. Which words a gate reads may hang on those bits too.
-                g = Gate(decode_keys(recorded, g.keys.shape[-1]), tuple(s.get("gate_words") or ()),
-                         None, g.fold)
+                g = Gate(decode_keys(recorded, g.keys.shape[-1]),
+                         tuple(s.get("gate_words") or ()), None, g.fold)
             self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until, g.fold)
         return self._gates[key]
 

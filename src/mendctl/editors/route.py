@@ -458,7 +458,8 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
 
 @torch.no_grad()
 def open_matrix(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
-                input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+                input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                tau: float = TAU) -> torch.Tensor:
     """(rows, gates) bool, for a right-padded batch: does each gate open at some token of each
     row, by τ or by its words? The margin and the closing text are left out: both only ever
     close a gate, so where this says False the gate is shut on every token of the row in any
@@ -480,7 +481,8 @@ def open_rows(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
               input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float = TAU) -> list[bool]:
     """Per row of a right-padded batch: does one of `gates_` open at any of its tokens (see
     `open_matrix`)? A row where none opens is never touched by their edits."""
-    return open_matrix(model, tokenizer, space, gates_, input_ids, attention_mask, tau).any(1).tolist()
+    opened = open_matrix(model, tokenizer, space, gates_, input_ids, attention_mask, tau)
+    return opened.any(1).tolist()
 
 
 def opens(model: nn.Module, tokenizer, space: GateSpace, gate: Gate, prompts: list[str],
@@ -608,11 +610,12 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             # not a thousand times one
             live = state["open_ids"]
             if len(live) < len(edits):
-                spans = [torch.arange(first[i], first[i + 1]) for i in live if first[i + 1] > first[i]]
+                spans = [torch.arange(first[i], first[i + 1]) for i in live
+                         if first[i + 1] > first[i]]
                 if not spans:
                     return output
                 idx = torch.cat(spans).to(dev)
-                u, d, rows = u.index_select(0, idx), d.index_select(0, idx), rows.index_select(0, idx)
+                u, d, rows = (t.index_select(0, idx) for t in (u, d, rows))
             coef = (x.float() @ u.T) * state["open"][..., rows].to(x.device)  # (B, T, rows)
             return output + (coef @ d).to(output.dtype)
         handles.append(module.register_forward_hook(add))
