@@ -47,9 +47,9 @@ inputs that mention what the edit is about (its subject's tokens, seen at an ear
 its distinctive words), instead of being added to the weights. Chains of 100 edits keep ~95 %
 of unrelated answers this way, where plain weight edits keep almost none. Each fact is its
 own entry behind its own gate (`edit --batch` computes many together, `edit --each` one after
-another); `ask` generates without a KV cache; a routed state exports
-as a checkpoint plus its routes (`mendctl.load_edited`), not as a PEFT adapter, and is not
-squashed. false makes plain weight edits (the settings below then apply).
+another); a routed state exports as a checkpoint plus its routes
+(`mendctl.load_edited`), not as a PEFT adapter, and is not squashed. false makes plain weight
+edits (the settings below then apply).
 true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
 margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true, rank_cut: 0.05,
 confidence: 0.75, contexts: ["The following is true. ", "I read that "], keys: subject}

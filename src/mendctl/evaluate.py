@@ -72,7 +72,6 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
         loc = [p for c in batch for p in c.locality]
         ref = locality_reference(model, tok, loc, fmt) if loc else None
         prompts = [c.input for c in batch]
-        # (a state with routed edits installed generates without a KV cache: route.py)
         base_answers = fluency_answers(model, tok, prompts, fmt)
         named = subject_pattern(batch)
         t0 = time.perf_counter()

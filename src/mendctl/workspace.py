@@ -466,8 +466,8 @@ class Workspace:
 
     def generate_answers(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy answers in the loaded state, as shown to users (never blank: see
-        metrics.generate); with routed edits installed, without a KV cache (gates need every
-        token's states) and right-padded."""
+        metrics.generate); with routed edits installed, prompts of equal token length together
+        and never padded (a padded first token would move the gates)."""
         lm = self.lm
         return generate(lm.model, lm.tokenizer, prompts, self.fmt, max_new_tokens,
                         unpadded=self.router.active, say_something=True)
