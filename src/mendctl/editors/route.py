@@ -513,6 +513,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     def on_input(module, args, kwargs):
         state.pop("open", None)  # gates belong to one forward pass
         state.pop("open_ids", None)
+        state.pop("row_ids", None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (newer, older transformers)
         past = (cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)) \
             if cache is not None else 0
@@ -547,6 +548,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     def on_output(module, args, output):
         state.pop("open", None)  # (returns None: the output stays as it is)
         state.pop("open_ids", None)
+        state.pop("row_ids", None)
         # the cache this forward filled: the only one a later cached step may continue
         state["cache"] = getattr(output, "past_key_values", None)
 
@@ -563,7 +565,9 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         if state.get("new") is not None:  # (gates are causal: the new tokens' are as uncached)
             opened = opened[:, opened.shape[1] - state["new"]:]
         state["open"] = opened
-        state["open_ids"] = opened.flatten(0, 1).any(0).nonzero().flatten().tolist()
+        by_row = opened.any(1)  # (batch, edits)
+        state["open_ids"] = by_row.any(0).nonzero().flatten().tolist()
+        state["row_ids"] = [r.nonzero().flatten().tolist() for r in by_row]
 
     # per edited module: all edits' factor rows stacked in edit order, with the edit each row
     # belongs to and where each edit's rows start
@@ -605,19 +609,27 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             if "open" not in state:
                 raise RuntimeError("routed edits need the model's full forward pass: the gate "
                                    "layer did not run before an edited layer (a prefix cache?)")
-            # only the rows of edits whose gate is open somewhere in this forward, gathered by
-            # their spans: a chain of a thousand routed edits costs what its open ones cost,
-            # not a thousand times one
-            live = state["open_ids"]
-            if len(live) < len(edits):
-                spans = [torch.arange(first[i], first[i + 1]) for i in live
-                         if first[i + 1] > first[i]]
-                if not spans:
-                    return output
-                idx = torch.cat(spans).to(dev)
-                u, d, rows = (t.index_select(0, idx) for t in (u, d, rows))
-            coef = (x.float() @ u.T) * state["open"][..., rows].to(x.device)  # (B, T, rows)
-            return output + (coef @ d).to(output.dtype)
+            # per batch row, only the rows of the edits whose gate opens in it, gathered by
+            # their spans: a chain of a thousand routed edits costs what a row's open edits
+            # cost, not a thousand times one, and a batch of prompts about different subjects
+            # does not run every row through every subject's edit
+            if not state["open_ids"]:
+                return output
+            opened, out = state["open"], []
+            for b, ids in enumerate(state["row_ids"]):
+                if len(ids) < len(edits):
+                    spans = [torch.arange(first[i], first[i + 1]) for i in ids
+                             if first[i + 1] > first[i]]
+                    if not spans:
+                        out.append(torch.zeros_like(output[b]))
+                        continue
+                    idx = torch.cat(spans).to(dev)
+                    ub, db, rb = (t.index_select(0, idx) for t in (u, d, rows))
+                else:
+                    ub, db, rb = u, d, rows
+                coef = (x[b].float() @ ub.T) * opened[b][:, rb].to(x.device)  # (T, rows)
+                out.append((coef @ db).to(output.dtype))
+            return output + torch.stack(out)
         handles.append(module.register_forward_hook(add))
     try:
         yield
