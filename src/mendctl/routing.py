@@ -195,7 +195,7 @@ class Router:
             self._check_layer(s["layer"])
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
                           distinct=s["distinct"], keys=keys)
-            if recorded:
+            if recorded is not None:  # ("" for a gate of words alone)
                 # the keys are states of the model: computed again on another machine (other
                 # threads, BLAS or device) they differ in the last bits, and so would the
                 # state's hash. Which words a gate reads may hang on those bits too.
