@@ -52,13 +52,13 @@ def probe(ws, cases: list[EditCase], answers: bool = True) -> dict:
 
 def edit(ws, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
          command: str | None = None, max_steps: int | None = None,
-         keep_failed: bool | None = None, before_answers: bool = True) -> dict:
+         keep_failed: bool | None = None, answers: bool = True) -> dict:
     """Make one edit of `cases` on the head and record it. An edit after which a target
     is not the model's answer (edit success < 1) is refused with EditFailed and nothing is
     recorded, unless `keep_failed` (then it is recorded with status `failed`). `max_steps`
-    and `keep_failed` override the workspace's policy (None keeps it). `before_answers=False`
-    skips generating the answers before the edit (the report then has the scores only:
-    `edit --each` shows no answers).
+    and `keep_failed` override the workspace's policy (None keeps it). `answers=False` skips
+    generating the answers before and after the edit (the report then has the scores only:
+    `edit --each` shows no answers, and `eval --chain` reads only the scores).
 
     Several cases make one batched edit. A plain weight edit of them is one delta and one
     entry. Routed (the default), each fact needs its own gate and so its own delta: they
@@ -85,7 +85,7 @@ def edit(ws, cases: list[EditCase], editor: str = "mend", dry_run: bool = False,
                       + [("locality prompt", q) for q in c.locality]],
                      [c.target for c in cases])
     with ws.lock():
-        return _edit_locked(ws, cases, ed, policy, dry_run, command, before_answers)
+        return _edit_locked(ws, cases, ed, policy, dry_run, command, answers)
 
 
 def applied_facts(ws) -> set[tuple[str, str]]:
@@ -114,7 +114,7 @@ def edit_each(ws, cases: list[EditCase], editor: str = "mend", command: str | No
         row = {"index": i, "input": c.input, "target": c.target}
         try:
             r = edit(ws, [c], editor=editor, command=command, max_steps=max_steps,
-                          keep_failed=keep_failed, before_answers=False)
+                          keep_failed=keep_failed, answers=False)
         except EditFailed as e:
             results.append(row | {"status": "failed", "error": str(e)})
             continue
@@ -129,7 +129,7 @@ def edit_each(ws, cases: list[EditCase], editor: str = "mend", command: str | No
 
 
 def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
-                 before_answers=True) -> dict:
+                 answers=True) -> dict:
     lm = ws.lm
     head = ws.head()
     head_ids = list(head.active_ids) if head else []
@@ -145,7 +145,7 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     w_head = ws.use_state(head)
     # a batch is scored, not read out: generating answers for a hundred facts (without a KV
     # cache once routed edits are installed) would take longer than editing them
-    answers = before_answers and (len(cases) == 1 or not rs)
+    answers = answers and (len(cases) == 1 or not rs)
     before = probe(ws, cases, answers=answers)
     before_state = ws.loaded_state
     if health_ref is not None:

@@ -216,7 +216,9 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     base_answers = fluency_answers(model, tok, prompts, fmt)
     immediate, seconds = [], []
     for c in (progress(cases) if progress else cases):
-        r = edit(w, [c], editor=editor, max_steps=max_steps, command="mendctl eval --chain")
+        # (scores only: the answers a recorded edit shows would double the chain's time)
+        r = edit(w, [c], editor=editor, max_steps=max_steps, command="mendctl eval --chain",
+                 answers=False)
         a = r["after"]
         immediate.append({"edit_success": a["edit_success"], "paraphrase_success": a.get("paraphrase_success"),
                           "locality": a.get("locality")})

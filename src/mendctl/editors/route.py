@@ -409,7 +409,23 @@ def close_after(opened: torch.Tensor, texts: list[tuple[str, list[int]]],
     return out
 
 
-def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau: float,
+@dataclass
+class KeyTable:
+    """Many gates' keys stacked once, with the gate each key belongs to: the hooks of a chain
+    of a thousand routed edits do not stack them again on every forward."""
+
+    keys: torch.Tensor  # (all keys, dim)
+    owner: torch.Tensor  # (all keys,) the gate of each
+    n: int  # gates
+
+    @classmethod
+    def of(cls, keys: list[torch.Tensor]) -> "KeyTable":
+        owner = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)]) if keys \
+            else torch.zeros(0, dtype=torch.long)
+        return cls(torch.cat(keys) if keys else torch.zeros(0, 0), owner, len(keys))
+
+
+def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | KeyTable, tau: float,
           words: torch.Tensor | None = None, margin: float | None = None) -> torch.Tensor:
     """(batch, tokens, edits) bool: is each edit's gate open at each token of `hidden`
     (batch, tokens, dim), the states at the gate layer?
@@ -419,12 +435,12 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor], tau:
     open where its score exceeds `tau` and, with a `margin`, is within `margin` of the best
     score of any edit there: a sequence that names one subject then opens that subject's edits
     (all of them: they score alike), not those of a similar-looking name that also passed τ."""
+    table = keys if isinstance(keys, KeyTable) else KeyTable.of(keys)
     z = space.unit(hidden)
-    k = torch.cat(keys).to(z.device)
-    owner = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)]).to(z.device)
+    k, owner = table.keys.to(z.device), table.owner.to(z.device)
     sim = z @ k.T  # (B, T, total keys)
     sim[:, 0] = -torch.inf  # the first token never opens a gate (see hidden_at)
-    best = torch.full((*sim.shape[:2], len(keys)), -torch.inf, device=z.device, dtype=sim.dtype)
+    best = torch.full((*sim.shape[:2], table.n), -torch.inf, device=z.device, dtype=sim.dtype)
     best = best.scatter_reduce(2, owner.expand(*sim.shape[:2], -1), sim, "amax")
     score = best.cummax(dim=1).values
     opened = score > tau
@@ -502,7 +518,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         yield
         return
     state: dict[str, torch.Tensor] = {}
-    keys = [e.gate.keys for e in edits]
+    keys = KeyTable.of([e.gate.keys for e in edits])
     words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
     index = WordIndex(words, [e.gate.fold for e in edits] if words else None)
     until = [e.gate.until for e in edits]
@@ -569,8 +585,8 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         state["open_ids"] = by_row.any(0).nonzero().flatten().tolist()
         state["row_ids"] = [r.nonzero().flatten().tolist() for r in by_row]
 
-    # per edited module: all edits' factor rows stacked in edit order, with the edit each row
-    # belongs to and where each edit's rows start
+    # per edited module: all edits' factor rows stacked in edit order, and where each edit's
+    # rows start
     parts: dict[str, list] = {}
     for i, e in enumerate(edits):
         for name, layer in e.delta.layers.items():
@@ -591,45 +607,40 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         first = [0]
         for c in counts[1:]:
             first.append(first[-1] + c)
-        rows = torch.cat([torch.full((len(u),), i) for i, u, _ in ps])
-        factors[name] = (torch.cat([u for _, u, _ in ps]), torch.cat([d for _, _, d in ps]),
-                         rows, first)
+        factors[name] = (torch.cat([u for _, u, _ in ps]), torch.cat([d for _, _, d in ps]), first)
     # on the module that owns the blocks: a causal LM calls it with the input ids, and so do
     # the shortcuts that skip the LM head (forward.selected_logits)
     inner = getattr(model, "base_model", model)
     handles = [inner.register_forward_pre_hook(on_input, with_kwargs=True),
                inner.register_forward_hook(on_output),
                block_module(model, space.layer).register_forward_hook(on_gate)]
-    for name, (u, d, rows, first) in factors.items():
+    for name, (u, d, first) in factors.items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         dev = module.weight.device
 
-        def add(module, args, output, u=u.to(dev), d=d.to(dev), rows=rows.to(dev), first=first):
+        def add(module, args, output, u=u.to(dev), d=d.to(dev), first=first):
             x = args[0]
             if "open" not in state:
                 raise RuntimeError("routed edits need the model's full forward pass: the gate "
                                    "layer did not run before an edited layer (a prefix cache?)")
-            # per batch row, only the rows of the edits whose gate opens in it, gathered by
-            # their spans: a chain of a thousand routed edits costs what a row's open edits
-            # cost, not a thousand times one, and a batch of prompts about different subjects
-            # does not run every row through every subject's edit
+            # per batch row, only the edits whose gate opens in it, each through its own span
+            # of factor rows (a view: nothing gathered): a chain of a thousand routed edits
+            # costs what a row's open edits cost, not a thousand times one, and a batch of
+            # prompts about different subjects does not run every row through every subject's
+            # edit
             if not state["open_ids"]:
                 return output
-            opened, out = state["open"], []
+            opened, out = state["open"].to(dev), None
             for b, ids in enumerate(state["row_ids"]):
-                if len(ids) < len(edits):
-                    spans = [torch.arange(first[i], first[i + 1]) for i in ids
-                             if first[i + 1] > first[i]]
-                    if not spans:
-                        out.append(torch.zeros_like(output[b]))
+                for i in ids:
+                    lo, hi = first[i], first[i + 1]
+                    if lo == hi:  # (no rows at this weight)
                         continue
-                    idx = torch.cat(spans).to(dev)
-                    ub, db, rb = (t.index_select(0, idx) for t in (u, d, rows))
-                else:
-                    ub, db, rb = u, d, rows
-                coef = (x[b].float() @ ub.T) * opened[b][:, rb].to(x.device)  # (T, rows)
-                out.append((coef @ db).to(output.dtype))
-            return output + torch.stack(out)
+                    coef = (x[b].float() @ u[lo:hi].T) * opened[b, :, i, None]  # (T, rows)
+                    if out is None:
+                        out = torch.zeros(output.shape, dtype=torch.float32, device=dev)
+                    out[b] += coef @ d[lo:hi]
+            return output if out is None else output + out.to(output.dtype)
         handles.append(module.register_forward_hook(add))
     try:
         yield
