@@ -126,11 +126,13 @@ def test_revert_of_a_routed_edit_is_exact_and_verify_catches_a_changed_gate_spac
     assert r["state_hash"] == w._base_hash  # nothing routed, nothing added: the base
     assert verify_chain(w)["ok"]
     # what routing applies is part of the state: another standardisation is another state
-    path = next((ws.root / ".mendctl" / "gates").glob("space-*.safetensors"))
-    space = route.GateSpace.load(path)
-    space.mean = space.mean + 0.5
-    space.save(path)
+    # (the one the ledger recorded with the first routed edit, whatever the file says)
+    from mendctl import routing
     from mendctl.workspace import Workspace
+
+    key = next(k for k in w.ledger.all_meta() if k.startswith("gate_space/"))
+    both = routing.decode_keys(w.ledger.get_meta(key), w.router.space(1).mean.numel())
+    w.ledger.set_meta(key, routing.encode_keys(torch.stack([both[0] + 0.5, both[1]])))
 
     w2 = Workspace.open(str(ws.root))
     try:
@@ -138,6 +140,48 @@ def test_revert_of_a_routed_edit_is_exact_and_verify_catches_a_changed_gate_spac
         assert not v["ok"] and any("entry 1" in p for p in v["problems"])
     finally:
         w2.ledger.close()
+
+
+def test_a_routed_state_loads_where_its_gate_space_computes_in_other_bits(routed_ws, monkeypatch):
+    """The gate space's standardisation (bank statistics of hidden states) is part of a routed
+    state's hash. Another machine sharing the ledger (PostgreSQL), or the workspace after its
+    .mendctl/gates was lost, computes it in other last bits: the ledger's record of it, made
+    with the first routed edit, is what every state is loaded with."""
+    import shutil
+
+    from mendctl import routing
+    from mendctl.ledger import WorkspaceMeta
+    from mendctl.workspace import Workspace
+
+    ws, w = routed_ws
+    r = _edit(w, *FACTS[0])
+    e = w.ledger.get(r["entry"])
+    [key] = [k for k in w.ledger.all_meta() if k.startswith("gate_space/")]
+    space = w.router.space(1)
+    recorded = routing.decode_keys(w.ledger.get_meta(key), space.mean.numel())
+    assert torch.equal(recorded[0], space.mean) and torch.equal(recorded[1], space.std)
+    shutil.rmtree(ws.root / ".mendctl" / "gates")  # lost, and the shared copy with it
+    shutil.rmtree(ws.cache_dir / "models" / "gates")  # (model_cache: the shared copy)
+    real = routing.gate_space
+
+    def elsewhere(*args, **kwargs):
+        s = real(*args, **kwargs)
+        return route.GateSpace(s.layer, s.mean * (1 + 1e-6), s.std, s.bank, s.first_ids, s.words)
+
+    monkeypatch.setattr(routing, "gate_space", elsewhere)
+    other = Workspace.open(str(ws.root))
+    try:
+        other.use_state(e)  # checks the state's hash
+        assert other.loaded_state == e.state_hash and verify_chain(other)["ok"]
+    finally:
+        other.ledger.close()
+    third = Workspace.open(str(ws.root))  # without the record: the bits computed here
+    try:
+        with third.ledger.transaction() as s:
+            s.delete(s.get(WorkspaceMeta, {"chain": third.ledger.chain, "key": key}))
+        assert not verify_chain(third)["ok"]
+    finally:
+        third.ledger.close()
 
 
 def test_a_routed_state_loads_where_its_gates_compute_in_other_bits(routed_ws, monkeypatch):

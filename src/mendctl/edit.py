@@ -254,6 +254,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     try:
         with ws.recorder.recording([d for _, d in parts], head.id if head else None) as (s, staged):
             ws.record_base_model(s)
+            if rs:
+                ws.router.record_space(s, rs["layer"])
             parent, active = (head.id if head else None), list(head_ids)
             for k, ((idx, d), st) in enumerate(zip(parts, staged)):
                 mine = [cases[i] for i in idx]

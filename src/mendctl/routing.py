@@ -155,8 +155,30 @@ class Router:
             space.save(tmp)
             tmp.replace(path)
             _copy_atomic(path, shared)
+        recorded = self.ws.ledger.get_meta(self._space_key(layer))
+        if recorded is not None:
+            # the standardisation the workspace's routed states were made with (and hashed
+            # over), as its ledger holds it: computed again elsewhere (another machine sharing
+            # a PostgreSQL ledger, a workspace whose .mendctl/gates was lost) it would differ in
+            # the last bits. The bank only chooses new gates' keys: it may be this machine's.
+            both = decode_keys(recorded, space.mean.numel())
+            if not (torch.equal(both[0], space.mean) and torch.equal(both[1], space.std)):
+                space = GateSpace(layer, both[0].clone(), both[1].clone(), space.bank,
+                                  space.first_ids, space.words)
         self._spaces[layer] = space
         return space
+
+    def _space_key(self, layer: int) -> str:
+        return "gate_space/" + self._space_path(layer).name
+
+    def record_space(self, session, layer: int) -> None:
+        """Record the gate space's standardisation at `layer` in the ledger (once: the first
+        routed edit's transaction), so the workspace's routed states load wherever its ledger
+        is read, whatever the gate-space file there (`space`)."""
+        key = self._space_key(layer)
+        if self.ws.ledger.get_meta(key, session=session) is None:
+            s = self.space(layer)
+            self.ws.ledger.set_meta(key, encode_keys(torch.stack([s.mean, s.std])), session=session)
 
     def _shared_path(self, path: Path) -> Path:
         cache = self.ws.config.model_cache
