@@ -262,6 +262,38 @@ def test_margin_opens_the_best_matching_subjects_only():
     assert gates(space, hidden, keys, tau=0.7, words=words, margin=0.1)[0, 2].tolist() == [True, True, True]
 
 
+def test_a_gate_of_every_key_opens_once_each_key_has_been_seen():
+    """`Gate.every`: by states, the gate opens at the first token by which every one of its
+    keys has been matched (each by some token, in any order), and stays open; a gate of one
+    key, or without the rule, opens on the first match; a gate without keys opens by its
+    words alone. (The rule is how `all_keys` gates keep a name that shares a first name with
+    an edited one shut.)"""
+    from mendctl.editors.route import KeyTable
+
+    dim = 8
+    space = GateSpace(1, torch.zeros(dim), torch.ones(dim), torch.empty(0), frozenset(), frozenset())
+    e = torch.eye(dim)
+    hidden = torch.zeros(1, 5, dim)
+    hidden[0, 0, 7] = 1.0  # the first token never opens a gate
+    hidden[0, 1] = e[1]  # the first name of two-key subjects
+    hidden[0, 2] = e[5]  # unrelated
+    hidden[0, 3] = e[2]  # the second key
+    hidden[0, 4] = e[6]  # unrelated again
+    keys = [e[[1, 2]], e[[1, 2]], e[[1, 3]], e[[2]], torch.zeros(0, dim)]
+    table = KeyTable.of(keys, [True, False, True, True, True])
+    words = torch.zeros(1, 5, 5, dtype=torch.bool)
+    words[0, 4:, 4] = True  # the keyless gate's words, at the last token
+    got = gates(space, hidden, table, tau=0.7, words=words)[0]
+    assert got[:, 0].tolist() == [False, False, False, True, True]  # both keys seen by token 3
+    assert got[:, 1].tolist() == [False, True, True, True, True]  # one key is enough
+    assert got[:, 2].tolist() == [False] * 5  # its second key never comes
+    assert got[:, 3].tolist() == [False, False, False, True, True]
+    assert got[:, 4].tolist() == [False, False, False, False, True]
+    # without any `every` gate the result is the plain rule's, bit for bit
+    assert torch.equal(gates(space, hidden, KeyTable.of(keys), tau=0.7, words=words),
+                       gates(space, hidden, keys, tau=0.7, words=words))
+
+
 def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):
     """`open_rows` (what the routed health check uses to re-score only the prompts a new edit
     can touch) agrees with `routed` itself: a row it calls closed is unchanged bit for bit."""

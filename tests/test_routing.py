@@ -533,3 +533,22 @@ def test_locality_prompts_naming_a_batch_subject_are_told_apart():
     prompts = ["Water boils at", "france is known for", "Frances is", "I write C++ daily", "C+ is"]
     assert [bool(named.search(p)) for p in prompts] == [False, True, False, True, False]
     assert subject_pattern(cases + [EditCase(input="x is", target="y")]) is None
+
+
+def test_new_routed_entries_gate_on_every_key_and_old_ones_keep_their_rule(routed_ws):
+    """`all_keys` (the default) is recorded with each routed entry and gives its gate the
+    every-key rule (editors/route.py); an entry made before the setting existed keeps the
+    one-key rule and its digest, so its recorded state still loads."""
+    from mendctl import routing
+
+    ws, w = routed_ws
+    r = _edit(w, "Zorblax Quintrell was born in", "Oslo")
+    e = w.ledger.get(r["entry"])
+    s = routing.of(e)
+    assert s["all_keys"] is True
+    gate = w.router.gate(e.inputs[0], s, e.targets[0])
+    assert gate.every and routing.gate_digest(gate) == s["gate_sha256"]
+    before = {k: v for k, v in s.items() if k != "all_keys"}  # as an entry made before it
+    old = w.router.gate(e.inputs[0], before, e.targets[0])
+    assert not old.every and torch.equal(old.keys, gate.keys)
+    assert routing.gate_digest(old) != s["gate_sha256"]

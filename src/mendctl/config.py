@@ -52,9 +52,12 @@ another); a routed state exports as a checkpoint plus its routes
 edits (the settings below then apply).
 true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
 margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true, rank_cut: 0.05,
-confidence: 0.75, contexts: ["The following is true. ", "I read that "], keys: subject}
+confidence: 0.75, contexts: ["The following is true. ", "I read that "], keys: subject,
+all_keys: true}
 (keys: what opens an edit's gate: the names its prompt holds, `subject`, or its tokens least
-like ordinary prompts, `distinct`, which may be the relation's words; margin: open only the
+like ordinary prompts, `distinct`, which may be the relation's words; all_keys: the states of
+a text open the gate only once every one of its keys has been matched, so a name sharing a
+first name or a syllable with the edited one does not; margin: open only the
 gates scoring within it of the best; alpha: the step as a multiple of the editor's
 as-trained α; stop: an edit stops acting once its answer is written, so it does not repeat it;
 rank_cut: each edit's ΔW keeps the directions above that fraction of its largest, a third of
@@ -81,7 +84,7 @@ MAX_STEPS = 50  # MEND steps one edit may take
 ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
                     "alpha": 1.0, "max_steps": 5, "stop": True, "rank_cut": 0.05,
                     "confidence": 0.75, "contexts": ["The following is true. ", "I read that "],
-                    "keys": "subject"}
+                    "keys": "subject", "all_keys": True}
 
 
 def routing_settings(value) -> dict | None:
@@ -112,6 +115,7 @@ def routing_settings(value) -> dict | None:
         "rank_cut": s["rank_cut"] is None or (_number(s["rank_cut"]) and 0 < s["rank_cut"] < 1),
         "confidence": s["confidence"] is None or (_number(s["confidence"]) and 0 < s["confidence"] < 1),
         "keys": s["keys"] in ("subject", "distinct"),
+        "all_keys": isinstance(s["all_keys"], bool),
         "contexts": s["contexts"] is None or (isinstance(s["contexts"], list) and len(s["contexts"]) <= 8
                                               and all(isinstance(c, str) and c.strip() and len(c) <= 200
                                                       for c in s["contexts"])),
@@ -131,6 +135,7 @@ def routing_settings(value) -> dict | None:
                 "confidence": "use a probability in (0, 1), or null to stop at the argmax",
                 "keys": "use subject (the names the prompt holds) or distinct (its tokens least "
                         "like ordinary prompts)",
+                "all_keys": "use true or false",
                 "contexts": "use a list of at most 8 non-empty prefixes of ≤ 200 characters, "
                             "or [] for none"}[key])
     for key in ("distinct", "tau", "alpha", "margin", "rank_cut", "confidence"):

@@ -33,9 +33,10 @@ from .editors.route import Gate, GateSpace, RoutedEdit, mark_answer_starts, rout
 from .errors import ModelError
 
 ROUTES_FILE = "mendctl-routes.safetensors"
-#: version 2 adds gates whose words match in any case (`fold`); a file without one is written
-#: as version 1, which mendctl before it reads the same
-FORMAT, FORMAT_VERSION = "mendctl.routes", 2
+#: version 2 adds gates whose words match in any case (`fold`), version 3 gates opened by all
+#: their keys (`every`); a file without them is written as the version before, which mendctl
+#: before them reads the same
+FORMAT, FORMAT_VERSION = "mendctl.routes", 3
 
 
 def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
@@ -49,12 +50,14 @@ def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
         tensors[f"edit{k}/gate.keys"] = r.gate.keys.detach().float().cpu().contiguous()
         records.append({"entry": entry, "delta_meta": meta, "words": list(r.gate.words),
                         "until": r.gate.until, "layer": s["layer"], "tau": s["tau"],
-                        "margin": s.get("margin")} | ({"fold": True} if r.gate.fold else {}))
+                        "margin": s.get("margin")} | ({"fold": True} if r.gate.fold else {})
+                       | ({"every": True} if r.gate.every else {}))
     for layer, space in spaces.items():
         tensors[f"space{layer}/mean"] = space.mean.float().contiguous()
         tensors[f"space{layer}/std"] = space.std.float().contiguous()
     path = Path(path)
-    version = 2 if any(r.gate.fold for r, _ in edits) else 1
+    version = 3 if any(r.gate.every for r, _ in edits) else \
+        2 if any(r.gate.fold for r, _ in edits) else 1
     save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(version),
                                             "edits": json.dumps(records)})
     return path
@@ -80,7 +83,8 @@ def read_routes(path: str | Path) -> list[tuple[RoutedEdit, dict]]:
             mean, std = t[f"space{layer}/mean"], t[f"space{layer}/std"]
             spaces[layer] = GateSpace(layer, mean, std, torch.empty(0, mean.numel()),
                                       frozenset(), frozenset())
-        gate = Gate(t[prefix + "gate.keys"], tuple(rec["words"]), rec["until"], rec.get("fold", False))
+        gate = Gate(t[prefix + "gate.keys"], tuple(rec["words"]), rec["until"], rec.get("fold", False),
+                    rec.get("every", False))
         out.append((RoutedEdit(delta, gate), {"layer": layer, "tau": rec["tau"],
                                               "margin": rec["margin"], "space": spaces[layer]}))
     return out

@@ -52,7 +52,8 @@ def gate_digest(gate: Gate) -> str:
     """sha256 over a gate's keys, words and closing text: what an entry records and a state's
     hash covers (gates made before gates closed hash as they always did)."""
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
-        + (["fold"] if gate.fold else [])  # (gates made before `fold` hash as they did)
+        + (["fold"] if gate.fold else []) \
+        + (["every"] if gate.every else [])  # (gates made before either hash as they did)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -211,7 +212,8 @@ class Router:
         # name the bank knows has no state key), so without words it keys on distinct tokens
         keys = s.get("keys", "distinct") if s["words"] else "distinct"
         recorded = s.get("gate_key_data")
-        key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded)
+        key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded,
+               bool(s.get("all_keys")))
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
@@ -223,7 +225,9 @@ class Router:
                 # state's hash. Which words a gate reads may hang on those bits too.
                 g = Gate(decode_keys(recorded, g.keys.shape[-1]),
                          tuple(s.get("gate_words") or ()), None, g.fold)
-            self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until, g.fold)
+            # (entries made before `all_keys` open on one key)
+            self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until, g.fold,
+                                    bool(s.get("all_keys")))
         return self._gates[key]
 
     def edits(self, entries) -> list[tuple[RoutedEdit, dict]]:

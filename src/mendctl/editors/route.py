@@ -26,7 +26,10 @@ layers' outputs from the first token on which the sequence *mentions the edit's 
 A *subject* gate (`edit_gate(keys="subject")`, the workspace default) keys both on what the
 prompt names instead (`subject_words`: "France", not the relation's "president", which is what
 the distinct tokens are when the bank knows the subject): its words are the names, and its
-state keys the names' tokens that are distinct from the bank.
+state keys the names' tokens that are distinct from the bank. Such a gate made with `every`
+(`all_keys` in the settings) opens by states only once each of its keys has been matched by
+some token, not one of them: a name that shares a first name or a syllable with an edited one
+("Alfred G. Gilman" for "Alfred Kastler", "Kočevje" for "Kozje") leaves the edit shut.
 Once open, a gate stays open to the end of the sequence (causal: a token only sees what came
 before it, so scoring a prompt and generating from it see the same gates), or, for a gate with
 an `until` text (the edit's target), until that text has been written after the gate opened:
@@ -150,6 +153,10 @@ class Gate:
     words: tuple[str, ...] = ()
     until: str | None = None
     fold: bool = False  # the words match in any case (a name that opened its prompt)
+    # by states, the gate opens once every key has been matched by some token so far, not
+    # one of them: a name's every distinct token, so "Alfred G. Gilman" does not open the
+    # edit of "Alfred Kastler", nor "Schrock" that of "Schoeman"
+    every: bool = False
 
 
 #: Capitalised words that are part of how a question or instruction is put, never its subject
@@ -411,18 +418,25 @@ def close_after(opened: torch.Tensor, texts: list[tuple[str, list[int]]],
 
 @dataclass
 class KeyTable:
-    """Many gates' keys stacked once, with the gate each key belongs to: the hooks of a chain
-    of a thousand routed edits do not stack them again on every forward."""
+    """Many gates' keys stacked once, with the gate each key belongs to and each gate's rule
+    (`Gate.every`): the hooks of a chain of a thousand routed edits do not stack them again on
+    every forward."""
 
     keys: torch.Tensor  # (all keys, dim)
     owner: torch.Tensor  # (all keys,) the gate of each
     n: int  # gates
+    every: torch.Tensor | None = None  # (gates,) bool: opened by all its keys, not one
 
     @classmethod
-    def of(cls, keys: list[torch.Tensor]) -> "KeyTable":
+    def of(cls, keys: list[torch.Tensor], every: list[bool] | None = None) -> "KeyTable":
         owner = torch.cat([torch.full((len(x),), i) for i, x in enumerate(keys)]) if keys \
             else torch.zeros(0, dtype=torch.long)
-        return cls(torch.cat(keys) if keys else torch.zeros(0, 0), owner, len(keys))
+        rule = torch.tensor(every, dtype=torch.bool) if every is not None and any(every) else None
+        return cls(torch.cat(keys) if keys else torch.zeros(0, 0), owner, len(keys), rule)
+
+    @classmethod
+    def of_gates(cls, gates_: list["Gate"]) -> "KeyTable":
+        return cls.of([g.keys for g in gates_], [g.every for g in gates_])
 
 
 def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | KeyTable, tau: float,
@@ -430,8 +444,10 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
     """(batch, tokens, edits) bool: is each edit's gate open at each token of `hidden`
     (batch, tokens, dim), the states at the gate layer?
 
-    An edit's score at a token is the best cosine of any token so far to one of its keys, or 1
-    (a key's own cosine) once `words` (batch, tokens, edits; see `word_gates`) holds. A gate is
+    An edit's score at a token is the best cosine of any token so far to one of its keys (for
+    a gate whose every key must be matched, `Gate.every`: the worst over its keys of that best
+    cosine), or 1 (a key's own cosine) once `words` (batch, tokens, edits; see `word_gates`)
+    holds. A gate is
     open where its score exceeds `tau` and, with a `margin`, is within `margin` of the best
     score of any edit there: a sequence that names one subject then opens that subject's edits
     (all of them: they score alike), not those of a similar-looking name that also passed τ."""
@@ -440,9 +456,15 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
     k, owner = table.keys.to(z.device), table.owner.to(z.device)
     sim = z @ k.T  # (B, T, total keys)
     sim[:, 0] = -torch.inf  # the first token never opens a gate (see hidden_at)
-    best = torch.full((*sim.shape[:2], table.n), -torch.inf, device=z.device, dtype=sim.dtype)
-    best = best.scatter_reduce(2, owner.expand(*sim.shape[:2], -1), sim, "amax")
-    score = best.cummax(dim=1).values
+    shape, index = (*sim.shape[:2], table.n), owner.expand(*sim.shape[:2], -1)
+    best = torch.full(shape, -torch.inf, device=z.device, dtype=sim.dtype)
+    score = best.scatter_reduce(2, index, sim, "amax").cummax(dim=1).values
+    if table.every is not None:  # each key's best so far, the gate's worst of them
+        seen = sim.cummax(dim=1).values
+        worst = torch.full(shape, torch.inf, device=z.device, dtype=sim.dtype)
+        worst = worst.scatter_reduce(2, index, seen, "amin")
+        worst = worst.masked_fill(~torch.isfinite(worst), -torch.inf)  # (a gate without keys)
+        score = torch.where(table.every.to(z.device), worst, score)
     opened = score > tau
     if words is not None:  # (the words open a gate whatever τ is)
         words = words.to(score.device)
@@ -458,7 +480,7 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
                 margin: float | None = None) -> torch.Tensor:
     """(prompts, gates) bool: which gates are open at each prompt's last token (where its
     answer is predicted)."""
-    keys = [g.keys for g in gates_]
+    keys = KeyTable.of_gates(gates_)
     words = [g.words for g in gates_]
     index = WordIndex(words, [g.fold for g in gates_]) if any(words) else None
     out = torch.zeros(len(prompts), len(gates_), dtype=torch.bool)
@@ -489,7 +511,7 @@ def open_matrix(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     words = [g.words for g in gates_]
     words = (word_gates(tokenizer, input_ids.cpu(), WordIndex(words, [g.fold for g in gates_]))
              if any(words) else None)
-    g = gates(space, h.float().cpu(), [g.keys for g in gates_], tau, words)
+    g = gates(space, h.float().cpu(), KeyTable.of_gates(gates_), tau, words)
     return (g & attention_mask.cpu().bool()[..., None]).any(1)
 
 
@@ -518,7 +540,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         yield
         return
     state: dict[str, torch.Tensor] = {}
-    keys = KeyTable.of([e.gate.keys for e in edits])
+    keys = KeyTable.of_gates([e.gate for e in edits])
     words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
     index = WordIndex(words, [e.gate.fold for e in edits] if words else None)
     until = [e.gate.until for e in edits]
