@@ -8,7 +8,9 @@ a share of the dense weights the edit touches.
   with at least this probability (none: until it is the argmax);
 - `--key contexts` (generalisation): the prefixes under which an edit's first step also
   learns the fact (`none`: the prompt alone; `default`: the shipped list; values are
-  separated by `;` when any of them holds a comma, and are read as YAML: `["A. ", "B "]`).
+  separated by `;` when any of them holds a comma, and are read as YAML: `["A. ", "B "]`);
+- `--key all_keys` (precision): whether a subject gate opens by states only once every one of
+  its keys has been matched (true) or on one of them (false).
 
 Usage: python bench/routed_settings.py --key contexts --values 'none;default'
        python bench/routed_settings.py --key confidence [--values none,0.6,0.75,0.9]
