@@ -11,6 +11,8 @@ drifting machine does not pass for overhead):
 - unrelated: locality prompts of the bundled splits on which none of the T = max installed
   gates opens (the common case; `route.open_matrix`);
 - edited: prompts of 16 of the installed edits (their gates open).
+It also times installing the T edits' hooks (what every state load and edit does), the first
+time (each edit's factors prepared) and again.
 
 Usage: python bench/routed_scale.py [--lengths 0,100,1000] [--rows 24] [--repeats 15]
        [--out bench/results/routed_scale.json]
@@ -113,14 +115,23 @@ def main():
                "edited": encode_prompts(tok, prompts[:16], ws.fmt)}
     rows, out = [], {"rows_per_weight": a.rows, "repeats": a.repeats, "runs": []}
     for n in lengths:
+        # installing the hooks, as every state load and every edit does: the first time the
+        # edits' factors are prepared, later ones reuse them
+        installs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with routed(model, edits[:n], space, s["tau"], tok, s.get("margin")):
+                installs.append(time.perf_counter() - t0)
         base, t = {}, {}
         for k, b in batches.items():
             base[k], t[k] = paired(model, b, lambda: routed(model, edits[:n], space, s["tau"], tok,
                                                             s.get("margin")), a.repeats)
         run = {"T": n, "seconds": t, "base_seconds": base, "overhead": {k: t[k] / base[k] - 1 for k in t},
+               "install_seconds": {"first": installs[0], "again": installs[1]},
                "peak_rss_mib": peak_rss_mib()}
         out["runs"].append(run)
         rows.append({"T": n, **{f"{k} overhead": f"{run['overhead'][k]:+.1%}" for k in t},
+                     "install s (first / again)": f"{installs[0]:.3f} / {installs[1]:.3f}",
                      "peak RSS MiB": f"{run['peak_rss_mib']:.0f}"})
     print(table(rows, list(rows[0])))
     write_json(a.out, out)

@@ -339,3 +339,18 @@ def test_low_rank_norm_is_the_dense_norm():
                        d=torch.randn(7, 48, generator=g) * 1e-3, alpha=torch.tensor(-0.4))
     dense = float(torch.linalg.norm(layer.to_dense().double()))
     assert layer.frobenius_norm() == pytest.approx(dense, rel=8 * torch.finfo(torch.float32).eps)
+
+
+def test_applied_factors_are_u_and_minus_alpha_d_made_once():
+    """What a routing hook applies: ΔW x = dᵀ(−α)(u x), from factors made once per delta (a
+    state of a thousand routed edits installs them all on every load, without copying)."""
+    g = torch.Generator().manual_seed(0)
+    layer = LayerDelta("m.weight", (5, 3), u=torch.randn(2, 3, generator=g),
+                       d=torch.randn(2, 5, generator=g), alpha=torch.tensor(0.25))
+    u, d = layer.applied_factors()
+    assert torch.equal(u, layer.u) and torch.equal(d, layer.d * -0.25)
+    assert layer.applied_factors()[0] is u and layer.applied_factors()[1] is d
+    x = torch.randn(3, generator=g, dtype=torch.float64)
+    want = layer.to_dense().double() @ x
+    got = (d.double().T @ (u.double() @ x))
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

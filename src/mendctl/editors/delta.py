@@ -45,6 +45,9 @@ class LayerDelta:
     alpha: torch.Tensor | None = None  # 0-d step size
     dense: torch.Tensor | None = None  # ΔW in the parameter's stored orientation
     transposed: bool = False
+    # `applied_factors` per device, made once: a routed state of a thousand edits installs
+    # every edit's factors on each load
+    _applied: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -56,6 +59,16 @@ class LayerDelta:
     @property
     def is_lowrank(self) -> bool:
         return self.dense is None
+
+    def applied_factors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, −α·d) in float32 on `device`: ΔW x = dᵀ(−α)(u x), as a hook applies it without
+        building ΔW. Made once per device; the factors must not change afterwards (a delta's
+        tensors are never written once it is made)."""
+        key = str(device) if device is not None else str(self.u.device)
+        if key not in self._applied:
+            u, d = self.u.detach().float(), self.d.detach().float() * -self.alpha.detach().float()
+            self._applied[key] = (u.to(device), d.to(device)) if device is not None else (u, d)
+        return self._applied[key]
 
     @property
     def rank(self) -> int:

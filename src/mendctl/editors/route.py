@@ -607,10 +607,10 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         state["open_ids"] = by_row.any(0).nonzero().flatten().tolist()
         state["row_ids"] = [r.nonzero().flatten().tolist() for r in by_row]
 
-    # per edited module: all edits' factor rows stacked in edit order, and where each edit's
-    # rows start
-    parts: dict[str, list] = {}
-    for i, e in enumerate(edits):
+    # per edited module: each edit's factors (None where it has none), by reference: nothing
+    # is stacked or copied, so installing the thousandth edit does not copy the other 999's
+    names: list[str] = []
+    for e in edits:
         for name, layer in e.delta.layers.items():
             if not layer.is_lowrank:
                 raise ValueError(f"{name}: routing applies low-rank (MEND) deltas only")
@@ -619,49 +619,41 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
                 # an edit there would move the gate layer's states, and with them the gates
                 raise ValueError(f"{name}: routing needs edited weights in blocks after the gate "
                                  f"layer {space.layer}; edit later layers or gate earlier")
-            parts.setdefault(name, []).append(
-                (i, layer.u.float(), layer.d.float() * -layer.alpha.float()))
-    factors: dict[str, tuple] = {}
-    for name, ps in parts.items():
-        counts = [0] * (len(edits) + 1)
-        for i, u, _ in ps:
-            counts[i + 1] = len(u)
-        first = [0]
-        for c in counts[1:]:
-            first.append(first[-1] + c)
-        factors[name] = (torch.cat([u for _, u, _ in ps]), torch.cat([d for _, _, d in ps]), first)
+            if name not in names:
+                names.append(name)
     # on the module that owns the blocks: a causal LM calls it with the input ids, and so do
     # the shortcuts that skip the LM head (forward.selected_logits)
     inner = getattr(model, "base_model", model)
     handles = [inner.register_forward_pre_hook(on_input, with_kwargs=True),
                inner.register_forward_hook(on_output),
                block_module(model, space.layer).register_forward_hook(on_gate)]
-    for name, (u, d, first) in factors.items():
+    for name in names:
         module = model.get_submodule(name.rsplit(".", 1)[0])
         dev = module.weight.device
+        per_edit = [e.delta.layers[name].applied_factors(dev) if name in e.delta.layers else None
+                    for e in edits]
 
-        def add(module, args, output, u=u.to(dev), d=d.to(dev), first=first):
+        def add(module, args, output, per_edit=per_edit, dev=dev):
             x = args[0]
             if "open" not in state:
                 raise RuntimeError("routed edits need the model's full forward pass: the gate "
                                    "layer did not run before an edited layer (a prefix cache?)")
-            # per batch row, only the edits whose gate opens in it, each through its own span
-            # of factor rows (a view: nothing gathered): a chain of a thousand routed edits
-            # costs what a row's open edits cost, not a thousand times one, and a batch of
-            # prompts about different subjects does not run every row through every subject's
-            # edit
+            # per batch row, only the edits whose gate opens in it, each through its own
+            # factors: a chain of a thousand routed edits costs what a row's open edits cost,
+            # not a thousand times one, and a batch of prompts about different subjects does
+            # not run every row through every subject's edit
             if not state["open_ids"]:
                 return output
             opened, out = state["open"].to(dev), None
             for b, ids in enumerate(state["row_ids"]):
                 for i in ids:
-                    lo, hi = first[i], first[i + 1]
-                    if lo == hi:  # (no rows at this weight)
+                    if per_edit[i] is None:  # (this edit has no rows at this weight)
                         continue
-                    coef = (x[b].float() @ u[lo:hi].T) * opened[b, :, i, None]  # (T, rows)
+                    u, d = per_edit[i]
+                    coef = (x[b].float() @ u.T) * opened[b, :, i, None]  # (T, rows)
                     if out is None:
                         out = torch.zeros(output.shape, dtype=torch.float32, device=dev)
-                    out[b] += coef @ d[lo:hi]
+                    out[b] += coef @ d
             return output if out is None else output + out.to(output.dtype)
         handles.append(module.register_forward_hook(add))
     try:
