@@ -143,8 +143,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     # (cached; computing it loads the base state too)
     preserve = ws.preserved(ed, policy.preserve_keys)
     w_head = ws.use_state(head)
-    # a batch is scored, not read out: generating answers for a hundred facts (without a KV
-    # cache once routed edits are installed) would take longer than editing them
+    # a batch is scored, not read out: generating answers for a hundred facts would take
+    # longer than editing them
     answers = answers and (len(cases) == 1 or not rs)
     before = probe(ws, cases, answers=answers)
     before_state = ws.loaded_state

@@ -6,7 +6,8 @@ for that:
 - the settings an entry was made with (`routing` in its notes: gate layer, key cut, τ, margin,
   gate words, step), so a later change of mendctl.yaml never changes an existing state;
 - the workspace's gate space (the bank of ordinary prompts' states at the gate layer), computed
-  once from the bundled train split and cached in .mendctl/gates;
+  once from the bundled train split and cached in .mendctl/gates, its standardisation also
+  recorded in the ledger by the first routed edit (what states are loaded with);
 - each routed entry's gate, recomputed from its prompt (deterministic: the gate layer lies
   below every edited weight, so no edit moves it), with a digest recorded at edit time;
 - the hash of a state with routed entries: the plain weights' hash, each routed entry's delta
@@ -49,8 +50,9 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def gate_digest(gate: Gate) -> str:
-    """sha256 over a gate's keys, words and closing text: what an entry records and a state's
-    hash covers (gates made before gates closed hash as they always did)."""
+    """sha256 over a gate's keys, words, closing text and rules (`fold`, `every`): what an
+    entry records and a state's hash covers (gates made before each of these hash as they
+    always did)."""
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
         + (["fold"] if gate.fold else []) \
         + (["every"] if gate.every else [])  # (gates made before either hash as they did)

@@ -62,8 +62,8 @@ class LayerDelta:
 
     def applied_factors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, −α·d) in float32 on `device`: ΔW x = dᵀ(−α)(u x), as a hook applies it without
-        building ΔW. Made once per device; the factors must not change afterwards (a delta's
-        tensors are never written once it is made)."""
+        building ΔW. Made once per device: the factors must not change once a hook has used them
+        (an editor scales a step's δ̃ only right after making it)."""
         key = str(device) if device is not None else str(self.u.device)
         if key not in self._applied:
             u, d = self.u.detach().float(), self.d.detach().float() * -self.alpha.detach().float()
