@@ -456,11 +456,11 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
     k, owner = table.keys.to(z.device), table.owner.to(z.device)
     sim = z @ k.T  # (B, T, total keys)
     sim[:, 0] = -torch.inf  # the first token never opens a gate (see hidden_at)
+    seen = sim.cummax(dim=1).values  # each key's best cosine so far
     shape, index = (*sim.shape[:2], table.n), owner.expand(*sim.shape[:2], -1)
     best = torch.full(shape, -torch.inf, device=z.device, dtype=sim.dtype)
-    score = best.scatter_reduce(2, index, sim, "amax").cummax(dim=1).values
-    if table.every is not None:  # each key's best so far, the gate's worst of them
-        seen = sim.cummax(dim=1).values
+    score = best.scatter_reduce(2, index, seen, "amax")  # the gate's best of them
+    if table.every is not None:  # the gate's worst of them
         worst = torch.full(shape, torch.inf, device=z.device, dtype=sim.dtype)
         worst = worst.scatter_reduce(2, index, seen, "amin")
         worst = worst.masked_fill(~torch.isfinite(worst), -torch.inf)  # (a gate without keys)
