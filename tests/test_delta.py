@@ -354,3 +354,25 @@ def test_applied_factors_are_u_and_minus_alpha_d_made_once():
     want = layer.to_dense().double() @ x
     got = (d.double().T @ (u.double() @ x))
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_summed_is_the_sum_and_difference_of_its_deltas():
+    """What a routed edit made together with its subject's earlier facts records: the new
+    deltas less the earlier ones, exactly, as one low-rank delta (rows stacked, each scaled by
+    its α over the first's)."""
+    from mendctl.editors.delta import summed
+
+    a = Delta({"w": lowrank(seed=1, alpha=0.5)}, {"editor": "mend"})
+    b = Delta({"w": lowrank(seed=2, alpha=0.25)})
+    c = Delta({"w": lowrank(seed=3, n=2, alpha=0.5)})
+    s = summed([a, b], [c])
+    assert s.meta == {"editor": "mend"} and s.layers["w"].rank == 8
+    want = (a.layers["w"].to_dense().double() + b.layers["w"].to_dense().double()
+            - c.layers["w"].to_dense().double())
+    scale = max(float(x.layers["w"].to_dense().abs().max()) for x in (a, b, c))
+    # float32 factors: each entry a sum of 8 products, off by a few ulps of the terms' size
+    assert torch.allclose(s.layers["w"].to_dense().double(), want, rtol=0, atol=1e-5 * scale)
+    # a delta less itself is nothing
+    assert float(summed([a], [a]).compacted().layers["w"].to_dense().abs().max()) <= 1e-6 * scale
+    with pytest.raises(ValueError, match="low-rank"):
+        summed([a], [Delta({"w": dense()})])

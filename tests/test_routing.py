@@ -377,6 +377,12 @@ def test_cli_routed_workspace(tiny_assets, tmp_path, process):
     assert "entries 2–3" in r.stdout and "each fact is its own entry" in r.stdout
     assert ws.ledger_count() == 3
     ws.ok("revert", "2")  # one fact out of the batch, exactly
+    # another fact of entry 1's subject is made together with it, and says so
+    r = ws.ok("edit", "--input", "The currency of France is", "--target", "Yen", "--keep-failed")
+    assert "made together with the subject's earlier fact(s), entries 1" in r.stdout
+    assert "(with 1)" in ws.ok("log").stdout
+    r = ws.run("revert", "1")
+    assert r.returncode != 0 and "revert entry 5 first" in r.stderr
     assert "all hashes match" in ws.ok("replay", "--verify").stdout
 
 
@@ -552,3 +558,64 @@ def test_new_routed_entries_gate_on_every_key_and_old_ones_keep_their_rule(route
     old = w.router.gate(e.inputs[0], before, e.targets[0])
     assert not old.every and torch.equal(old.keys, gate.keys)
     assert routing.gate_digest(old) != s["gate_sha256"]
+
+
+def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(routed_ws):
+    """`together` (the default): a routed edit whose gate reads the same subject as earlier
+    entries is computed with their facts, on the state without them (edit.py), and its delta
+    is the facts' new deltas less the earlier entries' recorded ones, so the state routes what
+    one batch of all of them would. The entry says which it made again; an exact revert of it
+    restores the state before it, and the earlier entry cannot be reverted alone while it
+    holds that fact. An earlier fact with the same input is replaced, not made again."""
+    from mendctl import routing
+    from mendctl.editors.delta import summed
+
+    ws, w = routed_ws
+    p1, t1, p2, t2 = "Zorblax Quintrell was born in", "Oslo", "Zorblax Quintrell works for", "Acme"
+    _edit(w, p1, t1)
+    r = _edit(w, p2, t2)
+    e1, e2 = w.ledger.get(1), w.ledger.get(2)
+    assert "remade" not in routing.of(e1) and routing.of(e2)["remade"] == [1]
+    assert r["routing"]["remade"] == [1]
+    # the same facts made together from the base, behind the new entry's gate
+    gate = w.router.gate(p2, routing.of(e2), t2)
+    policy = w.policy("mend", 1, None, None)
+    rs, lm = policy.routing, w.lm
+    w.use_state(None)
+    _, apply = w.router.steppers([EditCase(p2, t2)] * 2, rs, lm.model, lm.tokenizer, gates=[gate] * 2)
+    made = w.editor_for(policy).edit_apart(
+        lm.model, lm.tokenizer, [p1, p2], [t1, t2], w.fmt, policy.max_steps, policy.max_norm,
+        apply, rs["rank_cut"], rs["confidence"], rs["contexts"])
+    got = summed([w.load_delta(1), w.load_delta(2)])
+    want = summed(made)
+    for name, layer in want.layers.items():
+        a, b = got.layers[name].to_dense().double(), layer.to_dense().double()
+        # (float32 factors; entry 2 holds entry 1's delta negated, which cancels to rounding)
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    # entry 1 is held by entry 2 too: refused alone, nothing written
+    n = len(w.ledger.entries())
+    with pytest.raises(InputError, match="revert entry 2 first"):
+        revert(w, 1)
+    assert len(w.ledger.entries()) == n
+    rv = revert(w, 2)
+    assert rv["state_hash"] == e1.state_hash
+    revert(w, 1)
+    assert verify_chain(w)["ok"]
+    # the same input again: the new target replaces the old one's delta
+    a = _edit(w, p1, t1)["entry"]
+    b = _edit(w, p1, "Lima")["entry"]
+    assert routing.of(w.ledger.get(b))["remade"] == [a]
+    w.use_state(None)
+    alone = w.editor_for(policy).edit_apart(
+        lm.model, lm.tokenizer, [p1], ["Lima"], w.fmt, policy.max_steps, policy.max_norm,
+        w.router.steppers([EditCase(p1, "Lima")], rs, lm.model, lm.tokenizer,
+                          gates=[w.router.gate(p1, routing.of(w.ledger.get(b)), "Lima")])[1],
+        rs["rank_cut"], rs["confidence"], rs["contexts"])[0]
+    got = summed([w.load_delta(a), w.load_delta(b)])
+    for name, layer in alone.layers.items():
+        x, y = got.layers[name].to_dense().double(), layer.to_dense().double()
+        assert torch.allclose(x, y, rtol=0, atol=1e-5 * float(y.abs().max()))
+    # without `together`, an edit of the same subject is made on top, alone
+    w.config.routing = {**w.config.routing, "together": False}
+    c = _edit(w, p2, t2)["entry"]
+    assert "remade" not in routing.of(w.ledger.get(c))

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from . import routing
 from .editors.data import EditCase
-from .editors.delta import apply_deltas, state_hash
+from .editors.delta import apply_deltas, state_hash, summed
 from .editors.metrics import (locality_reference, locality_scores, ngram_entropy,
                                repeats_target, target_scores)
 from .editors.route import RoutedEdit, open_rows
@@ -160,10 +160,18 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
         # their steps act behind their gates, as they will be used
         gates, apply = ws.router.steppers(cases, rs, lm.model, lm.tokenizer)
         protect = None
-        deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
-                               [c.target for c in cases], ws.fmt, max_steps, max_norm, apply,
-                               rs.get("rank_cut"), rs.get("confidence"),
-                               rs.get("contexts"))
+        head_edits = ws.router.edits(head_routed)
+        same = (ws.router.same_subject(head_edits, gates[0], rs["layer"])
+                if rs.get("together") and len(cases) == 1 else [])
+        if same:
+            deltas, remade = _together(ws, ed, cases[0], gates[0], rs, head_edits, same,
+                                       [head_routed[k] for k in same], max_steps, max_norm)
+        else:
+            deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
+                                   [c.target for c in cases], ws.fmt, max_steps, max_norm, apply,
+                                   rs.get("rank_cut"), rs.get("confidence"),
+                                   rs.get("contexts"))
+            remade = []
         parts = [([i], d) for i, d in enumerate(deltas)]
     else:
         gates = []
@@ -177,7 +185,7 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
                           "`mendctl edit --dry-run`")
     if rs:
         new = [(RoutedEdit(d, g), rs) for (_, d), g in zip(parts, gates)]
-        edits = ws.router.edits(head_routed) + new
+        edits = head_edits + new
         w_new = w_head
         hashes = ws.state_keys(w_new, head_plain, edits, len(new))
         new_hash = hashes[-1]
@@ -223,6 +231,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     norms = _largest([d.norms() for _, d in parts])
     scales = [float(d.meta["norm_scale"]) for _, d in parts if "norm_scale" in d.meta]
     routing_of = [routing.recorded_gate(rs, g) for g in gates] if rs else [None]
+    if remade:  # (which earlier entries' facts this entry's delta made again)
+        routing_of[0]["remade"] = remade
     delta0 = parts[0][1]
     report = {
         "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
@@ -306,6 +316,40 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
         for f, i in zip(report["facts"], ids):
             f["entry"] = i
     return report
+
+
+def _together(ws, ed, case: EditCase, gate, rs: dict, head_edits, same: list[int], entries,
+              max_steps, max_norm):
+    """A routed edit of a subject the chain has edited before, made together with those
+    earlier facts (`together` in the routing settings). Behind one subject's gates every edit
+    acts on every question about it, so an edit made on top of the subject's earlier ones
+    overwrites them (their answers become its target) or fails to take against them. Here
+    the earlier facts and the new one are edited together, each its own delta behind the
+    new gate (`MendEditor.edit_apart`, as a batch), on the state without the earlier edits,
+    and the new entry's delta is the new facts' deltas less the earlier ones' recorded deltas
+    (`summed`, exact): the state after it routes the subject's facts as a batch made of all
+    of them would. Returns ([that delta], the earlier entries' ids).
+
+    An earlier fact with the same input is not made again: the new target replaces it."""
+    lm = ws.lm
+    rest = [x for k, x in enumerate(head_edits) if k not in same]
+    # an earlier fact with the new one's input is replaced by it (its delta is still taken
+    # out); of several with one input, the latest is the one the chain holds
+    earlier = {e.inputs[0]: e.targets[0] for e in entries if e.inputs[0] != case.input}
+    facts = list(earlier.items()) + [(case.input, case.target)]
+    _, apply = ws.router.steppers([case] * len(facts), rs, lm.model, lm.tokenizer,
+                                  gates=[gate] * len(facts))
+    ws.router.install(rest)  # the head state without the subject's earlier edits
+    try:
+        made = ed.edit_apart(lm.model, lm.tokenizer, [p for p, _ in facts], [t for _, t in facts],
+                             ws.fmt, max_steps, max_norm, apply, rs.get("rank_cut"),
+                             rs.get("confidence"), rs.get("contexts"))
+    except BaseException:
+        ws.forget_loaded_state()  # the model routes neither the head nor the new state
+        raise
+    delta = summed([made[-1]] + made[:-1], [head_edits[k][0].delta for k in same]).compacted()
+    delta.meta.update({k: v for k, v in made[-1].meta.items() if k != "factor_rows"})
+    return [delta], [e.id for e in entries]
 
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,

@@ -30,6 +30,16 @@ def active_check(ws, entry_id: int) -> tuple[Entry, Entry]:
         why = f" (reverted by entry {by[0]})" if by else ""
         raise InputError(f"entry {entry_id} is not active in the current state{why}; "
                          f"nothing to revert")
+    # a routed edit of a subject edited before holds the subject's earlier facts too, made
+    # again with its own (`together`): dropping one of those alone would leave the later
+    # entry's share of it behind
+    later = [i for i in head.active_ids[head.active_ids.index(entry_id) + 1:]
+             if entry_id in ((ws.ledger.get(i).record.routing or {}).get("remade") or [])]
+    if later:
+        raise InputError(f"entry {later[-1]} made entry {entry_id}'s fact again together with "
+                         f"its own (an edit of the same subject): revert entry {later[-1]} "
+                         f"first, then entry {entry_id}, and edit entry {later[-1]}'s fact "
+                         f"again if it should stay")
     return target, head
 
 

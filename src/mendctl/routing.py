@@ -241,13 +241,25 @@ class Router:
             out.append((RoutedEdit(self.ws.load_delta(e.id, self._deltas), gate), s))
         return out
 
-    def steppers(self, cases, s: dict, model, tokenizer):
-        """(gates, apply) for new routed edits of `cases` made together: their gates, and the
-        context in which their steps so far act while they take the next one
-        (MendEditor.edit_apart's `apply`): each behind its own gate, as they will be used."""
-        gates, space = [self.gate(c.input, s, c.target) for c in cases], self.space(s["layer"])
+    def steppers(self, cases, s: dict, model, tokenizer, gates: list[Gate] | None = None):
+        """(gates, apply) for new routed edits of `cases` made together: their gates (or the
+        `gates` given), and the context in which their steps so far act while they take the
+        next one (MendEditor.edit_apart's `apply`): each behind its own gate, as they will be
+        used."""
+        gates = gates or [self.gate(c.input, s, c.target) for c in cases]
+        space = self.space(s["layer"])
         return gates, lambda items: routed(model, [RoutedEdit(d, gates[i]) for i, d in items],
                                            space, s["tau"], tokenizer)
+
+    @staticmethod
+    def same_subject(edits: list[tuple[RoutedEdit, dict]], gate: Gate, layer: int) -> list[int]:
+        """The indexes of `edits` whose gates read the same subject as `gate`: subject gates
+        (`keys: subject`) with the same names as its words, made with the same gate layer."""
+        if not gate.words:
+            return []
+        return [k for k, (r, s) in enumerate(edits)
+                if s.get("keys") == "subject" and s["layer"] == layer
+                and tuple(r.gate.words) == tuple(gate.words)]
 
     def _delta_digest(self, delta: Delta) -> str:
         if id(delta) not in self._delta_digests:  # (the entry keeps the delta, and so its id)

@@ -145,6 +145,10 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
             words = ", ".join(rt["gate_words"]) or "none"
             click.echo(f"  routed: acts only where the input mentions the subject ({rt['gate_keys']} "
                        f"gate key(s) at layer {rt['layer']}, τ {rt['tau']:g}; gate words: {words})")
+            if rt.get("remade"):
+                ids = ", ".join(map(str, rt["remade"]))
+                click.echo(f"  made together with the subject's earlier fact(s), entries {ids}, "
+                           f"which this entry now holds too (revert it before them)")
     hb, ha = b.get("health"), a.get("health")
     if ha:
         click.echo(f"  chain vs base model: audit-set agreement {hb['audit_locality']:.3f} → "

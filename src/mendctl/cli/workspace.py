@@ -101,6 +101,8 @@ def log(ctx, limit, as_json):
         b = rec.batch
         if b:
             extra += f" (batch of {b['size']} from {b['first']})"
+        if (rec.routing or {}).get("remade"):
+            extra += " (with " + ",".join(map(str, rec.routing["remade"])) + ")"
         if e.status and e.status != "ok":
             extra += f" [{e.status}]"
         es = (e.metrics_after or {}).get("edit_success")

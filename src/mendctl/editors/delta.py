@@ -210,6 +210,26 @@ class Delta:
         return cls(layers, extra)
 
 
+def summed(plus: list[Delta], minus: list[Delta] = ()) -> Delta:
+    """One low-rank delta equal to Σ `plus` − Σ `minus` (meta: the first's): every layer's
+    factor rows stacked, a row's d scaled by its α over the first's (and negated for `minus`),
+    so −α₀ Σ dᵀu over the rows is the sum. Every delta must be low-rank over the same weights."""
+    parts = [(x, 1.0) for x in plus] + [(x, -1.0) for x in minus]
+    first = parts[0][0]
+    layers = {}
+    for name, l0 in first.layers.items():
+        us, ds = [], []
+        for x, sign in parts:
+            l = x.layers.get(name)
+            if l is None or not l.is_lowrank or not l0.is_lowrank or set(x.layers) != set(first.layers):
+                raise ValueError(f"{name}: only low-rank deltas of the same weights can be summed")
+            us.append(l.u)
+            ds.append(l.d * (sign * float(l.alpha) / float(l0.alpha)))
+        layers[name] = LayerDelta(name, l0.shape, u=torch.cat(us), d=torch.cat(ds),
+                                  alpha=l0.alpha.clone(), transposed=l0.transposed)
+    return Delta(layers, dict(first.meta))
+
+
 def apply_deltas(base: dict[str, torch.Tensor], deltas: list[Delta],
                  scales: list[float] | None = None) -> dict[str, torch.Tensor]:
     """State = base + Σ_k s_k ΔW_k, added in the given order, in fp32. Returns new tensors."""
