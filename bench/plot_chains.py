@@ -31,12 +31,16 @@ def mean(xs):
 
 def split(result: dict, subjects: list[str]) -> dict:
     """Final and immediate edit success of the chain's facts, all of them and split by whether
-    the chain holds another fact about the same subject."""
+    the chain edits the same subject before the fact, after it, both or neither."""
     cases = result["cases"]
-    count = Counter(subjects[:len(cases)])
-    groups = {"all": range(len(cases)),
-              "subject edited once": [i for i in range(len(cases)) if count[subjects[i]] == 1],
-              "subject edited again": [i for i in range(len(cases)) if count[subjects[i]] > 1]}
+    n = len(cases)
+    before = [subjects[i] in subjects[:i] for i in range(n)]
+    after = [subjects[i] in subjects[i + 1:n] for i in range(n)]
+    groups = {"all": range(n),
+              "subject edited once": [i for i in range(n) if not before[i] and not after[i]],
+              "subject edited again later": [i for i in range(n) if not before[i] and after[i]],
+              "subject edited before": [i for i in range(n) if before[i] and not after[i]],
+              "subject edited before and later": [i for i in range(n) if before[i] and after[i]]}
     return {name: {"facts": len(ix),
                    "final_edit_success": mean([cases[i]["final_edit_success"] for i in ix]),
                    "immediate_edit_success": mean([cases[i]["immediate"]["edit_success"] for i in ix]),
@@ -60,6 +64,8 @@ def main():
                                                        "files are skipped)")
     ap.add_argument("--out", default="bench/results/chains_by_subject.json")
     ap.add_argument("--plot", default="docs/chains_routed.png")
+    ap.add_argument("--title", default="Routed chains on the test split: which edits the "
+                                       "final model still holds")
     a = ap.parse_args()
     cases, _ = load_cases(None, "test", 0)
     subjects = [c.meta["subject"] for c in cases]
@@ -92,22 +98,24 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for t, pts in curves.items():
-            width = max(10, t // 20)
-            axes[0].plot(range(1, t + 1), running([x for x, _ in pts], width), label=f"T = {t}")
-            for ax, shared, style in ((axes[1], False, "-"), (axes[1], True, "--")):
+        for k, (t, pts) in enumerate(curves.items()):
+            width, color = max(10, t // 20), f"C{k}"
+            axes[0].plot(range(1, t + 1), running([x for x, _ in pts], width), color=color,
+                         label=f"T = {t}")
+            for shared, style in ((False, "-"), (True, "--")):
                 ix = [i for i, (_, s) in enumerate(pts) if s == shared]
                 if ix:
-                    ax.plot([i + 1 for i in ix], running([pts[i][0] for i in ix], width), style,
-                            label=f"T = {t}, subject edited {'again' if shared else 'once'}")
+                    axes[1].plot([i + 1 for i in ix], running([pts[i][0] for i in ix], width),
+                                 style, color=color,
+                                 label=f"T = {t}, subject edited {'more than once' if shared else 'once'}")
         axes[0].set_title("all facts")
-        axes[1].set_title("by whether the chain edits the fact's subject again")
+        axes[1].set_title("facts whose subject the chain edits once / more than once")
         for ax in axes:
             ax.set_xlabel("position of the fact in the chain")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         axes[0].set_ylabel("final edit success (running mean)")
-        fig.suptitle("Routed chains on the test split: which edits the final model still holds")
+        fig.suptitle(a.title)
         fig.tight_layout()
         fig.savefig(a.plot, dpi=110)
         print(f"wrote {a.plot}", file=sys.stderr)

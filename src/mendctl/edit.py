@@ -155,6 +155,7 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     if rs:
         ws.router.space(rs["layer"])  # computed once per workspace (cached), not timed
     t0 = time.perf_counter()
+    remade = []  # the earlier entries whose facts a routed edit made again with its own
     if rs:
         # each fact its own delta behind its own gate (its subject), all computed together:
         # their steps act behind their gates, as they will be used
@@ -171,7 +172,6 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
                                    [c.target for c in cases], ws.fmt, max_steps, max_norm, apply,
                                    rs.get("rank_cut"), rs.get("confidence"),
                                    rs.get("contexts"))
-            remade = []
         parts = [([i], d) for i, d in enumerate(deltas)]
     else:
         gates = []
