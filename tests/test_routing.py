@@ -615,6 +615,27 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     for name, layer in alone.layers.items():
         x, y = got.layers[name].to_dense().double(), layer.to_dense().double()
         assert torch.allclose(x, y, rtol=0, atol=1e-5 * float(y.abs().max()))
+    # a batch: its fact about the subject takes the subject's active entries (a, b: of the
+    # two with input p1, b's target is the one the chain holds); the other fact is its own
+    q, u = "Blimfrost Ovingale works for", "Zeta"
+    rb = edit(w, [EditCase(p2, t2), EditCase(q, u)])
+    c, d = rb["entries"]
+    assert routing.of(w.ledger.get(c))["remade"] == [a, b] and "remade" not in routing.of(w.ledger.get(d))
+    assert [f.get("remade") for f in rb["facts"]] == [[a, b], None]
+    g0 = w.router.gate(p2, routing.of(w.ledger.get(c)), t2)
+    g1 = w.router.gate(q, routing.of(w.ledger.get(d)), u)
+    w.use_state(None)
+    made = w.editor_for(policy).edit_apart(
+        lm.model, lm.tokenizer, [p2, q, p1], [t2, u, "Lima"], w.fmt, policy.max_steps,
+        policy.max_norm, w.router.steppers([], rs, lm.model, lm.tokenizer, gates=[g0, g1, g0])[1],
+        rs["rank_cut"], rs["confidence"], rs["contexts"])
+    for got, want in ((summed([w.load_delta(a), w.load_delta(b), w.load_delta(c)]),
+                       summed([made[0], made[2]])), (w.load_delta(d), made[1])):
+        for name, layer in want.layers.items():
+            x, y = got.layers[name].to_dense().double(), layer.to_dense().double()
+            assert torch.allclose(x, y, rtol=0, atol=1e-5 * float(y.abs().max()))
+    with pytest.raises(InputError, match=f"revert entry {c} first"):
+        revert(w, b)
     # without `together`, an edit of the same subject is made on top, alone
     w.config.routing = {**w.config.routing, "together": False}
     c = _edit(w, p2, t2)["entry"]

@@ -155,23 +155,33 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     if rs:
         ws.router.space(rs["layer"])  # computed once per workspace (cached), not timed
     t0 = time.perf_counter()
-    remade = []  # the earlier entries whose facts a routed edit made again with its own
+    remade = [[]]  # per fact, the earlier entries whose facts a routed edit made again with it
     if rs:
         # each fact its own delta behind its own gate (its subject), all computed together:
         # their steps act behind their gates, as they will be used
         gates, apply = ws.router.steppers(cases, rs, lm.model, lm.tokenizer)
         protect = None
         head_edits = ws.router.edits(head_routed)
-        same = (ws.router.same_subject(head_edits, gates[0], rs["layer"])
-                if rs.get("together") and len(cases) == 1 else [])
-        if same:
-            deltas, remade = _together(ws, ed, cases[0], gates[0], rs, head_edits, same,
-                                       [head_routed[k] for k in same], max_steps, max_norm)
+        # with `together`, the active entries of each new fact's subject (the last fact of
+        # a subject in a batch takes them)
+        claims: dict[int, list[int]] = {}
+        if rs.get("together"):
+            taken: set[int] = set()
+            for i in reversed(range(len(cases))):
+                same = [k for k in ws.router.same_subject(head_edits, gates[i], rs["layer"])
+                        if k not in taken]
+                if same:
+                    claims[i] = same
+                    taken.update(same)
+        if claims:
+            deltas, remade = _together(ws, ed, cases, gates, rs, head_edits, head_routed,
+                                       claims, max_steps, max_norm)
         else:
             deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
                                    [c.target for c in cases], ws.fmt, max_steps, max_norm, apply,
                                    rs.get("rank_cut"), rs.get("confidence"),
                                    rs.get("contexts"))
+            remade = [[] for _ in cases]
         parts = [([i], d) for i, d in enumerate(deltas)]
     else:
         gates = []
@@ -231,8 +241,9 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     norms = _largest([d.norms() for _, d in parts])
     scales = [float(d.meta["norm_scale"]) for _, d in parts if "norm_scale" in d.meta]
     routing_of = [routing.recorded_gate(rs, g) for g in gates] if rs else [None]
-    if remade:  # (which earlier entries' facts this entry's delta made again)
-        routing_of[0]["remade"] = remade
+    for r, ids in zip(routing_of, remade):  # (which earlier entries' facts it made again)
+        if ids:
+            r["remade"] = ids
     delta0 = parts[0][1]
     report = {
         "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
@@ -254,7 +265,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     if len(parts) > 1:  # routed facts made together: one entry each
         report["facts"] = [{"input": cases[i].input, "target": cases[i].target,
                             "holds": after["holds"][i], "edit_steps": steps_of[k],
-                            "delta_bytes": d.nbytes(), "gate_words": routing_of[k]["gate_words"]}
+                            "delta_bytes": d.nbytes(), "gate_words": routing_of[k]["gate_words"],
+                            "remade": routing_of[k].get("remade")}
                            for k, ([i], d) in enumerate(parts)]
     if dry_run:
         return report
@@ -318,28 +330,34 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     return report
 
 
-def _together(ws, ed, case: EditCase, gate, rs: dict, head_edits, same: list[int], entries,
-              max_steps, max_norm):
-    """A routed edit of a subject the chain has edited before, made together with those
+def _together(ws, ed, cases: list[EditCase], gates, rs: dict, head_edits, head_routed,
+              claims: dict[int, list[int]], max_steps, max_norm):
+    """Routed edits of subjects the chain has edited before, made together with those
     earlier facts (`together` in the routing settings). Behind one subject's gates every edit
     acts on every question about it, so an edit made on top of the subject's earlier ones
     overwrites them (their answers become its target) or fails to take against them. Here
-    the earlier facts and the new one are edited together, each its own delta behind the
-    new gate (`MendEditor.edit_apart`, as a batch), on the state without the earlier edits,
-    and the new entry's delta is the new facts' deltas less the earlier ones' recorded deltas
-    (`summed`, exact): the state after it routes the subject's facts as a batch made of all
-    of them would. Returns ([that delta], the earlier entries' ids).
-
-    An earlier fact with the same input is not made again: the new target replaces it."""
+    the new facts and the earlier facts of their subjects (`claims`: new fact → indexes of
+    `head_edits`) are edited together (`MendEditor.edit_apart`, as a batch), each earlier
+    fact behind the gate of the new fact that claims it, on the state without the claimed
+    edits; a claiming fact's delta is its own plus its earlier facts' new deltas less their
+    recorded ones (`summed`, exact): the state after routes each subject's facts as a batch
+    made of all of them would. An earlier fact with the claiming fact's input is not made
+    again: the new target replaces it. Returns (per new fact its delta, per new fact the ids
+    of the entries it made again)."""
     lm = ws.lm
-    rest = [x for k, x in enumerate(head_edits) if k not in same]
-    # an earlier fact with the new one's input is replaced by it (its delta is still taken
-    # out); of several with one input, the latest is the one the chain holds
-    earlier = {e.inputs[0]: e.targets[0] for e in entries if e.inputs[0] != case.input}
-    facts = list(earlier.items()) + [(case.input, case.target)]
-    _, apply = ws.router.steppers([case] * len(facts), rs, lm.model, lm.tokenizer,
-                                  gates=[gate] * len(facts))
-    ws.router.install(rest)  # the head state without the subject's earlier edits
+    facts = [(c.input, c.target) for c in cases]
+    fact_gates, owner = list(gates), list(range(len(cases)))
+    for i, same in claims.items():
+        # of several earlier facts with one input, the latest is the one the chain holds
+        earlier = {head_routed[k].inputs[0]: head_routed[k].targets[0] for k in same
+                   if head_routed[k].inputs[0] != cases[i].input}
+        facts += earlier.items()
+        fact_gates += [gates[i]] * len(earlier)
+        owner += [i] * len(earlier)
+    _, apply = ws.router.steppers(cases, rs, lm.model, lm.tokenizer, gates=fact_gates)
+    claimed = {k for same in claims.values() for k in same}
+    # the head state without the claimed edits
+    ws.router.install([x for k, x in enumerate(head_edits) if k not in claimed])
     try:
         made = ed.edit_apart(lm.model, lm.tokenizer, [p for p, _ in facts], [t for _, t in facts],
                              ws.fmt, max_steps, max_norm, apply, rs.get("rank_cut"),
@@ -347,9 +365,16 @@ def _together(ws, ed, case: EditCase, gate, rs: dict, head_edits, same: list[int
     except BaseException:
         ws.forget_loaded_state()  # the model routes neither the head nor the new state
         raise
-    delta = summed([made[-1]] + made[:-1], [head_edits[k][0].delta for k in same]).compacted()
-    delta.meta.update({k: v for k, v in made[-1].meta.items() if k != "factor_rows"})
-    return [delta], [e.id for e in entries]
+    deltas = []
+    for i in range(len(cases)):
+        if i not in claims:
+            deltas.append(made[i])
+            continue
+        mine = [made[j] for j in range(len(cases), len(facts)) if owner[j] == i]
+        d = summed([made[i]] + mine, [head_edits[k][0].delta for k in claims[i]]).compacted()
+        d.meta.update({k: v for k, v in made[i].meta.items() if k != "factor_rows"})
+        deltas.append(d)
+    return deltas, [[head_routed[k].id for k in claims.get(i, [])] for i in range(len(cases))]
 
 
 def edit_with(ed, model, tokenizer, cases, fmt: str, max_steps: int = 1,

@@ -104,7 +104,9 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
             entry = f"entry {r['facts'][i]['entry']}: " if "entry" in r["facts"][i] else ""
             click.echo(f"  {entry}{c.input!r} → {c.target!r}: log p(target) "
                        f"{b['target_logprob'][i]:.2f} → {a['target_logprob'][i]:.2f}"
-                       + ("" if a["holds"][i] else " (did not take)"))
+                       + ("" if a["holds"][i] else " (did not take)")
+                       + (f" (made together with entries {', '.join(map(str, f['remade']))})"
+                          if (f := r["facts"][i]).get("remade") else ""))
             continue
         click.echo(f"  {c.input!r} → {c.target!r}")
         click.echo(f"    before: {b['answers'][i]!r}  (log p(target) {b['target_logprob'][i]:.2f})")
