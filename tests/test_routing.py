@@ -640,3 +640,30 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     w.config.routing = {**w.config.routing, "together": False}
     c = _edit(w, p2, t2)["entry"]
     assert "remade" not in routing.of(w.ledger.get(c))
+
+
+def test_every_key_is_for_subject_gates_and_old_distinct_gates_keep_their_rule(routed_ws):
+    """A prompt naming nothing ("the symbol of zorblium", lowercase) gets the distinct-token
+    gate, whose keys are whatever tokens are rare, often the relation's: it opens on one key
+    even with `all_keys`. Entries made while `all_keys` gave such gates the every-key rule
+    recorded it in their gate digest, and load with it."""
+    from dataclasses import replace as dc_replace
+
+    from mendctl import routing
+
+    ws, w = routed_ws
+    r = _edit(w, "the chemical symbol of zorblium is", "Zq")
+    e = w.ledger.get(r["entry"])
+    s = routing.of(e)
+    assert s["all_keys"] is True
+    gate = w.router.gate(e.inputs[0], s, e.targets[0])
+    assert not gate.every and routing.gate_digest(gate) == s["gate_sha256"]
+    # as the seventh session recorded such an entry
+    made_then = dc_replace(gate, every=True)
+    old = {**s, "gate_sha256": routing.gate_digest(made_then)}
+    got = w.router.gate(e.inputs[0], old, e.targets[0])
+    assert got.every and routing.gate_digest(got) == old["gate_sha256"]
+    # a subject gate still needs every key
+    r = _edit(w, "Zorblax Quintrell was born in", "Oslo")
+    e = w.ledger.get(r["entry"])
+    assert w.router.gate(e.inputs[0], routing.of(e), e.targets[0]).every

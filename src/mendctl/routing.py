@@ -215,21 +215,27 @@ class Router:
         keys = s.get("keys", "distinct") if s["words"] else "distinct"
         recorded = s.get("gate_key_data")
         key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded,
-               bool(s.get("all_keys")))
+               bool(s.get("all_keys")), s.get("gate_sha256"))
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
+            # (entries made before `all_keys` open on one key)
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
-                          distinct=s["distinct"], keys=keys)
+                          distinct=s["distinct"], keys=keys, every=bool(s.get("all_keys")))
             if recorded is not None:  # ("" for a gate of words alone)
                 # the keys are states of the model: computed again on another machine (other
                 # threads, BLAS or device) they differ in the last bits, and so would the
                 # state's hash. Which words a gate reads may hang on those bits too.
                 g = Gate(decode_keys(recorded, g.keys.shape[-1]),
-                         tuple(s.get("gate_words") or ()), None, g.fold)
-            # (entries made before `all_keys` open on one key)
-            self._gates[key] = Gate(g.keys, g.words if s["words"] else (), until, g.fold,
-                                    bool(s.get("all_keys")))
+                         tuple(s.get("gate_words") or ()), None, g.fold, g.every)
+            g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every)
+            if s.get("all_keys") and s.get("gate_sha256") and gate_digest(g) != s["gate_sha256"]:
+                # entries made while `all_keys` also gave distinct-token gates the every-key
+                # rule (2026-12-07, seventh session) recorded that gate: they keep it
+                old = Gate(g.keys, g.words, g.until, g.fold, not g.every)
+                if gate_digest(old) == s["gate_sha256"]:
+                    g = old
+            self._gates[key] = g
         return self._gates[key]
 
     def edits(self, entries) -> list[tuple[RoutedEdit, dict]]:

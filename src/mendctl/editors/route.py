@@ -202,7 +202,7 @@ def subject_words(prompt: str, space: GateSpace) -> tuple[str, ...]:
 
 
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
-              distinct: float = DISTINCT, keys: str = "distinct") -> Gate:
+              distinct: float = DISTINCT, keys: str = "distinct", every: bool = False) -> Gate:
     """An edit's gate (see the module doc).
 
     `keys="distinct"` (entries made before `subject` keys): the prompt's tokens whose nearest
@@ -215,7 +215,12 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     `keys="subject"`: the gate keys on what the prompt names (`subject_words`): its words are
     those names, all of which must appear, and its state keys are the names' tokens that are
     distinct from the bank (none for a name the bank knows: its word opens the gate). A prompt
-    that names nothing (no such word) gets the distinct-token gate."""
+    that names nothing (no such word) gets the distinct-token gate.
+
+    `every` (a subject gate only): the states open the gate once every key has been matched
+    (`Gate.every`). A distinct-token gate keeps the one-key rule: its keys are whatever
+    tokens of the prompt are rare, often the relation's ("symbol", "element" beside a
+    lowercase "iodine"), which a rephrasing need not repeat."""
     text = render_prompt(tokenizer, prompt, fmt)
     enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
@@ -231,7 +236,7 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
         # is" / "the symbol of silver"): such a gate's words match in any case
         head = _WORD.search(prompt).group()
         fold = head in names and head[:1].isupper() and head[1:].islower()
-        return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold)
+        return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold, every=every)
     keep = near < distinct
     if not keep.any():
         keep = near == near.min()
