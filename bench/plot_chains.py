@@ -1,6 +1,6 @@
 """Where routed chains lose their edits: each `mendctl eval --chain T --json` result on the
-bundled test split, its facts split by whether another fact of the chain has the same subject,
-and the final edit success along the chain.
+bundled test split, its facts split by whether the chain edits their subject before or after
+them, and the final edit success along the chain.
 
 Reads the chain results already written (no model is loaded), prints a table, writes the
 figures as JSON and draws final edit success against the fact's position in the chain (a
@@ -64,8 +64,6 @@ def main():
                                                        "files are skipped)")
     ap.add_argument("--out", default="bench/results/chains_by_subject.json")
     ap.add_argument("--plot", default="docs/chains_routed.png")
-    ap.add_argument("--title", default="Routed chains on the test split: which edits the "
-                                       "final model still holds")
     a = ap.parse_args()
     cases, _ = load_cases(None, "test", 0)
     subjects = [c.meta["subject"] for c in cases]
@@ -115,7 +113,7 @@ def main():
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         axes[0].set_ylabel("final edit success (running mean)")
-        fig.suptitle(a.title)
+        fig.suptitle("Routed chains on the test split: which edits the final model still holds")
         fig.tight_layout()
         fig.savefig(a.plot, dpi=110)
         print(f"wrote {a.plot}", file=sys.stderr)
