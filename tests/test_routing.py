@@ -50,6 +50,23 @@ def _edit(w, prompt, target, **kw):
     return edit(w, [EditCase(input=prompt, target=target)], **kw)
 
 
+def _entry_gate(w, prompt, target):
+    """Edit `prompt` → `target`; (its entry's recorded routing settings, its gate as loaded)."""
+    from mendctl import routing
+
+    e = w.ledger.get(_edit(w, prompt, target)["entry"])
+    s = routing.of(e)
+    return s, w.router.gate(e.inputs[0], s, e.targets[0])
+
+
+def _same_delta(got, want):
+    """The two deltas' ΔW agree to float32 rounding of the larger's entries (one side may hold
+    a delta and its negation, which cancel to rounding)."""
+    for name, layer in want.layers.items():
+        a, b = got.layers[name].to_dense().double(), layer.to_dense().double()
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
+
 def _logits(w, prompts):
     b = encode_prompts(w.lm.tokenizer, prompts, w.fmt)
     with torch.no_grad():
@@ -548,14 +565,11 @@ def test_new_routed_entries_gate_on_every_key_and_old_ones_keep_their_rule(route
     from mendctl import routing
 
     ws, w = routed_ws
-    r = _edit(w, "Zorblax Quintrell was born in", "Oslo")
-    e = w.ledger.get(r["entry"])
-    s = routing.of(e)
+    s, gate = _entry_gate(w, "Zorblax Quintrell was born in", "Oslo")
     assert s["all_keys"] is True
-    gate = w.router.gate(e.inputs[0], s, e.targets[0])
     assert gate.every and routing.gate_digest(gate) == s["gate_sha256"]
     before = {k: v for k, v in s.items() if k != "all_keys"}  # as an entry made before it
-    old = w.router.gate(e.inputs[0], before, e.targets[0])
+    old = w.router.gate("Zorblax Quintrell was born in", before, "Oslo")
     assert not old.every and torch.equal(old.keys, gate.keys)
     assert routing.gate_digest(old) != s["gate_sha256"]
 
@@ -586,12 +600,8 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     made = w.editor_for(policy).edit_apart(
         lm.model, lm.tokenizer, [p1, p2], [t1, t2], w.fmt, policy.max_steps, policy.max_norm,
         apply, rs["rank_cut"], rs["confidence"], rs["contexts"])
-    got = summed([w.load_delta(1), w.load_delta(2)])
-    want = summed(made)
-    for name, layer in want.layers.items():
-        a, b = got.layers[name].to_dense().double(), layer.to_dense().double()
-        # (float32 factors; entry 2 holds entry 1's delta negated, which cancels to rounding)
-        assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    # (entry 2 holds entry 1's delta negated, which cancels to rounding)
+    _same_delta(summed([w.load_delta(1), w.load_delta(2)]), summed(made))
     # entry 1 is held by entry 2 too: refused alone, nothing written
     n = len(w.ledger.entries())
     with pytest.raises(InputError, match="revert entry 2 first"):
@@ -611,10 +621,7 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
         w.router.steppers([EditCase(p1, "Lima")], rs, lm.model, lm.tokenizer,
                           gates=[w.router.gate(p1, routing.of(w.ledger.get(b)), "Lima")])[1],
         rs["rank_cut"], rs["confidence"], rs["contexts"])[0]
-    got = summed([w.load_delta(a), w.load_delta(b)])
-    for name, layer in alone.layers.items():
-        x, y = got.layers[name].to_dense().double(), layer.to_dense().double()
-        assert torch.allclose(x, y, rtol=0, atol=1e-5 * float(y.abs().max()))
+    _same_delta(summed([w.load_delta(a), w.load_delta(b)]), alone)
     # a batch: its fact about the subject takes the subject's active entries (a, b: of the
     # two with input p1, b's target is the one the chain holds); the other fact is its own
     q, u = "Blimfrost Ovingale works for", "Zeta"
@@ -629,11 +636,9 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
         lm.model, lm.tokenizer, [p2, q, p1], [t2, u, "Lima"], w.fmt, policy.max_steps,
         policy.max_norm, w.router.steppers([], rs, lm.model, lm.tokenizer, gates=[g0, g1, g0])[1],
         rs["rank_cut"], rs["confidence"], rs["contexts"])
-    for got, want in ((summed([w.load_delta(a), w.load_delta(b), w.load_delta(c)]),
-                       summed([made[0], made[2]])), (w.load_delta(d), made[1])):
-        for name, layer in want.layers.items():
-            x, y = got.layers[name].to_dense().double(), layer.to_dense().double()
-            assert torch.allclose(x, y, rtol=0, atol=1e-5 * float(y.abs().max()))
+    _same_delta(summed([w.load_delta(a), w.load_delta(b), w.load_delta(c)]),
+                summed([made[0], made[2]]))
+    _same_delta(w.load_delta(d), made[1])
     with pytest.raises(InputError, match=f"revert entry {c} first"):
         revert(w, b)
     # without `together`, an edit of the same subject is made on top, alone
@@ -652,18 +657,13 @@ def test_every_key_is_for_subject_gates_and_old_distinct_gates_keep_their_rule(r
     from mendctl import routing
 
     ws, w = routed_ws
-    r = _edit(w, "the chemical symbol of zorblium is", "Zq")
-    e = w.ledger.get(r["entry"])
-    s = routing.of(e)
+    s, gate = _entry_gate(w, "the chemical symbol of zorblium is", "Zq")
     assert s["all_keys"] is True
-    gate = w.router.gate(e.inputs[0], s, e.targets[0])
     assert not gate.every and routing.gate_digest(gate) == s["gate_sha256"]
     # as the seventh session recorded such an entry
     made_then = dc_replace(gate, every=True)
     old = {**s, "gate_sha256": routing.gate_digest(made_then)}
-    got = w.router.gate(e.inputs[0], old, e.targets[0])
+    got = w.router.gate("the chemical symbol of zorblium is", old, "Zq")
     assert got.every and routing.gate_digest(got) == old["gate_sha256"]
     # a subject gate still needs every key
-    r = _edit(w, "Zorblax Quintrell was born in", "Oslo")
-    e = w.ledger.get(r["entry"])
-    assert w.router.gate(e.inputs[0], routing.of(e), e.targets[0]).every
+    assert _entry_gate(w, "Zorblax Quintrell was born in", "Oslo")[1].every

@@ -252,7 +252,7 @@ class Router:
         `gates` given), and the context in which their steps so far act while they take the
         next one (MendEditor.edit_apart's `apply`): each behind its own gate, as they will be
         used."""
-        gates = gates or [self.gate(c.input, s, c.target) for c in cases]
+        gates = gates if gates is not None else [self.gate(c.input, s, c.target) for c in cases]
         space = self.space(s["layer"])
         return gates, lambda items: routed(model, [RoutedEdit(d, gates[i]) for i, d in items],
                                            space, s["tau"], tokenizer)
