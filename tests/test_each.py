@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_helpers import CHAIN, Ws, fresh_ws, one_line_error, tiny_assets  # noqa: E402,F401
 
@@ -71,6 +73,11 @@ def test_eval_chain_runs_the_sequential_protocol_in_a_scratch_workspace(fresh_ws
     for part in ("immediate", "final"):
         assert all(0.0 <= s[part][k] <= 1.0 for k in ("edit_success", "paraphrase_success", "locality"))
     assert s["final"]["fluency"] >= 0 and s["final"]["locality_kl"] >= 0
+    # each entry's stored bytes as a share of its dense ΔW: the summary is the cases' mean and max
+    shares = [c["stored_share"] for c in r["cases"]]
+    assert all(x > 0 for x in shares) and s["stored_share_max"] == max(shares)
+    assert s["stored_share"] == pytest.approx(sum(shares) / 3, rel=1e-12)
     assert ws.ledger_count() == 0 and ws.delta_files() == []  # the user's ledger is untouched
     human = ws.ok("eval", "--data", data, "--chain", "2", "--max-steps", "1")
     assert "chain of 2 edits" in human.stdout and "immediate" in human.stdout
+    assert "stored delta per entry" in human.stdout

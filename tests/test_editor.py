@@ -19,8 +19,9 @@ from mendctl.editors.mend.capture import edit_loss
 from mendctl.editors.mend.editor import CONFIG_FILE, EditorMismatch, MendConfig, MendEditor
 from mendctl.editors.mend.network import GradientTransform, RunningNorm
 from mendctl.editors.mend.trainer import TrainConfig, Trainer
+from mendctl.editors.forward import selected_logits
 from mendctl.editors.metrics import (edit_success, locality_reference, locality_scores,
-                                     target_scores)
+                                     target_scores, top1_agreement)
 from mendctl.editors.text import encode_pairs
 from mendctl.editors.weights import applied, select_weights
 
@@ -618,3 +619,30 @@ def test_preserved_keys_are_the_leading_eigenvectors_and_edits_stay_off_them(tin
         w = layer.to_dense()
         w = w.T if layer.transposed else w  # (out, in)
         assert float((w @ narrow[s.name]).norm()) < 1e-5 * float(w.norm()), s.name
+
+
+def test_locality_scores_do_not_depend_on_the_chunk(tiny_model, tiny_tokenizer):
+    """Scoring a few prompts at a time (so a chain of 1,000's locality set fits in memory)
+    gives each prompt what one forward over all of them gives."""
+    model, tok = tiny_model, tiny_tokenizer
+    loc = LOCALITY_PROMPTS[:5]
+    whole = locality_reference(model, tok, loc, n_new=3, chunk=len(loc))
+    parts = locality_reference(model, tok, loc, n_new=3, chunk=2)
+    assert torch.equal(whole.positions, parts.positions) and torch.equal(whole.owner, parts.owner)
+    # fp32 log-probs of order 10 over differently shaped matmuls: a few ulps of that scale
+    assert torch.allclose(whole.base_logp, parts.base_logp, rtol=0, atol=1e-4)
+    specs = select_weights(model, "auto")
+    delta = FTEditor(specs, steps=5, lr=5e-3).edit(model, tok, ["the capital of s3 is"], ["c7"])
+    with applied(model, delta):
+        ag1, kl1 = locality_scores(model, whole, chunk=len(loc))
+        ag2, kl2 = locality_scores(model, whole, chunk=1)
+        top = top1_agreement(model, whole, chunk=3)
+        with torch.no_grad():
+            logits = selected_logits(model, whole.batch, whole.positions)
+    # agreement is an argmax: equal across chunkings wherever the top two logits are further
+    # apart than the rounding, which holds at every counted position here
+    margin = logits.topk(2, -1).values
+    assert float((margin[:, 0] - margin[:, 1]).min()) > 1e-3
+    assert len(ag1) == len(loc) and ag1 == ag2 == top
+    assert max(kl1) > 0
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(kl1, kl2)), (kl1, kl2)

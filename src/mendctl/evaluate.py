@@ -214,7 +214,7 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     ref = locality_reference(model, tok, loc_prompts, fmt) if loc_prompts else None
     prompts = [c.input for c in cases]
     base_answers = fluency_answers(model, tok, prompts, fmt)
-    immediate, seconds = [], []
+    immediate, seconds, stored = [], [], []
     for c in (progress(cases) if progress else cases):
         # (scores only: the answers a recorded edit shows would double the chain's time)
         r = edit(w, [c], editor=editor, max_steps=max_steps, command="mendctl eval --chain",
@@ -223,6 +223,7 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
         immediate.append({"edit_success": a["edit_success"], "paraphrase_success": a.get("paraphrase_success"),
                           "locality": a.get("locality")})
         seconds.append(r["seconds"])
+        stored.append(r["delta_bytes"] / r["dense_bytes"])
     w.use_state(w.head())
     es = target_scores(model, tok, prompts, [c.target for c in cases], fmt)[0]
     para_p = [p for c in cases for p in c.paraphrases]
@@ -242,7 +243,9 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     imm = {k: _mean([r[k] for r in immediate]) for k in ("edit_success", "paraphrase_success", "locality")}
     return {"summary": {"chain": len(cases), "editor": editor, "max_steps": max_steps,
                         "routed": bool(w.config.routing), "immediate": imm, "final": final,
-                        "seconds_per_edit": _mean(seconds)},
+                        "seconds_per_edit": _mean(seconds),
+                        # each entry's stored delta as a share of the dense ΔW of its weights
+                        "stored_share": _mean(stored), "stored_share_max": max(stored)},
             "cases": [{"input": c.input, "target": c.target, "immediate": i,
-                       "final_edit_success": float(e), "answer": a}
-                      for c, i, e, a in zip(cases, immediate, es, answers)]}
+                       "final_edit_success": float(e), "answer": a, "stored_share": b}
+                      for c, i, e, a, b in zip(cases, immediate, es, answers, stored)]}

@@ -107,6 +107,8 @@ def _eval_chain(ws, cases, editor, max_steps, as_json):
                    f"no edited subject)")
     click.echo(f"  fluency {fmt(fi['fluency'])} (unedited {fmt(fi['fluency_base'])}), answers "
                f"repeating their target {fmt(fi['repeats_target'], '.2f')}")
+    click.echo(f"  stored delta per entry: {fmt(s['stored_share'] * 100, '.1f')} % of the dense ΔW "
+               f"of its weights (largest {fmt(s['stored_share_max'] * 100, '.1f')} %)")
 
 
 @click.command()

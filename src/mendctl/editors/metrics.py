@@ -86,6 +86,9 @@ class LocalityRef:
     base_logp: torch.Tensor | None  # (N, V) log-probs at the counted positions (None: top-1 only)
     base_top1: torch.Tensor  # (N,)
     owner: torch.Tensor  # (N,) which prompt each counted position belongs to
+    # prompts per forward, the reference's own: scoring the base model in the same chunks
+    # repeats the reference's arithmetic exactly (KL 0, not rounding)
+    chunk: int = 32
 
     def rows(self, idx: list[int]) -> "LocalityRef":
         """The reference of prompts `idx` only (in that order)."""
@@ -101,7 +104,7 @@ class LocalityRef:
             raise ValueError("rows() takes ascending prompt indices")
         return LocalityRef(Batch(b.input_ids[sel], b.attention_mask[sel], b.labels[sel]),
                            self.positions[sel], None if self.base_logp is None else self.base_logp[keep],
-                           self.base_top1[keep], renum[self.owner[keep].long()])
+                           self.base_top1[keep], renum[self.owner[keep].long()], self.chunk)
 
 
 @torch.no_grad()
@@ -116,9 +119,9 @@ def locality_reference(model, tokenizer, prompts: list[str], fmt="raw", n_new: i
     pos = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     for i, (s, k) in enumerate(zip(seqs, starts)):
         pos[i, k - 1: len(s) - 1] = True
-    lp = torch.log_softmax(_logits_at(model, batch, pos), -1)
+    lp = torch.cat([torch.log_softmax(lg, -1).cpu() for _, lg in _logits_by_rows(model, batch, pos, chunk)])
     owner = torch.arange(len(seqs))[:, None].expand_as(pos)[pos]
-    return LocalityRef(batch, pos, lp.cpu(), lp.argmax(-1).cpu(), owner)
+    return LocalityRef(batch, pos, lp, lp.argmax(-1), owner, chunk)
 
 
 def _per_prompt(values: torch.Tensor, owner: torch.Tensor) -> list[float]:
@@ -127,20 +130,46 @@ def _per_prompt(values: torch.Tensor, owner: torch.Tensor) -> list[float]:
     return [float(values[owner == i].mean()) for i in range(n)]
 
 
+def _logits_by_rows(model: nn.Module, batch: Batch, select: torch.Tensor, chunk: int):
+    """`_logits_at` a chunk of prompts at a time: yields (slice of the counted positions, their
+    logits). Counted positions are row-major, so a run of rows owns a contiguous slice. One
+    forward over thousands of prompts would hold full-vocabulary rows for every counted
+    position at once (a chain of 1,000's 5,000 locality prompts: ~4 GB per copy)."""
+    start = 0
+    for i in range(0, len(select), chunk):
+        rows = slice(i, i + chunk)
+        # right-padded: drop the columns that are padding in every row of the chunk
+        width = max(int(batch.attention_mask[rows].sum(1).max()), 1)
+        sub = Batch(batch.input_ids[rows, :width], batch.attention_mask[rows, :width],
+                    batch.labels[rows, :width])
+        sel = select[rows, :width]
+        n = int(sel.sum())
+        if n:
+            yield slice(start, start + n), _logits_at(model, sub, sel)
+        start += n
+
+
 @torch.no_grad()
-def locality_scores(model, ref: LocalityRef) -> tuple[list[float], list[float]]:
-    """Per prompt: top-1 agreement with the base, and mean KL(base ‖ model)."""
-    lp = torch.log_softmax(_logits_at(model, ref.batch, ref.positions), -1).cpu()
-    agree = (lp.argmax(-1) == ref.base_top1).float()
-    kl = (ref.base_logp.exp() * (ref.base_logp - lp)).sum(-1)
+def locality_scores(model, ref: LocalityRef, chunk: int | None = None) -> tuple[list[float], list[float]]:
+    """Per prompt: top-1 agreement with the base, and mean KL(base ‖ model); `chunk` prompts
+    per forward (default: the reference's)."""
+    agree = torch.empty(len(ref.owner))
+    kl = torch.empty(len(ref.owner))
+    for at, logits in _logits_by_rows(model, ref.batch, ref.positions, chunk or ref.chunk):
+        lp = torch.log_softmax(logits, -1).cpu()
+        base = ref.base_logp[at]
+        agree[at] = (lp.argmax(-1) == ref.base_top1[at]).float()
+        kl[at] = (base.exp() * (base - lp)).sum(-1)
     return _per_prompt(agree, ref.owner), _per_prompt(kl, ref.owner)
 
 
 @torch.no_grad()
-def top1_agreement(model, ref: LocalityRef) -> list[float]:
+def top1_agreement(model, ref: LocalityRef, chunk: int | None = None) -> list[float]:
     """Per prompt: top-1 agreement with the base (what `locality_scores` gives without the KL,
     so a reference without log-probs will do)."""
-    agree = (_logits_at(model, ref.batch, ref.positions).argmax(-1).cpu() == ref.base_top1).float()
+    agree = torch.empty(len(ref.owner))
+    for at, logits in _logits_by_rows(model, ref.batch, ref.positions, chunk or ref.chunk):
+        agree[at] = (logits.argmax(-1).cpu() == ref.base_top1[at]).float()
     return _per_prompt(agree, ref.owner)
 
 
