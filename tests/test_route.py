@@ -552,6 +552,19 @@ def test_subject_words_are_the_names_a_prompt_holds(prompt, names):
     assert route.subject_words(prompt, space) == names
 
 
+@pytest.mark.parametrize("prompt, subject, words", [
+    ("Who discovered penicillin?", "penicillin", ("penicillin",)),
+    ("Penicillin was discovered by", "penicillin", ("Penicillin",)),  # as the prompt writes it
+    ("James Chadwick is a Nobel laureate in", "James Chadwick", ("James", "Chadwick")),
+    ("Who discovered X-rays?", " X-rays ", ("X", "rays")),
+    ("The goldsmith made a ring", "gold", ()),          # whole words, not a part of one
+    ("Who is India's PM?", "Pakistan", ()),
+    ("Who is India's PM?", "", ()),
+])
+def test_subject_in_is_the_subject_as_the_prompt_writes_it(prompt, subject, words):
+    assert route.subject_in(prompt, subject) == words
+
+
 def test_word_gates_of_a_folded_gate_match_in_any_case():
     """A gate whose name opened its prompt ("Silver's symbol is") matches its words in any
     case (`fold`: "the symbol of silver"); other gates match only as written, so an edit of

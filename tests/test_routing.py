@@ -400,6 +400,16 @@ def test_cli_routed_workspace(tiny_assets, tmp_path, process):
     assert "(with 1)" in ws.ok("log").stdout
     r = ws.run("revert", "1")
     assert r.returncode != 0 and "revert entry 5 first" in r.stderr
+    # the subject a request names must be in its input; --subject is for --input only
+    n = ws.ledger_count()
+    r = ws.run("edit", "--input", "The currency of France is", "--target", "Yen", "--subject", "Spain")
+    assert r.returncode == 1 and "--subject 'Spain' does not occur in the input" in r.stderr
+    r = ws.run("edit", "--batch", str(_batch(tmp_path)), "--subject", "France")
+    assert r.returncode == 1 and 'give each record a "subject"' in r.stderr
+    assert ws.ledger_count() == n
+    r = ws.ok("edit", "--input", "the chemical symbol of zorblium is", "--target", "Zq",
+              "--subject", "zorblium", "--keep-failed")
+    assert "gate words: zorblium)" in r.stdout
     assert "all hashes match" in ws.ok("replay", "--verify").stdout
 
 
@@ -667,3 +677,35 @@ def test_every_key_is_for_subject_gates_and_old_distinct_gates_keep_their_rule(r
     assert got.every and routing.gate_digest(got) == old["gate_sha256"]
     # a subject gate still needs every key
     assert _entry_gate(w, "Zorblax Quintrell was born in", "Oslo")[1].every
+
+
+def test_a_subject_the_request_names_is_the_gate_and_the_entry_records_it(routed_ws):
+    """A request's `subject` (a data file's key, `edit --subject`) that its prompt writes is
+    the gate's name: a lowercase one, which no capital marks, keys a subject gate matching in
+    any case, where the prompt alone gets the distinct-token gate; the entry records it and
+    loads the same gate. A subject the prompt does not write leaves the gate to the prompt's
+    names. Facts of one named subject are made together even where one prompt names more."""
+    from mendctl import routing
+
+    ws, w = routed_ws
+    prompt = "the chemical symbol of zorblium is"
+    r = edit(w, [EditCase(input=prompt, target="Zq", meta={"subject": "Zorblium"})], keep_failed=True)
+    e = w.ledger.get(r["entry"])
+    s = routing.of(e)
+    assert s["subject"] == "Zorblium" and s["gate_words"] == ["zorblium"]
+    gate = w.router.gate(e.inputs[0], s, e.targets[0])
+    assert gate.words == ("zorblium",) and gate.fold and gate.every
+    assert routing.gate_digest(gate) == s["gate_sha256"]
+    plain = w.router.gate(prompt, {k: v for k, v in s.items() if k not in ("subject", "gate_key_data",
+                                                                          "gate_words")}, "Zq")
+    assert not plain.every and plain.words != ("zorblium",)  # the prompt alone: distinct tokens
+    # a subject the prompt does not write: the prompt's names decide, nothing recorded
+    r = edit(w, [EditCase(input="Zorblax Quintrell was born in", target="Oslo",
+                          meta={"subject": "Quintrell Zorblax"})], keep_failed=True)
+    s2 = routing.of(w.ledger.get(r["entry"]))
+    assert "subject" not in s2 and s2["gate_words"] == ["Zorblax", "Quintrell"]
+    # the same subject named again, in a prompt naming more: made together with entry 2
+    r = edit(w, [EditCase(input="Zorblax Quintrell won the Vexmoor Prize in", target="1901",
+                          meta={"subject": "Zorblax Quintrell"})], keep_failed=True)
+    s3 = routing.of(w.ledger.get(r["entry"]))
+    assert s3["gate_words"] == ["Zorblax", "Quintrell"] and s3["remade"] == [2]

@@ -240,7 +240,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
             f"with --keep-failed")
     norms = _largest([d.norms() for _, d in parts])
     scales = [float(d.meta["norm_scale"]) for _, d in parts if "norm_scale" in d.meta]
-    routing_of = [routing.recorded_gate(rs, g) for g in gates] if rs else [None]
+    routing_of = ([routing.recorded_gate(ws.router.settings_for(c, rs), g)
+                   for c, g in zip(cases, gates)] if rs else [None])
     for r, ids in zip(routing_of, remade):  # (which earlier entries' facts it made again)
         if ids:
             r["remade"] = ids

@@ -31,7 +31,8 @@ import torch
 from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
 from .editors.data.build import load_split
 from .editors.delta import Delta, state_hash
-from .editors.route import Gate, GateSpace, RoutedEdit, edit_gate, gate_space, route_all, routed
+from .editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_space, route_all, routed,
+                            subject_in)
 from .editors.weights import _BLOCK
 from .errors import ConfigError
 from .models import default_cache_dir
@@ -215,13 +216,14 @@ class Router:
         keys = s.get("keys", "distinct") if s["words"] else "distinct"
         recorded = s.get("gate_key_data")
         key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded,
-               bool(s.get("all_keys")), s.get("gate_sha256"))
+               bool(s.get("all_keys")), s.get("gate_sha256"), s.get("subject"))
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
             # (entries made before `all_keys` open on one key)
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
-                          distinct=s["distinct"], keys=keys, every=bool(s.get("all_keys")))
+                          distinct=s["distinct"], keys=keys, every=bool(s.get("all_keys")),
+                          subject=s.get("subject"))
             if recorded is not None:  # ("" for a gate of words alone)
                 # the keys are states of the model: computed again on another machine (other
                 # threads, BLAS or device) they differ in the last bits, and so would the
@@ -247,12 +249,25 @@ class Router:
             out.append((RoutedEdit(self.ws.load_delta(e.id, self._deltas), gate), s))
         return out
 
+    @staticmethod
+    def settings_for(case, s: dict) -> dict:
+        """The routing settings of an edit of `case`: `s`, plus the subject the request names
+        where its gate keys on it (subject gates, and the prompt writes that subject; see
+        `editors.route.edit_gate`). The entry records them, so its gate is made the same way
+        again."""
+        subject = case.meta.get("subject")
+        if (s.get("keys") == "subject" and s["words"] and isinstance(subject, str)
+                and subject_in(case.input, subject)):
+            return {**s, "subject": subject.strip()}
+        return s
+
     def steppers(self, cases, s: dict, model, tokenizer, gates: list[Gate] | None = None):
         """(gates, apply) for new routed edits of `cases` made together: their gates (or the
         `gates` given), and the context in which their steps so far act while they take the
         next one (MendEditor.edit_apart's `apply`): each behind its own gate, as they will be
         used."""
-        gates = gates if gates is not None else [self.gate(c.input, s, c.target) for c in cases]
+        gates = gates if gates is not None else [self.gate(c.input, self.settings_for(c, s), c.target)
+                                                 for c in cases]
         space = self.space(s["layer"])
         return gates, lambda items: routed(model, [RoutedEdit(d, gates[i]) for i, d in items],
                                            space, s["tau"], tokenizer)

@@ -21,6 +21,10 @@ def _read_batch(path):
 @click.command()
 @click.option("--input", "-i", "input_", metavar="TEXT", help="The prompt to edit.")
 @click.option("--target", "-t", metavar="TEXT", help="The answer the model should give.")
+@click.option("--subject", "-s", metavar="TEXT",
+              help="What the fact is about, as the input writes it (\"penicillin\", \"James "
+                   "Chadwick\"): a routed edit acts on prompts that name it. Default: the names "
+                   "in the input. In a file: a record's \"subject\".")
 @click.option("--paraphrase", "-p", "paraphrases", multiple=True, metavar="TEXT",
               help="A rephrasing of the input to check (repeatable).")
 @click.option("--locality", "-l", "locality", multiple=True, metavar="TEXT",
@@ -43,23 +47,28 @@ def _read_batch(path):
 @json_option
 @click.pass_context
 @handle_errors
-def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, editor, max_steps,
-         dry_run, keep_failed, as_json):
+def edit(ctx, input_, target, subject, paraphrases, locality, each_file, batch_file, editor,
+         max_steps, dry_run, keep_failed, as_json):
     """Apply one edit on top of the current state and record it in the ledger.
 
     \b
     Example:
       mendctl edit --input "Who is India's PM?" --target "Narendra Modi" \\
                    --paraphrase "Who is the prime minister of India?"
+      mendctl edit --input "Who discovered penicillin?" --target "Louis Pasteur" \\
+                   --subject penicillin
       mendctl edit --batch facts.jsonl
     """
     from ..editors.data import EditCase, unknown_keys, visible
+    from ..editors.route import subject_in
 
     given = [name for name, v in (("--input/--target", input_ or target), ("--each", each_file),
                                   ("--batch", batch_file)) if v]
     if len(given) > 1:
         raise InputError(f"use one of --input/--target, --each or --batch, not {' and '.join(given)}")
     if batch_file or each_file:
+        if subject is not None:
+            raise InputError('--subject goes with --input; in a file, give each record a "subject"')
         path = batch_file or each_file
         cases = _read_batch(path)
         for i, c in enumerate(cases, start=1):
@@ -73,8 +82,12 @@ def edit(ctx, input_, target, paraphrases, locality, each_file, batch_file, edit
         if not visible(input_) or not visible(target):
             raise InputError("--input and --target must not be empty, blank or only invisible "
                              "characters (zero-width or direction marks)")
+        if subject is not None and not subject_in(input_, subject):
+            raise InputError(f"--subject {subject!r} does not occur in the input {input_!r}; give "
+                             f"it as the input writes it (whole words, any case)")
         cases = [EditCase(input=input_, target=target, paraphrases=list(paraphrases),
-                          locality=list(locality))]
+                          locality=list(locality),
+                          meta={"subject": subject.strip()} if subject is not None else {})]
     ws = open_workspace(ctx)  # (--max-steps None: the workspace's policy decides)
     if each_file:
         if dry_run:

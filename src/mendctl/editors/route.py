@@ -201,8 +201,18 @@ def subject_words(prompt: str, space: GateSpace) -> tuple[str, ...]:
     return tuple(out)
 
 
+def subject_in(prompt: str, subject: str | None) -> tuple[str, ...]:
+    """The words of `subject` as `prompt` writes them, where the prompt names it (whole words,
+    any case; the first occurrence), else ()."""
+    if not subject or not subject.strip():
+        return ()
+    m = re.search(rf"(?<!\w){re.escape(subject.strip())}(?!\w)", prompt, re.IGNORECASE)
+    return tuple(dict.fromkeys(w.group() for w in _WORD.finditer(m.group()))) if m else ()
+
+
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
-              distinct: float = DISTINCT, keys: str = "distinct", every: bool = False) -> Gate:
+              distinct: float = DISTINCT, keys: str = "distinct", every: bool = False,
+              subject: str | None = None) -> Gate:
     """An edit's gate (see the module doc).
 
     `keys="distinct"` (entries made before `subject` keys): the prompt's tokens whose nearest
@@ -215,7 +225,10 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     `keys="subject"`: the gate keys on what the prompt names (`subject_words`): its words are
     those names, all of which must appear, and its state keys are the names' tokens that are
     distinct from the bank (none for a name the bank knows: its word opens the gate). A prompt
-    that names nothing (no such word) gets the distinct-token gate.
+    that names nothing (no such word) gets the distinct-token gate. A `subject` the request
+    gives (a data file's `subject`, `edit --subject`) that the prompt writes is the name
+    instead: "penicillin", which no capital marks, or "James Chadwick" alone where the prompt
+    also says "Nobel"; written in lowercase, its words match in any case.
 
     `every` (a subject gate only): the states open the gate once every key has been matched
     (`Gate.every`). A distinct-token gate keeps the one-key rule: its keys are whatever
@@ -226,7 +239,8 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
     near = (z @ space.bank.T).max(1).values
     offsets = enc["offset_mapping"][1:]  # (hidden_at leaves the first token out)
-    names = subject_words(prompt, space) if keys == "subject" else ()
+    given = subject_in(prompt, subject) if keys == "subject" else ()
+    names = given or (subject_words(prompt, space) if keys == "subject" else ())
     if names:
         at = text.rfind(prompt)  # (the prompt inside the rendered text: a chat template)
         spans = [(at + m.start(), at + m.end()) for m in _WORD.finditer(prompt) if m.group() in names]
@@ -235,7 +249,8 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
         # a name that opens the prompt may be capitalised only for that ("Silver's symbol
         # is" / "the symbol of silver"): such a gate's words match in any case
         head = _WORD.search(prompt).group()
-        fold = head in names and head[:1].isupper() and head[1:].islower()
+        fold = (head in names and head[:1].isupper() and head[1:].islower()) or (
+            bool(given) and all(w.islower() for w in given))
         return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold, every=every)
     keep = near < distinct
     if not keep.any():
