@@ -298,7 +298,7 @@ def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):
     """`open_rows` (what the routed health check uses to re-score only the prompts a new edit
     can touch) agrees with `routed` itself: a row it calls closed is unchanged bit for bit."""
     from mendctl.editors.route import open_rows
-    from mendctl.editors.text import encode_pairs, encode_prompts
+    from mendctl.editors.text import encode_prompts
 
     space = gate_space(tiny_llama, tiny_tokenizer, BANK, layer=1)
     gate = edit_gate(tiny_llama, tiny_tokenizer, space, fact_prompt("s3"))

@@ -409,7 +409,11 @@ def test_cli_routed_workspace(tiny_assets, tmp_path, process):
     assert ws.ledger_count() == n
     r = ws.ok("edit", "--input", "the chemical symbol of zorblium is", "--target", "Zq",
               "--subject", "zorblium", "--keep-failed")
-    assert "gate words: zorblium)" in r.stdout
+    assert "gate words: zorblium)" in r.stdout and "names nothing with a capital" not in r.stderr
+    # without it, a prompt naming nothing gets the distinct-token gate, and the user is told
+    r = ws.ok("edit", "--input", "the boiling point of quendrium is", "--target", "12",
+              "--keep-failed")
+    assert "note: the input names nothing with a capital" in r.stderr and "--subject" in r.stderr
     assert "all hashes match" in ws.ok("replay", "--verify").stdout
 
 

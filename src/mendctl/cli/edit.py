@@ -164,6 +164,13 @@ def edit(ctx, input_, target, subject, paraphrases, locality, each_file, batch_f
                 ids = ", ".join(map(str, rt["remade"]))
                 click.echo(f"  made together with the subject's earlier fact(s), entries {ids}, "
                            f"which this entry now holds too (revert it before them)")
+            named = any(ch.isupper() or ch.isdigit() for w in rt["gate_words"] for ch in w)
+            if rt.get("keys") == "subject" and not rt.get("subject") and not named:
+                # the distinct-token gate: its keys may be the relation's words ("discovered"),
+                # which open it on other questions worded alike
+                click.echo(f"  note: the input names nothing with a capital, so the gate keys on "
+                           f"its rarest words ({words}), which other questions may share; "
+                           f"--subject keys it on what the fact is about", err=True)
     hb, ha = b.get("health"), a.get("health")
     if ha:
         click.echo(f"  chain vs base model: audit-set agreement {hb['audit_locality']:.3f} → "
