@@ -62,11 +62,17 @@ def test_eval_chain_runs_the_sequential_protocol_in_a_scratch_workspace(fresh_ws
     ws = fresh_ws
     data = ws.root / "cases.jsonl"
     subjects = ["France", "Eiffel Tower", "Water"]  # (the third's locality prompt names it)
+    kinds = [["other"], ["other"], ["same_subject"]]  # (labels as the bundled data has them)
     data.write_text("".join(json.dumps({"input": x, "target": y, "paraphrases": [x + " Answer:"],
-                                        "locality": ["Water is made of"], "subject": sub}) + "\n"
-                            for (x, y), sub in zip(CHAIN, subjects)))
+                                        "locality": ["Water is made of"], "subject": sub,
+                                        "locality_kinds": kind}) + "\n"
+                            for (x, y), sub, kind in zip(CHAIN, subjects, kinds)))
     r = ws.ok("eval", "--data", data, "--chain", "3", "--max-steps", "1", "--json").json()
     s = r["summary"]
+    # final locality by kind of prompt: each kind's mean, together the overall mean
+    fi = s["final"]
+    assert fi["locality"] == pytest.approx((2 * fi["locality_other"] + fi["locality_same_subject"]) / 3,
+                                           rel=1e-12)
     # no locality prompt names none of the edited subjects: nothing to score there
     assert s["final"]["locality_unnamed"] is None
     assert s["chain"] == 3 and len(r["cases"]) == 3 and s["routed"] is False
@@ -80,4 +86,4 @@ def test_eval_chain_runs_the_sequential_protocol_in_a_scratch_workspace(fresh_ws
     assert ws.ledger_count() == 0 and ws.delta_files() == []  # the user's ledger is untouched
     human = ws.ok("eval", "--data", data, "--chain", "2", "--max-steps", "1")
     assert "chain of 2 edits" in human.stdout and "immediate" in human.stdout
-    assert "stored delta per entry" in human.stdout
+    assert "stored delta per entry" in human.stdout and "by kind of prompt: other" in human.stdout

@@ -232,6 +232,16 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     ag, kl = locality_scores(model, ref) if ref is not None else ([], [])
     answers = fluency_answers(model, tok, prompts, fmt)
     named = subject_pattern(cases)  # (a prompt naming an edited subject may rightly change)
+    # by kind where the data labels its prompts (meta locality_kinds): neighbours (the same
+    # relation, another subject), other relations, the same subject's other facts
+    by_kind: dict[str, list[float]] = {}
+    k = 0
+    for c in cases:
+        kinds = c.meta.get("locality_kinds")
+        if isinstance(kinds, list) and len(kinds) == len(c.locality):
+            for kind, a in zip(kinds, ag[k:k + len(c.locality)]):
+                by_kind.setdefault(f"locality_{kind}", []).append(a)
+        k += len(c.locality)
     final = {"edit_success": _mean([float(x) for x in es]),
              "paraphrase_success": _mean([float(x) for x in pok]),
              "locality": _mean(ag), "locality_kl": _mean(kl),
@@ -240,6 +250,7 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
              "fluency": _mean([ngram_entropy(x) for x in answers]),
              "fluency_base": _mean([ngram_entropy(x) for x in base_answers]),
              "repeats_target": _mean([float(repeats_target(x, c.target)) for x, c in zip(answers, cases)])}
+    final.update({key: _mean(v) for key, v in sorted(by_kind.items())})
     imm = {k: _mean([r[k] for r in immediate]) for k in ("edit_success", "paraphrase_success", "locality")}
     return {"summary": {"chain": len(cases), "editor": editor, "max_steps": max_steps,
                         "routed": bool(w.config.routing), "immediate": imm, "final": final,

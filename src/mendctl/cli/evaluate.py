@@ -105,6 +105,11 @@ def _eval_chain(ws, cases, editor, max_steps, as_json):
     if fi.get("locality_unnamed") is not None:
         click.echo(f"  {'':<20} {'':>10} {fmt(fi['locality_unnamed']):>10}  (on prompts naming "
                    f"no edited subject)")
+    kinds = {k[len("locality_"):]: v for k, v in fi.items()
+             if k.startswith("locality_") and k not in ("locality_kl", "locality_unnamed")}
+    if kinds:
+        click.echo(f"  {'':<20} {'':>10} {'':>10}  by kind of prompt: "
+                   + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in kinds.items()))
     click.echo(f"  fluency {fmt(fi['fluency'])} (unedited {fmt(fi['fluency_base'])}), answers "
                f"repeating their target {fmt(fi['repeats_target'], '.2f')}")
     click.echo(f"  stored delta per entry: {fmt(s['stored_share'] * 100, '.1f')} % of the dense ΔW "
