@@ -10,7 +10,7 @@ import torch
 
 from conftest import SUBJECTS, fact_paraphrase, fact_prompt
 from mendctl.editors.mend.editor import MendConfig, MendEditor
-from mendctl.editors.metrics import target_scores
+from mendctl.editors.metrics import edit_success, target_scores
 from mendctl.editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_keys, gate_space, gates, open_at_end, opens,
                                    routed, word_gates)
 from mendctl.editors import route
@@ -574,3 +574,21 @@ def test_word_gates_of_a_folded_gate_match_in_any_case():
     assert set(index.opened("Silver and an apple are")) == {0}
     assert set(index.opened("SILVER and Apple are")) == {0, 1}
     assert route.WordIndex([("Silver",)]).opened("the symbol of silver is") == {}
+
+
+def test_edit_apart_rejoin_steps_again_a_fact_another_took_the_answer_of(tiny_llama, tiny_tokenizer):
+    """Two facts behind one gate whose prompts differ by a word ("India's PM" / "India's
+    president" in miniature): the second fact's later step takes the first's answer, which
+    stopped stepping once it held; with `rejoin` every fact is checked at every step and both
+    hold at the end."""
+    editor, space, (gate,) = _routed_pair(tiny_llama, tiny_tokenizer, ["s3"], ["c7"], 0.4)
+    prompts, targets = [fact_prompt("s3"), fact_prompt("s3") + " indeed"], ["c7", "c2"]
+    apply = _gated_apply(tiny_llama, tiny_tokenizer, gate, space)
+    held = {}
+    for rejoin in (False, True):
+        deltas = editor.edit_apart(tiny_llama, tiny_tokenizer, prompts, targets, max_steps=12,
+                                   apply=apply, rejoin=rejoin)
+        with apply(list(enumerate(deltas))):
+            held[rejoin] = edit_success(tiny_llama, tiny_tokenizer, prompts, targets)
+    assert held[False] == [False, True]  # the first fact's answer was taken, unseen
+    assert held[True] == [True, True]

@@ -611,9 +611,10 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     rs, lm = policy.routing, w.lm
     w.use_state(None)
     _, apply = w.router.steppers([EditCase(p2, t2)] * 2, rs, lm.model, lm.tokenizer, gates=[gate] * 2)
+    # (facts of one subject: every one checked at every step, with a fact's steps per fact)
     made = w.editor_for(policy).edit_apart(
-        lm.model, lm.tokenizer, [p1, p2], [t1, t2], w.fmt, policy.max_steps, policy.max_norm,
-        apply, rs["rank_cut"], rs["confidence"], rs["contexts"])
+        lm.model, lm.tokenizer, [p1, p2], [t1, t2], w.fmt, 2 * policy.max_steps, policy.max_norm,
+        apply, rs["rank_cut"], rs["confidence"], rs["contexts"], rejoin=True)
     # (entry 2 holds entry 1's delta negated, which cancels to rounding)
     _same_delta(summed([w.load_delta(1), w.load_delta(2)]), summed(made))
     # entry 1 is held by entry 2 too: refused alone, nothing written
@@ -647,9 +648,9 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     g1 = w.router.gate(q, routing.of(w.ledger.get(d)), u)
     w.use_state(None)
     made = w.editor_for(policy).edit_apart(
-        lm.model, lm.tokenizer, [p2, q, p1], [t2, u, "Lima"], w.fmt, policy.max_steps,
+        lm.model, lm.tokenizer, [p2, q, p1], [t2, u, "Lima"], w.fmt, 2 * policy.max_steps,
         policy.max_norm, w.router.steppers([], rs, lm.model, lm.tokenizer, gates=[g0, g1, g0])[1],
-        rs["rank_cut"], rs["confidence"], rs["contexts"])
+        rs["rank_cut"], rs["confidence"], rs["contexts"], rejoin=True)
     _same_delta(summed([w.load_delta(a), w.load_delta(b), w.load_delta(c)]),
                 summed([made[0], made[2]]))
     _same_delta(w.load_delta(d), made[1])

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 
 from . import routing
+from .config import MAX_STEPS
 from .editors.data import EditCase
 from .editors.delta import apply_deltas, state_hash, summed
 from .editors.metrics import (locality_reference, locality_scores, ngram_entropy,
@@ -343,8 +344,9 @@ def _together(ws, ed, cases: list[EditCase], gates, rs: dict, head_edits, head_r
     edits; a claiming fact's delta is its own plus its earlier facts' new deltas less their
     recorded ones (`summed`, exact): the state after routes each subject's facts as a batch
     made of all of them would. An earlier fact with the claiming fact's input is not made
-    again: the new target replaces it. Returns (per new fact its delta, per new fact the ids
-    of the entries it made again)."""
+    again: the new target replaces it. Facts that take each other's answers step until all
+    of them hold, as far as the steps allow (see below). Returns (per new fact its delta, per
+    new fact the ids of the entries it made again)."""
     lm = ws.lm
     facts = [(c.input, c.target) for c in cases]
     fact_gates, owner = list(gates), list(range(len(cases)))
@@ -356,13 +358,18 @@ def _together(ws, ed, cases: list[EditCase], gates, rs: dict, head_edits, head_r
         fact_gates += [gates[i]] * len(earlier)
         owner += [i] * len(earlier)
     _, apply = ws.router.steppers(cases, rs, lm.model, lm.tokenizer, gates=fact_gates)
+    # facts behind one gate can take each other's answers ("India's PM" and "India's
+    # president": each step moves the subject as a whole): every fact is checked at every
+    # step and steps again when another's step took its answer (`rejoin`), with the steps of
+    # one fact per fact of the largest subject (the loop ends as soon as all of them hold)
+    steps = min(MAX_STEPS, max_steps * max(owner.count(i) for i in claims))
     claimed = {k for same in claims.values() for k in same}
     # the head state without the claimed edits
     ws.router.install([x for k, x in enumerate(head_edits) if k not in claimed])
     try:
         made = ed.edit_apart(lm.model, lm.tokenizer, [p for p, _ in facts], [t for _, t in facts],
-                             ws.fmt, max_steps, max_norm, apply, rs.get("rank_cut"),
-                             rs.get("confidence"), rs.get("contexts"))
+                             ws.fmt, steps, max_norm, apply, rs.get("rank_cut"),
+                             rs.get("confidence"), rs.get("contexts"), rejoin=True)
     except BaseException:
         ws.forget_loaded_state()  # the model routes neither the head nor the new state
         raise

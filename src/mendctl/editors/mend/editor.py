@@ -194,7 +194,7 @@ class MendEditor(nn.Module):
                    fmt: str = "raw", max_steps: int = 1, max_norm: float | None = None,
                    apply=None, rank_cut: float | None = None,
                    confidence: float | None = None,
-                   contexts: list[str] | None = None) -> list[Delta]:
+                   contexts: list[str] | None = None, rejoin: bool = False) -> list[Delta]:
         """Many facts edited together, each into a delta of its own (routed edits: each fact
         goes behind its own gate, so each needs its own ΔW).
 
@@ -228,7 +228,12 @@ class MendEditor(nn.Module):
         edits in context). Later steps take the prompt alone, which keeps the steps that
         finish the edit from overshooting. A fact whose steps run out with its target not the
         argmax (and no earlier step under which it was) is made again without contexts, so
-        an edit never fails that would have held without them."""
+        an edit never fails that would have held without them.
+
+        `rejoin`: a fact that holds is still checked at every later step, and steps again if
+        the other facts' steps took its answer; the steps end when all hold at once (or run
+        out). Facts behind one gate need it: each fact's step moves the subject as a whole, so
+        the step that makes "India's president" take can give "India's PM" its answer."""
         t0 = time.perf_counter()
         if apply is None:
             def apply(items):
@@ -294,7 +299,9 @@ class MendEditor(nn.Module):
                     deltas[i] = deltas[i].compacted(rank_cut)
                 steps[i] += 1
                 still.append(i)
-            todo = still
+            # `rejoin`: every fact is checked again at each step, and one that another's
+            # steps took its answer from steps again (facts behind one gate, made together)
+            todo = list(range(n)) if rejoin and still else still
             if not todo:
                 break
         else:  # the steps ran out: did the last step of a fact still stepping overshoot?
