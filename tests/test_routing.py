@@ -22,7 +22,7 @@ from e2e_helpers import fresh_ws, one_line_error, tiny_assets  # noqa: E402,F401
 from mendctl import config as config_mod  # noqa: E402
 from mendctl.editors import route  # noqa: E402
 from mendctl.editors.data import EditCase  # noqa: E402
-from mendctl.editors.metrics import generate  # noqa: E402
+from mendctl.editors.metrics import edit_success, generate  # noqa: E402
 from mendctl.editors.text import encode_prompts  # noqa: E402
 from mendctl.errors import InputError  # noqa: E402
 from mendctl.export import export  # noqa: E402
@@ -588,6 +588,24 @@ def test_new_routed_entries_gate_on_every_key_and_old_ones_keep_their_rule(route
     assert routing.gate_digest(old) != s["gate_sha256"]
 
 
+def _made_together(w, policy, prompts, targets, gates):
+    """What `edit._together` makes of these facts on the loaded state: one batch behind the
+    gates, and, where not every fact then holds, the batch made again with `rejoin` and a
+    fact's steps per fact of the subject (two facts here). (deltas, made again?)"""
+    from mendctl.config import MAX_STEPS
+
+    rs, lm, ed = policy.routing, w.lm, w.editor_for(policy)
+    apply = w.router.steppers([], rs, lm.model, lm.tokenizer, gates=gates)[1]
+    args = (policy.max_norm, apply, rs["rank_cut"], rs["confidence"], rs["contexts"])
+    made = ed.edit_apart(lm.model, lm.tokenizer, prompts, targets, w.fmt, policy.max_steps, *args)
+    with apply(list(enumerate(made))):
+        holds = edit_success(lm.model, lm.tokenizer, prompts, targets, w.fmt)
+    if all(holds):
+        return made, False
+    return ed.edit_apart(lm.model, lm.tokenizer, prompts, targets, w.fmt,
+                         min(MAX_STEPS, 2 * policy.max_steps), *args, rejoin=True), True
+
+
 def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(routed_ws):
     """`together` (the default): a routed edit whose gate reads the same subject as earlier
     entries is computed with their facts, on the state without them (edit.py), and its delta
@@ -610,11 +628,9 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     policy = w.policy("mend", 1, None, None)
     rs, lm = policy.routing, w.lm
     w.use_state(None)
-    _, apply = w.router.steppers([EditCase(p2, t2)] * 2, rs, lm.model, lm.tokenizer, gates=[gate] * 2)
-    # (facts of one subject: every one checked at every step, with a fact's steps per fact)
-    made = w.editor_for(policy).edit_apart(
-        lm.model, lm.tokenizer, [p1, p2], [t1, t2], w.fmt, 2 * policy.max_steps, policy.max_norm,
-        apply, rs["rank_cut"], rs["confidence"], rs["contexts"], rejoin=True)
+    made, again = _made_together(w, policy, [p1, p2], [t1, t2], [gate] * 2)
+    # (the delta records whether its facts were made again with rejoin)
+    assert (w.load_delta(2).meta.get("rejoin") == "true") == again
     # (entry 2 holds entry 1's delta negated, which cancels to rounding)
     _same_delta(summed([w.load_delta(1), w.load_delta(2)]), summed(made))
     # entry 1 is held by entry 2 too: refused alone, nothing written
@@ -647,10 +663,8 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     g0 = w.router.gate(p2, routing.of(w.ledger.get(c)), t2)
     g1 = w.router.gate(q, routing.of(w.ledger.get(d)), u)
     w.use_state(None)
-    made = w.editor_for(policy).edit_apart(
-        lm.model, lm.tokenizer, [p2, q, p1], [t2, u, "Lima"], w.fmt, 2 * policy.max_steps,
-        policy.max_norm, w.router.steppers([], rs, lm.model, lm.tokenizer, gates=[g0, g1, g0])[1],
-        rs["rank_cut"], rs["confidence"], rs["contexts"], rejoin=True)
+    made, again = _made_together(w, policy, [p2, q, p1], [t2, u, "Lima"], [g0, g1, g0])
+    assert (w.load_delta(c).meta.get("rejoin") == "true") == again
     _same_delta(summed([w.load_delta(a), w.load_delta(b), w.load_delta(c)]),
                 summed([made[0], made[2]]))
     _same_delta(w.load_delta(d), made[1])

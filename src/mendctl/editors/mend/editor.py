@@ -339,6 +339,8 @@ class MendEditor(nn.Module):
             d.meta.update({"edit_loss_before": f"{first[i]:.6g}", "edit_steps": str(steps[i]),
                            # the batch's time, shared out evenly
                            "compute_seconds": f"{seconds / n:.4f}"})
+            if rejoin:
+                d.meta["rejoin"] = "true"
             if scales[i]:
                 d.meta["norm_scale"] = f"{min(scales[i]):.6g}"
             out.append(d)
