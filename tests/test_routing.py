@@ -591,7 +591,8 @@ def test_new_routed_entries_gate_on_every_key_and_old_ones_keep_their_rule(route
 def _made_together(w, policy, prompts, targets, gates):
     """What `edit._together` makes of these facts on the loaded state: one batch behind the
     gates, and, where not every fact then holds, the batch made again with `rejoin` and a
-    fact's steps per fact of the subject (two facts here). (deltas, made again?)"""
+    fact's steps per fact of the subject (two facts here), kept if more facts then hold.
+    (deltas, made again?)"""
     from mendctl.config import MAX_STEPS
 
     rs, lm, ed = policy.routing, w.lm, w.editor_for(policy)
@@ -602,8 +603,11 @@ def _made_together(w, policy, prompts, targets, gates):
         holds = edit_success(lm.model, lm.tokenizer, prompts, targets, w.fmt)
     if all(holds):
         return made, False
-    return ed.edit_apart(lm.model, lm.tokenizer, prompts, targets, w.fmt,
-                         min(MAX_STEPS, 2 * policy.max_steps), *args, rejoin=True), True
+    again = ed.edit_apart(lm.model, lm.tokenizer, prompts, targets, w.fmt,
+                          min(MAX_STEPS, 2 * policy.max_steps), *args, rejoin=True)
+    with apply(list(enumerate(again))):
+        more = sum(edit_success(lm.model, lm.tokenizer, prompts, targets, w.fmt)) > sum(holds)
+    return (again, True) if more else (made, False)
 
 
 def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(routed_ws):
