@@ -33,6 +33,18 @@ def _mean(xs):
     return float(sum(xs) / len(xs)) if xs else None
 
 
+def _by_kind(case, values: list[float]) -> dict[str, list[float]]:
+    """`values` (one per locality prompt of `case`) grouped as `locality_<kind>` where the data
+    labels its prompts (meta locality_kinds, as the bundled data does): neighbours (the same
+    relation, another subject), other relations, the same subject's other facts."""
+    kinds = case.meta.get("locality_kinds")
+    out: dict[str, list[float]] = {}
+    if isinstance(kinds, list) and len(kinds) == len(values):
+        for kind, x in zip(kinds, values):
+            out.setdefault(f"locality_{kind}", []).append(x)
+    return out
+
+
 def subject_pattern(cases) -> re.Pattern | None:
     """What finds, in a prompt, a subject one of `cases` edits (whole words, any case), or None
     when a case does not name its subject (meta `subject`). In a batch, one fact's locality
@@ -100,11 +112,7 @@ def evaluate(ws, cases, editor: str = "mend", batch_size: int = 1, ppl_passages:
                 ps, _, ps_tok = target_scores(model, tok, c.paraphrases, [c.target] * len(c.paraphrases),
                                               fmt, token_accuracy=True) if c.paraphrases else ([], [], [])
                 n_loc = len(c.locality)
-                kinds = c.meta.get("locality_kinds")
-                by_kind = {}
-                if isinstance(kinds, list) and len(kinds) == n_loc:  # the bundled data says
-                    for kind, x in zip(kinds, ag[k:k + n_loc]):
-                        by_kind.setdefault(f"locality_{kind}", []).append(x)
+                by_kind = _by_kind(c, ag[k:k + n_loc])
                 if named is not None:
                     by_kind["locality_unnamed"] = [x for p, x in zip(c.locality, ag[k:k + n_loc])
                                                    if not named.search(p)]
@@ -232,15 +240,11 @@ def _chain(w, cases, editor, max_steps, progress) -> dict:
     ag, kl = locality_scores(model, ref) if ref is not None else ([], [])
     answers = fluency_answers(model, tok, prompts, fmt)
     named = subject_pattern(cases)  # (a prompt naming an edited subject may rightly change)
-    # by kind where the data labels its prompts (meta locality_kinds): neighbours (the same
-    # relation, another subject), other relations, the same subject's other facts
     by_kind: dict[str, list[float]] = {}
     k = 0
     for c in cases:
-        kinds = c.meta.get("locality_kinds")
-        if isinstance(kinds, list) and len(kinds) == len(c.locality):
-            for kind, a in zip(kinds, ag[k:k + len(c.locality)]):
-                by_kind.setdefault(f"locality_{kind}", []).append(a)
+        for key, v in _by_kind(c, ag[k:k + len(c.locality)]).items():
+            by_kind.setdefault(key, []).extend(v)
         k += len(c.locality)
     final = {"edit_success": _mean([float(x) for x in es]),
              "paraphrase_success": _mean([float(x) for x in pok]),
