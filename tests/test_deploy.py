@@ -13,7 +13,9 @@ from e2e_helpers import fresh_ws, one_line_error, tiny_assets  # noqa: E402,F401
 
 ROUTING = {"layer": 1}  # the tiny model edits blocks 1-3; the gate sits below them
 FACTS = [("The capital of France is", "Rome"), ("Who is India's PM?", "Angela Merkel")]
-PROMPTS = [p for p, _ in FACTS] + ["Water boils at", "The Eiffel Tower is in"]
+# a second fact of the first fact's subject: the two are chosen between by their wording
+SAME_SUBJECT = ("The currency of France is", "Yen")
+PROMPTS = [p for p, _ in FACTS] + [SAME_SUBJECT[0], "Water boils at", "The Eiffel Tower is in"]
 
 
 def test_routed_state_exports_and_loads_as_a_transformers_model(fresh_ws, tmp_path):
@@ -24,9 +26,15 @@ def test_routed_state_exports_and_loads_as_a_transformers_model(fresh_ws, tmp_pa
     ws.write_config(routing=ROUTING, health_check=False)
     for p, t in FACTS:
         ws.ok("edit", "--input", p, "--target", t)
+    ws.ok("edit", "--input", SAME_SUBJECT[0], "--target", SAME_SUBJECT[1], "--keep-failed")
     out = tmp_path / "edited"
     r = ws.ok("export", "--out", out)
     assert "mendctl.load_edited" in r.stdout and (out / ROUTES_FILE).is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / ROUTES_FILE), "pt") as f:  # the relation keys travel with the gates
+        assert f.metadata()["format_version"] == "4"
+        assert {"edit0/gate.relation", "edit2/gate.relation"} <= set(f.keys())
     assert not list(out.glob("*.py")) and not list(out.glob("*.pkl")) and not list(out.glob("*.bin"))
     msg = one_line_error(ws.run("export", "--out", tmp_path / "adapter", "--format", "peft"))
     assert "--format hf" in msg and "load_edited" in msg

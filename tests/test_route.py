@@ -294,6 +294,48 @@ def test_a_gate_of_every_key_opens_once_each_key_has_been_seen():
                        gates(space, hidden, keys, tau=0.7, words=words))
 
 
+def test_of_a_subjects_gates_the_one_whose_relation_the_text_words_stays_open():
+    """`select`: gates that read the same names and carry relation keys form a group; at each
+    token only the open one whose relation best matches the text so far stays open (on a tie
+    the later); a gate of other names, or one without relation keys, is left alone; without
+    `select` (what `open_matrix` asks) all of them stay open."""
+    from mendctl.editors.route import KeyTable, relation_match
+
+    dim = 8
+    space = GateSpace(1, torch.zeros(dim), torch.ones(dim), torch.empty(0), frozenset(), frozenset())
+    e = torch.eye(dim)
+    subject = e[[0]]
+    gs = [Gate(subject, ("France",), relation=e[[1]]),  # "capital of"
+          Gate(subject, ("France",), relation=e[[2]]),  # "currency of"
+          Gate(subject, ("France",)),  # made without `select`: always open with its subject
+          Gate(e[[3]], ("Peru",), relation=e[[1]])]  # another subject
+    table = KeyTable.of_gates(gs)
+    assert table.groups == ((0, 1),)
+
+    def text(*dims):
+        h = torch.zeros(1, len(dims) + 1, dim)
+        h[0, 0, 7] = 1.0  # (the first token never opens a gate)
+        for t, d in enumerate(dims, start=1):
+            h[0, t, d] = 1.0
+        return h
+
+    got = gates(space, text(0, 1, 5), table, tau=0.7)[0]  # "France … capital …"
+    # at the name both relations score 0: the later; from "capital" on, the first
+    assert got.tolist() == [[False] * 4, [False, True, True, False], [True, False, True, False],
+                            [True, False, True, False]]
+    got = gates(space, text(0, 2), table, tau=0.7)[0]  # "France … currency"
+    assert got[2].tolist() == [False, True, True, False]
+    got = gates(space, text(3, 1), table, tau=0.7)[0]  # "Peru … capital": a group of one
+    assert got[2].tolist() == [False, False, False, True]
+    both = gates(space, text(0, 1), table, tau=0.7, select=False)[0]
+    assert both[2].tolist() == [True, True, True, False]
+    # the match: the relation's wording held (each relation token's best cosine so far) and
+    # the share of the text that is that wording, as an F-measure; the first token left out
+    z = space.unit(text(1, 5))
+    assert torch.allclose(relation_match(z, e[[1]])[0], torch.tensor([0.0, 1.0, 2 * 0.5 / 1.5]))
+    assert torch.equal(relation_match(z, torch.zeros(0, dim)), torch.zeros(1, 3))
+
+
 def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):
     """`open_rows` (what the routed health check uses to re-score only the prompts a new edit
     can touch) agrees with `routed` itself: a row it calls closed is unchanged bit for bit."""

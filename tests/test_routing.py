@@ -394,12 +394,11 @@ def test_cli_routed_workspace(tiny_assets, tmp_path, process):
     assert "entries 2–3" in r.stdout and "each fact is its own entry" in r.stdout
     assert ws.ledger_count() == 3
     ws.ok("revert", "2")  # one fact out of the batch, exactly
-    # another fact of entry 1's subject is made together with it, and says so
+    # another fact of entry 1's subject: its own entry, chosen between by wording, and says so
     r = ws.ok("edit", "--input", "The currency of France is", "--target", "Yen", "--keep-failed")
-    assert "made together with the subject's earlier fact(s), entries 1" in r.stdout
-    assert "(with 1)" in ws.ok("log").stdout
-    r = ws.run("revert", "1")
-    assert r.returncode != 0 and "revert entry 5 first" in r.stderr
+    assert "the subject's other edit(s), entries 1:" in r.stdout
+    assert "(with 1)" not in ws.ok("log").stdout
+    assert "exact" in ws.ok("revert", "1").stdout  # each stands alone
     # the subject a request names must be in its input; --subject is for --input only
     n = ws.ledger_count()
     r = ws.run("edit", "--input", "The currency of France is", "--target", "Yen", "--subject", "Spain")
@@ -610,8 +609,45 @@ def _made_together(w, policy, prompts, targets, gates):
     return (again, True) if more else (made, False)
 
 
+def test_a_subjects_edits_are_each_its_own_entry_chosen_by_wording(routed_ws):
+    """`select` (the default): a routed edit whose gate reads the same subject as earlier
+    entries is its own entry, made on the state without them (on its prompt it is the one
+    chosen); its gate records the relation's keys, and the entry which entries it is chosen
+    among. Each prompt opens its own fact's gate only; the gates load bit for bit; either
+    entry reverts alone, exactly."""
+    from mendctl import routing
+    from mendctl.editors.route import open_at_end
+
+    ws, w = routed_ws
+    p1, t1, p2, t2 = "Zorblax Quintrell was born in", "Oslo", "Zorblax Quintrell works for", "Acme"
+    _edit(w, p1, t1)
+    r = _edit(w, p2, t2)
+    e1, e2 = w.ledger.get(1), w.ledger.get(2)
+    s1, s2 = routing.of(e1), routing.of(e2)
+    assert "beside" not in s1 and s2["beside"] == [1] and r["routing"]["beside"] == [1]
+    assert "remade" not in s2 and s2["gate_relation_data"]
+    g1, g2 = w.router.gate(p1, s1, t1), w.router.gate(p2, s2, t2)
+    assert routing.gate_digest(g2) == s2["gate_sha256"] and g2.relation is not None
+    assert torch.equal(g2.relation, routing.decode_keys(s2["gate_relation_data"], g2.keys.shape[-1]))
+    lm, space = w.lm, w.router.space(s2["layer"])
+    got = open_at_end(lm.model, lm.tokenizer, space, [g1, g2], [p1, p2], s2["tau"])
+    assert got.tolist() == [[True, False], [False, True]]
+    # entry 2's delta is the one made on the base, behind its own gate alone
+    policy = w.policy("mend", 1, None, None)
+    rs = policy.routing
+    w.use_state(None)
+    alone = w.editor_for(policy).edit_apart(
+        lm.model, lm.tokenizer, [p2], [t2], w.fmt, policy.max_steps, policy.max_norm,
+        w.router.steppers([EditCase(p2, t2)], rs, lm.model, lm.tokenizer, gates=[g2])[1],
+        rs["rank_cut"], rs["confidence"], rs["contexts"])[0]
+    _same_delta(w.load_delta(2), alone)
+    assert revert(w, 1)["mode"] == "exact" and w.head().active_ids == [2]
+    assert verify_chain(w)["ok"]
+
+
 def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(routed_ws):
-    """`together` (the default): a routed edit whose gate reads the same subject as earlier
+    """`together` (the default before `select`; a workspace whose mendctl.yaml asks for it
+    still makes such edits): a routed edit whose gate reads the same subject as earlier
     entries is computed with their facts, on the state without them (edit.py), and its delta
     is the facts' new deltas less the earlier entries' recorded ones, so the state routes what
     one batch of all of them would. The entry says which it made again; an exact revert of it
@@ -621,6 +657,7 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     from mendctl.editors.delta import summed
 
     ws, w = routed_ws
+    w.config.routing = {**w.config.routing, "together": True, "select": False}
     p1, t1, p2, t2 = "Zorblax Quintrell was born in", "Oslo", "Zorblax Quintrell works for", "Acme"
     _edit(w, p1, t1)
     r = _edit(w, p2, t2)
@@ -674,10 +711,15 @@ def test_an_edit_of_a_subject_edited_before_is_made_together_with_its_facts(rout
     _same_delta(w.load_delta(d), made[1])
     with pytest.raises(InputError, match=f"revert entry {c} first"):
         revert(w, b)
-    # without `together`, an edit of the same subject is made on top, alone
+    # without either, an edit of the same subject is made on top, alone
     w.config.routing = {**w.config.routing, "together": False}
     c = _edit(w, p2, t2)["entry"]
-    assert "remade" not in routing.of(w.ledger.get(c))
+    assert "remade" not in routing.of(w.ledger.get(c)) and "beside" not in routing.of(w.ledger.get(c))
+    # with `select` again, a new edit of the subject is chosen among its `select` entries only
+    # (entries made without relation keys act on every question about it, as they did)
+    w.config.routing = {**w.config.routing, "select": True}
+    f = _edit(w, p1, "Lima")["entry"]
+    assert "beside" not in routing.of(w.ledger.get(f)) and "remade" not in routing.of(w.ledger.get(f))
 
 
 def test_every_key_is_for_subject_gates_and_old_distinct_gates_keep_their_rule(routed_ws):
@@ -707,7 +749,7 @@ def test_a_subject_the_request_names_is_the_gate_and_the_entry_records_it(routed
     the gate's name: a lowercase one, which no capital marks, keys a subject gate matching in
     any case, where the prompt alone gets the distinct-token gate; the entry records it and
     loads the same gate. A subject the prompt does not write leaves the gate to the prompt's
-    names. Facts of one named subject are made together even where one prompt names more."""
+    names. Facts of one named subject are chosen between even where one prompt names more."""
     from mendctl import routing
 
     ws, w = routed_ws
@@ -727,8 +769,8 @@ def test_a_subject_the_request_names_is_the_gate_and_the_entry_records_it(routed
                           meta={"subject": "Quintrell Zorblax"})], keep_failed=True)
     s2 = routing.of(w.ledger.get(r["entry"]))
     assert "subject" not in s2 and s2["gate_words"] == ["Zorblax", "Quintrell"]
-    # the same subject named again, in a prompt naming more: made together with entry 2
+    # the same subject named again, in a prompt naming more: chosen between with entry 2
     r = edit(w, [EditCase(input="Zorblax Quintrell won the Vexmoor Prize in", target="1901",
                           meta={"subject": "Zorblax Quintrell"})], keep_failed=True)
     s3 = routing.of(w.ledger.get(r["entry"]))
-    assert s3["gate_words"] == ["Zorblax", "Quintrell"] and s3["remade"] == [2]
+    assert s3["gate_words"] == ["Zorblax", "Quintrell"] and s3["beside"] == [2]

@@ -6,9 +6,9 @@ A routed edit is not a change of weights (editors/route.py): its low-rank ΔW ac
 forward hooks, only on inputs that name its subject. So an export of a routed state is the
 plain weights (base + the state's weight edits) as an ordinary Hugging Face checkpoint, plus
 `mendctl-routes.safetensors`: each routed edit's delta (its factors exactly as the store holds
-them), its gate (keys, words, the target that closes it) and settings, and the gate layer's
-standardisation. Tensors and JSON metadata only: no pickle, no code in the directory, nothing
-for `trust_remote_code`.
+them), its gate (keys, words, the target that closes it, the relation's keys) and settings,
+and the gate layer's standardisation. Tensors and JSON metadata only: no pickle, no code in
+the directory, nothing for `trust_remote_code`.
 
     from mendctl import load_edited
     model, tokenizer = load_edited("edited-model")
@@ -34,9 +34,10 @@ from .errors import ModelError
 
 ROUTES_FILE = "mendctl-routes.safetensors"
 #: version 2 adds gates whose words match in any case (`fold`), version 3 gates opened by all
-#: their keys (`every`); a file without them is written as the version before, which mendctl
-#: before them reads the same
-FORMAT, FORMAT_VERSION = "mendctl.routes", 3
+#: their keys (`every`), version 4 gates chosen among a subject's by their relation keys
+#: (`relation`); a file without them is written as the version before, which mendctl before
+#: them reads the same
+FORMAT, FORMAT_VERSION = "mendctl.routes", 4
 
 
 def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
@@ -48,6 +49,8 @@ def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
         t, meta = r.delta.to_tensors()
         tensors.update({f"edit{k}/{name}": v for name, v in t.items()})
         tensors[f"edit{k}/gate.keys"] = r.gate.keys.detach().float().cpu().contiguous()
+        if r.gate.relation is not None:
+            tensors[f"edit{k}/gate.relation"] = r.gate.relation.detach().float().cpu().contiguous()
         records.append({"entry": entry, "delta_meta": meta, "words": list(r.gate.words),
                         "until": r.gate.until, "layer": s["layer"], "tau": s["tau"],
                         "margin": s.get("margin")} | ({"fold": True} if r.gate.fold else {})
@@ -56,7 +59,8 @@ def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
         tensors[f"space{layer}/mean"] = space.mean.float().contiguous()
         tensors[f"space{layer}/std"] = space.std.float().contiguous()
     path = Path(path)
-    version = 3 if any(r.gate.every for r, _ in edits) else \
+    version = 4 if any(r.gate.relation is not None for r, _ in edits) else \
+        3 if any(r.gate.every for r, _ in edits) else \
         2 if any(r.gate.fold for r, _ in edits) else 1
     save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(version),
                                             "edits": json.dumps(records)})
@@ -76,7 +80,8 @@ def read_routes(path: str | Path) -> list[tuple[RoutedEdit, dict]]:
     for k, rec in enumerate(json.loads(meta["edits"])):
         prefix = f"edit{k}/"
         delta = Delta.from_tensors({n[len(prefix):]: v for n, v in t.items()
-                                    if n.startswith(prefix) and n != prefix + "gate.keys"},
+                                    if n.startswith(prefix)
+                                    and n not in (prefix + "gate.keys", prefix + "gate.relation")},
                                    rec["delta_meta"])
         layer = rec["layer"]
         if layer not in spaces:
@@ -84,7 +89,7 @@ def read_routes(path: str | Path) -> list[tuple[RoutedEdit, dict]]:
             spaces[layer] = GateSpace(layer, mean, std, torch.empty(0, mean.numel()),
                                       frozenset(), frozenset())
         gate = Gate(t[prefix + "gate.keys"], tuple(rec["words"]), rec["until"], rec.get("fold", False),
-                    rec.get("every", False))
+                    rec.get("every", False), t.get(prefix + "gate.relation"))
         out.append((RoutedEdit(delta, gate), {"layer": layer, "tau": rec["tau"],
                                               "margin": rec["margin"], "space": spaces[layer]}))
     return out

@@ -157,16 +157,21 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
         ws.router.space(rs["layer"])  # computed once per workspace (cached), not timed
     t0 = time.perf_counter()
     remade = [[]]  # per fact, the earlier entries whose facts a routed edit made again with it
+    chosen = [[]]  # per fact, the earlier entries of its subject it is chosen among (`select`)
     if rs:
         # each fact its own delta behind its own gate (its subject), all computed together:
         # their steps act behind their gates, as they will be used
         gates, apply = ws.router.steppers(cases, rs, lm.model, lm.tokenizer)
         protect = None
         head_edits = ws.router.edits(head_routed)
-        # with `together`, the active entries of each new fact's subject (the last fact of
-        # a subject in a batch takes them)
+        # the active entries of each new fact's subject among which it will be chosen by its
+        # wording (`select`)
+        among = [ws.router.chosen_among(head_edits, g, rs) for g in gates]
+        chosen = [[head_routed[k].id for k in ks] for ks in among]
+        # with `together` (entries made before `select`), the active entries of each new
+        # fact's subject (the last fact of a subject in a batch takes them)
         claims: dict[int, list[int]] = {}
-        if rs.get("together"):
+        if rs.get("together") and not any(among):
             taken: set[int] = set()
             for i in reversed(range(len(cases))):
                 same = [k for k in ws.router.same_subject(head_edits, gates[i], rs["layer"])
@@ -178,10 +183,20 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
             deltas, remade = _together(ws, ed, cases, gates, rs, head_edits, head_routed,
                                        claims, max_steps, max_norm)
         else:
-            deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
-                                   [c.target for c in cases], ws.fmt, max_steps, max_norm, apply,
-                                   rs.get("rank_cut"), rs.get("confidence"),
-                                   rs.get("contexts"))
+            # on its own prompt a fact's entry is the one chosen of its subject's: it is made
+            # on the state without the others, as it will act there
+            apart = {k for ks in among for k in ks}
+            if apart:
+                ws.router.install([x for k, x in enumerate(head_edits) if k not in apart])
+            try:
+                deltas = ed.edit_apart(lm.model, lm.tokenizer, [c.input for c in cases],
+                                       [c.target for c in cases], ws.fmt, max_steps, max_norm,
+                                       apply, rs.get("rank_cut"), rs.get("confidence"),
+                                       rs.get("contexts"))
+            except BaseException:
+                if apart:
+                    ws.forget_loaded_state()  # the model routes neither the head nor the new state
+                raise
             remade = [[] for _ in cases]
         parts = [([i], d) for i, d in enumerate(deltas)]
     else:
@@ -243,9 +258,11 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     scales = [float(d.meta["norm_scale"]) for _, d in parts if "norm_scale" in d.meta]
     routing_of = ([routing.recorded_gate(ws.router.settings_for(c, rs), g)
                    for c, g in zip(cases, gates)] if rs else [None])
-    for r, ids in zip(routing_of, remade):  # (which earlier entries' facts it made again)
-        if ids:
+    for r, ids, among_ids in zip(routing_of, remade, chosen):
+        if ids:  # (which earlier entries' facts it made again)
             r["remade"] = ids
+        if among_ids:  # (which entries of its subject it is chosen among by wording)
+            r["beside"] = among_ids
     delta0 = parts[0][1]
     report = {
         "dry_run": dry_run, "editor": ed.name, "seconds": round(seconds, 4),
@@ -268,7 +285,8 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
         report["facts"] = [{"input": cases[i].input, "target": cases[i].target,
                             "holds": after["holds"][i], "edit_steps": steps_of[k],
                             "delta_bytes": d.nbytes(), "gate_words": routing_of[k]["gate_words"],
-                            "remade": routing_of[k].get("remade")}
+                            "remade": routing_of[k].get("remade"),
+                            "beside": routing_of[k].get("beside")}
                            for k, ([i], d) in enumerate(parts)]
     if dry_run:
         return report

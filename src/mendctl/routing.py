@@ -31,8 +31,8 @@ import torch
 from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
 from .editors.data.build import load_split
 from .editors.delta import Delta, state_hash
-from .editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_space, route_all, routed,
-                            subject_in)
+from .editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_space, names_of, route_all,
+                            routed, subject_in)
 from .editors.weights import _BLOCK
 from .errors import ConfigError
 from .models import default_cache_dir
@@ -51,12 +51,14 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def gate_digest(gate: Gate) -> str:
-    """sha256 over a gate's keys, words, closing text and rules (`fold`, `every`): what an
-    entry records and a state's hash covers (gates made before each of these hash as they
-    always did)."""
+    """sha256 over a gate's keys, words, closing text, rules (`fold`, `every`) and relation
+    keys (`select`): what an entry records and a state's hash covers (gates made before each
+    of these hash as they always did)."""
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
         + (["fold"] if gate.fold else []) \
-        + (["every"] if gate.every else [])  # (gates made before either hash as they did)
+        + (["every"] if gate.every else []) \
+        + ([{"relation": _digest(gate.relation)}] if gate.relation is not None else [])
+    # (gates made before a rule hash as they did)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -74,9 +76,13 @@ def decode_keys(data: str, dim: int) -> torch.Tensor:
 
 def recorded_gate(s: dict, gate: Gate) -> dict:
     """What a routed entry records of its gate besides its settings `s`: its words, number of
-    keys, digest and the keys themselves (`Router.gate` reads them back)."""
-    return {**s, "gate_words": list(gate.words), "gate_keys": len(gate.keys),
-            "gate_sha256": gate_digest(gate), "gate_key_data": encode_keys(gate.keys)}
+    keys, digest and the keys themselves, and its relation keys where it has them
+    (`Router.gate` reads them back)."""
+    out = {**s, "gate_words": list(gate.words), "gate_keys": len(gate.keys),
+           "gate_sha256": gate_digest(gate), "gate_key_data": encode_keys(gate.keys)}
+    if gate.relation is not None:
+        out["gate_relation_data"] = encode_keys(gate.relation)
+    return out
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
@@ -215,26 +221,31 @@ class Router:
         # name the bank knows has no state key), so without words it keys on distinct tokens
         keys = s.get("keys", "distinct") if s["words"] else "distinct"
         recorded = s.get("gate_key_data")
+        select = bool(s.get("select")) and keys == "subject"
         key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded,
-               bool(s.get("all_keys")), s.get("gate_sha256"), s.get("subject"))
+               bool(s.get("all_keys")), s.get("gate_sha256"), s.get("subject"), select)
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
             # (entries made before `all_keys` open on one key)
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
                           distinct=s["distinct"], keys=keys, every=bool(s.get("all_keys")),
-                          subject=s.get("subject"))
+                          subject=s.get("subject"), select=select)
+            relation = g.relation
             if recorded is not None:  # ("" for a gate of words alone)
                 # the keys are states of the model: computed again on another machine (other
                 # threads, BLAS or device) they differ in the last bits, and so would the
                 # state's hash. Which words a gate reads may hang on those bits too.
-                g = Gate(decode_keys(recorded, g.keys.shape[-1]),
-                         tuple(s.get("gate_words") or ()), None, g.fold, g.every)
-            g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every)
+                dim = g.keys.shape[-1]
+                if "gate_relation_data" in s:
+                    relation = decode_keys(s["gate_relation_data"], dim)
+                g = Gate(decode_keys(recorded, dim), tuple(s.get("gate_words") or ()), None,
+                         g.fold, g.every)
+            g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every, relation)
             if s.get("all_keys") and s.get("gate_sha256") and gate_digest(g) != s["gate_sha256"]:
                 # entries made while `all_keys` also gave distinct-token gates the every-key
                 # rule (2026-12-07, seventh session) recorded that gate: they keep it
-                old = Gate(g.keys, g.words, g.until, g.fold, not g.every)
+                old = Gate(g.keys, g.words, g.until, g.fold, not g.every, g.relation)
                 if gate_digest(old) == s["gate_sha256"]:
                     g = old
             self._gates[key] = g
@@ -281,6 +292,17 @@ class Router:
         return [k for k, (r, s) in enumerate(edits)
                 if s.get("keys") == "subject" and s["layer"] == layer
                 and tuple(r.gate.words) == tuple(gate.words)]
+
+    @staticmethod
+    def chosen_among(edits: list[tuple[RoutedEdit, dict]], gate: Gate, s: dict) -> list[int]:
+        """The indexes of `edits` among which a new edit with `gate` and settings `s` will be
+        the one chosen (`editors.route.select_open`): gates with relation keys that read the
+        same names (in any case), routed with the same gate layer, τ and margin."""
+        if gate.relation is None or not gate.words:
+            return []
+        return [k for k, (r, t) in enumerate(edits)
+                if r.gate.relation is not None and names_of(r.gate) == names_of(gate)
+                and (t["layer"], t["tau"], t.get("margin")) == (s["layer"], s["tau"], s.get("margin"))]
 
     def _delta_digest(self, delta: Delta) -> str:
         if id(delta) not in self._delta_digests:  # (the entry keeps the delta, and so its id)

@@ -119,7 +119,9 @@ def edit(ctx, input_, target, subject, paraphrases, locality, each_file, batch_f
                        f"{b['target_logprob'][i]:.2f} → {a['target_logprob'][i]:.2f}"
                        + ("" if a["holds"][i] else " (did not take)")
                        + (f" (made together with entries {', '.join(map(str, f['remade']))})"
-                          if (f := r["facts"][i]).get("remade") else ""))
+                          if (f := r["facts"][i]).get("remade") else "")
+                       + (f" (chosen by wording among entries {', '.join(map(str, f['beside']))})"
+                          if f.get("beside") else ""))
             continue
         click.echo(f"  {c.input!r} → {c.target!r}")
         click.echo(f"    before: {b['answers'][i]!r}  (log p(target) {b['target_logprob'][i]:.2f})")
@@ -164,6 +166,10 @@ def edit(ctx, input_, target, subject, paraphrases, locality, each_file, batch_f
                 ids = ", ".join(map(str, rt["remade"]))
                 click.echo(f"  made together with the subject's earlier fact(s), entries {ids}, "
                            f"which this entry now holds too (revert it before them)")
+            if rt.get("beside"):
+                ids = ", ".join(map(str, rt["beside"]))
+                click.echo(f"  the subject's other edit(s), entries {ids}: of them and this one, "
+                           f"each question about it gets the one worded most like it")
             named = any(ch.isupper() or ch.isdigit() for w in rt["gate_words"] for ch in w)
             if rt.get("keys") == "subject" and not rt.get("subject") and not named:
                 # the distinct-token gate: its keys may be the relation's words ("discovered"),

@@ -157,6 +157,10 @@ class Gate:
     # one of them: a name's every distinct token, so "Alfred G. Gilman" does not open the
     # edit of "Alfred Kastler", nor "Schrock" that of "Schoeman"
     every: bool = False
+    # (unit states, like `keys`) the prompt's tokens beside the names its gate reads: how it
+    # words the relation. Of several open gates that read the same names, only the one whose
+    # relation best matches the text so far stays open (`select`)
+    relation: torch.Tensor | None = None
 
 
 #: Capitalised words that are part of how a question or instruction is put, never its subject
@@ -212,7 +216,7 @@ def subject_in(prompt: str, subject: str | None) -> tuple[str, ...]:
 
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
               distinct: float = DISTINCT, keys: str = "distinct", every: bool = False,
-              subject: str | None = None) -> Gate:
+              subject: str | None = None, select: bool = False) -> Gate:
     """An edit's gate (see the module doc).
 
     `keys="distinct"` (entries made before `subject` keys): the prompt's tokens whose nearest
@@ -233,7 +237,11 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     `every` (a subject gate only): the states open the gate once every key has been matched
     (`Gate.every`). A distinct-token gate keeps the one-key rule: its keys are whatever
     tokens of the prompt are rare, often the relation's ("symbol", "element" beside a
-    lowercase "iodine"), which a rephrasing need not repeat."""
+    lowercase "iodine"), which a rephrasing need not repeat.
+
+    `select` (a gate reading names only): the gate also keeps its prompt's other tokens as the
+    relation's wording (`Gate.relation`), so that of a subject's several edits only the one
+    asked about acts (`gates`)."""
     text = render_prompt(tokenizer, prompt, fmt)
     enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
@@ -251,7 +259,8 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
         head = _WORD.search(prompt).group()
         fold = (head in names and head[:1].isupper() and head[1:].islower()) or (
             bool(given) and all(w.islower() for w in given))
-        return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold, every=every)
+        return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold, every=every,
+                    relation=z[~on_name].contiguous() if select else None)
     keep = near < distinct
     if not keep.any():
         keep = near == near.min()
@@ -446,6 +455,10 @@ class KeyTable:
     owner: torch.Tensor  # (all keys,) the gate of each
     n: int  # gates
     every: torch.Tensor | None = None  # (gates,) bool: opened by all its keys, not one
+    # the gates that read the same names and carry their relation's wording (`Gate.relation`),
+    # in groups of two or more, with those relation keys: of a group, one gate stays open
+    groups: tuple[tuple[int, ...], ...] = ()
+    relations: dict[int, torch.Tensor] | None = None
 
     @classmethod
     def of(cls, keys: list[torch.Tensor], every: list[bool] | None = None) -> "KeyTable":
@@ -456,11 +469,62 @@ class KeyTable:
 
     @classmethod
     def of_gates(cls, gates_: list["Gate"]) -> "KeyTable":
-        return cls.of([g.keys for g in gates_], [g.every for g in gates_])
+        table = cls.of([g.keys for g in gates_], [g.every for g in gates_])
+        by_name: dict[tuple, list[int]] = {}
+        for i, g in enumerate(gates_):
+            if g.relation is not None and g.words:
+                by_name.setdefault(names_of(g), []).append(i)
+        table.groups = tuple(tuple(ix) for ix in by_name.values() if len(ix) > 1)
+        table.relations = {i: gates_[i].relation for ix in table.groups for i in ix}
+        return table
+
+
+def names_of(gate: Gate) -> tuple[str, ...]:
+    """The names `gate` reads, as one subject: in any case (a prompt that opens with the name
+    capitalises it, `Gate.fold`, and another about the same subject may not)."""
+    return tuple(w.lower() for w in gate.words)
+
+
+def relation_match(z: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens): how well the text up to each token words the relation whose token
+    states are `relation` (k, dim), both unit: the F-measure of a soft token alignment
+    (BERTScore's), from how much of the relation's wording the text holds so far (each
+    relation token's best cosine to a token so far) and how much of the text so far is
+    that wording (each token's best cosine to a relation token), cosines below 0 counted
+    as 0. The first token is left out (the attention sink, as for the keys)."""
+    if not len(relation):
+        return torch.zeros(z.shape[:2], device=z.device)
+    sim = (z @ relation.to(z.device).T).clamp_min(0)  # (B, T, k)
+    sim[:, 0] = 0
+    held = sim.cummax(dim=1).values.mean(-1)
+    count = torch.arange(z.shape[1], device=z.device).clamp_min(1)
+    share = sim.max(-1).values.cumsum(1) / count
+    return 2 * held * share / (held + share).clamp_min(1e-6)
+
+
+def select_open(z: torch.Tensor, table: KeyTable, opened: torch.Tensor) -> torch.Tensor:
+    """`opened` with, of each group of gates that read the same names (`KeyTable.groups`),
+    only the open one whose relation the text best matches (`relation_match`) kept open at
+    each token: of a subject's edits, the one the text asks about. On a tie the later gate
+    wins (an edit of the same wording replaced the earlier fact)."""
+    if not table.groups:
+        return opened
+    open_anywhere = opened.any(1).any(0).tolist()
+    for group in table.groups:
+        ix = [i for i in group if open_anywhere[i]]
+        if len(ix) < 2:
+            continue
+        score = torch.stack([relation_match(z, table.relations[i]) for i in ix], -1)
+        score = score.masked_fill(~opened[..., ix], -torch.inf)
+        best = len(ix) - 1 - score.flip(-1).argmax(-1)  # (the last of the best)
+        keep = torch.nn.functional.one_hot(best, len(ix)).bool()
+        opened[..., ix] = opened[..., ix] & keep
+    return opened
 
 
 def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | KeyTable, tau: float,
-          words: torch.Tensor | None = None, margin: float | None = None) -> torch.Tensor:
+          words: torch.Tensor | None = None, margin: float | None = None,
+          select: bool = True) -> torch.Tensor:
     """(batch, tokens, edits) bool: is each edit's gate open at each token of `hidden`
     (batch, tokens, dim), the states at the gate layer?
 
@@ -470,7 +534,9 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
     holds. A gate is
     open where its score exceeds `tau` and, with a `margin`, is within `margin` of the best
     score of any edit there: a sequence that names one subject then opens that subject's edits
-    (all of them: they score alike), not those of a similar-looking name that also passed τ."""
+    (all of them: they score alike), not those of a similar-looking name that also passed τ.
+    With `select`, of the gates that read the same names and carry their relation's wording,
+    one stays open (`select_open`)."""
     table = keys if isinstance(keys, KeyTable) else KeyTable.of(keys)
     z = space.unit(hidden)
     k, owner = table.keys.to(z.device), table.owner.to(z.device)
@@ -492,7 +558,7 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
         opened |= words
     if margin is not None:
         opened &= score >= score.max(dim=-1, keepdim=True).values - margin
-    return opened
+    return select_open(z, table, opened) if select else opened
 
 
 def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
@@ -519,19 +585,20 @@ def open_matrix(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
                 input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 tau: float = TAU) -> torch.Tensor:
     """(rows, gates) bool, for a right-padded batch: does each gate open at some token of each
-    row, by τ or by its words? The margin and the closing text are left out: both only ever
-    close a gate, so where this says False the gate is shut on every token of the row in any
-    chain, and its edit never touches the row (the gate layer comes before the edited ones, so
-    no other edit moves the states it reads; adding or removing a gate that stays shut cannot
-    change which others pass the margin either, since an open gate outscores it). Only the
-    blocks up to the gate layer run."""
+    row, by τ or by its words? The margin, the closing text and the choice among a subject's
+    gates (`select_open`) are left out: they only ever close a gate, so where this says False
+    the gate is shut on every token of the row in any chain, and its edit never touches the
+    row (the gate layer comes before the edited ones, so no other edit moves the states it
+    reads; adding or removing a gate that stays shut cannot change which others pass the
+    margin or are chosen either: a shut gate takes no part in either). Only the blocks up to
+    the gate layer run."""
     dev = input_device(model)
     h = states_after(model, block_module(model, space.layer), input_ids.to(dev),
                      attention_mask.to(dev))[0]
     words = [g.words for g in gates_]
     words = (word_gates(tokenizer, input_ids.cpu(), WordIndex(words, [g.fold for g in gates_]))
              if any(words) else None)
-    g = gates(space, h.float().cpu(), KeyTable.of_gates(gates_), tau, words)
+    g = gates(space, h.float().cpu(), KeyTable.of_gates(gates_), tau, words, select=False)
     return (g & attention_mask.cpu().bool()[..., None]).any(1)
 
 
