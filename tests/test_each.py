@@ -87,3 +87,14 @@ def test_eval_chain_runs_the_sequential_protocol_in_a_scratch_workspace(fresh_ws
     human = ws.ok("eval", "--data", data, "--chain", "2", "--max-steps", "1")
     assert "chain of 2 edits" in human.stdout and "immediate" in human.stdout
     assert "stored delta per entry" in human.stdout and "by kind of prompt: other" in human.stdout
+    # --keep: the chain's workspace stays, its final state the chain's
+    kept = ws.root.parent / "kept-chain"
+    human = ws.ok("eval", "--data", data, "--chain", "2", "--max-steps", "1", "--keep", kept)
+    assert f"kept the chain's workspace in {kept}" in human.stdout
+    log = ws.ok("-w", kept, "log").stdout
+    assert CHAIN[0][0] in log and CHAIN[1][0] in log
+    for args, msg in ((("--keep", kept), "already exists"), (("--keep", ws.root.parent / "k2"), "add --chain")):
+        chain = ("--chain", "2") if msg == "already exists" else ()
+        r = ws.run("eval", "--data", data, *chain, "--max-steps", "1", *args)
+        assert r.returncode == 1 and msg in one_line_error(r)
+    assert not (ws.root.parent / "k2").exists()

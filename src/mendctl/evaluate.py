@@ -193,18 +193,32 @@ def scratch_workspace(ws, directory) -> "object":
 
 
 def evaluate_chain(ws, cases, editor: str = "mend", max_steps: int | None = None,
-                   progress=None) -> dict:
+                   progress=None, keep: str | Path | None = None) -> dict:
     """The sequential-editing protocol: the cases' edits made one after another, each on the
     state the previous ones left, from the base model, in a scratch workspace with `ws`'s
     settings. Immediate scores are each edit's right after it (edit and paraphrase success,
     locality against the state before it); final scores are every edit's on the last state
     (reliability, generalisation, locality against the base model, the fluency of the answers
     and whether they repeat their target). Edits that did not take stay in the chain, as a
-    chain of real edits would have them."""
+    chain of real edits would have them. With `keep` (a directory that does not exist yet) the
+    scratch workspace is made there and kept, to inspect the chain's final state afterwards
+    (`mendctl -w DIR log`, `ask`, `audit`)."""
     import tempfile
 
     if not cases:
         raise InputError("no cases to evaluate")
+    if keep is not None:
+        keep = Path(keep)
+        if keep.exists():
+            raise InputError(f"{keep} already exists; give a new directory to keep the chain's "
+                             f"workspace in")
+        w = scratch_workspace(ws, keep)
+        try:
+            r = _chain(w, cases, editor, max_steps, progress)
+        finally:
+            w.ledger.close()
+        r["summary"]["workspace"] = str(keep)
+        return r
     with tempfile.TemporaryDirectory(prefix="mendctl-chain-") as tmp:
         w = scratch_workspace(ws, Path(tmp) / "ws")
         try:

@@ -31,10 +31,13 @@ from .common import (editor_option, handle_errors, json_option, open_workspace, 
               help="The sequential protocol: the first T cases edited one after another from the "
                    "base model (in a scratch workspace: the ledger is not touched), scored right "
                    "after each edit and all together on the final model.")
+@click.option("--keep", "keep_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="With --chain: make the chain's scratch workspace in DIR (a new directory) "
+                   "and keep it, to inspect the final state (mendctl -w DIR log, ask, audit).")
 @json_option
 @click.pass_context
 @handle_errors
-def eval_(ctx, data_file, split, editor, batch_size, limit, max_steps, chain, as_json):
+def eval_(ctx, data_file, split, editor, batch_size, limit, max_steps, chain, keep_dir, as_json):
     """Score an editor: each case a fresh edit of the current model.
 
     \b
@@ -51,8 +54,10 @@ def eval_(ctx, data_file, split, editor, batch_size, limit, max_steps, chain, as
     cases, _ = load_cases(data_file, split, ws.config.seed)
     if limit is not None:
         cases = cases[:limit]
+    if keep_dir is not None and chain is None:
+        raise InputError("--keep keeps the workspace of an `eval --chain T`; add --chain")
     if chain is not None:
-        return _eval_chain(ws, cases[:chain], editor, max_steps, as_json)
+        return _eval_chain(ws, cases[:chain], editor, max_steps, as_json, keep_dir)
     r = evaluate(ws, cases, editor=editor, batch_size=batch_size, max_steps=max_steps,
                  progress=None if as_json else progress_bar(f"eval {editor}"))
     if as_json:
@@ -84,11 +89,12 @@ def eval_(ctx, data_file, split, editor, batch_size, limit, max_steps, chain, as
                    f"para {fmt(v['paraphrase_success'], '.2f')}  loc {fmt(v['locality'], '.3f')}")
 
 
-def _eval_chain(ws, cases, editor, max_steps, as_json):
+def _eval_chain(ws, cases, editor, max_steps, as_json, keep_dir=None):
     from ..evaluate import evaluate_chain
 
     r = evaluate_chain(ws, cases, editor=editor, max_steps=max_steps,
-                       progress=None if as_json else progress_bar(f"chain of {len(cases)}"))
+                       progress=None if as_json else progress_bar(f"chain of {len(cases)}"),
+                       keep=keep_dir)
     if as_json:
         return print_json(r)
     s = r["summary"]
@@ -114,6 +120,9 @@ def _eval_chain(ws, cases, editor, max_steps, as_json):
                f"repeating their target {fmt(fi['repeats_target'], '.2f')}")
     click.echo(f"  stored delta per entry: {fmt(s['stored_share'] * 100, '.1f')} % of the dense ΔW "
                f"of its weights (largest {fmt(s['stored_share_max'] * 100, '.1f')} %)")
+    if s.get("workspace"):
+        click.echo(f"  kept the chain's workspace in {s['workspace']} (mendctl -w {s['workspace']} "
+                   f"log, ask, audit)")
 
 
 @click.command()
