@@ -34,7 +34,8 @@ def test_routed_state_exports_and_loads_as_a_transformers_model(fresh_ws, tmp_pa
 
     with safe_open(str(out / ROUTES_FILE), "pt") as f:  # the relation keys travel with the gates
         assert f.metadata()["format_version"] == "4"
-        assert {"edit0/gate.relation", "edit2/gate.relation"} <= set(f.keys())
+        assert {"edit0/gate.relation", "edit2/gate.relation", "edit2/gate.relation_weight",
+                "space1/df"} <= set(f.keys())
     assert not list(out.glob("*.py")) and not list(out.glob("*.pkl")) and not list(out.glob("*.bin"))
     msg = one_line_error(ws.run("export", "--out", tmp_path / "adapter", "--format", "peft"))
     assert "--format hf" in msg and "load_edited" in msg

@@ -334,6 +334,31 @@ def test_of_a_subjects_gates_the_one_whose_relation_the_text_words_stays_open():
     z = space.unit(text(1, 5))
     assert torch.allclose(relation_match(z, e[[1]])[0], torch.tensor([0.0, 1.0, 2 * 0.5 / 1.5]))
     assert torch.equal(relation_match(z, torch.zeros(0, dim)), torch.zeros(1, 3))
+    # weighted (idf): half of the relation held, by weight 3 of 4; 1 of 1 + 3 of the text's weight
+    z = space.unit(text(1, 5, 6))
+    got = relation_match(z, e[[1, 2]], torch.tensor([3.0, 1.0]), torch.tensor([[9.0, 1.0, 3.0, 0.0]]))
+    held, share = 0.75, 1 / 4
+    assert torch.allclose(got[0, 2], torch.tensor(2 * held * share / (held + share)))
+    assert torch.allclose(got[0, 3], got[0, 2])  # (a token of weight 0 changes nothing)
+
+
+def test_idf_is_bertscores_over_the_bank(tiny_tokenizer):
+    """`GateSpace.idf`: log((prompts + 1) / (prompts holding the token + 1)) from the bank's
+    token frequencies (`token_frequencies`: per prompt, after its first token); a token the
+    bank never holds gets the largest; without frequencies, 1."""
+    from mendctl.editors.route import token_frequencies
+
+    texts = ["the capital of s3 is", "the capital of s5 is", "the river of s3"]
+    df, docs = token_frequencies(tiny_tokenizer, texts)
+    ids = [tiny_tokenizer(t).input_ids[1:] for t in texts]
+    for i in {i for row in ids for i in row}:
+        assert int(df[i]) == sum(i in row for row in ids)
+    space = GateSpace(1, torch.zeros(2), torch.ones(2), torch.empty(0), frozenset(), frozenset(), df, docs)
+    probe = torch.tensor([ids[0][0], len(df) + 5])
+    want = torch.tensor([math.log(4 / (int(df[ids[0][0]]) + 1)), math.log(4)])
+    assert torch.allclose(space.idf(probe), want)
+    bare = GateSpace(1, torch.zeros(2), torch.ones(2), torch.empty(0), frozenset(), frozenset())
+    assert torch.equal(bare.idf(probe), torch.ones(2))
 
 
 def test_open_rows_says_where_a_gate_opens_anywhere(tiny_llama, tiny_tokenizer):

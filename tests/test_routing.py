@@ -629,6 +629,8 @@ def test_a_subjects_edits_are_each_its_own_entry_chosen_by_wording(routed_ws):
     g1, g2 = w.router.gate(p1, s1, t1), w.router.gate(p2, s2, t2)
     assert routing.gate_digest(g2) == s2["gate_sha256"] and g2.relation is not None
     assert torch.equal(g2.relation, routing.decode_keys(s2["gate_relation_data"], g2.keys.shape[-1]))
+    # each relation key weighs its token's idf in the bank
+    assert g2.relation_weight.shape == (len(g2.relation),) and bool((g2.relation_weight > 0).all())
     lm, space = w.lm, w.router.space(s2["layer"])
     got = open_at_end(lm.model, lm.tokenizer, space, [g1, g2], [p1, p2], s2["tau"])
     assert got.tolist() == [[True, False], [False, True]]

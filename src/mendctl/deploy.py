@@ -51,19 +51,27 @@ def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
         tensors[f"edit{k}/gate.keys"] = r.gate.keys.detach().float().cpu().contiguous()
         if r.gate.relation is not None:
             tensors[f"edit{k}/gate.relation"] = r.gate.relation.detach().float().cpu().contiguous()
+            tensors[f"edit{k}/gate.relation_weight"] = \
+                r.gate.relation_weight.detach().float().cpu().contiguous()
         records.append({"entry": entry, "delta_meta": meta, "words": list(r.gate.words),
                         "until": r.gate.until, "layer": s["layer"], "tau": s["tau"],
                         "margin": s.get("margin")} | ({"fold": True} if r.gate.fold else {})
                        | ({"every": True} if r.gate.every else {}))
+    selecting = any(r.gate.relation is not None for r, _ in edits)
+    docs = {}
     for layer, space in spaces.items():
         tensors[f"space{layer}/mean"] = space.mean.float().contiguous()
         tensors[f"space{layer}/std"] = space.std.float().contiguous()
+        if selecting and space.df is not None:  # (the choice among a subject's gates weighs
+            tensors[f"space{layer}/df"] = space.df.contiguous()  # tokens by their idf)
+            docs[str(layer)] = space.docs
     path = Path(path)
-    version = 4 if any(r.gate.relation is not None for r, _ in edits) else \
+    version = 4 if selecting else \
         3 if any(r.gate.every for r, _ in edits) else \
         2 if any(r.gate.fold for r, _ in edits) else 1
     save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(version),
-                                            "edits": json.dumps(records)})
+                                            "edits": json.dumps(records)}
+              | ({"docs": json.dumps(docs)} if docs else {}))
     return path
 
 
@@ -76,20 +84,24 @@ def read_routes(path: str | Path) -> list[tuple[RoutedEdit, dict]]:
                              f"again with this mendctl")
         t = {k: f.get_tensor(k) for k in f.keys()}
     spaces = {}
+    docs = json.loads(meta.get("docs", "{}"))
     out = []
     for k, rec in enumerate(json.loads(meta["edits"])):
         prefix = f"edit{k}/"
         delta = Delta.from_tensors({n[len(prefix):]: v for n, v in t.items()
                                     if n.startswith(prefix)
-                                    and n not in (prefix + "gate.keys", prefix + "gate.relation")},
+                                    and n[len(prefix):] not in
+                                    ("gate.keys", "gate.relation", "gate.relation_weight")},
                                    rec["delta_meta"])
         layer = rec["layer"]
         if layer not in spaces:
             mean, std = t[f"space{layer}/mean"], t[f"space{layer}/std"]
             spaces[layer] = GateSpace(layer, mean, std, torch.empty(0, mean.numel()),
-                                      frozenset(), frozenset())
+                                      frozenset(), frozenset(), t.get(f"space{layer}/df"),
+                                      int(docs.get(str(layer), 0)))
         gate = Gate(t[prefix + "gate.keys"], tuple(rec["words"]), rec["until"], rec.get("fold", False),
-                    rec.get("every", False), t.get(prefix + "gate.relation"))
+                    rec.get("every", False), t.get(prefix + "gate.relation"),
+                    t.get(prefix + "gate.relation_weight"))
         out.append((RoutedEdit(delta, gate), {"layer": layer, "tau": rec["tau"],
                                               "margin": rec["margin"], "space": spaces[layer]}))
     return out

@@ -18,6 +18,7 @@ for that:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
 from .editors.data.build import load_split
 from .editors.delta import Delta, state_hash
 from .editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_space, names_of, route_all,
-                            routed, subject_in)
+                            routed, subject_in, token_frequencies)
+from .editors.text import render_prompt
 from .editors.weights import _BLOCK
 from .errors import ConfigError
 from .models import default_cache_dir
@@ -57,7 +59,8 @@ def gate_digest(gate: Gate) -> str:
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
         + (["fold"] if gate.fold else []) \
         + (["every"] if gate.every else []) \
-        + ([{"relation": _digest(gate.relation)}] if gate.relation is not None else [])
+        + ([{"relation": _digest(gate.relation), "weight": _digest(gate.relation_weight)}]
+           if gate.relation is not None else [])
     # (gates made before a rule hash as they did)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
@@ -82,6 +85,7 @@ def recorded_gate(s: dict, gate: Gate) -> dict:
            "gate_sha256": gate_digest(gate), "gate_key_data": encode_keys(gate.keys)}
     if gate.relation is not None:
         out["gate_relation_data"] = encode_keys(gate.relation)
+        out["gate_relation_weight_data"] = encode_keys(gate.relation_weight)
     return out
 
 
@@ -173,8 +177,14 @@ class Router:
             # the last bits. The bank only chooses new gates' keys: it may be this machine's.
             both = decode_keys(recorded, space.mean.numel())
             if not (torch.equal(both[0], space.mean) and torch.equal(both[1], space.std)):
-                space = GateSpace(layer, both[0].clone(), both[1].clone(), space.bank,
-                                  space.first_ids, space.words)
+                space = dataclasses.replace(space, mean=both[0].clone(), std=both[1].clone())
+        if space.df is None:
+            # a space cached before token frequencies: counted from its bank (no model needed;
+            # counts, so the same on every machine)
+            df, docs = token_frequencies(self.ws.lm.tokenizer,
+                                         [render_prompt(self.ws.lm.tokenizer, p, self.ws.fmt)
+                                          for p in self._bank()])
+            space = dataclasses.replace(space, df=df, docs=docs)
         self._spaces[layer] = space
         return space
 
@@ -231,7 +241,7 @@ class Router:
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
                           distinct=s["distinct"], keys=keys, every=bool(s.get("all_keys")),
                           subject=s.get("subject"), select=select)
-            relation = g.relation
+            relation, weight = g.relation, g.relation_weight
             if recorded is not None:  # ("" for a gate of words alone)
                 # the keys are states of the model: computed again on another machine (other
                 # threads, BLAS or device) they differ in the last bits, and so would the
@@ -239,13 +249,14 @@ class Router:
                 dim = g.keys.shape[-1]
                 if "gate_relation_data" in s:
                     relation = decode_keys(s["gate_relation_data"], dim)
+                    weight = decode_keys(s["gate_relation_weight_data"], 1).flatten()
                 g = Gate(decode_keys(recorded, dim), tuple(s.get("gate_words") or ()), None,
                          g.fold, g.every)
-            g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every, relation)
+            g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every, relation, weight)
             if s.get("all_keys") and s.get("gate_sha256") and gate_digest(g) != s["gate_sha256"]:
                 # entries made while `all_keys` also gave distinct-token gates the every-key
                 # rule (2026-12-07, seventh session) recorded that gate: they keep it
-                old = Gate(g.keys, g.words, g.until, g.fold, not g.every, g.relation)
+                old = dataclasses.replace(g, every=not g.every)
                 if gate_digest(old) == s["gate_sha256"]:
                     g = old
             self._gates[key] = g

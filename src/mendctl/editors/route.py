@@ -110,25 +110,55 @@ class GateSpace:
     bank: torch.Tensor  # (n, hidden), unit rows after standardising
     first_ids: frozenset  # token ids that start some bank prompt
     words: frozenset  # every word of the bank prompts: ordinary words, never gate words
+    # per token id, the number of bank prompts holding it (after their first token), and the
+    # number of prompts: how common a token is in ordinary prompts (`idf`). None: a space
+    # saved before them (`token_frequencies` makes them from the bank again)
+    df: torch.Tensor | None = None
+    docs: int = 0
 
     def unit(self, h: torch.Tensor) -> torch.Tensor:
         z = (h.float() - self.mean.to(h.device)) / self.std.to(h.device)
         return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
+    def idf(self, ids: torch.Tensor) -> torch.Tensor:
+        """The inverse document frequency log((prompts + 1) / (prompts holding it + 1)) of
+        each token id in `ids` (any shape), as BERTScore weighs tokens: "of", "is", "?" count
+        little, "minister" and "currency" much. Uniform (1) without frequencies."""
+        if self.df is None:
+            return torch.ones(ids.shape)
+        ids = ids.cpu().long()
+        known = ids < len(self.df)
+        count = torch.where(known, self.df[ids.clamp_max(len(self.df) - 1)], 0).float()
+        return torch.log((self.docs + 1) / (count + 1))
+
     def save(self, path) -> None:
         """One safetensors file: the tensors, and the layer, first ids and words as metadata."""
+        extra = {"df": self.df.contiguous()} if self.df is not None else {}
         save_file({"mean": self.mean.contiguous(), "std": self.std.contiguous(),
-                   "bank": self.bank.contiguous()}, str(path),
+                   "bank": self.bank.contiguous(), **extra}, str(path),
                   metadata={"layer": str(self.layer), "first_ids": json.dumps(sorted(self.first_ids)),
-                            "words": json.dumps(sorted(self.words))})
+                            "words": json.dumps(sorted(self.words)), "docs": str(self.docs)})
 
     @classmethod
     def load(cls, path) -> "GateSpace":
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in ("mean", "std", "bank")}
+            t = {k: f.get_tensor(k) for k in f.keys()}
         return cls(int(meta["layer"]), t["mean"], t["std"], t["bank"],
-                   frozenset(json.loads(meta["first_ids"])), frozenset(json.loads(meta["words"])))
+                   frozenset(json.loads(meta["first_ids"])), frozenset(json.loads(meta["words"])),
+                   t.get("df"), int(meta.get("docs", 0)))
+
+
+def token_frequencies(tokenizer, texts: list[str]) -> tuple[torch.Tensor, int]:
+    """(per token id the number of `texts` holding it after their first token, len(texts))."""
+    seen: dict[int, int] = {}
+    for t in texts:
+        for i in set(tokenizer(t).input_ids[1:]):
+            seen[i] = seen.get(i, 0) + 1
+    df = torch.zeros(max(seen, default=-1) + 1, dtype=torch.long)
+    if seen:
+        df[torch.tensor(list(seen))] = torch.tensor(list(seen.values()))
+    return df, len(texts)
 
 
 def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GATE_LAYER,
@@ -139,7 +169,8 @@ def gate_space(model: nn.Module, tokenizer, prompts: list[str], layer: int = GAT
     texts = [render_prompt(tokenizer, p, fmt) for p in prompts]
     first = frozenset(tokenizer(t).input_ids[0] for t in texts)
     words = frozenset(w for t in texts for w in _WORD.findall(t))
-    space = GateSpace(layer, mean, std, torch.empty(0), first, words)
+    space = GateSpace(layer, mean, std, torch.empty(0), first, words,
+                      *token_frequencies(tokenizer, texts))
     space.bank = space.unit(h)
     return space
 
@@ -161,6 +192,7 @@ class Gate:
     # words the relation. Of several open gates that read the same names, only the one whose
     # relation best matches the text so far stays open (`select`)
     relation: torch.Tensor | None = None
+    relation_weight: torch.Tensor | None = None  # (k,) each relation key's `GateSpace.idf`
 
 
 #: Capitalised words that are part of how a question or instruction is put, never its subject
@@ -259,8 +291,10 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
         head = _WORD.search(prompt).group()
         fold = (head in names and head[:1].isupper() and head[1:].islower()) or (
             bool(given) and all(w.islower() for w in given))
+        ids = torch.tensor(enc["input_ids"][1:])
         return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold, every=every,
-                    relation=z[~on_name].contiguous() if select else None)
+                    relation=z[~on_name].contiguous() if select else None,
+                    relation_weight=space.idf(ids[~on_name]).contiguous() if select else None)
     keep = near < distinct
     if not keep.any():
         keep = near == near.min()
@@ -475,7 +509,8 @@ class KeyTable:
             if g.relation is not None and g.words:
                 by_name.setdefault(names_of(g), []).append(i)
         table.groups = tuple(tuple(ix) for ix in by_name.values() if len(ix) > 1)
-        table.relations = {i: gates_[i].relation for ix in table.groups for i in ix}
+        table.relations = {i: (gates_[i].relation, gates_[i].relation_weight)
+                           for ix in table.groups for i in ix}
         return table
 
 
@@ -485,28 +520,37 @@ def names_of(gate: Gate) -> tuple[str, ...]:
     return tuple(w.lower() for w in gate.words)
 
 
-def relation_match(z: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+def relation_match(z: torch.Tensor, relation: torch.Tensor, weight: torch.Tensor | None = None,
+                   token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, tokens): how well the text up to each token words the relation whose token
     states are `relation` (k, dim), both unit: the F-measure of a soft token alignment
     (BERTScore's), from how much of the relation's wording the text holds so far (each
-    relation token's best cosine to a token so far) and how much of the text so far is
-    that wording (each token's best cosine to a relation token), cosines below 0 counted
-    as 0. The first token is left out (the attention sink, as for the keys)."""
+    relation token's best cosine to a token so far, weighted by `weight`, (k,)) and how much
+    of the text so far is that wording (each token's best cosine to a relation token, weighted
+    by `token_weight`, (batch, tokens)), cosines below 0 counted as 0. BERTScore weighs both
+    by idf (`GateSpace.idf`), so that "is", "the" and "?" do not decide which of a subject's
+    questions a text asks. The first token is left out (the attention sink, as for the keys)."""
     if not len(relation):
         return torch.zeros(z.shape[:2], device=z.device)
+    w = torch.ones(len(relation)) if weight is None else weight
+    w = w.to(z.device) / w.sum().clamp_min(1e-12)
+    tw = torch.ones(z.shape[:2]) if token_weight is None else token_weight
+    tw = tw.to(z.device).float().clone()
+    tw[:, 0] = 0
     sim = (z @ relation.to(z.device).T).clamp_min(0)  # (B, T, k)
     sim[:, 0] = 0
-    held = sim.cummax(dim=1).values.mean(-1)
-    count = torch.arange(z.shape[1], device=z.device).clamp_min(1)
-    share = sim.max(-1).values.cumsum(1) / count
+    held = sim.cummax(dim=1).values @ w
+    share = (sim.max(-1).values * tw).cumsum(1) / tw.cumsum(1).clamp_min(1e-12)
     return 2 * held * share / (held + share).clamp_min(1e-6)
 
 
-def select_open(z: torch.Tensor, table: KeyTable, opened: torch.Tensor) -> torch.Tensor:
+def select_open(z: torch.Tensor, table: KeyTable, opened: torch.Tensor,
+                token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """`opened` with, of each group of gates that read the same names (`KeyTable.groups`),
-    only the open one whose relation the text best matches (`relation_match`) kept open at
-    each token: of a subject's edits, the one the text asks about. On a tie the later gate
-    wins (an edit of the same wording replaced the earlier fact)."""
+    only the open one whose relation the text best matches (`relation_match`; `token_weight`
+    (batch, tokens): the text's tokens' idf) kept open at each token: of a subject's edits,
+    the one the text asks about. On a tie the later gate wins (an edit of the same wording
+    replaced the earlier fact)."""
     if not table.groups:
         return opened
     open_anywhere = opened.any(1).any(0).tolist()
@@ -514,7 +558,7 @@ def select_open(z: torch.Tensor, table: KeyTable, opened: torch.Tensor) -> torch
         ix = [i for i in group if open_anywhere[i]]
         if len(ix) < 2:
             continue
-        score = torch.stack([relation_match(z, table.relations[i]) for i in ix], -1)
+        score = torch.stack([relation_match(z, *table.relations[i], token_weight) for i in ix], -1)
         score = score.masked_fill(~opened[..., ix], -torch.inf)
         best = len(ix) - 1 - score.flip(-1).argmax(-1)  # (the last of the best)
         keep = torch.nn.functional.one_hot(best, len(ix)).bool()
@@ -524,7 +568,7 @@ def select_open(z: torch.Tensor, table: KeyTable, opened: torch.Tensor) -> torch
 
 def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | KeyTable, tau: float,
           words: torch.Tensor | None = None, margin: float | None = None,
-          select: bool = True) -> torch.Tensor:
+          select: bool = True, token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, tokens, edits) bool: is each edit's gate open at each token of `hidden`
     (batch, tokens, dim), the states at the gate layer?
 
@@ -536,7 +580,7 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
     score of any edit there: a sequence that names one subject then opens that subject's edits
     (all of them: they score alike), not those of a similar-looking name that also passed τ.
     With `select`, of the gates that read the same names and carry their relation's wording,
-    one stays open (`select_open`)."""
+    one stays open (`select_open`; `token_weight`: the tokens' idf)."""
     table = keys if isinstance(keys, KeyTable) else KeyTable.of(keys)
     z = space.unit(hidden)
     k, owner = table.keys.to(z.device), table.owner.to(z.device)
@@ -558,7 +602,7 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
         opened |= words
     if margin is not None:
         opened &= score >= score.max(dim=-1, keepdim=True).values - margin
-    return select_open(z, table, opened) if select else opened
+    return select_open(z, table, opened, token_weight) if select else opened
 
 
 def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
@@ -572,11 +616,10 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     out = torch.zeros(len(prompts), len(gates_), dtype=torch.bool)
     for i, (p, h) in enumerate(zip(prompts, hidden_at(model, tokenizer, prompts, space.layer, fmt))):
         full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
-        w = None
-        if index is not None:
-            ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
-            w = word_gates(tokenizer, ids, index)
-        out[i] = gates(space, full, keys, tau, w, margin)[0, -1]
+        ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
+        w = word_gates(tokenizer, ids, index) if index is not None else None
+        idf = space.idf(ids) if keys.groups else None
+        out[i] = gates(space, full, keys, tau, w, margin, token_weight=idf)[0, -1]
     return out
 
 
@@ -669,6 +712,8 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             len(starts) == ids.shape[0] else None
         state["words"] = (word_gates(tokenizer, ids, index, decoded, texts)
                           if texts is not None and any(words) else None)
+        # (the choice among a subject's gates weighs the text's tokens by their idf)
+        state["idf"] = space.idf(ids) if keys.groups and ids is not None else None
 
     def on_output(module, args, output):
         state.pop("open", None)  # (returns None: the output stays as it is)
@@ -682,7 +727,8 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
         if state.get("hidden") is not None:  # a cached step: the earlier tokens' states first
             h = torch.cat([state["hidden"], h], 1)
         state["hidden"] = h.detach()
-        opened = gates(space, h, keys, tau, state.get("words"), margin)
+        opened = gates(space, h, keys, tau, state.get("words"), margin,
+                       token_weight=state.get("idf"))
         if any(until) and state.get("texts") is not None:
             opened = close_after(opened, state["texts"], until)
             if state.get("starts") is not None:
