@@ -51,8 +51,9 @@ def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
         tensors[f"edit{k}/gate.keys"] = r.gate.keys.detach().float().cpu().contiguous()
         if r.gate.relation is not None:
             tensors[f"edit{k}/gate.relation"] = r.gate.relation.detach().float().cpu().contiguous()
-            tensors[f"edit{k}/gate.relation_weight"] = \
-                r.gate.relation_weight.detach().float().cpu().contiguous()
+            if r.gate.relation_weight is not None:
+                tensors[f"edit{k}/gate.relation_weight"] = \
+                    r.gate.relation_weight.detach().float().cpu().contiguous()
         records.append({"entry": entry, "delta_meta": meta, "words": list(r.gate.words),
                         "until": r.gate.until, "layer": s["layer"], "tau": s["tau"],
                         "margin": s.get("margin")} | ({"fold": True} if r.gate.fold else {})

@@ -59,7 +59,8 @@ def gate_digest(gate: Gate) -> str:
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
         + (["fold"] if gate.fold else []) \
         + (["every"] if gate.every else []) \
-        + ([{"relation": _digest(gate.relation), "weight": _digest(gate.relation_weight)}]
+        + ([{"relation": _digest(gate.relation)}
+            | ({"weight": _digest(gate.relation_weight)} if gate.relation_weight is not None else {})]
            if gate.relation is not None else [])
     # (gates made before a rule hash as they did)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
@@ -85,7 +86,8 @@ def recorded_gate(s: dict, gate: Gate) -> dict:
            "gate_sha256": gate_digest(gate), "gate_key_data": encode_keys(gate.keys)}
     if gate.relation is not None:
         out["gate_relation_data"] = encode_keys(gate.relation)
-        out["gate_relation_weight_data"] = encode_keys(gate.relation_weight)
+        if gate.relation_weight is not None:
+            out["gate_relation_weight_data"] = encode_keys(gate.relation_weight)
     return out
 
 
@@ -249,7 +251,8 @@ class Router:
                 dim = g.keys.shape[-1]
                 if "gate_relation_data" in s:
                     relation = decode_keys(s["gate_relation_data"], dim)
-                    weight = decode_keys(s["gate_relation_weight_data"], 1).flatten()
+                    weight = (decode_keys(s["gate_relation_weight_data"], 1).flatten()
+                              if "gate_relation_weight_data" in s else None)  # (unweighted)
                 g = Gate(decode_keys(recorded, dim), tuple(s.get("gate_words") or ()), None,
                          g.fold, g.every)
             g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every, relation, weight)
