@@ -30,6 +30,13 @@ state keys the names' tokens that are distinct from the bank. Such a gate made w
 (`all_keys` in the settings) opens by states only once each of its keys has been matched by
 some token, not one of them: a name that shares a first name or a syllable with an edited one
 ("Alfred G. Gilman" for "Alfred Kastler", "Kočevje" for "Kozje") leaves the edit shut.
+Of a subject's several edits (gates reading the same names, made with `select`), one acts at
+a token: the one whose *relation keys* (the states of its prompt's other tokens) the text so
+far best matches, by BERTScore's idf-weighted F-measure of a soft token alignment
+(`select_open`). Without that, every edit of a subject acts on every question about it, and
+a later fact overwrites the earlier ones. An edit's own prompt holds its whole relation, and
+it wins there; on a tie the later edit wins, so an edit of the same wording replaces the
+earlier fact.
 Once open, a gate stays open to the end of the sequence (causal: a token only sees what came
 before it, so scoring a prompt and generating from it see the same gates), or, for a gate with
 an `until` text (the edit's target), until that text has been written after the gate opened:
@@ -492,7 +499,7 @@ class KeyTable:
     # the gates that read the same names and carry their relation's wording (`Gate.relation`),
     # in groups of two or more, with those relation keys: of a group, one gate stays open
     groups: tuple[tuple[int, ...], ...] = ()
-    relations: dict[int, torch.Tensor] | None = None
+    relations: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     @classmethod
     def of(cls, keys: list[torch.Tensor], every: list[bool] | None = None) -> "KeyTable":
