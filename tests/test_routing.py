@@ -8,6 +8,7 @@ answers on prompts that name neither subject exactly as the base model gives the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -550,10 +551,19 @@ def test_gate_space_file_names_its_bank_and_old_workspaces_keep_theirs(routed_ws
     assert len(digest) == 12 and all(c in "0123456789abcdef" for c in digest)
     legacy = gates / f"{stem}.safetensors"
     made.rename(legacy)  # as the previous release named it
+    # and as releases before token frequencies wrote it: no `df`
+    from mendctl.editors.route import GateSpace
+
+    full = GateSpace.load(legacy)
+    dataclasses.replace(full, df=None, docs=0).save(legacy)
     w2 = Workspace.open(str(ws.root))
     try:
         assert verify_chain(w2)["ok"]  # read from the legacy file, not recomputed
         assert sorted(p.name for p in gates.glob("space-*.safetensors")) == [legacy.name]
+        # the frequencies are counted from the bank once and kept in the file, the rest as it was
+        again = GateSpace.load(legacy)
+        assert torch.equal(again.df, full.df) and again.docs == full.docs
+        assert torch.equal(again.mean, full.mean) and torch.equal(again.bank, full.bank)
     finally:
         w2.ledger.close()
 

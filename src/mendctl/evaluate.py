@@ -204,27 +204,24 @@ def evaluate_chain(ws, cases, editor: str = "mend", max_steps: int | None = None
     scratch workspace is made there and kept, to inspect the chain's final state afterwards
     (`mendctl -w DIR log`, `ask`, `audit`)."""
     import tempfile
+    from contextlib import ExitStack
 
     if not cases:
         raise InputError("no cases to evaluate")
-    if keep is not None:
-        keep = Path(keep)
-        if keep.exists():
-            raise InputError(f"{keep} already exists; give a new directory to keep the chain's "
-                             f"workspace in")
-        w = scratch_workspace(ws, keep)
+    if keep is not None and Path(keep).exists():
+        raise InputError(f"{keep} already exists; give a new directory to keep the chain's "
+                         f"workspace in")
+    with ExitStack() as stack:
+        root = Path(keep) if keep is not None else \
+            Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mendctl-chain-"))) / "ws"
+        w = scratch_workspace(ws, root)
         try:
             r = _chain(w, cases, editor, max_steps, progress)
         finally:
             w.ledger.close()
+    if keep is not None:
         r["summary"]["workspace"] = str(keep)
-        return r
-    with tempfile.TemporaryDirectory(prefix="mendctl-chain-") as tmp:
-        w = scratch_workspace(ws, Path(tmp) / "ws")
-        try:
-            return _chain(w, cases, editor, max_steps, progress)
-        finally:
-            w.ledger.close()
+    return r
 
 
 def _chain(w, cases, editor, max_steps, progress) -> dict:

@@ -159,17 +159,21 @@ class Router:
                 space = GateSpace.load(path)
             except Exception:  # damaged: computed again
                 space = None
+        if space is not None and space.df is None:
+            # a space cached before token frequencies: counted from its bank once (no model
+            # needed; counts, the same on every machine) and kept in the file, its other
+            # tensors unchanged
+            lm = self.ws.lm
+            df, docs = token_frequencies(lm.tokenizer, [render_prompt(lm.tokenizer, p, self.ws.fmt)
+                                                        for p in self._bank()])
+            space = dataclasses.replace(space, df=df, docs=docs)
+            self._save(space, path)
         if space is None:
             lm = self.ws.lm
             # any loaded state will do: no edited weight lies at or below the gate layer
             self._check_layer(layer)
             space = gate_space(lm.model, lm.tokenizer, self._bank(), layer, self.ws.fmt)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # written under a per-process name and renamed: another process (an `ask` needs no
-            # lock) may be writing the same cache
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            space.save(tmp)
-            tmp.replace(path)
+            self._save(space, path)
             _copy_atomic(path, shared)
         recorded = self.ws.ledger.get_meta(self._space_key(layer))
         if recorded is not None:
@@ -180,15 +184,17 @@ class Router:
             both = decode_keys(recorded, space.mean.numel())
             if not (torch.equal(both[0], space.mean) and torch.equal(both[1], space.std)):
                 space = dataclasses.replace(space, mean=both[0].clone(), std=both[1].clone())
-        if space.df is None:
-            # a space cached before token frequencies: counted from its bank (no model needed;
-            # counts, so the same on every machine)
-            df, docs = token_frequencies(self.ws.lm.tokenizer,
-                                         [render_prompt(self.ws.lm.tokenizer, p, self.ws.fmt)
-                                          for p in self._bank()])
-            space = dataclasses.replace(space, df=df, docs=docs)
         self._spaces[layer] = space
         return space
+
+    @staticmethod
+    def _save(space: GateSpace, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # written under a per-process name and renamed: another process (an `ask` needs no
+        # lock) may be writing the same cache
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        space.save(tmp)
+        tmp.replace(path)
 
     def _space_key(self, layer: int) -> str:
         return "gate_space/" + self._space_path(layer).name
