@@ -209,9 +209,15 @@ def test_a_routed_state_loads_where_its_gates_compute_in_other_bits(routed_ws, m
     from mendctl import routing
     from mendctl.workspace import Workspace
 
-    ws, w = routed_ws
-    r = _edit(w, "Zorblax Quintrell was born in", "Oslo")  # a name the bank has no word for
-    e = w.ledger.get(r["entry"])
+    ws, _ = routed_ws
+    # a name the bank has no word for; its gate keeps its state keys however few
+    ws.write_config(routing={**ROUTING, "min_keys": 0}, health_check=False)
+    w = Workspace.open(str(ws.root))
+    try:
+        r = _edit(w, "Zorblax Quintrell was born in", "Oslo")
+        e = w.ledger.get(r["entry"])
+    finally:
+        w.ledger.close()
     assert r["routing"]["gate_keys"] > 0 and "gate_key_data" not in r["routing"]  # (no bytes)
     real = routing.edit_gate
 
@@ -786,3 +792,59 @@ def test_a_subject_the_request_names_is_the_gate_and_the_entry_records_it(routed
                           meta={"subject": "Zorblax Quintrell"})], keep_failed=True)
     s3 = routing.of(w.ledger.get(r["entry"]))
     assert s3["gate_words"] == ["Zorblax", "Quintrell"] and s3["beside"] == [2]
+
+
+def test_a_short_names_gate_opens_by_its_words_and_old_entries_keep_their_keys(routed_ws):
+    """`min_keys` (default 3, recorded with each routed entry): a subject gate with fewer
+    distinct state keys keeps none and opens by its names' words alone; the entry records
+    that gate and loads it bit for bit. An entry made before the setting keeps every key;
+    `min_keys: 0` keeps them too."""
+    from mendctl import routing
+
+    ws, w = routed_ws
+    prompt, target = "Zorblax Quintrell was born in", "Oslo"
+    s, gate = _entry_gate(w, prompt, target)
+    assert s["min_keys"] == 3 and routing.gate_digest(gate) == s["gate_sha256"]
+    before = {k: v for k, v in s.items() if k not in ("min_keys", "gate_key_data", "gate_sha256")}
+    keys = w.router.gate(prompt, before, target).keys  # as an entry made before the setting
+    assert len(keys) > 0 and torch.equal(w.router.gate(prompt, {**before, "min_keys": 0}, target).keys, keys)
+    # a threshold above the name's keys drops them all; at their number, all stay
+    short = w.router.gate(prompt, {**before, "min_keys": len(keys) + 1}, target)
+    assert short.keys.shape == (0, keys.shape[1]) and short.words == gate.words == ("Zorblax", "Quintrell")
+    assert torch.equal(w.router.gate(prompt, {**before, "min_keys": len(keys)}, target).keys, keys)
+    # the gate of words alone still opens on its prompt and on a rephrasing that names it
+    lm, space = w.lm, w.router.space(s["layer"])
+    assert route.open_at_end(lm.model, lm.tokenizer, space, [short],
+                             [prompt, "Where was Zorblax Quintrell born?", "The capital of France is"],
+                             s["tau"])[:, 0].tolist() == [True, True, False]
+    with pytest.raises(config_mod.ConfigError, match="min_keys"):
+        config_mod.parse({"routing": {"min_keys": -1}}, "x")
+
+
+@pytest.mark.slow
+def test_short_names_do_not_open_on_look_alike_names_on_the_real_model():
+    """On the embedded model, a one- or two-key name's state keys are matched by a token of
+    another name ("Jim Davis" by "Jim Farley", "Sampo Group" by "Limpopo", in the bundled test
+    split's chain of 1,000: docs/results.md): with `min_keys` its gate opens on its prompt and
+    paraphrases (by words) and on neither look-alike."""
+    from mendctl.editors.data import load_split
+    from mendctl.models import load_model
+    from mendctl.routing import BANK_PARAPHRASES, BANK_PROMPTS
+
+    lm = load_model("smollm2-135m")
+    train = load_split("train")
+    bank = [c.input for c in train[:BANK_PROMPTS]] + [c.paraphrases[0] for c in train[:BANK_PARAPHRASES]]
+    space = route.gate_space(lm.model, lm.tokenizer, bank)
+    cases = {c.input: c for c in load_split("test")[:1000]}
+    for prompt, look_alike in (("Where does Jim Davis work as CEO?",
+                                "Which company is Jim Farley the chief executive of?"),
+                               ("Which industry does Sampo Group operate in?",
+                                "Where is Limpopo? It is a region of")):
+        own = [prompt, *cases[prompt].paraphrases]
+        made = {m: route.edit_gate(lm.model, lm.tokenizer, space, prompt, keys="subject", every=True,
+                                   min_keys=m) for m in (0, 3)}
+        assert 0 < len(made[0].keys) < 3 and len(made[3].keys) == 0, prompt
+        got = {m: route.open_at_end(lm.model, lm.tokenizer, space, [g], own + [look_alike])[:, 0].tolist()
+               for m, g in made.items()}
+        assert got[0][-1] is True, prompt  # states alone let the look-alike in ...
+        assert got[3] == [True] * len(own) + [False], prompt  # ... the words do not

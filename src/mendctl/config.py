@@ -53,7 +53,7 @@ edits (the settings below then apply).
 true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
 margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true, rank_cut: 0.05,
 confidence: 0.75, contexts: ["The following is true. ", "I read that "], keys: subject,
-all_keys: true, select: true}
+all_keys: true, select: true, min_keys: 3}
 (keys: what opens an edit's gate: the names its prompt holds, `subject`, or its tokens least
 like ordinary prompts, `distinct`, which may be the relation's words; all_keys: the states of
 a text open the gate only once every one of its keys has been matched, so a name sharing a
@@ -66,8 +66,10 @@ least this probability, which carries it to more rephrasings; null stops at the 
 contexts: prefixes under which an edit's first step also learns the fact, which carries it to
 far more rephrasings; [] for none; select: of a subject's edits, only the one whose question
 the text words most like its own acts, so a later fact of the subject neither overwrites an
-earlier one nor fails against it; each stays its own entry). Entries keep the settings they
-were made with."""
+earlier one nor fails against it; each stays its own entry; min_keys: a name with fewer
+distinct tokens than this opens its gate by its words alone, not by states, which a short
+name shares with others: "Sampo" with "Limpopo"). Entries keep the settings they were made
+with."""
 
 
 MAX_STEPS = 50  # MEND steps one edit may take
@@ -92,7 +94,8 @@ MAX_STEPS = 50  # MEND steps one edit may take
 ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "words": True,
                     "alpha": 1.0, "max_steps": 5, "stop": True, "rank_cut": 0.05,
                     "confidence": 0.75, "contexts": ["The following is true. ", "I read that "],
-                    "keys": "subject", "all_keys": True, "together": False, "select": True}
+                    "keys": "subject", "all_keys": True, "together": False, "select": True,
+                    "min_keys": 3}
 
 
 def routing_settings(value) -> dict | None:
@@ -126,6 +129,8 @@ def routing_settings(value) -> dict | None:
         "all_keys": isinstance(s["all_keys"], bool),
         "together": isinstance(s["together"], bool),
         "select": isinstance(s["select"], bool),
+        "min_keys": isinstance(s["min_keys"], int) and not isinstance(s["min_keys"], bool)
+        and s["min_keys"] >= 0,
         "contexts": s["contexts"] is None or (isinstance(s["contexts"], list) and len(s["contexts"]) <= 8
                                               and all(isinstance(c, str) and c.strip() and len(c) <= 200
                                                       for c in s["contexts"])),
@@ -148,6 +153,7 @@ def routing_settings(value) -> dict | None:
                 "all_keys": "use true or false",
                 "together": "use true or false",
                 "select": "use true or false",
+                "min_keys": "use a number of keys ≥ 0 (0: the states of any name open its gate)",
                 "contexts": "use a list of at most 8 non-empty prefixes of ≤ 200 characters, "
                             "or [] for none"}[key])
     for key in ("distinct", "tau", "alpha", "margin", "rank_cut", "confidence"):

@@ -18,8 +18,9 @@ from . import routing
 from .config import MAX_STEPS
 from .editors.data import EditCase
 from .editors.delta import apply_deltas, state_hash, summed
-from .editors.metrics import (edit_success, locality_reference, locality_scores, ngram_entropy,
-                               repeats_target, target_scores)
+from .editors.metrics import (continued, edit_success, locality_scores, ngram_entropy,
+                               reference_of, repeats_target, target_scores)
+from .editors.text import encode_sequences
 from .editors.route import RoutedEdit, open_rows
 from .errors import EditFailed, EditorError, InputError
 from .health import base_reference
@@ -34,10 +35,11 @@ def probe(ws, cases: list[EditCase], answers: bool = True) -> dict:
     lm = ws.lm
     prompts = [c.input for c in cases]
     targets = [c.target for c in cases]
-    ok, lp = target_scores(lm.model, lm.tokenizer, prompts, targets, ws.fmt)
     para_p = [p for c in cases for p in c.paraphrases]
     para_t = [c.target for c in cases for _ in c.paraphrases]
-    pok = target_scores(lm.model, lm.tokenizer, para_p, para_t, ws.fmt)[0] if para_p else []
+    # (one forward for both: a forward streams every weight, however few its tokens)
+    ok, lp = target_scores(lm.model, lm.tokenizer, prompts + para_p, targets + para_t, ws.fmt)
+    ok, lp, pok = ok[:len(prompts)], lp[:len(prompts)], ok[len(prompts):]
     out = {"edit_success": float(sum(ok) / len(ok)), "target_logprob": lp, "holds": list(ok),
            "paraphrase_success": float(sum(pok) / len(pok)) if pok else None,
            "paraphrase_holds": _per_case(cases, pok, attr="paraphrases")}
@@ -151,17 +153,32 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
     before_state = ws.loaded_state
     if health_ref is not None:
         before["health"] = ws.health_of(w_head, health_ref, before_state)
-    loc_prompts = [p for c in cases for p in c.locality]
-    ref = locality_reference(lm.model, lm.tokenizer, loc_prompts, ws.fmt) if loc_prompts else None
     if rs:
         ws.router.space(rs["layer"])  # computed once per workspace (cached), not timed
+        gates = [ws.router.gate(c.input, ws.router.settings_for(c, rs), c.target) for c in cases]
+    loc_prompts = [p for c in cases for p in c.locality]
+    loc_rows = list(range(len(loc_prompts)))  # the locality prompts the edit may change
+    ref = None
+    if loc_prompts:
+        seqs, starts = continued(lm.model, lm.tokenizer, loc_prompts, ws.fmt)
+        if rs and rs.get("margin") is None and not rs.get("together"):
+            # a routed edit leaves every sequence on which its gate stays shut as it was, bit
+            # for bit (as the health check below): only the others are compared. (A margin
+            # lets a gate close others; `together` makes earlier entries' deltas again.)
+            b = encode_sequences(seqs, lm.tokenizer, starts)
+            loc_rows = [i for i, o in enumerate(open_rows(
+                lm.model, lm.tokenizer, ws.router.space(rs["layer"]), gates, b.input_ids,
+                b.attention_mask, rs["tau"])) if o]
+        if loc_rows:
+            ref = reference_of(lm.model, lm.tokenizer, [seqs[i] for i in loc_rows],
+                               [starts[i] for i in loc_rows])
     t0 = time.perf_counter()
     remade = [[]]  # per fact, the earlier entries whose facts a routed edit made again with it
     chosen = [[]]  # per fact, the earlier entries of its subject it is chosen among (`select`)
     if rs:
         # each fact its own delta behind its own gate (its subject), all computed together:
         # their steps act behind their gates, as they will be used
-        gates, apply = ws.router.steppers(cases, rs, lm.model, lm.tokenizer)
+        apply = ws.router.steppers(cases, rs, lm.model, lm.tokenizer, gates=gates)[1]
         protect = None
         head_edits = ws.router.edits(head_routed)
         # the active entries of each new fact's subject among which it will be chosen by its
@@ -224,8 +241,11 @@ def _edit_locked(ws, cases, ed, policy: EditPolicy, dry_run, command,
         ws.set_weights(w_new, new_hash)
     try:
         after = probe(ws, cases, answers=answers)
-        if ref is not None:
-            ag, kl = locality_scores(lm.model, ref)
+        if loc_prompts:
+            ag, kl = [1.0] * len(loc_prompts), [0.0] * len(loc_prompts)
+            if ref is not None:
+                for i, a, k in zip(loc_rows, *locality_scores(lm.model, ref)):
+                    ag[i], kl[i] = a, k
             after["locality"] = float(sum(ag) / len(ag))
             after["locality_kl"] = float(sum(kl) / len(kl))
             after["locality_each"] = _per_case(cases, ag, kl)

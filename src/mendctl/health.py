@@ -16,6 +16,7 @@ and records the figures with the entry (`notes.health`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -53,10 +54,16 @@ def _load_ref(path: Path) -> LocalityRef | None:
         return None
 
 
+@functools.cache
+def _standard_set() -> AuditSet:
+    # (read once per process: `edit --each` checks health after every edit)
+    return standard_audit_set()
+
+
 def base_reference(ws, audit_set: AuditSet | None = None) -> LocalityRef:
     """The base model's continuations of the audit set's prompts, cached (see module doc).
     Computing it loads the base state; the caller puts its own state back."""
-    audit_set = audit_set or standard_audit_set()
+    audit_set = audit_set or _standard_set()
     lm = ws.lm
     path = _ref_path(ws.state_dir, lm.base_hash, ws.fmt, audit_set)
     ref = _load_ref(path)

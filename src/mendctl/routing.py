@@ -241,14 +241,18 @@ class Router:
         recorded = s.get("gate_key_data")
         select = bool(s.get("select")) and keys == "subject"
         key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded,
-               bool(s.get("all_keys")), s.get("gate_sha256"), s.get("subject"), select)
+               bool(s.get("all_keys")), s.get("gate_sha256"), s.get("subject"), select,
+               s.get("min_keys", 0))
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
             # (entries made before `all_keys` open on one key)
             g = edit_gate(lm.model, lm.tokenizer, self.space(s["layer"]), prompt, self.ws.fmt,
                           distinct=s["distinct"], keys=keys, every=bool(s.get("all_keys")),
-                          subject=s.get("subject"), select=select)
+                          subject=s.get("subject"), select=select,
+                          # (entries made before `min_keys` keep every state key; a gate
+                          # without words must keep its keys)
+                          min_keys=s.get("min_keys", 0) if s["words"] else 0)
             relation, weight = g.relation, g.relation_weight
             if recorded is not None:  # ("" for a gate of words alone)
                 # the keys are states of the model: computed again on another machine (other

@@ -26,7 +26,9 @@ layers' outputs from the first token on which the sequence *mentions the edit's 
 A *subject* gate (`edit_gate(keys="subject")`, the workspace default) keys both on what the
 prompt names instead (`subject_words`: "France", not the relation's "president", which is what
 the distinct tokens are when the bank knows the subject): its words are the names, and its
-state keys the names' tokens that are distinct from the bank. Such a gate made with `every`
+state keys the names' tokens that are distinct from the bank, where there are at least three
+(`min_keys`: a short name's one or two tokens look like a token of other names, "Sampo" like
+"Limpopo"; such a gate opens by its words alone). Such a gate made with `every`
 (`all_keys` in the settings) opens by states only once each of its keys has been matched by
 some token, not one of them: a name that shares a first name or a syllable with an edited one
 ("Alfred G. Gilman" for "Alfred Kastler", "Kočevje" for "Kozje") leaves the edit shut.
@@ -255,7 +257,7 @@ def subject_in(prompt: str, subject: str | None) -> tuple[str, ...]:
 
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
               distinct: float = DISTINCT, keys: str = "distinct", every: bool = False,
-              subject: str | None = None, select: bool = False) -> Gate:
+              subject: str | None = None, select: bool = False, min_keys: int = 0) -> Gate:
     """An edit's gate (see the module doc).
 
     `keys="distinct"` (entries made before `subject` keys): the prompt's tokens whose nearest
@@ -280,7 +282,12 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
 
     `select` (a gate reading names only): the gate also keeps its prompt's other tokens as the
     relation's wording (`Gate.relation`), so that of a subject's several edits only the one
-    asked about acts (`gates`)."""
+    asked about acts (`gates`).
+
+    `min_keys` (a gate reading names only): a gate with fewer state keys than this keeps none,
+    and opens by its names' words alone. A short name's one or two distinct tokens look like
+    a token of other names ("Sampo" like "Limpopo", "Jim Davis" like "Jim Farley", "Hy" like
+    "Hyodo"); a longer name's every key is matched only by that name."""
     text = render_prompt(tokenizer, prompt, fmt)
     enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
@@ -299,7 +306,10 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
         fold = (head in names and head[:1].isupper() and head[1:].islower()) or (
             bool(given) and all(w.islower() for w in given))
         ids = torch.tensor(enc["input_ids"][1:])
-        return Gate(z[on_name & (near < distinct)].contiguous(), names, fold=fold, every=every,
+        keys_ = z[on_name & (near < distinct)]
+        if len(keys_) < min_keys:
+            keys_ = keys_[:0]
+        return Gate(keys_.contiguous(), names, fold=fold, every=every,
                     relation=z[~on_name].contiguous() if select else None,
                     relation_weight=space.idf(ids[~on_name]).contiguous() if select else None)
     keep = near < distinct
