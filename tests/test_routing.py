@@ -817,6 +817,13 @@ def test_a_short_names_gate_opens_by_its_words_and_old_entries_keep_their_keys(r
     assert route.open_at_end(lm.model, lm.tokenizer, space, [short],
                              [prompt, "Where was Zorblax Quintrell born?", "The capital of France is"],
                              s["tau"])[:, 0].tolist() == [True, True, False]
+    # a prompt that ends on the name: its words have not opened the gate by the last token
+    # (the character after the name is not seen), so the gate keeps its state keys there
+    end = "Who is Zorblax Quintrell"
+    assert route.subject_words(end, space) == ("Zorblax", "Quintrell")
+    at_end = w.router.gate(end, {**before, "min_keys": 0}, target).keys
+    assert 0 < len(at_end) and torch.equal(w.router.gate(end, {**before, "min_keys": len(at_end) + 1},
+                                                         target).keys, at_end)
     with pytest.raises(config_mod.ConfigError, match="min_keys"):
         config_mod.parse({"routing": {"min_keys": -1}}, "x")
 
@@ -848,3 +855,35 @@ def test_short_names_do_not_open_on_look_alike_names_on_the_real_model():
                for m, g in made.items()}
         assert got[0][-1] is True, prompt  # states alone let the look-alike in ...
         assert got[3] == [True] * len(own) + [False], prompt  # ... the words do not
+
+
+def test_a_routed_edit_compares_only_the_locality_prompts_its_gate_opens_on(routed_ws):
+    """Where a routed edit's gate stays shut, the state after it is the state before, bit for
+    bit: `edit` scores locality on the other prompts only, and records what scoring every
+    prompt gives (agreement, and KL to the float32 rounding of the prompts it does score,
+    which it scores in another batch)."""
+    from mendctl.editors.metrics import locality_reference, locality_scores
+    from mendctl.editors.route import open_rows
+    from mendctl.editors.text import encode_prompts
+
+    ws, w = routed_ws
+    _edit(w, "Vexmoor Dalgrin lives in", "Paris")  # an earlier routed edit in the state
+    prompt, target = "Zorblax Quintrell was born in", "Oslo"
+    loc = ["Zorblax Quintrell works for", "The capital of France is", "Water is made of",
+           "Where does Zorblax Quintrell live?", "Vexmoor Dalgrin lives in"]
+    lm, s = w.lm, w.config.routing
+    gate = w.router.gate(prompt, s, target)
+    b = encode_prompts(lm.tokenizer, loc, w.fmt)
+    opened = open_rows(lm.model, lm.tokenizer, w.router.space(s["layer"]), [gate], b.input_ids,
+                       b.attention_mask, s["tau"])
+    assert 0 < sum(opened) < len(loc)  # some prompts are compared, some are not
+    w.use_state(w.head())
+    ref = locality_reference(lm.model, lm.tokenizer, loc, w.fmt)  # every prompt, before
+    r = edit(w, [EditCase(input=prompt, target=target, locality=loc)])
+    w.use_state(w.head())
+    ag, kl = locality_scores(lm.model, ref)  # every prompt, after
+    assert [ag[i] for i, o in enumerate(opened) if not o] == [1.0] * (len(loc) - sum(opened))
+    assert [kl[i] for i, o in enumerate(opened) if not o] == [0.0] * (len(loc) - sum(opened))
+    # (a compared prompt's top-1 could flip on a near-tie between the two batchings: one allowed)
+    assert abs(r["after"]["locality"] - sum(ag) / len(ag)) <= 1 / len(loc) + 1e-12
+    assert r["after"]["locality_kl"] == pytest.approx(sum(kl) / len(kl), rel=1e-3, abs=1e-6)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .forward import selected_logits
 from .route import answering
-from .text import Batch, pad_id, encode_pairs, encode_sequences, render_prompt
+from .text import Batch, encode_pairs, encode_sequences, render_prompt
 from .weights import input_device
 
 
@@ -114,7 +114,7 @@ def continued(model, tokenizer, prompts: list[str], fmt="raw", n_new: int = 4,
     prompts' lengths): the sequences a locality reference scores (`reference_of`)."""
     seqs = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts]
     starts = [len(ids) for ids in seqs]
-    return [x + c for x, c in zip(seqs, greedy_padded(model, seqs, n_new, pad_id(tokenizer), chunk))], starts
+    return [x + c for x, c in zip(seqs, greedy_ids(model, seqs, n_new, chunk))], starts
 
 
 @torch.no_grad()
@@ -296,36 +296,6 @@ def greedy_ids(model, rows: list[list[int]], max_new_tokens: int, chunk: int = 1
                     if all(done):
                         break
                     step = nxt[:, None]
-    return out
-
-
-@torch.no_grad()
-def greedy_padded(model, rows: list[list[int]], n_new: int, pad: int, chunk: int = 32) -> list[list[int]]:
-    """Greedy continuations of `n_new` tokens (no stop) of token rows: `chunk` rows per
-    forward, right-padded, without a KV cache, the output projection at each row's last
-    token only. For a few tokens of many prompts of different lengths this is a few batched
-    forwards, where `greedy_ids` runs one cached batch per prompt length (per edit, the
-    locality reference's continuations took 1.2 s that way on a routed chain of 100). Routed
-    edits see the answers start at each row's prompt length (`answering`), as they do there."""
-    out: list[list[int]] = []
-    dev = _device(model)
-    for i in range(0, len(rows), chunk):
-        seqs = [list(r) for r in rows[i:i + chunk]]
-        starts = [len(r) for r in seqs]
-        with answering(starts):
-            for _ in range(n_new):
-                width = max(map(len, seqs))
-                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                last = torch.zeros_like(ids, dtype=torch.bool)
-                for b, r in enumerate(seqs):
-                    ids[b, :len(r)] = torch.tensor(r)
-                    mask[b, :len(r)] = 1
-                    last[b, len(r) - 1] = True
-                logits = selected_logits(model, Batch(ids.to(dev), mask.to(dev), ids.to(dev)), last.to(dev))
-                for r, t in zip(seqs, logits.float().argmax(-1).tolist()):
-                    r.append(t)
-        out += [r[k:] for r, k in zip(seqs, starts)]
     return out
 
 

@@ -285,7 +285,7 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     asked about acts (`gates`).
 
     `min_keys` (a gate reading names only): a gate with fewer state keys than this keeps none,
-    and opens by its names' words alone. A short name's one or two distinct tokens look like
+    and opens by its names' words alone, where they open it on its own prompt. A short name's one or two distinct tokens look like
     a token of other names ("Sampo" like "Limpopo", "Jim Davis" like "Jim Farley", "Hy" like
     "Hyodo"); a longer name's every key is matched only by that name."""
     text = render_prompt(tokenizer, prompt, fmt)
@@ -307,7 +307,11 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
             bool(given) and all(w.islower() for w in given))
         ids = torch.tensor(enc["input_ids"][1:])
         keys_ = z[on_name & (near < distinct)]
-        if len(keys_) < min_keys:
+        if len(keys_) < min_keys and bool(word_gates(
+                tokenizer, torch.tensor([enc["input_ids"]]), WordIndex([names], [fold]))[0, -1, 0]):
+            # (only where the words open it by the prompt's last token: not where the prompt
+            # ends on the name, nor where a letter's bytes fall in two tokens and the text
+            # read back from the tokens does not spell the name)
             keys_ = keys_[:0]
         return Gate(keys_.contiguous(), names, fold=fold, every=every,
                     relation=z[~on_name].contiguous() if select else None,
@@ -624,9 +628,10 @@ def gates(space: GateSpace, hidden: torch.Tensor, keys: list[torch.Tensor] | Key
 
 def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate],
                 prompts: list[str], tau: float = TAU, fmt: str = "raw",
-                margin: float | None = None) -> torch.Tensor:
+                margin: float | None = None, select: bool = True) -> torch.Tensor:
     """(prompts, gates) bool: which gates are open at each prompt's last token (where its
-    answer is predicted)."""
+    answer is predicted); without `select`, every gate of a subject that opens, not only the
+    one chosen (`select_open`)."""
     keys = KeyTable.of_gates(gates_)
     words = [g.words for g in gates_]
     index = WordIndex(words, [g.fold for g in gates_]) if any(words) else None
@@ -636,7 +641,7 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
         ids = torch.tensor([tokenizer(render_prompt(tokenizer, p, fmt)).input_ids])
         w = word_gates(tokenizer, ids, index) if index is not None else None
         idf = space.idf(ids) if keys.groups else None
-        out[i] = gates(space, full, keys, tau, w, margin, token_weight=idf)[0, -1]
+        out[i] = gates(space, full, keys, tau, w, margin, select, token_weight=idf)[0, -1]
     return out
 
 

@@ -33,8 +33,7 @@ def target_text(target: str, fmt: str = "raw") -> str:
     return target if target[:1].isspace() else " " + target
 
 
-def pad_id(tokenizer) -> int:
-    """The token id padding uses: the tokenizer's pad token, else its end of text, else 0."""
+def _pad_id(tokenizer) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if t is not None:
             return int(t)
@@ -81,7 +80,7 @@ def encode_pairs(tokenizer, prompts: list[str], targets: list[str], fmt: str = "
         p_ids, t_ids = pair_ids(tokenizer, p, t, fmt)
         seqs.append(p_ids + t_ids)
         labels.append([-100] * len(p_ids) + t_ids)
-    return _pad(seqs, labels, pad_id(tokenizer))
+    return _pad(seqs, labels, _pad_id(tokenizer))
 
 
 def pair_ids(tokenizer, prompt: str, target: str, fmt: str = "raw") -> tuple[list[int], list[int]]:
@@ -96,13 +95,13 @@ def pair_ids(tokenizer, prompt: str, target: str, fmt: str = "raw") -> tuple[lis
 def encode_prompts(tokenizer, prompts: list[str], fmt: str = "raw") -> Batch:
     """Prompts alone (labels all -100), right-padded."""
     seqs = [tokenizer(render_prompt(tokenizer, p, fmt)).input_ids for p in prompts]
-    return _pad(seqs, [[-100] * len(s) for s in seqs], pad_id(tokenizer))
+    return _pad(seqs, [[-100] * len(s) for s in seqs], _pad_id(tokenizer))
 
 
 def encode_sequences(seqs: list[list[int]], tokenizer, label_from: list[int]) -> Batch:
     """Ready token lists, labelled from index label_from[i] on."""
     labels = [[-100] * k + s[k:] for s, k in zip(seqs, label_from)]
-    return _pad(seqs, labels, pad_id(tokenizer))
+    return _pad(seqs, labels, _pad_id(tokenizer))
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
