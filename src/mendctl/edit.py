@@ -20,8 +20,8 @@ from .editors.data import EditCase
 from .editors.delta import apply_deltas, state_hash, summed
 from .editors.metrics import (continued, edit_success, locality_scores, ngram_entropy,
                                reference_of, repeats_target, target_scores)
-from .editors.text import encode_sequences
 from .editors.route import RoutedEdit, open_rows
+from .editors.text import encode_sequences
 from .errors import EditFailed, EditorError, InputError
 from .health import base_reference
 from .policy import EditPolicy

@@ -285,9 +285,10 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     asked about acts (`gates`).
 
     `min_keys` (a gate reading names only): a gate with fewer state keys than this keeps none,
-    and opens by its names' words alone, where they open it on its own prompt. A short name's one or two distinct tokens look like
-    a token of other names ("Sampo" like "Limpopo", "Jim Davis" like "Jim Farley", "Hy" like
-    "Hyodo"); a longer name's every key is matched only by that name."""
+    and opens by its names' words alone, where they open it on its own prompt. A short name's
+    one or two distinct tokens look like a token of other names ("Sampo" like "Limpopo",
+    "Jim Davis" like "Jim Farley", "Hy" like "Hyodo"); a longer name's every key is matched
+    only by that name."""
     text = render_prompt(tokenizer, prompt, fmt)
     enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
