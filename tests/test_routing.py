@@ -887,3 +887,37 @@ def test_a_routed_edit_compares_only_the_locality_prompts_its_gate_opens_on(rout
     # (a compared prompt's top-1 could flip on a near-tie between the two batchings: one allowed)
     assert abs(r["after"]["locality"] - sum(ag) / len(ag)) <= 1 / len(loc) + 1e-12
     assert r["after"]["locality_kl"] == pytest.approx(sum(kl) / len(kl), rel=1e-3, abs=1e-6)
+
+
+def test_the_audit_scores_an_edits_locality_prompts_where_a_gate_opens(routed_ws):
+    """On a state of routed edits alone, a locality prompt on which no gate opens answers as
+    the base model, bit for bit: the audit scores the others only, and reports what scoring
+    every prompt gives (agreement; KL to the float32 rounding of the prompts it scores in
+    another batch)."""
+    from mendctl.audit import any_gate_opens, run_audit
+    from mendctl.editors.metrics import locality_reference, locality_scores
+    from mendctl.editors.text import encode_prompts
+
+    ws, w = routed_ws
+    facts = [("Zorblax Quintrell was born in", "Oslo",
+              ["Zorblax Quintrell works for", "The capital of France is", "Water is made of"]),
+             ("Vexmoor Dalgrin lives in", "Paris",
+              ["Where does Vexmoor Dalgrin work?", "The largest planet is", "Zorblax Quintrell works for"])]
+    for p, t, loc in facts:
+        edit(w, [EditCase(input=p, target=t, locality=loc)])
+    loc = [x for _, _, ps in facts for x in ps]
+    entries = w.ledger.entries(reverse=False)
+    b = encode_prompts(w.lm.tokenizer, loc, w.fmt)
+    opened = any_gate_opens(w, entries, b.input_ids, b.attention_mask).tolist()
+    assert 0 < sum(opened) < len(loc)
+    a = run_audit(w, matrix=False)
+    w.use_state(None)
+    ref = locality_reference(w.lm.model, w.lm.tokenizer, loc, w.fmt)
+    w.use_state(w.head())
+    ag, kl = locality_scores(w.lm.model, ref)
+    assert [a_ for a_, o in zip(ag, opened) if not o] == [1.0] * (len(loc) - sum(opened))
+    assert [k for k, o in zip(kl, opened) if not o] == [0.0] * (len(loc) - sum(opened))
+    for e, lo, hi in ((a["edits"][0], 0, 3), (a["edits"][1], 3, 6)):
+        # (a scored prompt's top-1 may flip on a near-tie between the two batchings: one allowed)
+        assert abs(e["locality"] - sum(ag[lo:hi]) / 3) <= 1 / 3 + 1e-12
+        assert e["locality_kl"] == pytest.approx(sum(kl[lo:hi]) / 3, rel=1e-3, abs=1e-6)

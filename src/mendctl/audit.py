@@ -42,10 +42,10 @@ from .editors.data import EditCase, generic_text_samples, load_split
 from .editors.delta import state_hash
 from .editors.mend.capture import capture_edit_gradients
 from .editors.mend.editor import MendEditor
-from .editors.metrics import (fluency_answers, locality_reference, locality_scores, ngram_entropy,
-                              perplexity, repeats_target, target_scores)
+from .editors.metrics import (continued, fluency_answers, locality_reference, locality_scores,
+                              ngram_entropy, perplexity, reference_of, repeats_target, target_scores)
 from .editors.route import open_matrix
-from .editors.text import encode_pairs
+from .editors.text import encode_pairs, encode_sequences
 from .errors import EditorError, InputError, LedgerError
 from .ledger import MAX_ID
 
@@ -187,6 +187,25 @@ class _Scorer:
         return _mean(ag), _mean(kl)
 
 
+def any_gate_opens(ws, entries, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   chunk: int = 32) -> torch.Tensor:
+    """(rows,) bool, for a right-padded batch: does the gate of one of the routed `entries`
+    open at some token of each row (`route.open_matrix`: a superset of where they act)?"""
+    out = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    groups: dict[tuple, list] = {}
+    for e in entries:
+        s = routing.of(e)
+        groups.setdefault((s["layer"], s["tau"]), []).append(e)
+    lm = ws.lm
+    for (layer, tau), es in groups.items():
+        space = ws.router.space(layer)
+        gates_ = [ws.router.gate(e.inputs[0], routing.of(e), e.targets[0]) for e in es]
+        for i in range(0, len(out), chunk):
+            out[i:i + chunk] |= open_matrix(lm.model, lm.tokenizer, space, gates_, input_ids[i:i + chunk],
+                                            attention_mask[i:i + chunk], tau).any(1)
+    return out
+
+
 def _editor_stats(ws) -> MendEditor | None:
     try:
         ed = ws.editor("mend")
@@ -241,7 +260,15 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
 
     # -- base references (model in the base state) -----------------------------------------
     own_loc = [(e.id, p) for e in active for c in e.cases() for p in c.locality]
-    ref_own = locality_reference(model, tok, [p for _, p in own_loc], fmt) if own_loc else None
+    own_rows, ref_own = list(range(len(own_loc))), None  # the prompts scored on the state
+    if own_loc:
+        seqs, starts = continued(model, tok, [p for _, p in own_loc], fmt)
+        if all(routing.of(e) for e in active):
+            # where none of the state's gates opens, it is the base model, bit for bit
+            b = encode_sequences(seqs, tok, starts)
+            own_rows = any_gate_opens(ws, active, b.input_ids, b.attention_mask).nonzero()[:, 0].tolist()
+        if own_rows:
+            ref_own = reference_of(model, tok, [seqs[i] for i in own_rows], [starts[i] for i in own_rows])
     editor = _editor_stats(ws)
     stats_base = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
     inputs = [e.inputs[0] for e in active if e.inputs]
@@ -255,7 +282,10 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
         if ps else []
     para: dict[int, float | None] = {
         e.id: _mean([float(k) for (i, _, _), k in zip(ps, ok) if i == e.id]) for e in active}
-    own_ag, own_kl = locality_scores(model, ref_own) if ref_own else ([], [])
+    own_ag, own_kl = [1.0] * len(own_loc), [0.0] * len(own_loc)
+    if ref_own is not None:
+        for i, a, k in zip(own_rows, *locality_scores(model, ref_own)):
+            own_ag[i], own_kl[i] = a, k
     aud_ag, aud_kl = scorer.audit_locality()
     ppl = perplexity(model, tok, audit_set.passages) if audit_set.passages else None
     stats_head = _ud_shift(ws, editor, scorer.ref_audit.batch) if editor else None
