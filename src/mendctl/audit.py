@@ -263,10 +263,11 @@ def run_audit(ws, first: int | None = None, last: int | None = None,
     own_rows, ref_own = list(range(len(own_loc))), None  # the prompts scored on the state
     if own_loc:
         seqs, starts = continued(model, tok, [p for _, p in own_loc], fmt)
-        if all(routing.of(e) for e in active):
+        state = [by_id[i] for i in target.active_ids]  # (entries outside the range too)
+        if all(routing.of(e) for e in state):
             # where none of the state's gates opens, it is the base model, bit for bit
             b = encode_sequences(seqs, tok, starts)
-            own_rows = any_gate_opens(ws, active, b.input_ids, b.attention_mask).nonzero()[:, 0].tolist()
+            own_rows = any_gate_opens(ws, state, b.input_ids, b.attention_mask).nonzero()[:, 0].tolist()
         if own_rows:
             ref_own = reference_of(model, tok, [seqs[i] for i in own_rows], [starts[i] for i in own_rows])
     editor = _editor_stats(ws)
