@@ -187,23 +187,35 @@ class _Scorer:
         return _mean(ag), _mean(kl)
 
 
+def gate_columns(ws, entries, chunks) -> torch.Tensor:
+    """(rows, len(entries)) bool: column c says whether the gate of routed entry `entries[c]`
+    opens at some token of each row (`route.open_matrix`: a superset of where it acts).
+    `chunks` are the rows as right-padded (input_ids, attention_mask) batches, in order."""
+    chunks = list(chunks)
+    out = torch.zeros(sum(ids.shape[0] for ids, _ in chunks), len(entries), dtype=torch.bool)
+    groups: dict[tuple, list[int]] = {}
+    for c, e in enumerate(entries):
+        s = routing.of(e)
+        groups.setdefault((s["layer"], s["tau"]), []).append(c)
+    lm = ws.lm
+    for (layer, tau), cols in groups.items():
+        space = ws.router.space(layer)
+        gates_ = [ws.router.gate(entries[c].inputs[0], routing.of(entries[c]), entries[c].targets[0])
+                  for c in cols]
+        at = 0
+        for ids, mask in chunks:
+            out[at:at + ids.shape[0], cols] = open_matrix(lm.model, lm.tokenizer, space, gates_,
+                                                          ids, mask, tau)
+            at += ids.shape[0]
+    return out
+
+
 def any_gate_opens(ws, entries, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    chunk: int = 32) -> torch.Tensor:
     """(rows,) bool, for a right-padded batch: does the gate of one of the routed `entries`
-    open at some token of each row (`route.open_matrix`: a superset of where they act)?"""
-    out = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    groups: dict[tuple, list] = {}
-    for e in entries:
-        s = routing.of(e)
-        groups.setdefault((s["layer"], s["tau"]), []).append(e)
-    lm = ws.lm
-    for (layer, tau), es in groups.items():
-        space = ws.router.space(layer)
-        gates_ = [ws.router.gate(e.inputs[0], routing.of(e), e.targets[0]) for e in es]
-        for i in range(0, len(out), chunk):
-            out[i:i + chunk] |= open_matrix(lm.model, lm.tokenizer, space, gates_, input_ids[i:i + chunk],
-                                            attention_mask[i:i + chunk], tau).any(1)
-    return out
+    open at some token of each row?"""
+    return gate_columns(ws, entries, [(input_ids[i:i + chunk], attention_mask[i:i + chunk])
+                                      for i in range(0, input_ids.shape[0], chunk)]).any(1)
 
 
 def _editor_stats(ws) -> MendEditor | None:
@@ -386,29 +398,17 @@ class _Reach:
     new edit's own rows."""
 
     def __init__(self, ws, scorer: _Scorer, routed_entries, row_entries):
-        model, tok, fmt = scorer.model, scorer.tok, scorer.fmt
+        tok, fmt = scorer.tok, scorer.fmt
         self.col = {e.id: c for c, e in enumerate(routed_entries)}
-        groups: dict[tuple, list] = {}
-        for e in routed_entries:
-            s = routing.of(e)
-            groups.setdefault((s["layer"], s["tau"]), []).append(e)
         pairs = [(e.id, c.input, c.target) for e in row_entries for c in e.cases()]
-        ret = torch.zeros(len(pairs), len(routed_entries), dtype=torch.bool)
+        encoded = (encode_pairs(tok, [p for _, p, _ in pairs[i:i + 32]],
+                                [t for _, _, t in pairs[i:i + 32]], fmt)
+                   for i in range(0, len(pairs), 32))
+        ret = gate_columns(ws, routed_entries, ((b.input_ids, b.attention_mask) for b in encoded))
         aud_batch = scorer.ref_audit.batch
-        aud = torch.zeros(aud_batch.input_ids.shape[0], len(routed_entries), dtype=torch.bool)
-        for (layer, tau), es in groups.items():
-            space = ws.router.space(layer)
-            gates_ = [ws.router.gate(e.inputs[0], routing.of(e), e.targets[0]) for e in es]
-            cols = torch.tensor([self.col[e.id] for e in es])
-            for i in range(0, len(pairs), 32):
-                b = encode_pairs(tok, [p for _, p, _ in pairs[i:i + 32]],
-                                 [t for _, _, t in pairs[i:i + 32]], fmt)
-                ret[i:i + len(b.input_ids), cols] = open_matrix(
-                    model, tok, space, gates_, b.input_ids, b.attention_mask, tau)
-            for i in range(0, len(aud), 32):
-                aud[i:i + 32, cols] = open_matrix(model, tok, space, gates_,
-                                                  aud_batch.input_ids[i:i + 32],
-                                                  aud_batch.attention_mask[i:i + 32], tau)
+        aud = gate_columns(ws, routed_entries,
+                           [(aud_batch.input_ids[i:i + 32], aud_batch.attention_mask[i:i + 32])
+                            for i in range(0, aud_batch.input_ids.shape[0], 32)])
         owner = torch.tensor([j for j, _, _ in pairs])
         self.retention = {j: ret[owner == j] for j in {j for j, _, _ in pairs}}
         self.audit = aud
