@@ -8,10 +8,12 @@ Measures, in one run on one training set (the first `--cases` cases of the bundl
 - warm: steps once every sequence is remembered (the steady state of a run after that pass);
 - a whole run of `--run-edits` edits: precompute plus that many edits at the warm rate.
 
-A step is `Trainer.losses` + backward + Adam step on 4 single edits (the default). Prints a
-table and writes JSON (default bench/results/train_speed.json).
+A step is `Trainer.losses` + backward + Adam step on 4 single edits (the default), routed
+as `mendctl train` trains them in a workspace of routed edits (the default; `--plain`: weight
+edits, as in a `--weights plain` workspace). Prints a table and writes JSON (default
+bench/results/train_speed.json).
 
-    python bench/train_speed.py [--cases 1000] [--steps 25] [--threads 2]
+    python bench/train_speed.py [--cases 1000] [--steps 25] [--threads 2] [--plain]
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-edits", type=int, default=40_000)
+    ap.add_argument("--plain", action="store_true", help="weight edits instead of routed ones")
     ap.add_argument("--out", default="bench/results/train_speed.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -55,7 +58,7 @@ def main():
     model, tok = lm.model, lm.tokenizer
     specs = select_weights(model, ["auto"])
     train = load_split("train")[: a.cases]
-    cfg = TrainConfig(steps=10**6, norm_warmup=2)
+    cfg = TrainConfig(steps=10**6, norm_warmup=2, gated=not a.plain)
     trainer = Trainer(MendEditor(specs), model, tok, train, [], cfg, progress=False,
                       generic_texts=generic_text_samples(), generic_loc=0.25)
     trainer.prepare_locality()
@@ -71,6 +74,7 @@ def main():
     run_s = prep_s + a.run_edits / warm
     res = {
         "cases": a.cases, "steps": a.steps, "edits_per_step": n, "threads": a.threads,
+        "edits": "weights" if a.plain else "routed",
         "cold_edits_per_second": round(cold, 2), "warm_edits_per_second": round(warm, 2),
         "precompute_seconds": round(prep_s, 1), "precompute_sequences": computed,
         "precompute_sequences_per_second": round(computed / prep_s, 1) if prep_s else None,
