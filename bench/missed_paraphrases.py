@@ -50,6 +50,9 @@ def main():
             paraphrases.update({c.input: list(c.paraphrases) for c in cases})
             calls.clear()
             evaluation.evaluate(ws, cases, ppl_passages=0)  # one case per batch: two calls each
+            if len(calls) != 2 * len(cases):  # the pairing below would misattribute answers
+                raise SystemExit(f"evaluate answered {len(calls)} times for {len(cases)} cases, "
+                                 "not twice per case (before and after): update this script")
             answered = []
             for i, c in enumerate(cases):
                 (asked, before), (_, after) = calls[2 * i], calls[2 * i + 1]
