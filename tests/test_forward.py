@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from conftest import LOCALITY_PROMPTS, fact_paraphrase, fact_prompt
 from mendctl.editors.data import EditCase
-from mendctl.editors.forward import PrefixCache, selected_logits, supported
+from mendctl.editors.forward import PrefixCache, Projection, projecting, selected_logits, supported
 from mendctl.editors.mend.capture import capture_edit_gradients
 from mendctl.editors.mend.editor import MendConfig, MendEditor
 from mendctl.editors.mend.trainer import TrainConfig, Trainer
@@ -236,6 +236,7 @@ def test_trainer_fast_path_equals_naive_reference(tiny_model, tiny_tokenizer, ed
                       loc_per_edit=1, edit_batch=edit_batch)
     trainer = Trainer(editor, tiny_model, tiny_tokenizer, _cases(6), [], cfg, progress=False)
     assert trainer.prefix.enabled  # the fast path is what is under test
+    trainer.projection = None  # its exact savings: float32 (the bf16 projection: its own test)
     trainer.warm_up_normaliser()  # non-trivial normalisation statistics
     editor.eval()  # freeze them, so both computations see the same normaliser
     cases = _cases(n)
@@ -268,6 +269,7 @@ def test_chain_training_edits_the_chain_state(tiny_model, tiny_tokenizer):
     cfg = TrainConfig(steps=1, edits_per_step=3, c_edit=0.1, c_loc=1.0, norm_warmup=2,
                       loc_per_edit=1, chain_length=4)
     trainer = Trainer(editor, tiny_model, tiny_tokenizer, _cases(6), [], cfg, progress=False)
+    trainer.projection = None  # float32, as the reference (the bf16 projection: its own test)
     trainer.warm_up_normaliser()
     editor.eval()
     gen = torch.Generator().manual_seed(1)
@@ -327,3 +329,40 @@ def test_chain_training_grows_scores_earlier_facts_and_restarts(tiny_model, tiny
     assert second["loc_n"] > first["loc_n"]
     trainer._advance_chain(cases[1])  # chain_length 3: two earlier edits, then a new chain
     assert trainer._chain_w is None and trainer._chain_facts == []
+
+
+def test_bf16_projection_is_float32_up_to_bf16_rounding(tiny_model, tiny_tokenizer):
+    """Training's output projection in bf16 (`Projection`, where the hardware has it): each
+    logit Σ_i x_i w_i is computed from x_i and w_i rounded to bf16 (8 significant bits, unit
+    roundoff 2⁻⁸ each, so at most 2⁻⁷ per product, to first order) and summed in float32:
+    off from the float32 logit by at most 2⁻⁷ Σ_i |x_i w_i| plus float32 sums (n eps32 of the
+    same). The gradient reaching the hidden states is bounded the same way. The model is frozen,
+    as in training (its head's weight is then cast once and kept)."""
+    tiny_model = copy.deepcopy(tiny_model).requires_grad_(False)
+    batch = encode_prompts(tiny_tokenizer, [fact_prompt(0), fact_prompt(1)])
+    select = batch.attention_mask.bool()
+    head = tiny_model.get_output_embeddings()
+    grabbed = {}
+    hook = head.register_forward_pre_hook(lambda m, a: grabbed.setdefault("x", a[0].detach()))
+    try:
+        want = selected_logits(tiny_model, batch, select)
+    finally:
+        hook.remove()
+    x, w = grabbed["x"], head.weight.detach()
+    projection = Projection(torch.bfloat16)
+    with projecting(projection):
+        got = selected_logits(tiny_model, batch, select)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    eps = torch.finfo(torch.float32).eps
+    scale = x.abs() @ w.abs().T
+    bound = (2 ** -7 + 2 * x.shape[-1] * eps) * scale
+    assert bool(((got - want).abs() <= bound).all()), float(((got - want).abs() / scale).max())
+    assert float((got - want).abs().max()) > 0  # bf16 did run (the bound is not vacuous)
+    # the gradient to the hidden states: g Wᵀ from bf16 g and W, within the same bound
+    h = x.clone().requires_grad_(True)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(0))
+    (projection(head, h) * g).sum().backward()
+    ref = g @ w
+    gbound = (2 ** -7 + 2 * w.shape[0] * eps) * (g.abs() @ w.abs())
+    assert bool(((h.grad - ref).abs() <= gbound).all())
+    assert torch.equal(projection(head, x), got)  # (the kept copy: the same logits again)

@@ -10,6 +10,11 @@ Three savings, all exact (the same numbers as a full forward, up to float roundi
 - `low_rank_rows`: rows edited by different low-rank edits run in one forward, each adding its
   own edit's term, instead of one pass per edit with its weights materialised.
 
+One saving is not exact, and only training asks for it (`projecting`): the output projection
+in bfloat16 with float32 accumulation, where the hardware multiplies bf16 natively
+(`native_bf16`). On this project's CPU it is 4× faster than float32 for a training step's few
+rows; its logits differ by about 2⁻⁹ of their terms, as a bf16 model's own do.
+
 They work on any model whose blocks sit in one ``nn.ModuleList`` and whose base model
 (``model.base_model``) returns ``last_hidden_state`` after the final norm; anything else falls
 back to full passes (`supported()` says which).
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -46,10 +52,66 @@ def supported(model: nn.Module) -> bool:
             and not getattr(cfg, "final_logit_softcapping", None))
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Does `device` multiply bfloat16 matrices natively (a GPU that supports bf16, a CPU with
+    AVX512-BF16 or AMX)? Elsewhere bf16 is emulated, and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    # (torch exposes the CPU's capabilities under private names only; absent: say no)
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported",
+                                                     "_is_amx_tile_supported")]
+    return any(p is not None and bool(p()) for p in probes)
+
+
+class Projection:
+    """The output projection with its input and weight in `dtype`, accumulated and returned
+    in float32: for training an editor of a frozen model only (each weight is cast once, on
+    first use, and the copy kept: the weight must not change while this is used)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        weight = getattr(head, "weight", None)
+        if not isinstance(head, nn.Linear) or weight.dtype == self.dtype:
+            return head(hidden)
+        if weight.requires_grad:  # (a trained head: its gradient flows through the cast)
+            cast = weight.to(self.dtype)
+        else:
+            # keyed by identity, holding the weight itself so that its id is not reused
+            kept = self._cast.get(id(weight))
+            if kept is None:
+                kept = self._cast[id(weight)] = (weight, weight.detach().to(self.dtype))
+            cast = kept[1]
+        bias = head.bias.to(self.dtype) if head.bias is not None else None
+        return torch.nn.functional.linear(hidden.to(self.dtype), cast, bias).float()
+
+
+#: how `selected_logits` projects (None: the model's own head, in its own precision)
+_PROJECTION: ContextVar[Projection | None] = ContextVar("projection", default=None)
+
+
+@contextmanager
+def projecting(projection: Projection | None):
+    """Inside the block, `selected_logits` projects with `projection` (None: as the model
+    does). For training only: editing and scoring keep the model's own precision, so that
+    replayed edits and scores do not depend on the hardware."""
+    token = _PROJECTION.set(projection)
+    try:
+        yield
+    finally:
+        _PROJECTION.reset(token)
+
+
 def selected_logits(model: nn.Module, batch: Batch, select: torch.Tensor,
                     weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits (N, V) at the positions where `select` (B, T) is True, optionally with some
-    parameters replaced functionally (names as in model.named_parameters())."""
+    parameters replaced functionally (names as in model.named_parameters()); inside
+    `projecting`, projected by it."""
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if not supported(model):
         if weights:
@@ -62,7 +124,9 @@ def selected_logits(model: nn.Module, batch: Batch, select: torch.Tensor,
         hidden = functional_call(base, _strip(model, weights), args=(), kwargs=kwargs).last_hidden_state
     else:
         hidden = base(**kwargs).last_hidden_state
-    return model.get_output_embeddings()(hidden[select])
+    project = _PROJECTION.get()
+    head = model.get_output_embeddings()
+    return head(hidden[select]) if project is None else project(head, hidden[select])
 
 
 class _Stub(nn.Module):
