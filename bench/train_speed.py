@@ -6,10 +6,10 @@ Measures, in one run on one training set (the first `--cases` cases of the bundl
 - the up-front pass over every sequence the steps can draw (`prepare_prefixes`): seconds and
   sequences per second;
 - warm: steps once every sequence is remembered (the steady state of a run after that pass),
-  with the output projection in float32 and in bf16 (what training uses where the hardware
-  multiplies bf16 natively, `forward.native_bf16`), alternating in rounds so that both see the
-  same machine; and how far bf16 moves the step's gradient: the cosine and norm ratio of the
-  editor's gradient on the same steps, bf16 against float32;
+  in float32 and in bf16 mixed precision (what training uses where the hardware multiplies bf16
+  natively, `forward.native_bf16`), alternating in rounds so that both see the same machine;
+  and how far bf16 moves the step's gradient: the cosine and norm ratio of the editor's
+  gradient on the same steps, bf16 against float32;
 - a whole run of `--run-edits` edits: precompute plus that many edits at the warm rate.
 
 A step is `Trainer.losses` + backward + Adam step on 4 single edits (the default), routed
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, table, write_json  # noqa: E402
 
 from mendctl.editors.data import generic_text_samples, load_split  # noqa: E402
-from mendctl.editors.forward import Projection, native_bf16  # noqa: E402
+from mendctl.editors.forward import native_bf16  # noqa: E402
 from mendctl.editors.mend.editor import MendEditor  # noqa: E402
 from mendctl.editors.mend.trainer import TrainConfig, Trainer  # noqa: E402
 from mendctl.editors.weights import select_weights  # noqa: E402
@@ -49,30 +49,30 @@ def steps_per_second(trainer: Trainer, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def timed_rounds(trainer: Trainer, projections: dict, steps: int, rounds: int = 5) -> dict:
-    """Edits per second under each projection, measured in alternating rounds."""
-    seconds = {k: 0.0 for k in projections}
+def timed_rounds(trainer: Trainer, modes: dict, steps: int, rounds: int = 5) -> dict:
+    """Edits per second with each `Trainer.bf16` setting, measured in alternating rounds."""
+    seconds = {k: 0.0 for k in modes}
     per = max(1, steps // rounds)
     for _ in range(rounds):
-        for k, p in projections.items():
-            trainer.projection = p
+        for k, p in modes.items():
+            trainer.bf16 = p
             seconds[k] += per / steps_per_second(trainer, per)
     return {k: rounds * per * trainer.cfg.edits_per_step / s for k, s in seconds.items()}
 
 
-def gradient_agreement(trainer: Trainer, projection, steps: int = 5) -> tuple[float, float]:
+def gradient_agreement(trainer: Trainer, steps: int = 5) -> tuple[float, float]:
     """Over `steps` steps (the same cases, paraphrases and locality prompts for both), the
-    worst cosine and the mean norm ratio of the editor's gradient with `projection` against
-    float32. No optimizer step is taken."""
+    worst cosine and the mean norm ratio of the editor's gradient in bf16 mixed precision
+    against float32. No optimizer step is taken."""
     params = [p for p in trainer.editor.parameters() if p.requires_grad]
     cos, ratio = [], []
     for _ in range(steps):
         cases = trainer.sample(trainer.cfg.edits_per_step)
         state = trainer.rng.getstate()
         grads = []
-        for p in (None, projection):
+        for p in (False, True):
             trainer.rng.setstate(state)
-            trainer.projection = p
+            trainer.bf16 = p
             trainer.opt.zero_grad(set_to_none=True)
             trainer.losses(cases)[0].backward()
             grads.append(torch.cat([q.grad.flatten() for q in params if q.grad is not None]))
@@ -108,12 +108,11 @@ def main():
     trainer.prepare_prefixes()
     prep_s = time.perf_counter() - t
     computed = len(trainer.prefix.memo) - before
-    default = trainer.projection  # bf16 where native (Trainer), else None: float32
-    bf16 = Projection(torch.bfloat16)
-    rates = timed_rounds(trainer, {"float32": None, "bfloat16": bf16}, a.steps)
-    cos, ratio = gradient_agreement(trainer, bf16)
-    trainer.projection = default
-    warm = rates["bfloat16" if default is not None else "float32"]
+    default = trainer.bf16  # where the hardware multiplies bf16 natively (Trainer)
+    rates = timed_rounds(trainer, {"float32": False, "bf16": True}, a.steps)
+    cos, ratio = gradient_agreement(trainer)
+    trainer.bf16 = default
+    warm = rates["bf16" if default else "float32"]
     run_s = prep_s + a.run_edits / warm
     res = {
         "cases": a.cases, "steps": a.steps, "edits_per_step": n, "threads": a.threads,
@@ -121,10 +120,10 @@ def main():
         "cold_edits_per_second": round(cold, 2), "warm_edits_per_second": round(warm, 2),
         "precompute_seconds": round(prep_s, 1), "precompute_sequences": computed,
         "precompute_sequences_per_second": round(computed / prep_s, 1) if prep_s else None,
-        "output_projection": "bfloat16" if default is not None else "float32",
+        "precision": "bf16 mixed" if default else "float32",
         "native_bf16": native_bf16("cpu"),
         "warm_edits_per_second_float32": round(rates["float32"], 2),
-        "warm_edits_per_second_bfloat16": round(rates["bfloat16"], 2),
+        "warm_edits_per_second_bf16": round(rates["bf16"], 2),
         "bf16_gradient_cosine_min": round(cos, 5), "bf16_gradient_norm_ratio": round(ratio, 4),
         "run_edits": a.run_edits, "run_edits_per_second": round(a.run_edits / run_s, 2),
         "run_edits_per_second_cold": round(cold, 2),
@@ -134,14 +133,14 @@ def main():
         {"phase": "cold steps (lower blocks inside the step)", "edits/s": f"{cold:.2f}"},
         {"phase": f"precompute {computed} sequences", "edits/s": "",
          "seconds": f"{prep_s:.0f}"},
-        {"phase": "warm steps, output projection float32", "edits/s": f"{rates['float32']:.2f}"},
-        {"phase": "warm steps, output projection bf16", "edits/s": f"{rates['bfloat16']:.2f}"},
-        {"phase": f"warm steps as training runs them ({res['output_projection']})",
+        {"phase": "warm steps, float32", "edits/s": f"{rates['float32']:.2f}"},
+        {"phase": "warm steps, bf16 mixed precision", "edits/s": f"{rates['bf16']:.2f}"},
+        {"phase": f"warm steps as training runs them ({res['precision']})",
          "edits/s": f"{warm:.2f}"},
         {"phase": f"run of {a.run_edits} edits incl. precompute", "edits/s": f"{a.run_edits / run_s:.2f}",
          "seconds": f"{run_s:.0f}"},
     ], ["phase", "edits/s", "seconds"]))
-    print(f"warm ÷ cold: {warm / cold:.2f}×; bf16 ÷ float32: {rates['bfloat16'] / rates['float32']:.2f}×; "
+    print(f"warm ÷ cold: {warm / cold:.2f}×; bf16 ÷ float32: {rates['bf16'] / rates['float32']:.2f}×; "
           f"bf16 gradient: cosine ≥ {cos:.4f}, norm ratio {ratio:.3f}; peak RSS {res['peak_rss_mib']} MiB")
     write_json(a.out, res)
 

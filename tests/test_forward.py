@@ -236,7 +236,7 @@ def test_trainer_fast_path_equals_naive_reference(tiny_model, tiny_tokenizer, ed
                       loc_per_edit=1, edit_batch=edit_batch)
     trainer = Trainer(editor, tiny_model, tiny_tokenizer, _cases(6), [], cfg, progress=False)
     assert trainer.prefix.enabled  # the fast path is what is under test
-    trainer.projection = None  # its exact savings: float32 (the bf16 projection: its own test)
+    trainer.bf16 = False  # its exact savings: float32 (bf16 mixed precision: bench/train_speed.py)
     trainer.warm_up_normaliser()  # non-trivial normalisation statistics
     editor.eval()  # freeze them, so both computations see the same normaliser
     cases = _cases(n)
@@ -269,7 +269,7 @@ def test_chain_training_edits_the_chain_state(tiny_model, tiny_tokenizer):
     cfg = TrainConfig(steps=1, edits_per_step=3, c_edit=0.1, c_loc=1.0, norm_warmup=2,
                       loc_per_edit=1, chain_length=4)
     trainer = Trainer(editor, tiny_model, tiny_tokenizer, _cases(6), [], cfg, progress=False)
-    trainer.projection = None  # float32, as the reference (the bf16 projection: its own test)
+    trainer.bf16 = False  # float32, as the reference
     trainer.warm_up_normaliser()
     editor.eval()
     gen = torch.Generator().manual_seed(1)
