@@ -50,7 +50,14 @@ target token is predicted from a position before the target's last token. When t
 says where the generated answer starts (`answering`, as mendctl's own generation does), such
 a gate also closes as soon as the answer leaves the target's path ("the" where "PSG" was
 meant): the edit then gives way to the base model instead of pushing its target's tokens into
-an answer that took another turn.
+an answer that took another turn. And an answer that takes the edit writes the whole target,
+not a mix of its pieces: where the answer has begun the target ("Matteo" of "Matteo Salvini")
+and the edited model's next token would leave it ("Matteoessorsi": the edit's pull spread
+over the target's tokens), or where the answer's first word would be a later piece of the
+target (" Knicks" for "New York Knicks"), the best-scoring of the 32 best tokens that stays
+on the target's path is written (`finish_token`, on the model's logits). Teacher-forced
+scores never see this (they say nowhere where an answer starts): it changes what is
+generated, not what is measured as edit or paraphrase success.
 
 This module owns the gate space (bank statistics), gate keys, and the forward hooks that apply
 gated deltas. Gates read whole sequences: a forward with a KV cache is followed only from the
@@ -60,6 +67,7 @@ not be left-padded. It knows nothing about ledgers.
 from __future__ import annotations
 
 import json
+import math
 import re
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -385,25 +393,27 @@ def token_texts(tokenizer, input_ids: torch.Tensor, cache: dict | None = None
     characters. Token t's text is what decoding it after token t − 1 adds (so the spaces a
     decoder puts between tokens are kept), cached per pair in `cache`."""
     cache = {} if cache is None else cache
-
-    def added(prev: int | None, t: int) -> str:
-        if (prev, t) not in cache:
-            if prev is None:
-                cache[(prev, t)] = tokenizer.decode([t])
-            else:
-                alone, both = tokenizer.decode([prev]), tokenizer.decode([prev, t])
-                cache[(prev, t)] = both[len(alone):] if both.startswith(alone) else tokenizer.decode([t])
-        return cache[(prev, t)]
-
     out = []
     for row in input_ids.tolist():
-        pieces = [added(row[i - 1] if i else None, t) for i, t in enumerate(row)]
+        pieces = [token_piece(tokenizer, row[i - 1] if i else None, t, cache)
+                  for i, t in enumerate(row)]
         ends, n = [], 0
         for piece in pieces:
             n += len(piece)
             ends.append(n)
         out.append(("".join(pieces), ends))
     return out
+
+
+def token_piece(tokenizer, prev: int | None, t: int, cache: dict) -> str:
+    """The text token `t` adds after token `prev` (None: at the start), cached in `cache`."""
+    if (prev, t) not in cache:
+        if prev is None:
+            cache[(prev, t)] = tokenizer.decode([t])
+        else:
+            alone, both = tokenizer.decode([prev]), tokenizer.decode([prev, t])
+            cache[(prev, t)] = both[len(alone):] if both.startswith(alone) else tokenizer.decode([t])
+    return cache[(prev, t)]
 
 
 def word_gates(tokenizer, input_ids: torch.Tensor, words: list[tuple[str, ...]] | WordIndex,
@@ -475,6 +485,54 @@ def off_target(opened: torch.Tensor, texts: list[tuple[str, list[int]]], until: 
                     out[b, p:, i] = False
                     break
     return out
+
+
+def target_answers(opened: torch.Tensor, texts: list[tuple[str, list[int]]],
+                   until: list[str | None], starts: list[int]) -> list[tuple[int, int, str]]:
+    """(row, edit, answer so far) where the row's last token predicts an answer token (it is
+    the prompt's last or an answer's) and a target-closing gate is open there (after
+    `off_target`: the answer so far, spaces aside, is a proper prefix of the target)."""
+    out = []
+    for b, (text, ends) in enumerate(texts):
+        s = starts[b]
+        if not 0 < s <= len(ends):
+            continue
+        answer = text[ends[s - 1]:]
+        out += [(b, i, answer) for i in opened[b, -1].nonzero().flatten().tolist() if until[i]]
+    return out
+
+
+def _on_path(answer: str, piece: str, target: str) -> bool:
+    """Does `piece` after `answer` keep it a prefix of `target` (or complete it), adding to it?"""
+    done, grown = answer.lstrip(), (answer + piece).lstrip()
+    return len(grown) > len(done) and (target.startswith(grown) or grown.startswith(target))
+
+
+def stray_piece(piece: str, target: str) -> bool:
+    """Is `piece` (a token's text) a later part of a name in `target`, written where the
+    answer should begin: the edit's pull on its target's tokens spread, so one from its middle
+    came first (" Knicks" for "New York Knicks", " Clark" for "Helen Clark")? Only pieces of
+    three or more characters with a capital or a digit count: never "the" or "of"."""
+    p = piece.strip()
+    return len(p) >= 3 and any(c.isupper() or c.isdigit() for c in p) and target.find(p) > 0
+
+
+def finish_token(tokenizer, cache: dict, last: int, answer: str, target: str,
+                 scores: torch.Tensor, k: int = 32) -> int | None:
+    """The token that keeps an answer on its edit's `target` (`answer`: its text so far;
+    `last`: its last token), or None to leave the model's own: where the answer has begun the
+    target and the best-scoring token would leave it ("Matteo" + "essorsi"), or where nothing
+    but spaces is written and the best token is a later piece of it (`stray_piece`), the
+    best of the `k` best-scoring tokens that stays on the target's path."""
+    target = target.strip()
+    best = scores.topk(min(k, scores.numel())).indices.tolist()
+    first = token_piece(tokenizer, last, best[0], cache)
+    if _on_path(answer, first, target):
+        return None  # (the model's own token already is)
+    if not answer.strip() and not stray_piece(first, target):
+        return None  # an answer that does not take the edit: the model's own
+    return next((t for t in best[1:] if _on_path(answer, token_piece(tokenizer, last, t, cache),
+                                                     target)), None)
 
 
 def close_after(opened: torch.Tensor, texts: list[tuple[str, list[int]]],
@@ -702,6 +760,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     decoded: dict = {}
 
     def on_input(module, args, kwargs):
+        state.pop("finish", None)
         state.pop("open", None)  # gates belong to one forward pass
         state.pop("open_ids", None)
         state.pop("row_ids", None)
@@ -756,12 +815,30 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
             opened = close_after(opened, state["texts"], until)
             if state.get("starts") is not None:
                 opened = off_target(opened, state["texts"], until, state["starts"])
+                state["finish"] = target_answers(opened, state["texts"], until, state["starts"])
         if state.get("new") is not None:  # (gates are causal: the new tokens' are as uncached)
             opened = opened[:, opened.shape[1] - state["new"]:]
         state["open"] = opened
         by_row = opened.any(1)  # (batch, edits)
         state["open_ids"] = by_row.any(0).nonzero().flatten().tolist()
         state["row_ids"] = [r.nonzero().flatten().tolist() for r in by_row]
+
+    def on_logits(module, args, output):
+        # an answer that takes its edit writes the whole target (see the module doc)
+        finish = state.pop("finish", None)
+        logits = output[0] if isinstance(output, tuple) else getattr(output, "logits", None)
+        if not finish or logits is None:
+            return None
+        logits = logits.clone()
+        for b, i, answer in finish:
+            row = logits[b, -1]
+            t = finish_token(tokenizer, decoded, int(state["seq"][b, -1]), answer, until[i], row)
+            if t is not None:  # (its probability then ≥ 0.99 of the row's, sampled or not)
+                row[t] = row.max() + math.log(row.numel()) + 5
+        if isinstance(output, tuple):
+            return (logits, *output[1:])
+        output.logits = logits
+        return output
 
     # per edited module: each edit's factors (None where it has none), by reference: nothing
     # is stacked or copied, so installing the thousandth edit does not copy the other 999's
@@ -783,6 +860,8 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     handles = [inner.register_forward_pre_hook(on_input, with_kwargs=True),
                inner.register_forward_hook(on_output),
                block_module(model, space.layer).register_forward_hook(on_gate)]
+    if any(until) and inner is not model:  # (on the model that returns logits)
+        handles.append(model.register_forward_hook(on_logits))
     for name in names:
         module = model.get_submodule(name.rsplit(".", 1)[0])
         dev = module.weight.device
