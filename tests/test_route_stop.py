@@ -108,12 +108,19 @@ def test_finish_token_keeps_an_answer_that_takes_the_edit_on_its_target():
     assert finish_token(tok, cache, ord("o"), " Matteo", "Matteo Salvini", scores) is None
     # nothing written yet: the model's own answer, unless it starts inside the target's names
     first = torch.full((128,), -10.0)
-    first[ord("t")], first[ord("M")] = 3.0, 1.0
+    first[ord("x")], first[ord("M")] = 3.0, 1.0  # ("x": not in the target)
     assert finish_token(tok, cache, ord(":"), " ", "Matteo Salvini", first) is None
-    assert stray_piece(" Knicks", "New York Knicks") and stray_piece("Clark", "Helen Clark")
+    assert stray_piece(" K", "New York Knicks") and stray_piece(" Su", "Lisa Su")
+    assert stray_piece("elt", "Boston Celtics")  # inside one of its words
     assert not stray_piece(" New", "New York Knicks")  # its start: on the path, not stray
-    assert not stray_piece(" the", "Bank of the West")  # no capital: an ordinary word
-    assert not stray_piece(" Su", "Lisa Su")  # too short to tell from other names
+    assert not stray_piece(" the", "Bank of the West")  # a whole lowercase word: ordinary
+    assert not stray_piece(" Rome", "New York Knicks") and not stray_piece(" ", "Lisa Su")
+    # the first answer token a stray piece: the best token that starts the target instead
+    first[ord("K")] = 4.0
+    assert finish_token(tok, cache, ord(":"), " ", "Matteo Salvini", first) is None  # (no "K")
+    assert finish_token(tok, cache, ord(":"), " ", "Kim Matteo", first) is None  # its start
+    first[ord("a")] = 5.0  # "a": inside "Matteo" (and "Salvini"), a stray piece
+    assert finish_token(tok, cache, ord(":"), " ", "Matteo Salvini", first) == ord("M")
 
 
 def test_target_answers_are_open_target_gates_where_an_answer_token_is_predicted():

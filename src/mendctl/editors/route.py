@@ -54,7 +54,7 @@ an answer that took another turn. And an answer that takes the edit writes the w
 not a mix of its pieces: where the answer has begun the target ("Matteo" of "Matteo Salvini")
 and the edited model's next token would leave it ("Matteoessorsi": the edit's pull spread
 over the target's tokens), or where the answer's first word would be a later piece of the
-target (" Knicks" for "New York Knicks"), the best-scoring of the 32 best tokens that stays
+target (" K" of "New York Knicks"), the best-scoring of the 32 best tokens that stays
 on the target's path is written (`finish_token`, on the model's logits). Teacher-forced
 scores never see this (they say nowhere where an answer starts): it changes what is
 generated, not what is measured as edit or paraphrase success.
@@ -511,10 +511,12 @@ def _on_path(answer: str, piece: str, target: str) -> bool:
 def stray_piece(piece: str, target: str) -> bool:
     """Is `piece` (a token's text) a later part of a name in `target`, written where the
     answer should begin: the edit's pull on its target's tokens spread, so one from its middle
-    came first (" Knicks" for "New York Knicks", " Clark" for "Helen Clark")? Only pieces of
-    three or more characters with a capital or a digit count: never "the" or "of"."""
+    came first (" K" of "New York Knicks", " Su" of "Lisa Su", "elt" of "Boston Celtics")?
+    A piece counts with a capital or a digit, or where it starts inside one of the target's
+    words: never a word such as "the" or "of" that the target also holds."""
     p = piece.strip()
-    return len(p) >= 3 and any(c.isupper() or c.isdigit() for c in p) and target.find(p) > 0
+    at = target.find(p, 1) if p else -1
+    return at > 0 and (any(c.isupper() or c.isdigit() for c in p) or target[at - 1].isalnum())
 
 
 def finish_token(tokenizer, cache: dict, last: int, answer: str, target: str,
