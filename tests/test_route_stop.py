@@ -110,17 +110,21 @@ def test_finish_token_keeps_an_answer_that_takes_the_edit_on_its_target():
     first = torch.full((128,), -10.0)
     first[ord("x")], first[ord("M")] = 3.0, 1.0  # ("x": not in the target)
     assert finish_token(tok, cache, ord(":"), " ", "Matteo Salvini", first) is None
-    assert stray_piece(" K", "New York Knicks") and stray_piece(" Su", "Lisa Su")
-    assert stray_piece("elt", "Boston Celtics")  # inside one of its words
-    assert not stray_piece(" New", "New York Knicks")  # its start: on the path, not stray
-    assert not stray_piece(" the", "Bank of the West")  # a whole lowercase word: ordinary
-    assert not stray_piece(" Rome", "New York Knicks") and not stray_piece(" ", "Lisa Su")
+    assert stray_piece(" K", "New York Knicks", True) and stray_piece(" Su", "Lisa Su", True)
+    assert stray_piece("elt", "Boston Celtics", False)  # glued on, inside one of its words
+    assert not stray_piece(" New", "New York Knicks", True)  # its start: on the path
+    assert not stray_piece(" the", "Bank of the West", True)  # a lowercase word: ordinary
+    assert not stray_piece(" a", "Manfred Weber", True)  # a word, not the inside of "Manfred"
+    assert not stray_piece("a", "Manfred Weber", False)  # one letter: anything's
+    assert not stray_piece(" Rome", "New York Knicks", True)
+    assert not stray_piece(" ", "Lisa Su", True) and not stray_piece(" eb", "Manfred Weber", True)
     # the first answer token a stray piece: the best token that starts the target instead
     first[ord("K")] = 4.0
     assert finish_token(tok, cache, ord(":"), " ", "Matteo Salvini", first) is None  # (no "K")
     assert finish_token(tok, cache, ord(":"), " ", "Kim Matteo", first) is None  # its start
-    first[ord("a")] = 5.0  # "a": inside "Matteo" (and "Salvini"), a stray piece
-    assert finish_token(tok, cache, ord(":"), " ", "Matteo Salvini", first) == ord("M")
+    assert finish_token(tok, cache, ord(":"), " ", "Matteo Kim", first) == ord("M")
+    first[ord("a")] = 5.0  # "a" starting a word: not a piece of "Matteo Kim"'s names
+    assert finish_token(tok, cache, ord(":"), " ", "Matteo Kim", first) is None
 
 
 def test_target_answers_are_open_target_gates_where_an_answer_token_is_predicted():

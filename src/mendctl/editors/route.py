@@ -508,15 +508,30 @@ def _on_path(answer: str, piece: str, target: str) -> bool:
     return len(grown) > len(done) and (target.startswith(grown) or grown.startswith(target))
 
 
-def stray_piece(piece: str, target: str) -> bool:
-    """Is `piece` (a token's text) a later part of a name in `target`, written where the
+def stray_piece(piece: str, target: str, word_start: bool) -> bool:
+    """Is `piece` (a token's text) a later part of one of `target`'s names, written where the
     answer should begin: the edit's pull on its target's tokens spread, so one from its middle
     came first (" K" of "New York Knicks", " Su" of "Lisa Su", "elt" of "Boston Celtics")?
-    A piece counts with a capital or a digit, or where it starts inside one of the target's
-    words: never a word such as "the" or "of" that the target also holds."""
+    A piece that starts a word (`word_start`: it or the text before it has the space) counts
+    where it starts a later word of the target and holds a capital or a digit (never " a" or
+    " the"); a piece glued to the text before it, where it lies inside one of the target's
+    words and is two characters or more."""
     p = piece.strip()
-    at = target.find(p, 1) if p else -1
-    return at > 0 and (any(c.isupper() or c.isdigit() for c in p) or target[at - 1].isalnum())
+    if not p:
+        return False
+    if word_start:
+        return (any(c.isupper() or c.isdigit() for c in p)
+                and any(target[i - 1].isspace() for i in _occurrences(target, p)))
+    return len(p) >= 2 and any(target[i - 1].isalnum() for i in _occurrences(target, p))
+
+
+def _occurrences(text: str, part: str) -> list[int]:
+    """Where `part` occurs in `text` after its first character."""
+    out, i = [], text.find(part, 1)
+    while i > 0:
+        out.append(i)
+        i = text.find(part, i + 1)
+    return out
 
 
 def finish_token(tokenizer, cache: dict, last: int, answer: str, target: str,
@@ -531,7 +546,8 @@ def finish_token(tokenizer, cache: dict, last: int, answer: str, target: str,
     first = token_piece(tokenizer, last, best[0], cache)
     if _on_path(answer, first, target):
         return None  # (the model's own token already is)
-    if not answer.strip() and not stray_piece(first, target):
+    word_start = first[:1].isspace() or answer[-1:].isspace()
+    if not answer.strip() and not stray_piece(first, target, word_start):
         return None  # an answer that does not take the edit: the model's own
     return next((t for t in best[1:] if _on_path(answer, token_piece(tokenizer, last, t, cache),
                                                      target)), None)
