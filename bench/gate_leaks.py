@@ -75,7 +75,7 @@ def report(ws, data: str | None) -> dict:
     named = subject_pattern(cases)
     loc = sorted({p for c in cases for p in c.locality if named is None or not named.search(p)})
     opened = open_at_end(*args, loc, tau, ws.fmt, margin, False)
-    index = WordIndex([g.words for g in gates], [g.fold for g in gates])
+    index = WordIndex.of_gates(gates)
     leaks = []
     for k in opened.any(1).nonzero().flatten().tolist():
         by_words = index.opened(render_prompt(lm.tokenizer, loc[k], ws.fmt) + " ")

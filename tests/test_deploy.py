@@ -3,6 +3,7 @@
 generates what `mendctl ask` answers at that state and scores as the workspace's model does."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,9 @@ ROUTING = {"layer": 1}  # the tiny model edits blocks 1-3; the gate sits below t
 FACTS = [("The capital of France is", "Rome"), ("Who is India's PM?", "Angela Merkel")]
 # a second fact of the first fact's subject: the two are chosen between by their wording
 SAME_SUBJECT = ("The currency of France is", "Yen")
-PROMPTS = [p for p, _ in FACTS] + [SAME_SUBJECT[0], "Water boils at", "The Eiffel Tower is in"]
+# (the last: a gate opened by another name of its subject, `Gate.aliases`)
+PROMPTS = [p for p, _ in FACTS] + [SAME_SUBJECT[0], "Water boils at", "The Eiffel Tower is in",
+                                   "Who is the Indian prime minister?"]
 
 
 def test_routed_state_exports_and_loads_as_a_transformers_model(fresh_ws, tmp_path):
@@ -32,8 +35,9 @@ def test_routed_state_exports_and_loads_as_a_transformers_model(fresh_ws, tmp_pa
     assert "mendctl.load_edited" in r.stdout and (out / ROUTES_FILE).is_file()
     from safetensors import safe_open
 
-    with safe_open(str(out / ROUTES_FILE), "pt") as f:  # the relation keys travel with the gates
-        assert f.metadata()["format_version"] == "4"
+    with safe_open(str(out / ROUTES_FILE), "pt") as f:  # relation keys and aliases travel with the gates
+        assert f.metadata()["format_version"] == "5"
+        assert ["Indian"] in json.loads(f.metadata()["edits"])[1]["aliases"]
         assert {"edit0/gate.relation", "edit2/gate.relation", "edit2/gate.relation_weight",
                 "space1/df"} <= set(f.keys())
     assert not list(out.glob("*.py")) and not list(out.glob("*.pkl")) and not list(out.glob("*.bin"))

@@ -828,6 +828,37 @@ def test_a_short_names_gate_opens_by_its_words_and_old_entries_keep_their_keys(r
         config_mod.parse({"routing": {"min_keys": -1}}, "x")
 
 
+def test_other_names_of_a_subject_open_its_gate_and_old_entries_keep_their_words(routed_ws):
+    """`aliases` (default true, recorded with each routed entry): a subject gate also opens on
+    the other names of what it reads ("the Indian prime minister" for "India's PM"); the entry
+    records them with its gate, which loads with them, bit for bit, and hashes them. An entry
+    made before the setting opens by its own words only."""
+    from mendctl import routing
+
+    ws, w = routed_ws
+    prompt, target = FACTS[1]
+    s, gate = _entry_gate(w, prompt, target)
+    assert s["aliases"] is True and ["Indian"] in s["gate_aliases"] and gate.words == ("India",)
+    assert gate.aliases == tuple(map(tuple, s["gate_aliases"])) and routing.gate_digest(gate) == s["gate_sha256"]
+    before = {k: v for k, v in s.items()
+              if k not in ("aliases", "gate_aliases", "gate_key_data", "gate_sha256", "gate_words")}
+    old = w.router.gate(prompt, before, target)  # as an entry made before the setting
+    assert old.aliases == () and old.words == gate.words and routing.gate_digest(old) != s["gate_sha256"]
+    lm, space = w.lm, w.router.space(s["layer"])
+    asks = [prompt, "Who is the Indian prime minister?", "Who is Indiana's governor?",
+            "The capital of France is"]
+    for g, want in ((gate, [True, True, False, False]), (old, [True, False, False, False])):
+        assert route.opens(lm.model, lm.tokenizer, space, g, asks, s["tau"]) == want
+    # the log shows them, and a new entry of the subject written the other way is chosen
+    # among the subject's edits with the first (`same_names`)
+    out = ws.ok("show", "1", "--json").json()
+    assert ["Indian"] in out["notes"]["routing"]["gate_aliases"]
+    s2, gate2 = _entry_gate(w, "What is the Indian capital?", "Mumbai")
+    assert gate2.words == ("Indian",) and route.same_names(gate, gate2)
+    with pytest.raises(config_mod.ConfigError, match="aliases"):
+        config_mod.parse({"routing": {"aliases": "yes"}}, "x")
+
+
 @pytest.mark.slow
 def test_short_names_do_not_open_on_look_alike_names_on_the_real_model():
     """On the embedded model, a one- or two-key name's state keys are matched by a token of

@@ -53,7 +53,7 @@ edits (the settings below then apply).
 true uses the defaults; a mapping overrides some: {layer: 3, distinct: 0.7, tau: 0.7,
 margin: null, words: true, alpha: 1.0, max_steps: 5, stop: true, rank_cut: 0.05,
 confidence: 0.75, contexts: ["The following is true. ", "I read that "], keys: subject,
-all_keys: true, select: true, min_keys: 3}
+all_keys: true, select: true, min_keys: 3, aliases: true}
 (keys: what opens an edit's gate: the names its prompt holds, `subject`, or its tokens least
 like ordinary prompts, `distinct`, which may be the relation's words; all_keys: the states of
 a text open the gate only once every one of its keys has been matched, so a name sharing a
@@ -68,8 +68,9 @@ far more rephrasings; [] for none; select: of a subject's edits, only the one wh
 the text words most like its own acts, so a later fact of the subject neither overwrites an
 earlier one nor fails against it; each stays its own entry; min_keys: a name with fewer
 distinct tokens than this opens its gate by its words alone, not by states, which a short
-name shares with others: "Sampo" with "Limpopo"). Entries keep the settings they were made
-with."""
+name shares with others: "Sampo" with "Limpopo"; aliases: a country's other names and
+demonym, and a company's name without its legal form, open the gate too: "the Indian PM" gets
+the edit of "India's PM"). Entries keep the settings they were made with."""
 
 
 MAX_STEPS = 50  # MEND steps one edit may take
@@ -95,7 +96,7 @@ ROUTING_DEFAULTS = {"layer": 3, "distinct": 0.7, "tau": 0.7, "margin": None, "wo
                     "alpha": 1.0, "max_steps": 5, "stop": True, "rank_cut": 0.05,
                     "confidence": 0.75, "contexts": ["The following is true. ", "I read that "],
                     "keys": "subject", "all_keys": True, "together": False, "select": True,
-                    "min_keys": 3}
+                    "min_keys": 3, "aliases": True}
 
 
 def routing_settings(value) -> dict | None:
@@ -131,6 +132,7 @@ def routing_settings(value) -> dict | None:
         "select": isinstance(s["select"], bool),
         "min_keys": isinstance(s["min_keys"], int) and not isinstance(s["min_keys"], bool)
         and s["min_keys"] >= 0,
+        "aliases": isinstance(s["aliases"], bool),
         "contexts": s["contexts"] is None or (isinstance(s["contexts"], list) and len(s["contexts"]) <= 8
                                               and all(isinstance(c, str) and c.strip() and len(c) <= 200
                                                       for c in s["contexts"])),
@@ -154,6 +156,7 @@ def routing_settings(value) -> dict | None:
                 "together": "use true or false",
                 "select": "use true or false",
                 "min_keys": "use a number of keys ≥ 0 (0: the states of any name open its gate)",
+                "aliases": "use true or false",
                 "contexts": "use a list of at most 8 non-empty prefixes of ≤ 200 characters, "
                             "or [] for none"}[key])
     for key in ("distinct", "tau", "alpha", "margin", "rank_cut", "confidence"):

@@ -35,9 +35,9 @@ from .errors import ModelError
 ROUTES_FILE = "mendctl-routes.safetensors"
 #: version 2 adds gates whose words match in any case (`fold`), version 3 gates opened by all
 #: their keys (`every`), version 4 gates chosen among a subject's by their relation keys
-#: (`relation`); a file without them is written as the version before, which mendctl before
-#: them reads the same
-FORMAT, FORMAT_VERSION = "mendctl.routes", 4
+#: (`relation`), version 5 gates that other names of their subject open too (`aliases`); a
+#: file without them is written as the version before, which mendctl before them reads the same
+FORMAT, FORMAT_VERSION = "mendctl.routes", 5
 
 
 def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
@@ -57,7 +57,8 @@ def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
         records.append({"entry": entry, "delta_meta": meta, "words": list(r.gate.words),
                         "until": r.gate.until, "layer": s["layer"], "tau": s["tau"],
                         "margin": s.get("margin")} | ({"fold": True} if r.gate.fold else {})
-                       | ({"every": True} if r.gate.every else {}))
+                       | ({"every": True} if r.gate.every else {})
+                       | ({"aliases": [list(a) for a in r.gate.aliases]} if r.gate.aliases else {}))
     selecting = any(r.gate.relation is not None for r, _ in edits)
     docs = {}
     for layer, space in spaces.items():
@@ -67,7 +68,8 @@ def write_routes(path: str | Path, edits: list[tuple[RoutedEdit, dict]],
             tensors[f"space{layer}/df"] = space.df.contiguous()  # tokens by their idf)
             docs[str(layer)] = space.docs
     path = Path(path)
-    version = 4 if selecting else \
+    version = 5 if any(r.gate.aliases for r, _ in edits) else \
+        4 if selecting else \
         3 if any(r.gate.every for r, _ in edits) else \
         2 if any(r.gate.fold for r, _ in edits) else 1
     save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(version),
@@ -102,7 +104,8 @@ def read_routes(path: str | Path) -> list[tuple[RoutedEdit, dict]]:
                                       int(docs.get(str(layer), 0)))
         gate = Gate(t[prefix + "gate.keys"], tuple(rec["words"]), rec["until"], rec.get("fold", False),
                     rec.get("every", False), t.get(prefix + "gate.relation"),
-                    t.get(prefix + "gate.relation_weight"))
+                    t.get(prefix + "gate.relation_weight"),
+                    tuple(tuple(a) for a in rec.get("aliases", ())))
         out.append((RoutedEdit(delta, gate), {"layer": layer, "tau": rec["tau"],
                                               "margin": rec["margin"], "space": spaces[layer]}))
     return out

@@ -32,8 +32,8 @@ import torch
 from .config import ROUTING_DEFAULTS as DEFAULTS  # noqa: F401  (re-exported)
 from .editors.data.build import load_split
 from .editors.delta import Delta, state_hash
-from .editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_space, names_of, route_all,
-                            routed, subject_in, token_frequencies)
+from .editors.route import (Gate, GateSpace, RoutedEdit, edit_gate, gate_space, route_all,
+                            routed, same_names, subject_in, token_frequencies)
 from .editors.text import render_prompt
 from .editors.weights import _BLOCK
 from .errors import ConfigError
@@ -53,12 +53,13 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def gate_digest(gate: Gate) -> str:
-    """sha256 over a gate's keys, words, closing text, rules (`fold`, `every`) and relation
-    keys (`select`): what an entry records and a state's hash covers (gates made before each
+    """sha256 over a gate's keys, words, closing text, rules (`fold`, `every`), aliases and
+    relation keys (`select`): what an entry records and a state's hash covers (gates made before each
     of these hash as they always did)."""
     parts = [_digest(gate.keys), list(gate.words)] + ([gate.until] if gate.until else []) \
         + (["fold"] if gate.fold else []) \
         + (["every"] if gate.every else []) \
+        + ([{"aliases": [list(a) for a in gate.aliases]}] if gate.aliases else []) \
         + ([{"relation": _digest(gate.relation)}
             | ({"weight": _digest(gate.relation_weight)} if gate.relation_weight is not None else {})]
            if gate.relation is not None else [])
@@ -80,10 +81,12 @@ def decode_keys(data: str, dim: int) -> torch.Tensor:
 
 def recorded_gate(s: dict, gate: Gate) -> dict:
     """What a routed entry records of its gate besides its settings `s`: its words, number of
-    keys, digest and the keys themselves, and its relation keys where it has them
-    (`Router.gate` reads them back)."""
+    keys, digest and the keys themselves, and its relation keys and aliases where it has them
+    (`Router.gate` reads them back: a later release of the aliases' source changes no gate)."""
     out = {**s, "gate_words": list(gate.words), "gate_keys": len(gate.keys),
            "gate_sha256": gate_digest(gate), "gate_key_data": encode_keys(gate.keys)}
+    if gate.aliases:
+        out["gate_aliases"] = [list(a) for a in gate.aliases]
     if gate.relation is not None:
         out["gate_relation_data"] = encode_keys(gate.relation)
         if gate.relation_weight is not None:
@@ -242,7 +245,7 @@ class Router:
         select = bool(s.get("select")) and keys == "subject"
         key = (prompt, s["layer"], s["distinct"], s["words"], until, keys, recorded,
                bool(s.get("all_keys")), s.get("gate_sha256"), s.get("subject"), select,
-               s.get("min_keys", 0))
+               s.get("min_keys", 0), bool(s.get("aliases")))
         if key not in self._gates:
             lm = self.ws.lm
             self._check_layer(s["layer"])
@@ -252,8 +255,10 @@ class Router:
                           subject=s.get("subject"), select=select,
                           # (entries made before `min_keys` keep every state key; a gate
                           # without words must keep its keys)
-                          min_keys=s.get("min_keys", 0) if s["words"] else 0)
-            relation, weight = g.relation, g.relation_weight
+                          min_keys=s.get("min_keys", 0) if s["words"] else 0,
+                          # (entries made before `aliases` open by their own words only)
+                          aliases=bool(s.get("aliases")) and recorded is None)
+            relation, weight, aliases = g.relation, g.relation_weight, g.aliases
             if recorded is not None:  # ("" for a gate of words alone)
                 # the keys are states of the model: computed again on another machine (other
                 # threads, BLAS or device) they differ in the last bits, and so would the
@@ -263,9 +268,11 @@ class Router:
                     relation = decode_keys(s["gate_relation_data"], dim)
                     weight = (decode_keys(s["gate_relation_weight_data"], 1).flatten()
                               if "gate_relation_weight_data" in s else None)  # (unweighted)
+                aliases = tuple(tuple(a) for a in s.get("gate_aliases") or ())
                 g = Gate(decode_keys(recorded, dim), tuple(s.get("gate_words") or ()), None,
                          g.fold, g.every)
-            g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every, relation, weight)
+            g = Gate(g.keys, g.words if s["words"] else (), until, g.fold, g.every, relation, weight,
+                     aliases if s["words"] else ())
             if s.get("all_keys") and s.get("gate_sha256") and gate_digest(g) != s["gate_sha256"]:
                 # entries made while `all_keys` also gave distinct-token gates the every-key
                 # rule (2026-12-07, seventh session) recorded that gate: they keep it
@@ -325,7 +332,7 @@ class Router:
         if gate.relation is None or not gate.words:
             return []
         return [k for k, (r, t) in enumerate(edits)
-                if r.gate.relation is not None and names_of(r.gate) == names_of(gate)
+                if r.gate.relation is not None and same_names(r.gate, gate)
                 and (t["layer"], t["tau"], t.get("margin")) == (s["layer"], s["tau"], s.get("margin"))]
 
     def _delta_digest(self, delta: Delta) -> str:

@@ -160,6 +160,8 @@ def edit(ctx, input_, target, subject, paraphrases, locality, each_file, batch_f
                        f"mentions its subject ({rt['gates']} gates at layer {rt['layer']}, τ {rt['tau']:g})")
         else:
             words = ", ".join(rt["gate_words"]) or "none"
+            if rt.get("gate_aliases"):  # (other names of the subject that open it too)
+                words += "; or: " + ", ".join(" ".join(a) for a in rt["gate_aliases"])
             click.echo(f"  routed: acts only where the input mentions the subject ({rt['gate_keys']} "
                        f"gate key(s) at layer {rt['layer']}, τ {rt['tau']:g}; gate words: {words})")
             if rt.get("remade"):

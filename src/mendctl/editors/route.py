@@ -78,6 +78,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .aliases import alternatives
 from .delta import Delta
 from .forward import states_after
 from .text import encode_prompts, render_prompt
@@ -210,6 +211,9 @@ class Gate:
     # relation best matches the text so far stays open (`select`)
     relation: torch.Tensor | None = None
     relation_weight: torch.Tensor | None = None  # (k,) each relation key's `GateSpace.idf`
+    # other word sets that open the gate as `words` do: other names of what it reads ("Indian"
+    # for "India", editors/aliases.py), each matched the same way (all its words, whole)
+    aliases: tuple[tuple[str, ...], ...] = ()
 
 
 #: Capitalised words that are part of how a question or instruction is put, never its subject
@@ -265,7 +269,8 @@ def subject_in(prompt: str, subject: str | None) -> tuple[str, ...]:
 
 def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: str = "raw",
               distinct: float = DISTINCT, keys: str = "distinct", every: bool = False,
-              subject: str | None = None, select: bool = False, min_keys: int = 0) -> Gate:
+              subject: str | None = None, select: bool = False, min_keys: int = 0,
+              aliases: bool = False) -> Gate:
     """An edit's gate (see the module doc).
 
     `keys="distinct"` (entries made before `subject` keys): the prompt's tokens whose nearest
@@ -296,7 +301,10 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     and opens by its names' words alone, where they open it on its own prompt. A short name's
     one or two distinct tokens look like a token of other names ("Sampo" like "Limpopo",
     "Jim Davis" like "Jim Farley", "Hy" like "Hyodo"); a longer name's every key is matched
-    only by that name."""
+    only by that name.
+
+    `aliases` (a gate reading names only): the other names of what it reads open it too
+    (`Gate.aliases`, from `editors.aliases.alternatives`: "the Indian PM" for "India's PM")."""
     text = render_prompt(tokenizer, prompt, fmt)
     enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
@@ -324,7 +332,8 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
             keys_ = keys_[:0]
         return Gate(keys_.contiguous(), names, fold=fold, every=every,
                     relation=z[~on_name].contiguous() if select else None,
-                    relation_weight=space.idf(ids[~on_name]).contiguous() if select else None)
+                    relation_weight=space.idf(ids[~on_name]).contiguous() if select else None,
+                    aliases=alternatives(names) if aliases else ())
     keep = near < distinct
     if not keep.any():
         keep = near == near.min()
@@ -351,18 +360,31 @@ class WordIndex:
     words, and only the edits whose words it holds are looked at (a chain of a thousand
     routed edits is not a thousand pattern searches per sequence per forward)."""
 
-    def __init__(self, words: list[tuple[str, ...]], folds: list[bool] | None = None):
+    def __init__(self, words: list[tuple[str, ...]], folds: list[bool] | None = None,
+                 aliases: list[tuple[tuple[str, ...], ...]] | None = None):
         self.words = [tuple(ws) for ws in words]
         # (an edit whose words match in any case, `Gate.fold`, is indexed by lowercase word)
         self.folds = list(folds) if folds is not None else [False] * len(self.words)
+        # every word set that opens an edit (its words, then its aliases), with its edit
+        self.sets: list[tuple[str, ...]] = []
+        self.owner: list[int] = []
         self.by_word: dict[str, list[int]] = {}
         self.by_lower: dict[str, list[int]] = {}
         for i, (ws, fold) in enumerate(zip(self.words, self.folds)):
-            for w in set(ws):
-                if fold:
-                    self.by_lower.setdefault(w.lower(), []).append(i)
-                else:
-                    self.by_word.setdefault(w, []).append(i)
+            for alt in ((ws,) if ws else ()) + tuple(aliases[i] if aliases else ()):
+                k = len(self.sets)
+                self.sets.append(tuple(alt))
+                self.owner.append(i)
+                for w in set(alt):
+                    if fold:
+                        self.by_lower.setdefault(w.lower(), []).append(k)
+                    else:
+                        self.by_word.setdefault(w, []).append(k)
+
+    @classmethod
+    def of_gates(cls, gates_: list["Gate"]) -> "WordIndex":
+        """The index of `gates_`' words and aliases."""
+        return cls([g.words for g in gates_], [g.fold for g in gates_], [g.aliases for g in gates_])
 
     def opened(self, text: str) -> dict[int, int]:
         """{edit: the offset just past the last of its words' first whole occurrences} for
@@ -378,12 +400,15 @@ class WordIndex:
                     first_end.setdefault(w, m.end())
                 if self.by_lower and w.lower() in self.by_lower:
                     first_lower.setdefault(w.lower(), m.end())
-        out = {}
+        out: dict[int, int] = {}
         for seen, index, key in ((first_end, self.by_word, str), (first_lower, self.by_lower, str.lower)):
+            done = set()
             for w in seen:
-                for i in index[w]:
-                    if i not in out and all(key(x) in seen for x in self.words[i]):
-                        out[i] = max(seen[key(x)] for x in self.words[i])
+                for k in index[w]:
+                    if k not in done and all(key(x) in seen for x in self.sets[k]):
+                        done.add(k)
+                        at, i = max(seen[key(x)] for x in self.sets[k]), self.owner[k]
+                        out[i] = min(out.get(i, at), at)  # (the first of its word sets seen)
         return out
 
 
@@ -602,20 +627,44 @@ class KeyTable:
     @classmethod
     def of_gates(cls, gates_: list["Gate"]) -> "KeyTable":
         table = cls.of([g.keys for g in gates_], [g.every for g in gates_])
-        by_name: dict[tuple, list[int]] = {}
+        # gates that share a way of writing their names are one subject's (`same_names`),
+        # and so, through them, are their other ways: group them (union-find)
+        parent: dict[int, int] = {}
+        first: dict[tuple, int] = {}
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
         for i, g in enumerate(gates_):
             if g.relation is not None and g.words:
-                by_name.setdefault(names_of(g), []).append(i)
-        table.groups = tuple(tuple(ix) for ix in by_name.values() if len(ix) > 1)
+                parent[i] = i
+                for name in name_sets(g):
+                    if name in first:
+                        parent[root(i)] = root(first[name])
+                    else:
+                        first[name] = i
+        by_root: dict[int, list[int]] = {}
+        for i in parent:  # (in gate order: on a tie the later gate wins)
+            by_root.setdefault(root(i), []).append(i)
+        table.groups = tuple(tuple(ix) for ix in by_root.values() if len(ix) > 1)
         table.relations = {i: (gates_[i].relation, gates_[i].relation_weight)
                            for ix in table.groups for i in ix}
         return table
 
 
-def names_of(gate: Gate) -> tuple[str, ...]:
-    """The names `gate` reads, as one subject: in any case (a prompt that opens with the name
-    capitalises it, `Gate.fold`, and another about the same subject may not)."""
-    return tuple(w.lower() for w in gate.words)
+def name_sets(gate: Gate) -> frozenset[tuple[str, ...]]:
+    """Every way `gate` knows of writing the names it reads, in any case (a prompt that opens
+    with the name capitalises it, `Gate.fold`, and another about the same subject may not):
+    its words and its aliases."""
+    return frozenset(tuple(w.lower() for w in ws) for ws in (gate.words,) + gate.aliases if ws)
+
+
+def same_names(a: Gate, b: Gate) -> bool:
+    """Do gates `a` and `b` read the same subject: one way of writing its names in common
+    ("India" with aliases "Indian", …, and "Indian" with "India", …; or the same words)?"""
+    return bool(name_sets(a) & name_sets(b))
 
 
 def relation_match(z: torch.Tensor, relation: torch.Tensor, weight: torch.Tensor | None = None,
@@ -710,8 +759,7 @@ def open_at_end(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     answer is predicted); without `select`, every gate of a subject that opens, not only the
     one chosen (`select_open`)."""
     keys = KeyTable.of_gates(gates_)
-    words = [g.words for g in gates_]
-    index = WordIndex(words, [g.fold for g in gates_]) if any(words) else None
+    index = WordIndex.of_gates(gates_) if any(g.words for g in gates_) else None
     out = torch.zeros(len(prompts), len(gates_), dtype=torch.bool)
     for i, (p, h) in enumerate(zip(prompts, hidden_at(model, tokenizer, prompts, space.layer, fmt))):
         full = torch.cat([torch.zeros(1, h.shape[1]), h])[None]  # hidden_at drops token 0
@@ -737,9 +785,8 @@ def open_matrix(model: nn.Module, tokenizer, space: GateSpace, gates_: list[Gate
     dev = input_device(model)
     h = states_after(model, block_module(model, space.layer), input_ids.to(dev),
                      attention_mask.to(dev))[0]
-    words = [g.words for g in gates_]
-    words = (word_gates(tokenizer, input_ids.cpu(), WordIndex(words, [g.fold for g in gates_]))
-             if any(words) else None)
+    words = (word_gates(tokenizer, input_ids.cpu(), WordIndex.of_gates(gates_))
+             if any(g.words for g in gates_) else None)
     g = gates(space, h.float().cpu(), KeyTable.of_gates(gates_), tau, words, select=False)
     return (g & attention_mask.cpu().bool()[..., None]).any(1)
 
@@ -771,7 +818,7 @@ def routed(model: nn.Module, edits: list[RoutedEdit], space: GateSpace, tau: flo
     state: dict[str, torch.Tensor] = {}
     keys = KeyTable.of_gates([e.gate for e in edits])
     words = [e.gate.words for e in edits] if tokenizer is not None else []  # all (): no words
-    index = WordIndex(words, [e.gate.fold for e in edits] if words else None)
+    index = WordIndex.of_gates([e.gate for e in edits]) if words else WordIndex([])
     until = [e.gate.until for e in edits]
     if any(until) and tokenizer is None:
         raise ValueError("gates that close after their target need the tokenizer (to read it)")
