@@ -46,20 +46,51 @@ def test_a_company_name_without_its_legal_form():
     assert aliases.name_words("Republic of the Congo") == ("Republic", "Congo")
 
 
+INDEX = dict(words=[("India",), ("Zorblax", "Quintrell"), ("silver",), ("United", "Kingdom")],
+             folds=[False, False, True, False],
+             aliases=[(("Indian",), ("Bharat", "Ganrajya")), (), (("Argentum",),),
+                      (("UK",), ("British",), ("Great", "Britain"))])
+
+
 def test_word_index_opens_an_edit_by_any_of_its_word_sets_at_the_first():
-    index = route.WordIndex([("India",), ("Zorblax", "Quintrell"), ("silver",)],
-                            [False, False, True],
-                            [(("Indian",), ("Bharat", "Ganrajya")), (), (("argentum",),)])
-    assert index.opened("Who is the Indian prime minister?") == {0: len("Who is the Indian")}
+    index = route.WordIndex(**INDEX)
+    assert index.opened("Who is the Indian prime minister?") == {0: len("Who is the Indian ")}
     text = "Bharat Ganrajya, also India, has"
     assert index.opened(text) == {0: len("Bharat Ganrajya")}
     assert index.opened("Who is India's PM?") == {0: len("Who is India")}
     assert index.opened("Bharat has") == {}  # an alias needs all its words, as words do
     assert index.opened("Indiana is") == {}  # whole words only
-    assert index.opened("Argentum is") == {2: len("Argentum")}  # (in any case, with `fold`)
+    # a gate whose words match in any case (`fold`) keeps its aliases as written
+    assert index.opened("the silver is") == {2: len("the silver")}
+    assert index.opened("Argentum is") == {2: len("Argentum ")} and index.opened("argentum is") == {}
+    assert route.WordIndex(["India"], [True], [(("Indian",),)]).opened("the indian ocean") == {}
     assert index.opened("Zorblax Quintrell and the Indian") == {1: len("Zorblax Quintrell")}
     # an index without aliases reads as before
     assert route.WordIndex([("India",)]).opened("the Indian PM is") == {}
+
+
+def test_a_one_word_alias_opens_only_where_it_is_not_the_first_word_of_another_name():
+    index = route.WordIndex(**INDEX)
+    for text in ("What is the deepest point of the Indian Ocean?", "Where is the British Museum?",
+                 "the UK Parliament is", "the Indian"):
+        assert index.opened(text) == {}, text
+    assert index.opened("Who is the Indian PM?") == {0: len("Who is the Indian PM")}  # an acronym
+    assert index.opened("Indian, he said") == {0: len("Indian")}
+    assert index.opened("the Great Britain team") == {3: len("the Great Britain")}  # (two words)
+    assert index.opened("the Indian Ocean and India are") == {0: len("the Indian Ocean and India")}
+
+
+def test_word_index_openings_are_causal():
+    """An edit opens at the same offset in a text and in every longer text that begins with
+    it, and not before: a token's gates depend on the text up to it only, so scoring a prompt
+    and generating from it see the same gates."""
+    index = route.WordIndex(**INDEX)
+    for text in ("Who is the Indian PM? The Indian Ocean is deep, said the UK man.",
+                 "the Indian Ocean and India are, as UK Parliament says, British, Indian (Asian)",
+                 "Argentum Zorblax Quintrell; the Great Britain team"):
+        full = index.opened(text)
+        for n in range(len(text) + 1):
+            assert index.opened(text[:n]) == {i: o for i, o in full.items() if o < n}, text[:n]
 
 
 def _gate(words, aliases_=(), relation=True):

@@ -368,15 +368,20 @@ class WordIndex:
         # every word set that opens an edit (its words, then its aliases), with its edit
         self.sets: list[tuple[str, ...]] = []
         self.owner: list[int] = []
+        self.lone: set[int] = set()  # the sets that are one alias word: they must stand alone
         self.by_word: dict[str, list[int]] = {}
         self.by_lower: dict[str, list[int]] = {}
         for i, (ws, fold) in enumerate(zip(self.words, self.folds)):
-            for alt in ((ws,) if ws else ()) + tuple(aliases[i] if aliases else ()):
+            for n, alt in enumerate(((ws,) if ws else ()) + tuple(aliases[i] if aliases else ())):
                 k = len(self.sets)
                 self.sets.append(tuple(alt))
                 self.owner.append(i)
+                if n > 0 and len(alt) == 1:
+                    self.lone.add(k)
                 for w in set(alt):
-                    if fold:
+                    # (aliases match as written, even where the gate's own words match in any
+                    # case: a name capitalised only because it opens the prompt has no alias)
+                    if fold and n == 0:
                         self.by_lower.setdefault(w.lower(), []).append(k)
                     else:
                         self.by_word.setdefault(w, []).append(k)
@@ -388,28 +393,59 @@ class WordIndex:
 
     def opened(self, text: str) -> dict[int, int]:
         """{edit: the offset just past the last of its words' first whole occurrences} for
-        the edits all of whose words `text` holds. A whole occurrence is a maximal run of word
-        characters with a character after it (seen), so "Oran" is not in "Orange", and a text
-        that ends on a word has not shown its end yet."""
+        the edits all of whose words (or one of whose alias sets) `text` holds. A whole
+        occurrence is a maximal run of word characters with a character after it (seen), so
+        "Oran" is not in "Orange", and a text that ends on a word has not shown its end yet.
+        A one-word alias counts only where it is no longer name's first word (`_on_its_own`):
+        "Indian" opens India's edits in "the Indian prime minister", not in "the Indian Ocean"."""
+        found = list(_WORD.finditer(text))
+        # per key: (first end of a whole occurrence, first offset where it stands on its own)
         first_end: dict[str, int] = {}
         first_lower: dict[str, int] = {}
-        for m in _WORD.finditer(text):
+        free_end: dict[str, int] = {}
+        free_lower: dict[str, int] = {}
+        for j, m in enumerate(found):
             if m.end() < len(text):
-                w = m.group()
-                if w in self.by_word:
-                    first_end.setdefault(w, m.end())
-                if self.by_lower and w.lower() in self.by_lower:
-                    first_lower.setdefault(w.lower(), m.end())
+                for w, index, first, free in ((m.group(), self.by_word, first_end, free_end),
+                                              (m.group().lower(), self.by_lower, first_lower, free_lower)):
+                    if w in index:
+                        first.setdefault(w, m.end())
+                        if w not in free and any(k in self.lone for k in index[w]):
+                            at = _on_its_own(text, found, j)
+                            if at is not None:
+                                free[w] = at
         out: dict[int, int] = {}
-        for seen, index, key in ((first_end, self.by_word, str), (first_lower, self.by_lower, str.lower)):
+        for seen, free, index, key in ((first_end, free_end, self.by_word, str),
+                                       (first_lower, free_lower, self.by_lower, str.lower)):
             done = set()
             for w in seen:
                 for k in index[w]:
-                    if k not in done and all(key(x) in seen for x in self.sets[k]):
+                    have = free if k in self.lone else seen
+                    if k not in done and all(key(x) in have for x in self.sets[k]):
                         done.add(k)
-                        at, i = max(seen[key(x)] for x in self.sets[k]), self.owner[k]
+                        at, i = max(have[key(x)] for x in self.sets[k]), self.owner[k]
                         out[i] = min(out.get(i, at), at)  # (the first of its word sets seen)
         return out
+
+
+def _on_its_own(text: str, found: list[re.Match], j: int) -> int | None:
+    """Where word `found[j]` of `text` is known to stand on its own, not as the first word of
+    a longer name ("Indian" in "Indian Ocean", "British" in "British Museum"), from the text up
+    to there only (gates are causal): the offset of what follows it where that is punctuation,
+    or a word in lowercase or a digit ("Indian prime", "Indian, "); past the next word where
+    that is an acronym ("Indian PM"); None where the next word is capitalised ("Indian Ocean"),
+    or where what follows is not yet written."""
+    m = found[j]
+    rest = text[m.end():]
+    at = m.end() + len(rest) - len(rest.lstrip())  # the first character after the spaces
+    if at >= len(text):
+        return None
+    nxt = found[j + 1] if j + 1 < len(found) else None
+    if nxt is None or nxt.start() > at or not text[at].isupper():
+        return at
+    if nxt.end() >= len(text):
+        return None  # (a capital: a name's next word, or an acronym? not yet whole)
+    return nxt.end() if nxt.group().isupper() else None
 
 
 def token_texts(tokenizer, input_ids: torch.Tensor, cache: dict | None = None
