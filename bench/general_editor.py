@@ -31,14 +31,17 @@ from mendctl.evaluate import evaluate  # noqa: E402
 from mendctl.workspace import Workspace  # noqa: E402
 
 REAL = Path(__file__).parent / "data" / "zsre_real.json"
+ALIASES = Path(__file__).parent / "data" / "aliases_real.json"
 KEYS = ["edit_success", "paraphrase_success", "locality", "locality_neighbour", "locality_other",
         "locality_same_subject", "fluency", "fluency_base", "edit_token_accuracy",
         "paraphrase_token_accuracy", "seconds_per_edit"]
 
 
 def cases_of(name: str, n: int):
-    if name == "real":
-        return with_neighbours(read_cases(REAL))[:n]
+    """The first `n` cases of a bundled split, of the real-world edits (`real`), or of the
+    real-world edits whose paraphrases name their country another way (`aliases`)."""
+    if name in ("real", "aliases"):
+        return with_neighbours(read_cases(REAL if name == "real" else ALIASES))[:n]
     return load_split(name)[:n]
 
 

@@ -10,7 +10,10 @@ a share of the dense weights the edit touches.
   learns the fact (`none`: the prompt alone; `default`: the shipped list; values are
   separated by `;` when any of them holds a comma, and are read as YAML: `["A. ", "B "]`);
 - `--key all_keys` (precision): whether a subject gate opens by states only once every one of
-  its keys has been matched (true) or on one of them (false).
+  its keys has been matched (true) or on one of them (false);
+- `--key aliases` (recall): whether a subject gate also opens on the other names of what it
+  reads (a country's demonym and other names); `--sets aliases` is bench/data/aliases_real.json,
+  whose paraphrases use them.
 
 Usage: python bench/routed_settings.py --key contexts --values 'none;default'
        python bench/routed_settings.py --key confidence [--values none,0.6,0.75,0.9]

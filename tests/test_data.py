@@ -7,6 +7,7 @@ shared; the determinism tests build again to compare bytes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -441,6 +442,29 @@ def test_real_world_zsre_file():
     assert len(set(inputs)) == len(inputs)
     assert len({c.meta["kind"] for c in cases}) >= 6
     assert {c.meta["kind"] for c in cases} == kinds
+
+
+def test_real_world_aliases_file():
+    # bench/data/aliases_real.json: country facts whose paraphrases name the country another
+    # way (editors/aliases.py knows that way) and whose locality question uses its demonym
+    from mendctl.editors.aliases import alternatives, name_words
+
+    cases = read_cases(REAL_ZSRE.with_name("aliases_real.json"))
+    assert len(cases) == 24 and len({c.input for c in cases}) == 24
+    known = []
+    for c in cases:
+        subject = c.meta["subject"]
+        assert c.meta["source_format"] == "zsre" and subject in c.input, c.input
+        assert c.target != c.meta["true_target"] and c.meta["loc_ans"], c.input
+        other = alternatives(name_words(subject))
+
+        def says(words, text):
+            return all(re.search(rf"\b{re.escape(w)}\b", text) for w in words)
+        named = [p for p in c.paraphrases if not says([subject], p)]
+        assert named and not says([subject], c.locality[0]), c.input
+        known.append(all(any(says(ws, p) for ws in other) for p in named + c.locality))
+    # (all but Argentina's "Argentine": countryinfo's demonym is "Argentinean")
+    assert sum(known) == len(cases) - 1
 
 
 # --- generic text -------------------------------------------------------------------------------
