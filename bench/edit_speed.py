@@ -102,9 +102,8 @@ def main():
     def steps():
         t = time.perf_counter()
         for _ in range(a.train_steps):
-            loss, _ = trainer.losses(trainer.sample(4))
-            trainer.opt.zero_grad(); loss.backward(); trainer.opt.step()
-        return a.train_steps * 4 / (time.perf_counter() - t)
+            trainer.train_step()
+        return a.train_steps * trainer.cfg.edits_per_step / (time.perf_counter() - t)
 
     eps = steps()  # cold: most sequences are new, their lower blocks are computed
     trainer.rng.setstate(state)

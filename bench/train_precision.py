@@ -46,12 +46,8 @@ def train(model, tok, specs, cases, init: dict, bf16: bool, steps: int, memo=Non
     trainer.warm_up_normaliser()
     rows = []
     t = time.perf_counter()
-    for _ in range(steps):  # the run's step without validation or its learning-rate schedule
-        loss, stats = trainer.losses(trainer.sample(cfg.edits_per_step))
-        trainer.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.grad_clip)
-        trainer.opt.step()
+    for _ in range(steps):  # the run's step, without validation
+        stats, _ = trainer.train_step()
         rows.append([stats[k] for k in STATS])
     return torch.tensor(rows), time.perf_counter() - t, trainer.prefix.memo
 

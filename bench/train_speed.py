@@ -42,10 +42,7 @@ from mendctl.models import load_model  # noqa: E402
 def steps_per_second(trainer: Trainer, steps: int) -> float:
     t = time.perf_counter()
     for _ in range(steps):
-        loss, _ = trainer.losses(trainer.sample(trainer.cfg.edits_per_step))
-        trainer.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.opt.step()
+        trainer.train_step()
     return steps / (time.perf_counter() - t)
 
 

@@ -126,6 +126,29 @@ def _worker(model_dir: str, out: str) -> dict:
     return doc
 
 
+def test_train_step_is_the_runs_step(tiny_llama, tiny_tokenizer, tmp_path):
+    """`Trainer.train_step` (what the benchmarks time) is the step `run` takes: the same
+    steps from the same start give the same editor, bit for bit, α kept positive included."""
+    model_dir = tmp_path / "model"
+    tiny_llama.save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    cfg = _config(val_every=10**6)  # (validation only after the last step, which moves nothing)
+    ran = _trainer(model_dir, cfg, tmp_path / "ran-state")
+    ran.run(tmp_path / "ran-best")
+    stepped = _trainer(model_dir, cfg, tmp_path / "stepped-state")
+    stepped.prepare_locality()
+    stepped.prepare_prefixes()
+    stepped.warm_up_normaliser()
+    for _ in range(cfg.steps):
+        stats, over = stepped.train_step()
+        assert not over and set(stats) >= {"loss", "es", "loc"}
+    assert stepped.step == ran.step == cfg.steps
+    want, got = ran.editor.state_dict(), stepped.editor.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert float(got["alpha"].min()) > 0 and not torch.equal(
+        got["alpha"], MendEditor(stepped.editor.specs, MendConfig(rank=8, init_alpha=1e-3)).state_dict()["alpha"])
+
+
 @pytest.mark.subprocess  # two real training processes (distributed.launch)
 def test_two_processes_train_the_single_process_editor(tiny_llama, tiny_tokenizer, tmp_path):
     model_dir = tmp_path / "model"

@@ -663,21 +663,7 @@ class Trainer:
         step_seconds = 0.0
         while self.step < cfg.steps:
             t_step = time.perf_counter()
-            lr_factor = self.lr_factor()
-            for g, base_lr in zip(self.opt.param_groups, (cfg.lr, cfg.alpha_lr)):
-                g["lr"] = base_lr * lr_factor
-            cases = self.sample(cfg.edits_per_step)
-            loss, stats = self.losses(cases, self._part(len(cases)) if rep.parallel else None)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if rep.parallel:
-                stats, over_time = self._sum_step(stats, lr_factor, t0)
-            torch.nn.utils.clip_grad_norm_(self.editor.parameters(), cfg.grad_clip)
-            self.opt.step()
-            with torch.no_grad():
-                self.editor.alpha.clamp_(min=1e-7)  # a negative step would un-learn the edit
-            self._advance_chain(cases[0])
-            self.step += 1
+            stats, over_time = self.train_step(t0)
             step_seconds += time.perf_counter() - t_step
             run_es = stats["es"] if run_es is None else 0.98 * run_es + 0.02 * stats["es"]
             run_loc = stats["loc"] if run_loc is None else 0.98 * run_loc + 0.02 * stats["loc"]
@@ -706,6 +692,32 @@ class Trainer:
         rep.barrier()  # the others return once the checkpoint is final (callers read it)
         return TrainResult(self.step, time.time() - t0, self.best_step, self.best_val, self.history,
                            step_seconds)
+
+    def train_step(self, t0: float | None = None) -> tuple[dict, bool]:
+        """One optimisation step, as `run` takes it (without validation): the learning rate of
+        this point of the schedule, a sampled batch of edits, their losses, the gradient
+        (summed over the processes when data parallel), clipping, the Adam step, α kept
+        positive, the chain advanced. Returns the step's statistics and, when data parallel,
+        whether the main process's time (since `t0`) is up (else False: `run` reads its own
+        clock)."""
+        cfg, rep = self.cfg, self.replicas
+        lr_factor = self.lr_factor()
+        for g, base_lr in zip(self.opt.param_groups, (cfg.lr, cfg.alpha_lr)):
+            g["lr"] = base_lr * lr_factor
+        cases = self.sample(cfg.edits_per_step)
+        loss, stats = self.losses(cases, self._part(len(cases)) if rep.parallel else None)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        over_time = False
+        if rep.parallel:
+            stats, over_time = self._sum_step(stats, lr_factor, time.time() if t0 is None else t0)
+        torch.nn.utils.clip_grad_norm_(self.editor.parameters(), cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            self.editor.alpha.clamp_(min=1e-7)  # a negative step would un-learn the edit
+        self._advance_chain(cases[0])
+        self.step += 1
+        return stats, over_time
 
     def _sum_step(self, stats: dict, lr_factor: float, t0: float) -> tuple[dict, bool]:
         """Data parallel: sum the editor's gradients over the processes, together with the
