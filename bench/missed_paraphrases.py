@@ -7,7 +7,13 @@ greedy answer (24 tokens) before and after the edit. A paraphrase whose answer w
 target counts as taken; one whose answer's first three words are the unedited answer's kept
 the base; any other is neither. Prints a table and writes JSON with every missed answer.
 
-    python bench/missed_paraphrases.py [--sets real,test] [--cases 30]
+With `--locality`, each case's locality prompts are answered too, by kind where the data
+labels them (the same subject's other facts, neighbours, other relations; the real-world
+set's unrelated question is `other`): how many answers write the edit's target (the edit
+leaked into them), start as the unedited answer, or neither: the locality of generated
+answers, beside the teacher-forced token agreement `mendctl eval` reports.
+
+    python bench/missed_paraphrases.py [--sets real,test] [--cases 30] [--locality]
 """
 from __future__ import annotations
 
@@ -27,7 +33,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="real,test")
     ap.add_argument("--cases", type=int, default=30, help="first N cases of each set")
-    ap.add_argument("--out", default="bench/results/missed_paraphrases.json")
+    ap.add_argument("--locality", action="store_true",
+                    help="also answer each case's locality prompts (by kind)")
+    ap.add_argument("--out", default=None,
+                    help="default bench/results/missed_paraphrases.json (with --locality: "
+                         "generated_locality.json)")
     a = ap.parse_args()
     # `evaluate` generates each case's answer before and after its edit with `fluency_answers`;
     # wrapped here to answer the case's paraphrases in the same calls (same state, same batch)
@@ -47,7 +57,8 @@ def main():
     try:
         for name in a.sets.split(","):
             cases = cases_of(name, a.cases)
-            paraphrases.update({c.input: list(c.paraphrases) for c in cases})
+            paraphrases.update({c.input: list(c.paraphrases) + (list(c.locality) if a.locality else [])
+                                for c in cases})
             calls.clear()
             evaluation.evaluate(ws, cases, ppl_passages=0)  # one case per batch: two calls each
             if len(calls) != 2 * len(cases):  # the pairing below would misattribute answers
@@ -56,20 +67,30 @@ def main():
             answered = []
             for i, c in enumerate(cases):
                 (asked, before), (_, after) = calls[2 * i], calls[2 * i + 1]
-                for p, b, x in zip(asked[1:], before[1:], after[1:]):
+                kinds = ["paraphrase"] * len(c.paraphrases) + (list(c.meta.get("locality_kinds") or [])
+                                                               or ["other"] * len(c.locality))
+                for p, b, x, what in zip(asked[1:], before[1:], after[1:], kinds):
                     kind = ("target" if c.target.strip().lower() in x.lower()
                             else "base" if x.split()[:3] == b.split()[:3] else "neither")
-                    answered.append({"prompt": p, "target": c.target, "before": b, "after": x,
-                                     "answer": kind})
-            count = {k: sum(r["answer"] == k for r in answered) for k in ("target", "base", "neither")}
-            out["sets"][name] = {"paraphrases": len(answered), **count,
-                                 "missed": [r for r in answered if r["answer"] != "target"]}
-            rows.append({"set": name, "paraphrases": str(len(answered)), **{k: str(v) for k, v in count.items()}})
+                    answered.append({"prompt": p, "kind": what, "target": c.target, "before": b,
+                                     "after": x, "answer": kind})
+            out["sets"][name] = {}
+            for what in dict.fromkeys(r["kind"] for r in answered):
+                these = [r for r in answered if r["kind"] == what]
+                count = {k: sum(r["answer"] == k for r in these) for k in ("target", "base", "neither")}
+                # (a paraphrase misses where it does not take the target; a locality prompt
+                # where it does not keep the unedited answer)
+                keep = "target" if what == "paraphrase" else "base"
+                out["sets"][name][what] = {"prompts": len(these), **count,
+                                           "missed": [r for r in these if r["answer"] != keep]}
+                rows.append({"set": name, "prompts": f"{what} ({len(these)})",
+                             **{k: str(v) for k, v in count.items()}})
     finally:
         evaluation.fluency_answers = generate
         ws.ledger.close()
-    print(table(rows, ["set", "paraphrases", "target", "base", "neither"]))
-    write_json(a.out, out)
+    print(table(rows, ["set", "prompts", "target", "base", "neither"]))
+    write_json(a.out or ("bench/results/generated_locality.json" if a.locality
+                         else "bench/results/missed_paraphrases.json"), out)
 
 
 if __name__ == "__main__":

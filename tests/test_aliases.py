@@ -16,6 +16,7 @@ def test_a_countrys_demonym_and_other_names_are_its_alternatives():
     assert ("United", "Kingdom") in aliases.alternatives(("UK",))
     assert {("American",), ("US",), ("USA",), ("America",)} <= set(aliases.alternatives(("United", "States")))
     assert ("Dutch",) in aliases.alternatives(("Netherlands",))
+    assert ("Indians",) in india and ("Dutchs",) not in aliases.alternatives(("Netherlands",))
     # the longest name the words hold is the one rewritten: "Republic of India" as a whole
     assert ("India",) in aliases.alternatives(("Republic", "India"))
     # other names beside it are kept

@@ -8,7 +8,8 @@ This module owns those other ways:
 
 - a country's other names, from `countryinfo` (MIT licence; already a dependency, the source of
   the bundled data's geography): its demonym, which English also uses as its adjective
-  ("Indian", "British", "Dutch"), and its alternative spellings in Latin script that are
+  ("Indian", "British", "Dutch"; and its people, "Indians", where the plural adds an s), and
+  its alternative spellings in Latin script that are
   names, not ISO codes ("UK", "Great Britain", "Holland", "Republic of India"; not "IN", nor
   "République française", whose lowercase word a gate would drop), and the few short forms
   English uses that the source lacks or lists only as codes (`SHORT_FORMS`). A demonym that several
@@ -86,6 +87,8 @@ def country_groups() -> tuple[tuple[tuple[str, ...], ...], ...]:
             shared = sorted(by_demonym[dem], reverse=True)
             if people == shared[0] and (len(shared) == 1 or people >= 10 * shared[1]):
                 names.append(dem)
+                if dem.endswith("n"):  # its people: "What currency do Indians use?"
+                    names.append(dem + "s")
         names += [a for a in alts if a and a not in codes and "," not in a and _latin(a)
                   and _whole(a)]
         names += SHORT_FORMS.get(name, ())
