@@ -32,6 +32,9 @@ state keys the names' tokens that are distinct from the bank, where there are at
 (`all_keys` in the settings) opens by states only once each of its keys has been matched by
 some token, not one of them: a name that shares a first name or a syllable with an edited one
 ("Alfred G. Gilman" for "Alfred Kastler", "Kočevje" for "Kozje") leaves the edit shut.
+A subject gate made with `aliases` also opens on other names of what it reads, each matched
+as its words are (`Gate.aliases`, editors/aliases.py: "the Indian prime minister" for "India's
+PM"; a one-word alias not where it starts a longer name, "the Indian Ocean").
 Of a subject's several edits (gates reading the same names, made with `select`), one acts at
 a token: the one whose *relation keys* (the states of its prompt's other tokens) the text so
 far best matches, by BERTScore's idf-weighted F-measure of a soft token alignment
@@ -372,16 +375,17 @@ class WordIndex:
         self.by_word: dict[str, list[int]] = {}
         self.by_lower: dict[str, list[int]] = {}
         for i, (ws, fold) in enumerate(zip(self.words, self.folds)):
-            for n, alt in enumerate(((ws,) if ws else ()) + tuple(aliases[i] if aliases else ())):
+            own = [(False, ws)] if ws else []
+            for alias, alt in own + [(True, a) for a in (aliases[i] if aliases else ())]:
                 k = len(self.sets)
                 self.sets.append(tuple(alt))
                 self.owner.append(i)
-                if n > 0 and len(alt) == 1:
+                if alias and len(alt) == 1:
                     self.lone.add(k)
                 for w in set(alt):
                     # (aliases match as written, even where the gate's own words match in any
                     # case: a name capitalised only because it opens the prompt has no alias)
-                    if fold and n == 0:
+                    if fold and not alias:
                         self.by_lower.setdefault(w.lower(), []).append(k)
                     else:
                         self.by_word.setdefault(w, []).append(k)
@@ -396,7 +400,7 @@ class WordIndex:
         the edits all of whose words (or one of whose alias sets) `text` holds. A whole
         occurrence is a maximal run of word characters with a character after it (seen), so
         "Oran" is not in "Orange", and a text that ends on a word has not shown its end yet.
-        A one-word alias counts only where it is no longer name's first word (`_on_its_own`):
+        A one-word alias counts only where it is not a longer name's first word (`_on_its_own`):
         "Indian" opens India's edits in "the Indian prime minister", not in "the Indian Ocean"."""
         found = list(_WORD.finditer(text))
         # per key: (first end of a whole occurrence, first offset where it stands on its own)
