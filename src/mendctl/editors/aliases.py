@@ -8,13 +8,13 @@ This module owns those other ways:
 
 - a country's other names, from `countryinfo` (MIT licence; already a dependency, the source of
   the bundled data's geography): its demonym, which English also uses as its adjective
-  ("Indian", "British", "Dutch"; and its people, "Indians", where the plural adds an s), and
-  its alternative spellings in Latin script that are
-  names, not ISO codes ("UK", "Great Britain", "Holland", "Republic of India"; not "IN", nor
-  "République française", whose lowercase word a gate would drop), and the few short forms
-  English uses that the source lacks or lists only as codes (`SHORT_FORMS`). A demonym that several
-  countries share goes to the most populous where it has ten times the next one's people
-  ("French": France, not Réunion), and to none where it does not;
+  ("Indian", "British", "Dutch"; and its people, "Indians", where the plural adds an s), its
+  alternative spellings in Latin script that are names, not ISO codes ("UK", "Great Britain",
+  "Holland", "Republic of India"; not "IN", nor "République française", whose lowercase word
+  a gate would drop), and the few short forms English uses that the source lacks or lists
+  only as codes (`SHORT_FORMS`). A demonym that several countries share goes to the most
+  populous where it has ten times the next one's people ("French": France, not Réunion), and
+  to none where it does not;
 - a company name's legal form ("Inc", "Corp", "Ltd", "plc", …), which a question may leave out.
 
 `alternatives(words)` turns a gate's words into the other word sets that name the same thing,
