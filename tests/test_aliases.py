@@ -81,6 +81,19 @@ def test_a_one_word_alias_opens_only_where_it_is_not_the_first_word_of_another_n
     assert index.opened("the Indian Ocean and India are") == {0: len("the Indian Ocean and India")}
 
 
+def test_a_one_word_alias_before_the_edits_own_relation_as_a_title():
+    """`titled`: "the French President" is the office the edit of "Who is the president of
+    France?" is about, not another name starting with "French" ("the French Revolution")."""
+    france = aliases.alternatives(("France",))
+    extra = aliases.titled(france, ["president"])
+    assert extra == (("French", "President"),)
+    index = route.WordIndex([("France",)], None, [france + extra])
+    assert index.opened("Who is the French President?") == {0: len("Who is the French President")}
+    assert index.opened("When did the French Revolution begin?") == {}
+    assert route.WordIndex([("France",)], None, [france]).opened("Who is the French President?") == {}
+    assert aliases.titled((("UK",), ("Great", "Britain")), ["capital"]) == (("UK", "Capital"),)
+
+
 def test_word_index_openings_are_causal():
     """An edit opens at the same offset in a text and in every longer text that begins with
     it, and not before: a token's gates depend on the text up to it only, so scoring a prompt

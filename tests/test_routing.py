@@ -846,8 +846,8 @@ def test_other_names_of_a_subject_open_its_gate_and_old_entries_keep_their_words
     assert old.aliases == () and old.words == gate.words and routing.gate_digest(old) != s["gate_sha256"]
     lm, space = w.lm, w.router.space(s["layer"])
     asks = [prompt, "Who is the Indian prime minister?", "Who is Indiana's governor?",
-            "The capital of France is"]
-    for g, want in ((gate, [True, True, False, False]), (old, [True, False, False, False])):
+            "The capital of France is", "Where is the Indian Ocean?"]
+    for g, want in ((gate, [True, True, False, False, False]), (old, [True, False, False, False, False])):
         assert route.opens(lm.model, lm.tokenizer, space, g, asks, s["tau"]) == want
     # the log shows them, and a new entry of the subject written the other way is chosen
     # among the subject's edits with the first (`same_names`)

@@ -18,7 +18,10 @@ This module owns those other ways:
 - a company name's legal form ("Inc", "Corp", "Ltd", "plc", …), which a question may leave out.
 
 `alternatives(words)` turns a gate's words into the other word sets that name the same thing,
-one name rewritten at a time. What an entry gets is recorded with it (routing.py), so a new
+one name rewritten at a time; `titled` adds, for a one-word alias, the alias with the edit's own
+relation written as a title ("French" + "President"): a one-word alias before a capitalised
+word reads as the start of another name ("the French Revolution", editors/route.py), except
+before the very office or attribute the edit is about ("the French President"). What an entry gets is recorded with it (routing.py), so a new
 release of the source never changes an old entry's gate.
 """
 from __future__ import annotations
@@ -129,3 +132,11 @@ def alternatives(words: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
     if plain and plain != words:
         out.append(plain)
     return tuple(_minimal(out, words)[:MAX_ALTERNATIVES])
+
+
+def titled(alts: tuple[tuple[str, ...], ...], relation: list[str]) -> tuple[tuple[str, ...], ...]:
+    """For each one-word alias of `alts`, the alias with each of `relation` (the edit prompt's
+    own lowercase words: "president") written with a capital after it: ("French",
+    "President"). Both must appear, as the words of any alias set."""
+    titles = [w[:1].upper() + w[1:] for w in relation]
+    return tuple(a + (t,) for a in alts if len(a) == 1 for t in titles if t != a[0])

@@ -81,7 +81,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .aliases import alternatives
+from .aliases import alternatives, titled
 from .delta import Delta
 from .forward import states_after
 from .text import encode_prompts, render_prompt
@@ -219,6 +219,9 @@ class Gate:
     aliases: tuple[tuple[str, ...], ...] = ()
 
 
+#: most of a prompt's own words a one-word alias may be followed by as a title (`titled`)
+MAX_TITLES = 4
+
 #: Capitalised words that are part of how a question or instruction is put, never its subject
 #: (most are also caught by the bank's lowercase words; these are the ones a bank of statements
 #: may lack).
@@ -307,7 +310,9 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
     only by that name.
 
     `aliases` (a gate reading names only): the other names of what it reads open it too
-    (`Gate.aliases`, from `editors.aliases.alternatives`: "the Indian PM" for "India's PM")."""
+    (`Gate.aliases`, from `editors.aliases.alternatives`: "the Indian PM" for "India's PM"),
+    and a one-word alias followed by the prompt's own words as a title (`titled`: "the French
+    President" for "Who is the president of France?")."""
     text = render_prompt(tokenizer, prompt, fmt)
     enc = tokenizer(text, return_offsets_mapping=True)
     z = space.unit(hidden_at(model, tokenizer, [prompt], space.layer, fmt)[0])
@@ -333,10 +338,18 @@ def edit_gate(model: nn.Module, tokenizer, space: GateSpace, prompt: str, fmt: s
             # ends on the name, nor where a letter's bytes fall in two tokens and the text
             # read back from the tokens does not spell the name)
             keys_ = keys_[:0]
+        others = ()
+        if aliases:
+            others = alternatives(names)
+            # the prompt's own words for what it asks (long lowercase words, not how a question
+            # is put: "president", "capital"), which may follow a demonym as a title
+            relation = list(dict.fromkeys(w for w in _WORD.findall(prompt) if w.islower()
+                                          and len(w) >= 4 and w not in _NOT_NAMES))[:MAX_TITLES]
+            others += titled(others, relation)
         return Gate(keys_.contiguous(), names, fold=fold, every=every,
                     relation=z[~on_name].contiguous() if select else None,
                     relation_weight=space.idf(ids[~on_name]).contiguous() if select else None,
-                    aliases=alternatives(names) if aliases else ())
+                    aliases=others)
     keep = near < distinct
     if not keep.any():
         keep = near == near.min()
