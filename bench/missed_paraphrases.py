@@ -9,8 +9,9 @@ the base; any other is neither. Prints a table and writes JSON with every missed
 
 With `--locality`, each case's locality prompts are answered too, by kind where the data
 labels them (the same subject's other facts, neighbours, other relations; the real-world
-set's unrelated question is `other`): how many answers write the edit's target (the edit
-leaked into them), start as the unedited answer, or neither: the locality of generated
+set's unrelated question is `other`): how many answers write the edit's target where the
+unedited answer did not (the edit leaked into them), start as the unedited answer, or
+neither: the locality of generated
 answers, beside the teacher-forced token agreement `mendctl eval` reports.
 
     python bench/missed_paraphrases.py [--sets real,test] [--cases 30] [--locality]
@@ -70,7 +71,11 @@ def main():
                 kinds = ["paraphrase"] * len(c.paraphrases) + (list(c.meta.get("locality_kinds") or [])
                                                                or ["other"] * len(c.locality))
                 for p, b, x, what in zip(asked[1:], before[1:], after[1:], kinds):
-                    kind = ("target" if c.target.strip().lower() in x.lower()
+                    # (an answer that wrote the target unedited, "Physics" for another Nobel
+                    # laureate, did not take it from the edit)
+                    took = c.target.strip().lower() in x.lower() and (
+                        what == "paraphrase" or c.target.strip().lower() not in b.lower())
+                    kind = ("target" if took
                             else "base" if x.split()[:3] == b.split()[:3] else "neither")
                     answered.append({"prompt": p, "kind": what, "target": c.target, "before": b,
                                      "after": x, "answer": kind})
