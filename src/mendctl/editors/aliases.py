@@ -32,7 +32,7 @@ from functools import lru_cache
 _WORD = re.compile(r"\w+")
 
 #: words that are part of how a name is put, never a name of their own
-_NOT_NAMES = frozenset("the of and a an de la le du des del d l al el da di do dos das van von der den "
+_PARTICLES = frozenset("the of and a an de la le du des del d l al el da di do dos das van von der den "
                        "y e et und".split())
 
 #: a company's legal form: a question about it may leave it out ("Apple" for "Apple Inc.")
@@ -52,7 +52,7 @@ def name_words(name: str) -> tuple[str, ...]:
     particles ("of", "the"): "Republic of India" → ("Republic", "India")."""
     return tuple(dict.fromkeys(w for w in _WORD.findall(name)
                                if any(ch.isupper() or ch.isdigit() for ch in w)
-                               and w.lower() not in _NOT_NAMES))
+                               and w.lower() not in _PARTICLES))
 
 
 def _latin(text: str) -> bool:
@@ -62,7 +62,7 @@ def _latin(text: str) -> bool:
 def _whole(name: str) -> bool:
     """Does every word of `name` count as a name's word (`name_words` drops none but the
     particles)?"""
-    return all(w.lower() in _NOT_NAMES or w in name_words(name) for w in _WORD.findall(name))
+    return all(w.lower() in _PARTICLES or w in name_words(name) for w in _WORD.findall(name))
 
 
 @lru_cache(maxsize=1)
